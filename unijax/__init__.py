@@ -1,0 +1,1 @@
+"""unijax: unified multimodal autoregressive models (Janus-Pro style) in JAX / Flax NNX."""

@@ -1,0 +1,39 @@
+"""Convert transformers Janus-Pro checkpoints to unijax (Orbax) and back.
+
+    python -m unijax.convert --hf_dir DIR --out CKPT [--dtype bfloat16] [--scan_layers]
+    python -m unijax.convert --to_hf --ckpt CKPT --out DIR
+"""
+
+from absl import app, flags
+
+flags.DEFINE_string("hf_dir", None, "transformers model directory (config.json + safetensors)")
+flags.DEFINE_string("ckpt", None, "unijax model checkpoint directory (with --to_hf)")
+flags.DEFINE_string("out", None, "output directory (must not exist unless --overwrite)")
+flags.DEFINE_bool("to_hf", False, "convert a unijax checkpoint to a transformers directory")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype of the checkpoint")
+flags.DEFINE_bool("scan_layers", False, "store decoder layers stacked for a scanned model")
+flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from unijax.hf.convert import checkpoint_to_hf, hf_to_checkpoint
+
+    if not FLAGS.out:
+        raise app.UsageError("--out is required")
+    if FLAGS.to_hf:
+        if not FLAGS.ckpt:
+            raise app.UsageError("--to_hf needs --ckpt CKPT")
+        cfg = checkpoint_to_hf(FLAGS.ckpt, FLAGS.out, overwrite=FLAGS.overwrite)
+    else:
+        if not FLAGS.hf_dir:
+            raise app.UsageError("--hf_dir DIR is required (or --to_hf --ckpt CKPT)")
+        cfg = hf_to_checkpoint(FLAGS.hf_dir, FLAGS.out, dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers,
+                               overwrite=FLAGS.overwrite)
+    t = cfg.text
+    print(f"wrote {FLAGS.out}: {t.num_layers} layers, hidden {t.hidden_size}, params {cfg.param_dtype}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""transformers interop: safetensors directories and name/layout mapping tables."""

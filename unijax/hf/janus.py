@@ -1,0 +1,81 @@
+"""Name and layout mapping between unijax's `Janus` parameters and transformers'
+`JanusForConditionalGeneration` state dict.
+
+One table of path renames plus per-leaf hooks:
+- `RENAMES`: ordered regex substitutions from our dotted parameter path to the HF name;
+- `LEAF_HOOKS`: our leaf name -> (HF leaf name, hook) where the hook turns our array into the HF
+  tensor layout by rank (linear kernels are transposed, conv kernels go HWIO <-> OIHW);
+- scanned decoder layers (`model.scan_layers`) are stacked / unstacked along axis 0.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+RENAMES = [
+    (r"^lm_head\.", "lm_head."),
+    (r"^vision_model\.layers\.", "model.vision_model.encoder.layers."),
+    (r"^(vqmodel\.encoder\.down\.\d+)\.resample\.", r"\1.downsample."),
+    (r"^(vqmodel\.decoder\.up\.\d+)\.resample\.", r"\1.upsample."),
+    (r"^vqmodel\.quantize\.$", "vqmodel.quantize.embedding."),
+    (r"^(?!lm_head\.|model\.)", "model."),
+]
+
+# our leaf -> HF leaf
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "weight": "weight", "bias": "bias"}
+
+
+def to_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and x.ndim == 2:
+        return np.ascontiguousarray(x.T)  # [in, out] -> [out, in]
+    if leaf == "kernel" and x.ndim == 4:
+        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+    return x
+
+
+def from_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and x.ndim == 2:
+        return np.ascontiguousarray(x.T)
+    if leaf == "kernel" and x.ndim == 4:
+        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    return x
+
+
+def hf_name(path: str) -> str:
+    """Our dotted path (unscanned, with layer index) -> HF tensor name."""
+    head, leaf = path.rsplit(".", 1)
+    name = head + "."
+    for pattern, repl in RENAMES:
+        name = re.sub(pattern, repl, name)
+    if leaf not in LEAF_NAMES:
+        raise KeyError(f"no HF name for parameter leaf '{path}'")
+    return name + LEAF_NAMES[leaf]
+
+
+SCANNED = "language_model.layers."
+
+
+def expand_scanned(path: str, num_layers: int, scanned: bool) -> list[str]:
+    """A scanned decoder-layer path stands for one unscanned path per layer."""
+    if scanned and path.startswith(SCANNED):
+        rest = path[len(SCANNED):]
+        return [f"{SCANNED}{i}.{rest}" for i in range(num_layers)]
+    return [path]
+
+
+def import_tensor(path: str, get, num_layers: int, scanned: bool) -> np.ndarray:
+    """Our parameter at `path`, built from HF tensors fetched with `get(hf_name)`."""
+    leaf = path.rsplit(".", 1)[1]
+    parts = [from_hf_layout(leaf, get(hf_name(p))) for p in expand_scanned(path, num_layers, scanned)]
+    return parts[0] if len(parts) == 1 and not (scanned and path.startswith(SCANNED)) else np.stack(parts)
+
+
+def export_tensors(path: str, x: np.ndarray, num_layers: int, scanned: bool) -> dict[str, np.ndarray]:
+    """HF tensors {name: array} for our parameter at `path`."""
+    leaf = path.rsplit(".", 1)[1]
+    paths = expand_scanned(path, num_layers, scanned)
+    if len(paths) == 1 and not (scanned and path.startswith(SCANNED)):
+        return {hf_name(path): to_hf_layout(leaf, x)}
+    return {hf_name(p): to_hf_layout(leaf, x[i]) for i, p in enumerate(paths)}

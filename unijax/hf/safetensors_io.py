@@ -1,0 +1,80 @@
+"""Reading and writing transformers weight directories with numpy (no torch, never unpickling)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class WeightDir:
+    """Lazy view of a transformers directory's safetensors (single file or sharded index)."""
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.dir = pathlib.Path(directory)
+        if not (self.dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.dir}/config.json not found: --hf_dir must be a transformers model directory")
+        if (self.dir / INDEX).is_file():
+            weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            self.files = {name: self.dir / f for name, f in weight_map.items()}
+            missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
+            if missing:
+                raise FileNotFoundError(f"{self.dir}/{INDEX} names shard files that do not exist: {missing}")
+        elif (self.dir / SINGLE).is_file():
+            with safe_open(self.dir / SINGLE, framework="np") as f:
+                self.files = {name: self.dir / SINGLE for name in f.keys()}
+        else:
+            pickled = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt*"))
+            hint = (f" It holds pickled weights ({', '.join(pickled)}), which unijax never loads: convert them to "
+                    "safetensors first, e.g. `JanusForConditionalGeneration.from_pretrained(DIR)"
+                    ".save_pretrained(OUT, safe_serialization=True)` in a trusted environment.") if pickled else ""
+            raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {self.dir}.{hint}")
+        self._handles: dict[pathlib.Path, object] = {}
+
+    def config(self) -> dict:
+        return json.loads((self.dir / "config.json").read_text())
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def get(self, name: str) -> np.ndarray:
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="np").__enter__()
+        return self._handles[path].get_tensor(name)
+
+    def close(self):
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def write_weights(directory: pathlib.Path, tensors: dict[str, np.ndarray], max_shard_bytes: int = 4 << 30):
+    """Writes `model.safetensors`, or numbered shards plus an index past `max_shard_bytes`."""
+    total = sum(t.nbytes for t in tensors.values())
+    meta = {"format": "pt"}
+    if total <= max_shard_bytes:
+        save_file(tensors, str(directory / SINGLE), metadata=meta)
+        return
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,296 @@
+"""Model configuration: frozen dataclasses for the Janus-Pro architecture.
+
+`JanusConfig` is the one object every model module reads. It is built from a preset name
+(`configs/models.py`), from an `ml_collections.ConfigDict` (the `model` block of an experiment
+config), or from a transformers `config.json` (`from_hf`), and written back with `to_hf`.
+Architecture fields mirror transformers' `JanusConfig`; runtime fields (dtype, scan, remat)
+do not change the parameters' values, only how they are stored and computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+from typing import Any, Mapping
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """LLaMA decoder (transformers `LlamaConfig`)."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 16
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 16384
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int = 100000
+    eos_token_id: int = 100001
+    pad_token_id: int = 100002
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP-style understanding encoder and its aligner (transformers `JanusVisionConfig`)."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    attention_bias: bool = True
+    aligner_depth: int = 2
+    projection_dim: int = 2048  # aligner output width == text hidden size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+    """VQ-16 image tokenizer plus the generation aligner/head (transformers `JanusVQVAEConfig`)."""
+
+    num_embeddings: int = 16384
+    embed_dim: int = 8
+    latent_channels: int = 256
+    base_channels: int = 128
+    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    in_channels: int = 3
+    out_channels: int = 3
+    num_groups: int = 32
+    aligner_depth: int = 2  # transformers: vq_config.num_hidden_layers
+    projection_dim: int = 2048
+    image_token_embed_dim: int = 2048
+    image_size: int = 384  # generated image resolution
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_multiplier) - 1)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+
+@dataclasses.dataclass(frozen=True)
+class JanusConfig:
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    vq: VQConfig = dataclasses.field(default_factory=VQConfig)
+    image_token_id: int = 100581  # understanding-image placeholder
+    boi_token_id: int = 100016  # begin of image
+    eoi_token_id: int = 100593  # end of image
+    # Runtime options: how parameters are stored and computed, never their values.
+    dtype: str = "float32"  # activation / matmul dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    attention_impl: str = "xla"  # xla (explicit softmax) | cudnn (jax.nn.dot_product_attention)
+
+    def replace(self, **kw) -> "JanusConfig":
+        return dataclasses.replace(self, **kw)
+
+    # -- dict round trip ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> "JanusConfig":
+        """Builds a config from a nested mapping, refusing unknown keys (named with `where`)."""
+        subs = {"text": TextConfig, "vision": VisionConfig, "vq": VQConfig}
+        kw: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in d.items():
+            if key not in known:
+                raise KeyError(f"unknown model config key '{where}.{key}'; known keys: {sorted(known)}")
+            if key in subs:
+                kw[key] = _build(subs[key], value, f"{where}.{key}")
+            else:
+                kw[key] = value
+        return cls(**kw)
+
+    # -- transformers interop -----------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **runtime) -> "JanusConfig":
+        """Reads a transformers `JanusConfig` dict (the content of `config.json`)."""
+        if hf.get("model_type") != "janus":
+            raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, expected 'janus'")
+        t, v, q = hf.get("text_config", {}), hf.get("vision_config", {}), hf.get("vq_config", {})
+        rope = t.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", (t.get("rope_scaling") or {}).get("rope_type", "default"))
+        if rope_type != "default":
+            raise NotImplementedError(f"text_config rope_type={rope_type!r}: only 'default' RoPE is supported")
+        if v.get("use_qk_norm", False):
+            raise NotImplementedError("vision_config.use_qk_norm=True is not supported")
+        for sub, key, want in (("text_config", t.get("hidden_act", "silu"), "silu"),
+                               ("vision_config", v.get("hidden_act", "gelu"), "gelu"),
+                               ("vq_config", q.get("hidden_act", "gelu"), "gelu")):
+            if key != want:
+                raise NotImplementedError(f"{sub}.hidden_act={key!r}: only {want!r} is supported")
+        heads = t.get("num_attention_heads", 32)
+        hidden = t.get("hidden_size", 4096)
+        gen = hf.get("generation_kwargs") or {}
+        text = TextConfig(
+            vocab_size=t.get("vocab_size", 32000),
+            hidden_size=hidden,
+            intermediate_size=t.get("intermediate_size", 11008),
+            num_layers=t.get("num_hidden_layers", 32),
+            num_heads=heads,
+            num_kv_heads=t.get("num_key_value_heads") or heads,
+            head_dim=t.get("head_dim") or hidden // heads,
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+            max_position_embeddings=t.get("max_position_embeddings", 2048),
+            attention_bias=t.get("attention_bias", False),
+            mlp_bias=t.get("mlp_bias", False),
+            bos_token_id=_int_or(t.get("bos_token_id"), 1),
+            eos_token_id=_int_or(t.get("eos_token_id"), 2),
+            pad_token_id=_int_or(t.get("pad_token_id"), 0),
+        )
+        vision = VisionConfig(
+            image_size=v.get("image_size", 384),
+            patch_size=v.get("patch_size", 16),
+            num_channels=v.get("num_channels", 3),
+            hidden_size=v.get("hidden_size", 1024),
+            num_layers=v.get("num_hidden_layers", 24),
+            num_heads=v.get("num_attention_heads", 16),
+            mlp_ratio=float(v.get("mlp_ratio", 4.0)),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            attention_bias=v.get("attention_bias", True),
+            aligner_depth=v.get("depth", 2),
+            projection_dim=v.get("projection_dim", 2048),
+        )
+        num_patches = q.get("num_patches", vision.image_size // vision.patch_size)
+        channel_multiplier = tuple(q.get("channel_multiplier", (1, 1, 2, 2, 4)))
+        vq = VQConfig(
+            num_embeddings=q.get("num_embeddings", 16384),
+            embed_dim=q.get("embed_dim", 8),
+            latent_channels=q.get("latent_channels", 256),
+            base_channels=q.get("base_channels", 128),
+            channel_multiplier=channel_multiplier,
+            num_res_blocks=q.get("num_res_blocks", 2),
+            in_channels=q.get("in_channels", 3),
+            out_channels=q.get("out_channels", 3),
+            aligner_depth=q.get("num_hidden_layers", 2),
+            projection_dim=q.get("projection_dim", 2048),
+            image_token_embed_dim=q.get("image_token_embed_dim", 2048),
+            image_size=num_patches * 2 ** (len(channel_multiplier) - 1),
+        )
+        return cls(text=text, vision=vision, vq=vq, image_token_id=hf.get("image_token_id", 100581),
+                   boi_token_id=gen.get("boi_token_id", 100016), eoi_token_id=gen.get("eoi_token_id", 100593),
+                   **runtime)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers `config.json` content for this architecture (float32 weights)."""
+        t, v, q = self.text, self.vision, self.vq
+        return {
+            "architectures": ["JanusForConditionalGeneration"],
+            "model_type": "janus",
+            "image_token_id": self.image_token_id,
+            "tie_word_embeddings": False,
+            "text_config": {
+                "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
+                "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps, "hidden_act": "silu",
+                "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+                "max_position_embeddings": t.max_position_embeddings,
+                "attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias,
+                "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+                "pad_token_id": t.pad_token_id, "tie_word_embeddings": False,
+            },
+            "vision_config": {
+                "model_type": "janus_vision_model", "hidden_size": v.hidden_size,
+                "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
+                "num_channels": v.num_channels, "image_size": v.image_size, "patch_size": v.patch_size,
+                "hidden_act": "gelu", "layer_norm_eps": v.layer_norm_eps, "mlp_ratio": v.mlp_ratio,
+                "attention_bias": v.attention_bias, "projection_dim": v.projection_dim,
+                "depth": v.aligner_depth, "num_image_tokens": q.num_tokens, "use_qk_norm": False,
+            },
+            "vq_config": {
+                "model_type": "janus_vqgan", "embed_dim": q.embed_dim, "num_embeddings": q.num_embeddings,
+                "latent_channels": q.latent_channels, "in_channels": q.in_channels,
+                "base_channels": q.base_channels, "channel_multiplier": list(q.channel_multiplier),
+                "num_res_blocks": q.num_res_blocks, "out_channels": q.out_channels,
+                "projection_dim": q.projection_dim, "num_hidden_layers": q.aligner_depth,
+                "hidden_act": "gelu", "image_token_embed_dim": q.image_token_embed_dim,
+                "num_patches": q.grid,
+            },
+        }
+
+    def validate(self) -> "JanusConfig":
+        t, v, q = self.text, self.vision, self.vq
+        checks = [
+            (t.num_heads % t.num_kv_heads == 0, "model.text.num_heads must be a multiple of num_kv_heads"),
+            (t.head_dim % 2 == 0, "model.text.head_dim must be even (RoPE rotates pairs)"),
+            (v.image_size % v.patch_size == 0, "model.vision.image_size must be a multiple of patch_size"),
+            (v.hidden_size % v.num_heads == 0, "model.vision.hidden_size must be a multiple of num_heads"),
+            (v.projection_dim == t.hidden_size, "model.vision.projection_dim must equal model.text.hidden_size"),
+            (q.projection_dim == t.hidden_size, "model.vq.projection_dim must equal model.text.hidden_size"),
+            (q.image_token_embed_dim == t.hidden_size,
+             "model.vq.image_token_embed_dim must equal model.text.hidden_size"),
+            (q.image_size % q.downsample == 0, "model.vq.image_size must be a multiple of the VQ downsampling"),
+            (all(q.base_channels * m % q.num_groups == 0 for m in q.channel_multiplier),
+             "model.vq.base_channels x every channel_multiplier must be a multiple of num_groups (GroupNorm)"),
+            (self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
+             f"model.remat_policy={self.remat_policy!r} is not one of none|full|dots|dots_no_batch"),
+            (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+
+def _int_or(x, default: int) -> int:
+    if isinstance(x, (list, tuple)):
+        x = x[0] if x else None
+    return default if x is None else int(x)
+
+
+def _build(cls, value, where: str):
+    if isinstance(value, cls):
+        return value
+    known = {f.name for f in dataclasses.fields(cls)}
+    kw = {}
+    for key, v in dict(value).items():
+        if key not in known:
+            raise KeyError(f"unknown model config key '{where}.{key}'; known keys: {sorted(known)}")
+        kw[key] = tuple(v) if isinstance(v, list) else v
+    return cls(**kw)
+
+
+def _load_presets_module():
+    path = REPO_ROOT / "configs" / "models.py"
+    spec = importlib.util.spec_from_file_location("unijax_config_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preset(name: str, **overrides) -> JanusConfig:
+    """The named model preset from `configs/models.py` (`tiny`, `janus_pro_1b`, `janus_pro_7b`, ...)."""
+    presets = _load_presets_module().PRESETS
+    if name not in presets:
+        raise KeyError(f"model.preset={name!r} is not a preset; choose one of {sorted(presets)}")
+    d = presets[name]()
+    d = {**d, **overrides}
+    return JanusConfig.from_dict(d).validate()

@@ -1,0 +1,133 @@
+"""LLaMA decoder stack with an optional layer scan, remat, and a static-shape KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unijax.models.layers import Attention, RMSNorm, SwiGLU, attention_mask, embed
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Static-shape decoding cache.
+
+    k, v: `[layers, batch, cache_len, kv_heads, head_dim]`; segment: `[batch, cache_len]`
+    (0 = empty or padding, else the row's sequence id); index: next slot to write (scalar).
+    """
+
+    k: Array
+    v: Array
+    segment: Array
+    index: Array
+
+    @classmethod
+    def init(cls, cfg, batch: int, length: int, dtype=None) -> "KVCache":
+        t = cfg.text
+        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        t = cfg.text
+        self.input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.mlp = SwiGLU(t.hidden_size, t.intermediate_size, rngs=rngs, bias=t.mlp_bias, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype)
+
+    def __call__(self, x, positions, mask, context=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, context)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Decoder(nnx.Module):
+    """Token embedding table, `num_layers` decoder layers, final RMSNorm.
+
+    With `cfg.scan_layers` the layers are one stacked module (leading logical axis `layers`)
+    run by `jax.lax.scan`, which keeps compile time flat in depth.
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        t = cfg.text
+        self.cfg = cfg
+        self.embed_tokens = embed(t.vocab_size, t.hidden_size, ("vocab", "embed"), rngs=rngs, dtype=cfg.dtype,
+                                  param_dtype=cfg.param_dtype)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=t.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return DecoderLayer(cfg, rngs=r)
+
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(t.num_layers)])
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype)
+
+    def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None):
+        """Runs the stack on input embeddings.
+
+        x `[batch, seq, embed]`, positions/segment_ids `[batch, seq]` (segment 0 = padding). The new
+        tokens attend causally within their segment and, with a cache, to every written slot of
+        their row's cache; their keys/values are then written at `cache.index` (one in-place
+        update of the stacked cache, no per-layer copy). Returns (hidden `[batch, seq, embed]`, cache).
+        """
+        seq = x.shape[1]
+        slots = jnp.arange(seq)
+        mask = attention_mask(segment_ids, segment_ids, slots, slots)
+        cache_mask = None if cache is None else attention_mask(segment_ids, cache.segment, None, None)
+
+        def run(layer, h, layer_kv):
+            context = None if layer_kv is None else (layer_kv[0], layer_kv[1], cache_mask)
+            return layer(h, positions, mask, context)
+
+        if self.cfg.remat_policy != "none":
+            run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat_policy])
+
+        x = x.astype(jnp.dtype(self.cfg.dtype))
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(h, xs):
+                layer_state, layer_kv = xs
+                return run(nnx.merge(graphdef, layer_state), h, layer_kv)
+
+            x, (new_k, new_v) = jax.lax.scan(body, x, (state, None if cache is None else (cache.k, cache.v)))
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                x, (k, v) = run(layer, x, None if cache is None else (cache.k[i], cache.v[i]))
+                ks.append(k)
+                vs.append(v)
+            new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+        if cache is not None:
+            at = (0, 0, cache.index, 0, 0)
+            cache = KVCache(
+                k=jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), at),
+                v=jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), at),
+                segment=jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32),
+                                                     (0, cache.index)),
+                index=cache.index + seq)
+        return self.norm(x), cache

@@ -1,0 +1,161 @@
+"""Shared layers: linear/embedding with logical axes, norms, RoPE, attention, SwiGLU.
+
+Every parameter is created with `out_sharding` metadata holding *logical* axis names
+(`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, ...); `unijax.sharding` maps them onto mesh axes
+through the rules table of the config, so the model code never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+NEG_INF = -1e30  # finite mask value: a fully masked row (padding query) stays finite
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def linear(din: int, dout: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, bias: bool = False,
+           dtype="float32", param_dtype="float32") -> nnx.Linear:
+    """`nnx.Linear` (kernel `[din, dout]`) whose kernel and bias carry logical axis names."""
+    return nnx.Linear(
+        din, dout, use_bias=bias, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype), rngs=rngs,
+        kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata={"out_sharding": tuple(axes)}, bias_metadata={"out_sharding": (axes[-1],)})
+
+
+def embed(num: int, features: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, dtype="float32",
+          param_dtype="float32") -> nnx.Embed:
+    return nnx.Embed(num, features, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype), rngs=rngs,
+                     embedding_init=nnx.initializers.normal(0.02),
+                     embedding_metadata={"out_sharding": tuple(axes)})
+
+
+def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32",
+               axis_name: str = "embed") -> nnx.LayerNorm:
+    return nnx.LayerNorm(features, epsilon=eps, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype),
+                         rngs=rngs, scale_metadata={"out_sharding": (axis_name,)},
+                         bias_metadata={"out_sharding": (axis_name,)})
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, as transformers' `ACT2FN['gelu']`."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class RMSNorm(nnx.Module):
+    """`w * (x / sqrt(mean(x^2) + eps))`, statistics in float32, result in the input dtype (as LLaMA)."""
+
+    def __init__(self, features: int, eps: float, *, param_dtype="float32"):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((features,), dtype_of(param_dtype)), out_sharding=("embed",))
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * xf.astype(dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables `[batch, seq, head_dim]` for integer `positions [batch, seq]` (float32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE on `x [batch, seq, heads, head_dim]`: `x cos + rotate_half(x) sin`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_segment: Array, kv_segment: Array, q_slot: Array | None, kv_slot: Array | None) -> Array:
+    """Boolean `[batch, q, kv]`: same non-zero segment and, when slots are given, causal (kv <= q).
+
+    Segment id 0 marks padding (and unwritten cache slots); packing gives each sequence its own id.
+    """
+    mask = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] > 0)
+    if q_slot is not None:
+        mask &= kv_slot[..., None, :] <= q_slot[..., :, None]
+    return mask
+
+
+def dot_product_attention(q: Array, parts: Sequence[tuple[Array, Array, Array | None]], scale: float) -> Array:
+    """Softmax attention with grouped-query heads over one or more key/value blocks.
+
+    q `[B, T, H, D]`; each part is (k `[B, S, K, D]`, v `[B, S, K, D]`, mask `[B, T, S]` or None)
+    with `H = K * G`. The softmax runs jointly over all parts' keys, so attending over (cache, new
+    tokens) needs no copy of the cache. Scores and softmax in float32; returns `[B, T, H, D]`.
+    """
+    b, t, h, d = q.shape
+    kh = parts[0][0].shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)
+    scores = []
+    for k, _, mask in parts:
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
+        scores.append(s)
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out, start = 0.0, 0
+    for k, v, _ in parts:
+        p = probs[..., start:start + k.shape[1]].astype(v.dtype)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v)
+        start += k.shape[1]
+    return out.reshape(b, t, h, parts[0][1].shape[-1]).astype(v.dtype)
+
+
+class Attention(nnx.Module):
+    """LLaMA self-attention: q/k/v projections, RoPE, grouped-query attention, output projection.
+
+    `context` is an optional extra key/value block with its mask (a decoding cache, read only):
+    the new tokens attend jointly to it and, under `mask`, to themselves. Returns the output and
+    the new tokens' (k, v) `[batch, seq, kv_heads, head_dim]` for the caller to write into a cache.
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        t = cfg.text
+        self.num_heads, self.num_kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
+        self.theta = t.rope_theta
+        kw = dict(rngs=rngs, bias=t.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.q_proj = linear(t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), **kw)
+        self.k_proj = linear(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), **kw)
+        self.v_proj = linear(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), **kw)
+        self.o_proj = linear(t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), **kw)
+
+    def __call__(self, x: Array, positions: Array, mask: Array, context=None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        parts = [(k, v, mask)] if context is None else [context, (k, v, mask)]
+        out = dot_product_attention(q, parts, 1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(out.reshape(b, s, -1)), (k, v)
+
+
+class SwiGLU(nnx.Module):
+    """`down(silu(gate(x)) * up(x))` (LLaMA MLP)."""
+
+    def __init__(self, hidden: int, inner: int, *, rngs: nnx.Rngs, bias: bool = False, dtype="float32",
+                 param_dtype="float32"):
+        kw = dict(rngs=rngs, bias=bias, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = linear(hidden, inner, ("embed", "mlp"), **kw)
+        self.up_proj = linear(hidden, inner, ("embed", "mlp"), **kw)
+        self.down_proj = linear(inner, hidden, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
