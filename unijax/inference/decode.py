@@ -1,0 +1,142 @@
+"""Jitted autoregressive decoding over the static KV cache.
+
+- `generate_text`: answers (MMU): prefill the (left-padded) prompt with its images, then a
+  `lax.while_loop` of single-token steps that stops when every row has produced EOS.
+- `generate_image_codes`: T2I with classifier-free guidance: conditional and unconditional rows
+  (prompt blanked to padding except BOS and begin-of-image, as Janus-Pro does) decode together
+  for exactly `num_image_tokens` steps in a `lax.scan`; logits `u + s (c - u)`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unijax.inference.sampling import Sampling, sample
+from unijax.models.decoder import KVCache
+from unijax.models.janus import GEN_IMAGE, TEXT, Janus
+
+Array = jax.Array
+
+
+def prompt_positions(mask: Array) -> Array:
+    """Positions for a left-padded prompt: 0.. over the real tokens (padding gets 0)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
+def _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, *, max_new_tokens: int,
+                   sampling: Sampling):
+    model: Janus = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    b, t = tokens.shape
+    mask = mask.astype(jnp.int32)
+    positions = prompt_positions(mask)
+    cache = KVCache.init(cfg, b, t + max_new_tokens)
+    h, cache = model(tokens, modality, positions, mask, pixels, cache)
+    rng, key = jax.random.split(rng)
+    first = sample(model.text_logits(h[:, -1]), key, sampling)
+    out = jnp.full((b, max_new_tokens), cfg.text.pad_token_id, jnp.int32).at[:, 0].set(first)
+    done = first == cfg.text.eos_token_id
+    last_pos = positions[:, -1]
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, out, done, pos, rng = carry
+        prev = out[:, i - 1]
+        x = model.language_model.embed_tokens(prev[:, None])
+        h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        rng, key = jax.random.split(rng)
+        nxt = sample(model.text_logits(h[:, -1]), key, sampling)
+        nxt = jnp.where(done, cfg.text.pad_token_id, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, cache, out, done | (nxt == cfg.text.eos_token_id), pos + 1, rng
+
+    _, _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done, last_pos, rng))
+    return out
+
+
+def generate_text(model: Janus, tokens: Array, modality: Array, mask: Array, pixels: Array | None = None,
+                  *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), rng=None) -> Array:
+    """Answers for left-padded prompts `tokens/modality/mask [B, T]` (and their pixels).
+
+    Returns `[B, max_new_tokens]` token ids; after a row's EOS the rest is padding.
+    """
+    graphdef, state = nnx.split(model)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, max_new_tokens=max_new_tokens,
+                          sampling=sampling)
+
+
+def unconditional_prompt(tokens: Array, cfg) -> Array:
+    """Janus-Pro's CFG null prompt: every token except BOS and begin-of-image becomes padding."""
+    keep = (tokens == cfg.text.bos_token_id) | (tokens == cfg.boi_token_id)
+    return jnp.where(keep, tokens, cfg.text.pad_token_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling", "return_logits"))
+def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_tokens: int, sampling: Sampling,
+                          return_logits: bool):
+    model: Janus = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    b, t = tokens.shape
+    rows = jnp.concatenate([tokens, unconditional_prompt(tokens, cfg)], axis=0)
+    mask2 = jnp.concatenate([mask, mask], axis=0).astype(jnp.int32)
+    positions = prompt_positions(mask2)
+    cache = KVCache.init(cfg, 2 * b, t + num_tokens)
+    h, cache = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache)
+
+    def pick(h, key):
+        logits = model.image_logits(h[:, -1]).astype(jnp.float32)
+        cond, uncond = logits[:b], logits[b:]
+        guided = uncond + guidance * (cond - uncond)
+        return sample(guided, key, sampling), (guided if return_logits else None)
+
+    rng, key = jax.random.split(rng)
+    first, first_logits = pick(h, key)
+
+    def step(carry, key):
+        code, cache, pos = carry
+        x = model.embed_image_codes(jnp.concatenate([code, code])[:, None])
+        h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((2 * b, 1), jnp.int32), cache)
+        nxt, logits = pick(h, key)
+        return (nxt, cache, pos + 1), (nxt, logits)
+
+    keys = jax.random.split(rng, num_tokens - 1)
+    _, (rest, rest_logits) = jax.lax.scan(step, (first, cache, positions[:, -1]), keys)
+    codes = jnp.concatenate([first[:, None], rest.T], axis=1)
+    if not return_logits:
+        return codes
+    return codes, jnp.concatenate([first_logits[:, None], rest_logits.transpose(1, 0, 2)], axis=1)
+
+
+def generate_image_codes(model: Janus, tokens: Array, mask: Array, *, guidance: float = 5.0,
+                         sampling: Sampling = Sampling(temperature=1.0), rng=None,
+                         num_tokens: int | None = None, return_logits: bool = False):
+    """VQ codes `[B, num_image_tokens]` for left-padded T2I prompts `tokens/mask [B, T]`.
+
+    The prompt should end with the begin-of-image token. `guidance` is the CFG scale. With
+    `return_logits`, also the guided logits `[B, num_image_tokens, codebook]` of every step.
+    """
+    graphdef, state = nnx.split(model)
+    rng = jax.random.key(0) if rng is None else rng
+    num_tokens = num_tokens or model.cfg.vq.num_tokens
+    return _generate_image_codes(graphdef, state, tokens, mask, jnp.float32(guidance), rng,
+                                 num_tokens=num_tokens, sampling=sampling, return_logits=return_logits)
+
+
+def decode_images(model: Janus, codes: Array) -> Array:
+    """VQ codes `[B, N]` -> pixels `[B, H, W, C]` in [-1, 1] (jitted)."""
+    graphdef, state = nnx.split(model.vqmodel)
+    return _decode(graphdef, state, codes)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode(graphdef, state, codes):
+    return nnx.merge(graphdef, state).decode(codes)
