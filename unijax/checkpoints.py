@@ -59,7 +59,7 @@ def abstract_model(cfg: JanusConfig) -> Janus:
 
 def save_model(out, model: Janus, extra_files: dict[str, str] | None = None, overwrite: bool = False):
     """Saves `model`'s parameters and config to the model checkpoint directory `out`."""
-    state = nnx.state(model, nnx.Param).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with atomic_directory(out, overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", state)
@@ -90,8 +90,8 @@ def load_model(ckpt, sharding: Callable[[tuple[int, ...]], jax.sharding.Sharding
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding(v) if sharding else device),
-        abstract.to_pure_dict())
+        nnx.to_pure_dict(abstract))
     restored = ocp.StandardCheckpointer().restore(pathlib.Path(ckpt).absolute() / "params", target)
-    abstract.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(abstract, restored)
     nnx.update(model, abstract)
     return model

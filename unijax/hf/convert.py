@@ -75,7 +75,7 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
                 lines += [f"    {item}" for item in items]
         wd.close()
         raise ConversionError("\n".join(lines))
-    template = nnx.state(checkpoints.abstract_model(cfg), nnx.Param).to_pure_dict()
+    template = nnx.to_pure_dict(nnx.state(checkpoints.abstract_model(cfg), nnx.Param))
     state = _nest(flat, template)
     extra = {"hf/config.json": json.dumps(hf, indent=2)}
     if gen is not None:

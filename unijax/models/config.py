@@ -292,5 +292,6 @@ def preset(name: str, **overrides) -> JanusConfig:
     if name not in presets:
         raise KeyError(f"model.preset={name!r} is not a preset; choose one of {sorted(presets)}")
     d = presets[name]()
-    d = {**d, **overrides}
+    for key, value in overrides.items():  # sub-configs merge key by key
+        d[key] = {**d.get(key, {}), **value} if isinstance(value, Mapping) else value
     return JanusConfig.from_dict(d).validate()
