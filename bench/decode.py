@@ -113,7 +113,7 @@ def build_unijax_from_hf(cfg: JanusConfig, hf) -> Janus:
     n, scanned = cfg.text.num_layers, cfg.scan_layers
     state = nnx.state(model, nnx.Param)
     flat = checkpoints.flat_params(state)
-    new = {path: hf_mapping.import_tensor(path, sd.__getitem__, n, scanned).astype(np.asarray(x).dtype)
+    new = {path: hf_mapping.import_tensor(path, sd.__getitem__, n, scanned).astype(x.dtype)
            for path, x in flat.items()}
     for path, x in flat.items():
         if new[path].shape != tuple(x.shape):

@@ -41,10 +41,11 @@ def test_kv_cache_decoding_equals_full_forward(scan):
     full, _ = m(tok, mod, pos, seg)
     cache = KVCache.init(m.cfg, b, t + 3)
     k = 10
-    h, cache = m(tok[:, :k], mod[:, :k], pos[:, :k], seg[:, :k], cache=cache)
+    run = nnx.jit(lambda m, *a: m(*a[:4], cache=a[4]))
+    h, cache = run(m, tok[:, :k], mod[:, :k], pos[:, :k], seg[:, :k], cache)
     steps = [h]
     for i in range(k, t):
-        h, cache = m(tok[:, i:i + 1], mod[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1], cache=cache)
+        h, cache = run(m, tok[:, i:i + 1], mod[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1], cache)
         steps.append(h)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=ATOL)
     assert int(cache.index) == t
@@ -113,3 +114,20 @@ def test_every_parameter_has_logical_axes_of_its_rank(model):
     scanned = Janus(tiny(scan_layers=True), rngs=nnx.Rngs(0))
     for path, v in nnx.to_flat_state(nnx.state(scanned.language_model.layers, nnx.Param)):
         assert v.get_metadata()["out_sharding"][0] == "layers", path
+
+
+def test_generated_codes_decode_to_a_png_grid(model, tmp_path):
+    from PIL import Image
+
+    from unijax.inference.decode import decode_images, generate_image_codes
+    from unijax.inference.images import save_grid
+
+    cfg = model.cfg
+    prompt = jnp.array([[cfg.text.bos_token_id, 9, 10, cfg.boi_token_id]] * 4)
+    codes = generate_image_codes(model, prompt, jnp.ones_like(prompt), guidance=2.0, rng=jax.random.key(1))
+    assert codes.shape == (4, cfg.vq.num_tokens) and int(codes.max()) < cfg.vq.num_embeddings
+    pixels = decode_images(model, codes)
+    path = save_grid(pixels, tmp_path / "grid.png", cols=2, pad=2)
+    img = Image.open(path)
+    s = cfg.vq.image_size
+    assert img.size == (2 * s + 6, 2 * s + 6) and img.mode == "RGB"
