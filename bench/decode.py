@@ -251,13 +251,17 @@ def run_config(name: str, repeats: int, bandwidth: dict | None) -> dict:
           + ("" if agree == 1.0 else f" (first differing step {int(first_diff[0, 0])})"), flush=True)
 
     hf_s, jax_s = statistics.median(hf_times), statistics.median(jax_times)
+    noisy = [who for who, ts in (("unijax", jax_times), ("transformers", hf_times)) if max(ts) > 1.5 * min(ts)]
+    if noisy:
+        print(f"WARNING: repeat times of {' and '.join(noisy)} vary by more than 1.5x: the machine is busy, "
+              "the numbers are unreliable", flush=True)
     row = {
         "config": name, "params_total": counts["total"], "params_decoder": counts["decoder"],
         "image_tokens": n_tok, "batch": BATCH, "prompt_len": PROMPT_LEN, "guidance": GUIDANCE,
         "transformers_s": hf_s, "unijax_s": jax_s, "transformers_times_s": hf_times, "unijax_times_s": jax_times,
         "transformers_tok_s": BATCH * n_tok / hf_s, "unijax_tok_s": BATCH * n_tok / jax_s,
         "speedup": hf_s / jax_s, "target": TARGETS.get(name), "unijax_compile_s": compile_s,
-        "codes_agreement": agree,
+        "codes_agreement": agree, "noisy": noisy,
     }
     if bandwidth is not None:
         sb = step_bytes(model)

@@ -25,26 +25,31 @@ REMAT_POLICIES = {
 class KVCache:
     """Static-shape decoding cache.
 
-    k, v: `[layers, batch, cache_len, kv_heads, head_dim]`; segment: `[batch, cache_len]`
+    k, v: per layer `[batch, kv_heads, cache_len, head_dim]` (heads-major): a tuple of per-layer
+    arrays, or one stacked `[layers, ...]` array for a scanned decoder. Separate arrays matter on
+    CPU, where slicing a layer out of a stacked buffer copies it. segment: `[batch, cache_len]`
     (0 = empty or padding, else the row's sequence id); index: next slot to write (scalar).
     """
 
-    k: Array
-    v: Array
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
     segment: Array
     index: Array
 
     @classmethod
     def init(cls, cfg, batch: int, length: int, dtype=None) -> "KVCache":
         t = cfg.text
-        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+        shape = (batch, t.num_kv_heads, length, t.head_dim)
         dtype = dtype or jnp.dtype(cfg.dtype)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   segment=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+        if cfg.scan_layers:
+            k = v = jnp.zeros((t.num_layers, *shape), dtype)
+        else:
+            k = v = tuple(jnp.zeros(shape, dtype) for _ in range(t.num_layers))
+        return cls(k=k, v=v, segment=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.segment.shape[1]
 
 
 class DecoderLayer(nnx.Module):
@@ -91,8 +96,8 @@ class Decoder(nnx.Module):
 
         x `[batch, seq, embed]`, positions/segment_ids `[batch, seq]` (segment 0 = padding). The new
         tokens attend causally within their segment and, with a cache, to every written slot of
-        their row's cache; their keys/values are then written at `cache.index` (one in-place
-        update of the stacked cache, no per-layer copy). Returns (hidden `[batch, seq, embed]`, cache).
+        their row's cache; their keys/values are then written at `cache.index` (in place when the
+        cache is donated or loop-carried). Returns (hidden `[batch, seq, embed]`, cache).
         """
         seq = x.shape[1]
         slots = jnp.arange(seq)
@@ -106,6 +111,10 @@ class Decoder(nnx.Module):
         if self.cfg.remat_policy != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat_policy])
 
+        def write(buf, new):  # new keys/values [..., batch, kv_heads, seq, head_dim] at cache.index
+            at = (0,) * (buf.ndim - 2) + (cache.index, 0)
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), at)
+
         x = x.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
@@ -115,18 +124,20 @@ class Decoder(nnx.Module):
                 return run(nnx.merge(graphdef, layer_state), h, layer_kv)
 
             x, (new_k, new_v) = jax.lax.scan(body, x, (state, None if cache is None else (cache.k, cache.v)))
+            if cache is not None:
+                new_k, new_v = write(cache.k, new_k), write(cache.v, new_v)
         else:
-            ks, vs = [], []
+            new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 x, (k, v) = run(layer, x, None if cache is None else (cache.k[i], cache.v[i]))
-                ks.append(k)
-                vs.append(v)
-            new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+                if cache is not None:
+                    new_k.append(write(cache.k[i], k))
+                    new_v.append(write(cache.v[i], v))
+            new_k, new_v = tuple(new_k), tuple(new_v)
         if cache is not None:
-            at = (0, 0, cache.index, 0, 0)
             cache = KVCache(
-                k=jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), at),
-                v=jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), at),
+                k=new_k,
+                v=new_v,
                 segment=jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32),
                                                      (0, cache.index)),
                 index=cache.index + seq)

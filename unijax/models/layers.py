@@ -95,26 +95,28 @@ def attention_mask(q_segment: Array, kv_segment: Array, q_slot: Array | None, kv
 def dot_product_attention(q: Array, parts: Sequence[tuple[Array, Array, Array | None]], scale: float) -> Array:
     """Softmax attention with grouped-query heads over one or more key/value blocks.
 
-    q `[B, T, H, D]`; each part is (k `[B, S, K, D]`, v `[B, S, K, D]`, mask `[B, T, S]` or None)
-    with `H = K * G`. The softmax runs jointly over all parts' keys, so attending over (cache, new
-    tokens) needs no copy of the cache. Scores and softmax in float32; returns `[B, T, H, D]`.
+    q `[B, T, H, D]`; each part is (k `[B, K, S, D]`, v `[B, K, S, D]`, mask `[B, T, S]` or None)
+    with `H = K * G`. Keys/values are heads-major so both contractions have their batch dims
+    (B, K) leading and need no transpose of a (large) cache. The softmax runs jointly over all
+    parts' keys, so attending over (cache, new tokens) needs no copy of the cache. Scores and
+    softmax in float32; returns `[B, T, H, D]`.
     """
     b, t, h, d = q.shape
-    kh = parts[0][0].shape[2]
-    qg = q.reshape(b, t, kh, h // kh, d)
+    kh = parts[0][0].shape[1]
+    qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     scores = []
     for k, _, mask in parts:
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
         if mask is not None:
             s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
         scores.append(s)
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for k, v, _ in parts:
-        p = probs[..., start:start + k.shape[1]].astype(v.dtype)
-        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v)
-        start += k.shape[1]
-    return out.reshape(b, t, h, parts[0][1].shape[-1]).astype(v.dtype)
+        p = probs[..., start:start + k.shape[2]].astype(v.dtype)
+        out = out + jnp.einsum("bkgts,bksd->bkgtd", p, v)
+        start += k.shape[2]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, parts[0][1].shape[-1]).astype(v.dtype)
 
 
 class Attention(nnx.Module):
@@ -122,7 +124,7 @@ class Attention(nnx.Module):
 
     `context` is an optional extra key/value block with its mask (a decoding cache, read only):
     the new tokens attend jointly to it and, under `mask`, to themselves. Returns the output and
-    the new tokens' (k, v) `[batch, seq, kv_heads, head_dim]` for the caller to write into a cache.
+    the new tokens' (k, v) `[batch, kv_heads, seq, head_dim]` for the caller to write into a cache.
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -142,6 +144,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         parts = [(k, v, mask)] if context is None else [context, (k, v, mask)]
         out = dot_product_attention(q, parts, 1.0 / math.sqrt(self.head_dim))
         return self.o_proj(out.reshape(b, s, -1)), (k, v)
