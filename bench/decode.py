@@ -11,7 +11,7 @@ greedy sampling:
 
 - transformers: `model.generate(ids, attention_mask=..., generation_mode="image", do_sample=False,
   guidance_scale=5.0)` with `torch.set_num_threads(--threads)`;
-- unijax: `unijax.inference.decode.generate_image_codes(model, ids, mask, guidance=5.0,
+- unijax: `unijax.inference.decode.Generator(model).image_codes(ids, mask, guidance=5.0,
   sampling=Sampling(temperature=0.0))` (jitted: prefill + `lax.scan` over the token steps).
 
 Each side is warmed up once (for unijax: compiled), then timed `--repeats` times; the median is
@@ -58,7 +58,7 @@ from flax import nnx  # noqa: E402
 
 from unijax import checkpoints  # noqa: E402
 from unijax.hf import janus as hf_mapping  # noqa: E402
-from unijax.inference.decode import generate_image_codes  # noqa: E402
+from unijax.inference.decode import Generator  # noqa: E402
 from unijax.inference.sampling import Sampling  # noqa: E402
 from unijax.models.config import JanusConfig, TextConfig, VisionConfig, VQConfig, preset  # noqa: E402
 from unijax.models.janus import Janus  # noqa: E402  (type hints)
@@ -219,14 +219,16 @@ def run_config(name: str, repeats: int, bandwidth: dict | None) -> dict:
     ids_t, mask_t = torch.from_numpy(ids), torch.ones(ids.shape, dtype=torch.long)
     ids_j, mask_j = jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32)
 
+    generator = Generator(model)  # split once, as a serving loop would
+
     @torch.inference_mode()
     def run_hf():
         return hf.generate(ids_t, attention_mask=mask_t, generation_mode="image", do_sample=False,
                            guidance_scale=GUIDANCE)
 
     def run_jax():
-        return jax.block_until_ready(generate_image_codes(model, ids_j, mask_j, guidance=GUIDANCE,
-                                                          sampling=Sampling(temperature=0.0), num_tokens=n_tok))
+        return jax.block_until_ready(generator.image_codes(ids_j, mask_j, guidance=GUIDANCE,
+                                                           sampling=Sampling(temperature=0.0), num_tokens=n_tok))
 
     t0 = time.perf_counter()
     run_jax()

@@ -62,16 +62,50 @@ def _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, *, max_
     return out
 
 
-def generate_text(model: Janus, tokens: Array, modality: Array, mask: Array, pixels: Array | None = None,
-                  *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), rng=None) -> Array:
-    """Answers for left-padded prompts `tokens/modality/mask [B, T]` (and their pixels).
+class Generator:
+    """Splits a model once (graph + parameter state) and runs the jitted decoding programs.
 
-    Returns `[B, max_new_tokens]` token ids; after a row's EOS the rest is padding.
+    Splitting costs milliseconds of Python per call at small sizes, so repeated decoding should
+    go through one `Generator`; the module-level functions build one per call. Rebuild it after
+    the model's parameters change.
     """
-    graphdef, state = nnx.split(model)
-    rng = jax.random.key(0) if rng is None else rng
-    return _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, max_new_tokens=max_new_tokens,
-                          sampling=sampling)
+
+    def __init__(self, model: Janus):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.vq_graphdef, self.vq_state = nnx.split(model.vqmodel)
+
+    def text(self, tokens: Array, modality: Array, mask: Array, pixels: Array | None = None, *,
+             max_new_tokens: int = 32, sampling: Sampling = Sampling(), rng=None) -> Array:
+        """Answers for left-padded prompts `tokens/modality/mask [B, T]` (and their pixels).
+
+        Returns `[B, max_new_tokens]` token ids; after a row's EOS the rest is padding.
+        """
+        rng = jax.random.key(0) if rng is None else rng
+        return _generate_text(self.graphdef, self.state, tokens, modality, mask, pixels, rng,
+                              max_new_tokens=max_new_tokens, sampling=sampling)
+
+    def image_codes(self, tokens: Array, mask: Array, *, guidance: float = 5.0,
+                    sampling: Sampling = Sampling(temperature=1.0), rng=None, num_tokens: int | None = None,
+                    return_logits: bool = False):
+        """VQ codes `[B, num_image_tokens]` for left-padded T2I prompts `tokens/mask [B, T]`.
+
+        The prompt should end with the begin-of-image token. `guidance` is the CFG scale. With
+        `return_logits`, also the guided logits `[B, num_image_tokens, codebook]` of every step.
+        """
+        rng = jax.random.key(0) if rng is None else rng
+        return _generate_image_codes(self.graphdef, self.state, tokens, mask, jnp.float32(guidance), rng,
+                                     num_tokens=num_tokens or self.cfg.vq.num_tokens, sampling=sampling,
+                                     return_logits=return_logits)
+
+    def decode_images(self, codes: Array) -> Array:
+        """VQ codes `[B, N]` -> pixels `[B, H, W, C]` in [-1, 1]."""
+        return _decode(self.vq_graphdef, self.vq_state, codes)
+
+
+def generate_text(model: Janus, *args, **kwargs) -> Array:
+    """`Generator(model).text(...)`."""
+    return Generator(model).text(*args, **kwargs)
 
 
 def unconditional_prompt(tokens: Array, cfg) -> Array:
@@ -116,19 +150,9 @@ def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_t
     return codes, jnp.concatenate([first_logits[:, None], rest_logits.transpose(1, 0, 2)], axis=1)
 
 
-def generate_image_codes(model: Janus, tokens: Array, mask: Array, *, guidance: float = 5.0,
-                         sampling: Sampling = Sampling(temperature=1.0), rng=None,
-                         num_tokens: int | None = None, return_logits: bool = False):
-    """VQ codes `[B, num_image_tokens]` for left-padded T2I prompts `tokens/mask [B, T]`.
-
-    The prompt should end with the begin-of-image token. `guidance` is the CFG scale. With
-    `return_logits`, also the guided logits `[B, num_image_tokens, codebook]` of every step.
-    """
-    graphdef, state = nnx.split(model)
-    rng = jax.random.key(0) if rng is None else rng
-    num_tokens = num_tokens or model.cfg.vq.num_tokens
-    return _generate_image_codes(graphdef, state, tokens, mask, jnp.float32(guidance), rng,
-                                 num_tokens=num_tokens, sampling=sampling, return_logits=return_logits)
+def generate_image_codes(model: Janus, *args, **kwargs):
+    """`Generator(model).image_codes(...)`."""
+    return Generator(model).image_codes(*args, **kwargs)
 
 
 def decode_images(model: Janus, codes: Array) -> Array:

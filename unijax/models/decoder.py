@@ -61,8 +61,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(t.hidden_size, t.intermediate_size, rngs=rngs, bias=t.mlp_bias, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype)
 
-    def __call__(self, x, positions, mask, context=None):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, context)
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
@@ -95,50 +95,42 @@ class Decoder(nnx.Module):
         """Runs the stack on input embeddings.
 
         x `[batch, seq, embed]`, positions/segment_ids `[batch, seq]` (segment 0 = padding). The new
-        tokens attend causally within their segment and, with a cache, to every written slot of
-        their row's cache; their keys/values are then written at `cache.index` (in place when the
-        cache is donated or loop-carried). Returns (hidden `[batch, seq, embed]`, cache).
+        tokens attend causally within their segment; with a cache, their keys/values are written
+        at `cache.index` (in place when the cache is donated or loop-carried) and they attend to
+        every earlier written slot of their row. Returns (hidden `[batch, seq, embed]`, cache).
         """
         seq = x.shape[1]
-        slots = jnp.arange(seq)
-        mask = attention_mask(segment_ids, segment_ids, slots, slots)
-        cache_mask = None if cache is None else attention_mask(segment_ids, cache.segment, None, None)
+        if cache is None:
+            slots = jnp.arange(seq)
+            mask = attention_mask(segment_ids, segment_ids, slots, slots)
+            index, segment = None, None
+        else:
+            index = cache.index
+            segment = jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32), (0, index))
+            mask = attention_mask(segment_ids, segment, index + jnp.arange(seq), jnp.arange(cache.length))
 
-        def run(layer, h, layer_kv):
-            context = None if layer_kv is None else (layer_kv[0], layer_kv[1], cache_mask)
-            return layer(h, positions, mask, context)
+        def run(layer, h, layer_cache):
+            return layer(h, positions, mask, layer_cache, index)
 
         if self.cfg.remat_policy != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat_policy])
-
-        def write(buf, new):  # new keys/values [..., batch, kv_heads, seq, head_dim] at cache.index
-            at = (0,) * (buf.ndim - 2) + (cache.index, 0)
-            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), at)
 
         x = x.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
             def body(h, xs):
-                layer_state, layer_kv = xs
-                return run(nnx.merge(graphdef, layer_state), h, layer_kv)
+                layer_state, layer_cache = xs
+                return run(nnx.merge(graphdef, layer_state), h, layer_cache)
 
             x, (new_k, new_v) = jax.lax.scan(body, x, (state, None if cache is None else (cache.k, cache.v)))
-            if cache is not None:
-                new_k, new_v = write(cache.k, new_k), write(cache.v, new_v)
         else:
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 x, (k, v) = run(layer, x, None if cache is None else (cache.k[i], cache.v[i]))
-                if cache is not None:
-                    new_k.append(write(cache.k[i], k))
-                    new_v.append(write(cache.v[i], v))
+                new_k.append(k)
+                new_v.append(v)
             new_k, new_v = tuple(new_k), tuple(new_v)
         if cache is not None:
-            cache = KVCache(
-                k=new_k,
-                v=new_v,
-                segment=jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32),
-                                                     (0, cache.index)),
-                index=cache.index + seq)
+            cache = KVCache(k=new_k, v=new_v, segment=segment, index=index + seq)
         return self.norm(x), cache

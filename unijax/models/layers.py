@@ -92,39 +92,31 @@ def attention_mask(q_segment: Array, kv_segment: Array, q_slot: Array | None, kv
     return mask
 
 
-def dot_product_attention(q: Array, parts: Sequence[tuple[Array, Array, Array | None]], scale: float) -> Array:
-    """Softmax attention with grouped-query heads over one or more key/value blocks.
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
+    """Softmax attention with grouped-query heads.
 
-    q `[B, T, H, D]`; each part is (k `[B, K, S, D]`, v `[B, K, S, D]`, mask `[B, T, S]` or None)
-    with `H = K * G`. Keys/values are heads-major so both contractions have their batch dims
-    (B, K) leading and need no transpose of a (large) cache. The softmax runs jointly over all
-    parts' keys, so attending over (cache, new tokens) needs no copy of the cache. Scores and
-    softmax in float32; returns `[B, T, H, D]`.
+    q `[B, T, H, D]`, k/v `[B, K, S, D]` (heads-major, so both contractions have their batch dims
+    (B, K) leading and a large cache is never transposed), `H = K * G`, mask `[B, T, S]` (True =
+    attend). Scores and softmax in float32; returns `[B, T, H, D]` in v's dtype.
     """
     b, t, h, d = q.shape
-    kh = parts[0][0].shape[1]
+    kh = k.shape[1]
     qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    scores = []
-    for k, _, mask in parts:
-        s = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-        if mask is not None:
-            s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
-        scores.append(s)
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    out, start = 0.0, 0
-    for k, v, _ in parts:
-        p = probs[..., start:start + k.shape[2]].astype(v.dtype)
-        out = out + jnp.einsum("bkgts,bksd->bkgtd", p, v)
-        start += k.shape[2]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, parts[0][1].shape[-1]).astype(v.dtype)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
 
 
 class Attention(nnx.Module):
     """LLaMA self-attention: q/k/v projections, RoPE, grouped-query attention, output projection.
 
-    `context` is an optional extra key/value block with its mask (a decoding cache, read only):
-    the new tokens attend jointly to it and, under `mask`, to themselves. Returns the output and
-    the new tokens' (k, v) `[batch, kv_heads, seq, head_dim]` for the caller to write into a cache.
+    With a layer cache `(k, v)` of `[batch, kv_heads, cache_len, head_dim]`, the new keys/values are
+    first written at `cache_index`, then the queries attend over the whole cache under `mask`
+    (`[batch, seq, cache_len]`). Writing before reading lets XLA update a loop-carried cache in
+    place. Returns the output and the (updated cache, or the new tokens') keys/values.
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -137,16 +129,19 @@ class Attention(nnx.Module):
         self.v_proj = linear(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = linear(t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), **kw)
 
-    def __call__(self, x: Array, positions: Array, mask: Array, context=None):
+    def __call__(self, x: Array, positions: Array, mask: Array, cache=None, cache_index=None):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        parts = [(k, v, mask)] if context is None else [context, (k, v, mask)]
-        out = dot_product_attention(q, parts, 1.0 / math.sqrt(self.head_dim))
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, S, D]
+        if cache is not None:
+            at = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+        out = dot_product_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
         return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
 

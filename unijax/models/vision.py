@@ -59,7 +59,7 @@ class VisionAttention(nnx.Module):
         b, s, d = x.shape
         hd = d // self.num_heads
         q, k, w = (p(x).reshape(b, s, self.num_heads, hd) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = dot_product_attention(q, [(k.transpose(0, 2, 1, 3), w.transpose(0, 2, 1, 3), None)], 1.0 / math.sqrt(hd))
+        out = dot_product_attention(q, k.transpose(0, 2, 1, 3), w.transpose(0, 2, 1, 3), None, 1.0 / math.sqrt(hd))
         return self.projection_layer(out.reshape(b, s, d))
 
 
