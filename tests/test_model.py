@@ -131,3 +131,25 @@ def test_generated_codes_decode_to_a_png_grid(model, tmp_path):
     img = Image.open(path)
     s = cfg.vq.image_size
     assert img.size == (2 * s + 6, 2 * s + 6) and img.mode == "RGB"
+
+
+def test_sampled_decoding_with_top_k_1_equals_greedy(model):
+    from unijax.inference.decode import Generator
+    from unijax.inference.sampling import Sampling
+
+    cfg = model.cfg
+    gen = Generator(model)
+    prompt = jnp.array([[cfg.text.bos_token_id, 9, 10, 11], [0, cfg.text.bos_token_id, 12, 13]])
+    mask = (jnp.arange(4)[None] >= jnp.array([[0], [1]])).astype(jnp.int32)  # second row left-padded
+    mod = jnp.zeros_like(prompt)
+    greedy = gen.text(prompt, mod, mask, max_new_tokens=6)
+    top1 = gen.text(prompt, mod, mask, max_new_tokens=6, sampling=Sampling(temperature=0.7, top_k=1),
+                    rng=jax.random.key(3))
+    np.testing.assert_array_equal(top1, greedy)
+    img_greedy = gen.image_codes(prompt, mask, guidance=2.0, sampling=Sampling(), num_tokens=8)
+    img_top1 = gen.image_codes(prompt, mask, guidance=2.0, sampling=Sampling(temperature=1.3, top_k=1),
+                               num_tokens=8, rng=jax.random.key(4))
+    np.testing.assert_array_equal(img_top1, img_greedy)
+    free = gen.image_codes(prompt, mask, guidance=2.0, sampling=Sampling(temperature=1.0), num_tokens=8,
+                           rng=jax.random.key(5))
+    assert not np.array_equal(free, img_greedy)
