@@ -57,17 +57,22 @@ def abstract_model(cfg: JanusConfig) -> Janus:
     return nnx.eval_shape(lambda: Janus(cfg, rngs=nnx.Rngs(0)))
 
 
-def save_model(out, model: Janus, extra_files: dict[str, str] | None = None, overwrite: bool = False):
-    """Saves `model`'s parameters and config to the model checkpoint directory `out`."""
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def save_params(out, params: dict, cfg: JanusConfig, extra_files: dict[str, str] | None = None,
+                overwrite: bool = False):
+    """Writes a model checkpoint directory from a pure dict of parameters (arrays) and its config."""
     with atomic_directory(out, overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", state)
+        ckptr.save(tmp / "params", params)
         ckptr.wait_until_finished()
-        (tmp / "model.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+        (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
+
+
+def save_model(out, model: Janus, extra_files: dict[str, str] | None = None, overwrite: bool = False):
+    """Saves `model`'s parameters and config to the model checkpoint directory `out`."""
+    save_params(out, nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg, extra_files, overwrite)
 
 
 def read_config(ckpt) -> JanusConfig:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from unijax import checkpoints
@@ -48,7 +46,8 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     if gen and gen.get("generation_kwargs"):
         merged["generation_kwargs"] = gen["generation_kwargs"]
     cfg = JanusConfig.from_hf(merged, param_dtype=dtype, dtype=dtype, scan_layers=scan_layers).validate()
-    abstract = checkpoints.flat_params(checkpoints.abstract_model(cfg))
+    abstract_state = nnx.state(checkpoints.abstract_model(cfg), nnx.Param)
+    abstract = checkpoints.flat_params(abstract_state)
     available = set(wd.names())
     used, missing, mis_shaped, flat = set(), [], [], {}
     n = cfg.text.num_layers
@@ -75,19 +74,11 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
                 lines += [f"    {item}" for item in items]
         wd.close()
         raise ConversionError("\n".join(lines))
-    template = nnx.to_pure_dict(nnx.state(checkpoints.abstract_model(cfg), nnx.Param))
-    state = _nest(flat, template)
+    state = _nest(flat, nnx.to_pure_dict(abstract_state))
     extra = {"hf/config.json": json.dumps(hf, indent=2)}
     if gen is not None:
         extra["hf/generation_config.json"] = json.dumps(gen, indent=2)
-    with checkpoints.atomic_directory(out, overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", state)
-        ckptr.wait_until_finished()
-        (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        for name, text in extra.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(text)
+    checkpoints.save_params(out, state, cfg, extra, overwrite)
     wd.close()
     return cfg
 

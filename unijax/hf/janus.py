@@ -57,9 +57,14 @@ def hf_name(path: str) -> str:
 SCANNED = "language_model.layers."
 
 
+def is_stacked(path: str, scanned: bool) -> bool:
+    """Whether our parameter at `path` stacks the decoder layers along axis 0."""
+    return scanned and path.startswith(SCANNED)
+
+
 def expand_scanned(path: str, num_layers: int, scanned: bool) -> list[str]:
-    """A scanned decoder-layer path stands for one unscanned path per layer."""
-    if scanned and path.startswith(SCANNED):
+    """A stacked decoder-layer path stands for one unscanned path per layer."""
+    if is_stacked(path, scanned):
         rest = path[len(SCANNED):]
         return [f"{SCANNED}{i}.{rest}" for i in range(num_layers)]
     return [path]
@@ -69,13 +74,12 @@ def import_tensor(path: str, get, num_layers: int, scanned: bool) -> np.ndarray:
     """Our parameter at `path`, built from HF tensors fetched with `get(hf_name)`."""
     leaf = path.rsplit(".", 1)[1]
     parts = [from_hf_layout(leaf, get(hf_name(p))) for p in expand_scanned(path, num_layers, scanned)]
-    return parts[0] if len(parts) == 1 and not (scanned and path.startswith(SCANNED)) else np.stack(parts)
+    return np.stack(parts) if is_stacked(path, scanned) else parts[0]
 
 
 def export_tensors(path: str, x: np.ndarray, num_layers: int, scanned: bool) -> dict[str, np.ndarray]:
     """HF tensors {name: array} for our parameter at `path`."""
     leaf = path.rsplit(".", 1)[1]
-    paths = expand_scanned(path, num_layers, scanned)
-    if len(paths) == 1 and not (scanned and path.startswith(SCANNED)):
+    if not is_stacked(path, scanned):
         return {hf_name(path): to_hf_layout(leaf, x)}
-    return {hf_name(p): to_hf_layout(leaf, x[i]) for i, p in enumerate(paths)}
+    return {hf_name(p): to_hf_layout(leaf, x[i]) for i, p in enumerate(expand_scanned(path, num_layers, scanned))}
