@@ -230,19 +230,17 @@ def run_config(name: str, repeats: int, bandwidth: dict | None) -> dict:
         return jax.block_until_ready(generator.image_codes(ids_j, mask_j, guidance=GUIDANCE,
                                                            sampling=Sampling(temperature=0.0), num_tokens=n_tok))
 
-    t0 = time.perf_counter()
-    run_jax()
-    compile_s = time.perf_counter() - t0
-    print(f"unijax warm-up (compile + 1 run): {compile_s:.1f}s", flush=True)
-    jax_times, jax_codes = timed(run_jax, repeats)
-    print(f"unijax: {' '.join(f'{s:.3f}s' for s in jax_times)}", flush=True)
+    def warm_and_time(label, warm_label, fn):
+        t0 = time.perf_counter()
+        fn()
+        warm_s = time.perf_counter() - t0
+        print(f"{label} warm-up ({warm_label}): {warm_s:.1f}s", flush=True)
+        times, out = timed(fn, repeats)
+        print(f"{label}: {' '.join(f'{s:.3f}s' for s in times)}", flush=True)
+        return warm_s, times, out
 
-    t0 = time.perf_counter()
-    run_hf()
-    hf_warm_s = time.perf_counter() - t0
-    print(f"transformers warm-up (1 run): {hf_warm_s:.1f}s", flush=True)
-    hf_times, hf_codes = timed(run_hf, repeats)
-    print(f"transformers: {' '.join(f'{s:.3f}s' for s in hf_times)}", flush=True)
+    compile_s, jax_times, jax_codes = warm_and_time("unijax", "compile + 1 run", run_jax)
+    hf_warm_s, hf_times, hf_codes = warm_and_time("transformers", "1 run", run_hf)
 
     hf_codes, jax_codes = np.asarray(hf_codes), np.asarray(jax_codes)
     if hf_codes.shape != jax_codes.shape:
