@@ -17,7 +17,7 @@ from flax import nnx
 
 from unijax.inference.sampling import Sampling, sample
 from unijax.models.decoder import KVCache
-from unijax.models.janus import GEN_IMAGE, TEXT, Janus
+from unijax.models.janus import TEXT, Janus
 
 Array = jax.Array
 

@@ -27,9 +27,9 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
         logits = jnp.where(logits < kth, NEG_INF, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
         # keep tokens whose preceding mass is < top_p (the first token is always kept)
-        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, NEG_INF, logits)
     return logits

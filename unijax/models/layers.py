@@ -81,15 +81,13 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(q_segment: Array, kv_segment: Array, q_slot: Array | None, kv_slot: Array | None) -> Array:
-    """Boolean `[batch, q, kv]`: same non-zero segment and, when slots are given, causal (kv <= q).
+def attention_mask(q_segment: Array, kv_segment: Array, q_slot: Array, kv_slot: Array) -> Array:
+    """Boolean `[batch, q, kv]`: same non-zero segment and causal by slot (kv_slot <= q_slot).
 
     Segment id 0 marks padding (and unwritten cache slots); packing gives each sequence its own id.
     """
-    mask = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] > 0)
-    if q_slot is not None:
-        mask &= kv_slot[..., None, :] <= q_slot[..., :, None]
-    return mask
+    same_segment = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] > 0)
+    return same_segment & (kv_slot[None, :] <= q_slot[:, None])
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
