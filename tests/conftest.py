@@ -7,3 +7,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# grain worker processes read absl flags; outside `absl.app.run` they are never parsed.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,25 @@
+"""Joint dense training of the tiny unified model on the shapes world (both tasks, Gen:Und 1:1):
+our stand-in for a pretrained Janus-Pro, and the starting point of the TA-MoE / AIA stages.
+
+    python -m unijax.train --config configs/base.py
+    python -m unijax.train --config configs/base.py --config.train.steps=50 --config.workdir=/tmp/quick
+
+Rerunning the same command resumes from the latest checkpoint in `workdir`. The trained model is
+written to `<workdir>/model`. `--config configs/base.py:janus_pro_1b` swaps the model preset.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.get_config(preset=arg or "tiny")
+    c.workdir = "workdir/base"
+    c.train.steps = 1200
+    c.train.batch_size = 32
+    c.train.learning_rate = 2e-3
+    c.train.warmup_steps = 100
+    c.train.checkpoint_every = 200
+    c.train.eval_every = 300
+    c.train.eval_batches = 8
+    c.train.frozen = ("vqmodel/.*",)  # the VQ tokenizer is fixed (stage 0 trains it)
+    return c

@@ -1,0 +1,98 @@
+"""The training config every stage starts from (`configs/base.py`, `configs/stage0_vq.py`, ...).
+
+Every key a stage or a command line may set exists here with its type, so a misspelt
+`--config.train.stpes=10` or `--config.train.steps=ten` fails at parse time naming the key.
+Architecture keys (`model.text.*`, `model.vision.*`, `model.vq.*`, `model.image_token_id`, ...) are
+typed placeholders: unset (None) means "the value of `model.preset`".
+"""
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from unijax.models import config as model_config
+
+
+def _placeholders(cls) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    for f in dataclasses.fields(cls):
+        t = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
+            str(f.type), tuple)
+        d[f.name] = config_dict.placeholder(t)
+    return d
+
+
+def model(preset: str = "tiny") -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.preset = preset
+    m.ffn = "dense"            # dense | ta_moe (issue 4)
+    m.lora = 0                 # LoRA rank, 0 = off (issue 6)
+    m.text = _placeholders(model_config.TextConfig)
+    m.vision = _placeholders(model_config.VisionConfig)
+    m.vq = _placeholders(model_config.VQConfig)
+    for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+        m[key] = config_dict.placeholder(int)
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.scan_layers = False
+    m.remat_policy = "none"
+    m.attention_impl = "xla"
+    return m
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "workdir/base"
+    c.init_from = ""             # a unijax model checkpoint (convert output or <workdir>/model)
+    c.seed = 0
+    c.objective = "lm"           # lm (next-token, both tasks) | vq (stage 0: the VQ tokenizer)
+    c.model = model(preset)
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "shapes"          # shapes | files
+    d.dir = "data"               # cache of built artefacts (the shapes tokenizer)
+    d.tokenizer = "shapes"       # shapes | path to a transformers tokenizer directory
+    d.max_len = 112              # shapes samples are at most 99 tokens (64 image slots + text)
+    d.packing = False
+    d.gen_ratio = 1.0            # Gen:Und mixing ratio of the two task datasets
+    d.und_ratio = 1.0
+    d.cfg_drop_prob = 0.1        # T2I prompts blanked for classifier-free guidance
+    d.question_kinds = ""        # comma-separated shapes question kinds; empty = all
+    d.num_workers = 0            # grain worker processes (0 = in the training process)
+    d.skip_bad_records = False
+    d.mmu_json = ""              # LLaVA-style conversations (data.source=files)
+    d.mmu_image_root = ""
+    d.t2i_jsonl = ""             # {"image": ..., "caption": ...} per line
+    d.t2i_image_root = ""
+    d.mmu_arrayrecord = ""       # comma-separated ArrayRecord files (unijax.data.sources)
+    d.t2i_arrayrecord = ""
+
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 32
+    t.learning_rate = 1e-3
+    t.warmup_steps = 100
+    t.min_lr_ratio = 0.1
+    t.weight_decay = 0.05
+    t.grad_clip = 1.0
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.trainable = (".*",)
+    t.frozen = ("vqmodel/.*",)
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 2
+    t.async_checkpointing = True
+    t.log_every = 10
+    t.eval_every = 200
+    t.eval_batches = 8
+
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.text_weight = 1.0       # lambda for understanding (text CE on answer tokens)
+    loss.image_weight = 1.0      # lambda for generation (image-code CE)
+    loss.vq_beta = 0.25          # stage 0: commitment weight
+    loss.vq_entropy_weight = 0.0
+    return c

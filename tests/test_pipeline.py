@@ -1,0 +1,151 @@
+"""The batch contract: token layouts, image patches, packing, mixing, process sharding, iterator state."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs import base
+from unijax.data import datasets, pipeline, shapes
+from unijax.data.tokenizer import shapes_tokenizer
+from unijax.models.config import preset
+from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE, Janus
+from unijax.training import losses
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return shapes_tokenizer(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return preset("tiny")
+
+
+def stream(tok, cfg, *, batch_size=8, packing=False, max_len=128, seed=0, und=1.0, gen=1.0, **kw):
+    c = base.get_config()
+    c.data.und_ratio, c.data.gen_ratio = und, gen
+    layout = pipeline.Layout.from_model(cfg, max_len, 0.0)
+    ds, w = datasets.task_datasets(c.data, layout.image_size, seed)
+    return iter(pipeline.batches(ds, w, tokenizer=tok, layout=layout, batch_size=batch_size, seed=seed,
+                                 packing=packing, kinds=shapes.KINDS, **kw)), layout
+
+
+def test_layout_of_each_task(tok, cfg):
+    it, layout = stream(tok, cfg)
+    b = next(it)
+    for row in range(8):
+        n = int(b["segment_ids"][row].sum())
+        toks, mod = b["tokens"][row], b["modality"][row]
+        assert toks[0] == tok.bos_id and np.all(b["segment_ids"][row, n:] == 0)
+        assert np.array_equal(b["positions"][row, :n], np.arange(n))
+        if b["task"][row, 0] == pipeline.MMU:
+            img = np.flatnonzero(mod == UND_IMAGE)
+            assert len(img) == layout.und_tokens and np.all(toks[img] == tok.image_id)
+            assert toks[img[0] - 1] == tok.boi_id and toks[img[-1] + 1] == tok.eoi_id
+            # loss on exactly the answer + eos: the last weighted position predicts eos, the final token
+            w = np.flatnonzero(b["text_weights"][row])
+            assert w[-1] == n - 2 and toks[n - 1] == tok.eos_id and b["image_weights"][row].sum() == 0
+            assert tok.decode(toks[w + 1]).strip() != ""
+        else:
+            gen = np.flatnonzero(mod == GEN_IMAGE)
+            assert len(gen) == layout.gen_tokens and toks[gen[0] - 1] == tok.boi_id
+            assert np.array_equal(np.flatnonzero(b["image_weights"][row]), gen - 1)  # boi .. second-to-last code
+            assert b["text_weights"][row].sum() == 0 and toks[n - 1] == tok.eoi_id
+
+
+def test_patches_reassemble_the_image(tok, cfg):
+    """gather_images(patches) inverts the pipeline's patch layout exactly, for both image kinds."""
+    src = datasets.ShapesSource("mmu", 0, 32)
+    gsrc = datasets.ShapesSource("t2i", 0, 32)
+    layout = pipeline.Layout.from_model(cfg, 128)
+    for s, kind, patch, grid in ((src[5], UND_IMAGE, cfg.vision.patch_size, 8), (gsrc[5], GEN_IMAGE, 4, 8)):
+        x = pipeline.pad_sample(pipeline.encode_sample(s, tok, layout), 128)
+        img = losses.gather_images(jnp.asarray(x["patches"][None]), jnp.asarray(x["modality"][None] == kind), 1,
+                                   patch, grid)
+        want = s["image"].astype(np.float32) / 127.5 - 1
+        np.testing.assert_allclose(np.asarray(img[0, 0]), want, atol=1e-6)
+
+
+def test_packed_rows_give_the_same_loss(tok, cfg):
+    """A packed batch (several samples per row, segment masking, restarted positions) gives the same
+    per-task losses as the same samples one per row. Tolerance 1e-5 relative (float32)."""
+    layout = pipeline.Layout.from_model(cfg, 96)
+    src = [datasets.ShapesSource("mmu", 3, 32)[i] for i in range(3)] + \
+          [datasets.ShapesSource("t2i", 3, 32)[i] for i in range(3)]
+    samples = [pipeline.encode_sample(s, tok, layout) for s in src]
+    padded = [pipeline.pad_sample(s, 96) for s in samples]
+    unpacked = {k: np.stack([p[k] for p in padded]) for k in padded[0] if k != "kind"}
+    # pack pairs by hand into rows of 192
+    rows = []
+    for a, b in ((0, 3), (1, 4), (2, 5)):
+        row = {k: np.concatenate([samples[a][k], samples[b][k]]) for k in pipeline.SEQ_FEATURES}
+        n_a, n_b = len(samples[a]["tokens"]), len(samples[b]["tokens"])
+        row = {k: np.pad(v, [(0, 192 - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in row.items()}
+        row["segment_ids"] = np.pad(np.r_[np.ones(n_a), 2 * np.ones(n_b)], (0, 192 - n_a - n_b)).astype(np.int32)
+        row["positions"] = np.pad(np.r_[np.arange(n_a), np.arange(n_b)], (0, 192 - n_a - n_b)).astype(np.int32)
+        rows.append(row)
+    packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    model = Janus(cfg, rngs=nnx.Rngs(0))
+    _, m1 = losses.lm_loss(model, jax.tree.map(jnp.asarray, unpacked), images_per_row=(1, 1))
+    _, m2 = losses.lm_loss(model, jax.tree.map(jnp.asarray, packed), images_per_row=(1, 1))
+    for k in ("loss_text", "loss_image"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5)
+
+
+def test_grain_packing_fills_rows(tok, cfg):
+    it, layout = stream(tok, cfg, packing=True, max_len=256, batch_size=4)
+    b = next(it)
+    assert b["tokens"].shape == (4, 256)
+    segs = b["segment_ids"].max(axis=1)
+    assert segs.min() >= 2, segs  # ~85-token samples: at least 2 per 256-token row
+    for row in range(4):
+        for s in range(1, segs[row] + 1):
+            pos = b["positions"][row][b["segment_ids"][row] == s]
+            assert np.array_equal(pos, np.arange(len(pos)))
+
+
+def test_mixing_ratio(tok, cfg):
+    it, _ = stream(tok, cfg, batch_size=30, und=1.0, gen=2.0)
+    tasks = np.concatenate([next(it)["task"][:, 0] for _ in range(4)])
+    assert abs(np.mean(tasks == pipeline.T2I) - 2 / 3) < 0.05
+
+
+def test_process_shards_union_is_the_global_batch(tok, cfg):
+    g, _ = stream(tok, cfg, batch_size=8)
+    p0, _ = stream(tok, cfg, batch_size=4, process_index=0, process_count=2)
+    p1, _ = stream(tok, cfg, batch_size=4, process_index=1, process_count=2)
+    whole, a, b = next(g), next(p0), next(p1)
+    key = lambda batch: sorted(map(bytes, batch["patches"].reshape(len(batch["patches"]), -1)))
+    assert key(whole) == sorted(key(a) + key(b))
+
+
+def test_iterator_state_restores_the_stream(tok, cfg):
+    it, _ = stream(tok, cfg)
+    next(it)
+    state = it.get_state()
+    want = [next(it)["tokens"] for _ in range(2)]
+    it2, _ = stream(tok, cfg)
+    it2.set_state(state)
+    got = [next(it2)["tokens"] for _ in range(2)]
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+
+
+def test_worker_processes_give_the_same_batches(tok, cfg):
+    a, _ = stream(tok, cfg, batch_size=4)
+    b, _ = stream(tok, cfg, batch_size=4, num_workers=2)
+    for _ in range(3):
+        x, y = next(a), next(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_too_long_sample_names_the_record(tok, cfg):
+    layout = pipeline.Layout.from_model(cfg, 70)
+    s = datasets.ShapesSource("mmu", 0, 32)[0]
+    with pytest.raises(ValueError, match=r"shapes: record 0: .* data.max_len=70"):
+        pipeline.encode_sample(s, tok, layout)

@@ -1,0 +1,236 @@
+"""Raw-sample sources (unijax.data.sources) on tiny on-disk fixtures."""
+
+import json
+import os
+import pickle
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from unijax.data.sources import (
+    ArrayRecordSource,
+    BadRecordError,
+    CaptionSource,
+    LlavaSource,
+    convert_to_arrayrecord,
+    is_bad,
+    skip_bad,
+    write_arrayrecord,
+)
+
+
+def _img(seed, h, w):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Images (RGB, grayscale, RGBA, palette), a LLaVA JSON and a caption JSONL; some records bad."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    imgs = {f"sub/{k}.png": _img(k, 5 + k, 7 + 2 * k) for k in range(4)}
+    for rel, a in imgs.items():
+        Image.fromarray(a).save(root / rel)
+    gray = np.arange(30, dtype=np.uint8).reshape(5, 6) * 8
+    Image.fromarray(gray, mode="L").save(root / "gray.png")
+    imgs["gray.png"] = np.repeat(gray[:, :, None], 3, axis=2)
+    rgba = np.concatenate([_img(9, 4, 4), np.full((4, 4, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba, mode="RGBA").save(root / "rgba.png")
+    imgs["rgba.png"] = rgba[:, :, :3]
+    pal = Image.fromarray(_img(10, 6, 3)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    pal.save(root / "pal.png")
+    imgs["pal.png"] = np.asarray(pal.convert("RGB"))
+    good_png = (root / "sub/0.png").read_bytes()
+    (root / "trunc.png").write_bytes(good_png[: len(good_png) // 2])
+    (root / "garbage.jpg").write_bytes(b"this is not an image")
+
+    def conv(*msgs):
+        return [{"from": f, "value": v} for f, v in msgs]
+
+    llava = [
+        {"id": "a", "image": "sub/0.png",
+         "conversations": conv(("human", "<image>\nWhat is this?"), ("gpt", "Noise."))},
+        {"id": "b", "image": "sub/1.png", "conversations": conv(
+            ("human", "Describe it.\n<image>"), ("gpt", "Random pixels."),
+            ("human", "Colour?"), ("gpt", "  Many colours.\n"))},
+        {"id": "c", "image": "missing.png", "conversations": conv(("human", "<image>\nHi"), ("gpt", "Hello"))},
+        {"id": "d", "image": "gray.png", "conversations": conv(("gpt", "I start"), ("human", "<image>\nwrong order"))},
+        {"id": "e", "image": "trunc.png", "conversations": conv(("human", "<image>\nA?"), ("gpt", "B."))},
+        {"id": "f", "image": "gray.png", "conversations": conv(("human", "Gray? <image>"), ("gpt", "Yes."))},
+        {"id": "g", "conversations": conv(("human", "text only"), ("gpt", "no image"))},
+    ]
+    llava_path = tmp_path / "llava.json"
+    llava_path.write_text(json.dumps(llava))
+
+    caps = [
+        {"image": "sub/2.png", "caption": "first caption"},
+        {"image": "rgba.png", "caption": "an RGBA image, ünïcödé"},
+        None,  # bad JSON line
+        {"image": "garbage.jpg", "caption": "not an image"},
+        {"image": "pal.png", "caption": "palette"},
+        {"image": "sub/3.png", "caption": "last"},
+    ]
+    lines = ["{not json" if c is None else json.dumps(c, ensure_ascii=False) for c in caps]
+    cap_path = tmp_path / "caps.jsonl"
+    cap_path.write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n", encoding="utf-8")  # a blank line too
+    return dict(root=str(root), imgs=imgs, llava=str(llava_path), caps=str(cap_path), tmp=tmp_path)
+
+
+LLAVA_GOOD = {
+    0: ("sub/0.png", [["What is this?", "Noise."]]),
+    1: ("sub/1.png", [["Describe it.", "Random pixels."], ["Colour?", "  Many colours.\n"]]),
+    5: ("gray.png", [["Gray?", "Yes."]]),
+}
+LLAVA_BAD = {2: "not found under", 3: "starting with human", 4: "cannot be decoded", 6: "no 'image'"}
+CAPS_GOOD = {0: ("sub/2.png", "first caption"), 1: ("rgba.png", "an RGBA image, ünïcödé"),
+             4: ("pal.png", "palette"), 5: ("sub/3.png", "last")}
+CAPS_BAD = {2: "not valid JSON", 3: "cannot be decoded"}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "image":
+            assert a[k].dtype == b[k].dtype == np.uint8 and np.array_equal(a[k], b[k])
+        else:
+            assert a[k] == b[k], k
+
+
+def test_llava_source(data):
+    src = LlavaSource(data["llava"], data["root"])
+    assert len(src) == 7 and src.task == "mmu"
+    for i in [5, 0, 1, -2]:  # any order
+        i = i % len(src)
+        rel, turns = LLAVA_GOOD[i]
+        s = src[i]
+        assert set(s) == {"task", "image", "turns", "source", "index"}
+        assert s["task"] == "mmu" and s["turns"] == turns and s["source"] == data["llava"] and s["index"] == i
+        assert s["image"].dtype == np.uint8 and np.array_equal(s["image"], data["imgs"][rel])
+    with pytest.raises(IndexError):
+        src[7]
+
+
+def test_caption_source(data):
+    src = CaptionSource(data["caps"], data["root"])
+    assert len(src) == 6 and src.task == "t2i"  # the blank line is not a record
+    for i in [5, 1, 0, 4, 1]:
+        rel, cap = CAPS_GOOD[i]
+        s = src[i]
+        assert set(s) == {"task", "image", "caption", "source", "index"}
+        assert (s["task"], s["caption"], s["source"], s["index"]) == ("t2i", cap, data["caps"], i)
+        assert s["image"].shape[2] == 3 and np.array_equal(s["image"], data["imgs"][rel])
+
+
+@pytest.mark.parametrize("kind", ["llava", "caps"])
+def test_bad_records(data, kind):
+    src = LlavaSource(data["llava"], data["root"]) if kind == "llava" else CaptionSource(data["caps"], data["root"])
+    bad, good = (LLAVA_BAD, LLAVA_GOOD) if kind == "llava" else (CAPS_BAD, CAPS_GOOD)
+    for i, why in bad.items():
+        with pytest.raises(BadRecordError) as e:
+            src[i]
+        msg = str(e.value)
+        assert isinstance(e.value, ValueError)
+        assert msg.startswith(f"{data[kind]}: record {i}: ") and why in msg, msg
+        assert (e.value.source, e.value.index) == (data[kind], i)
+    if kind == "llava":
+        with pytest.raises(BadRecordError, match=f"record 2: image 'missing.png' not found under {data['root']}"):
+            src[2]
+
+    strict, lenient = skip_bad(src, False), skip_bad(src, True)
+    with pytest.raises(BadRecordError):
+        strict[next(iter(bad))]
+    for i in range(len(src)):
+        s = lenient[i]
+        if i in bad:
+            assert is_bad(s) and s["bad"] is True and s["task"] == src.task
+            assert (s["source"], s["index"]) == (data[kind], i) and bad[i] in s["reason"]
+        else:
+            assert not is_bad(s) and i in good
+            _same(s, src[i])
+    lenient2 = pickle.loads(pickle.dumps(lenient))
+    assert is_bad(lenient2[next(iter(bad))]) and len(lenient2) == len(src)
+
+
+def test_construction_errors(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        LlavaSource(tmp_path / "nope.json", data["root"])
+    (tmp_path / "obj.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="obj.json.*expected a list"):
+        LlavaSource(tmp_path / "obj.json", data["root"])
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        CaptionSource(tmp_path / "nope.jsonl", data["root"])
+    with pytest.raises(FileNotFoundError, match="nope.arrayrecord"):
+        ArrayRecordSource([tmp_path / "nope.arrayrecord"])
+
+
+def test_arrayrecord_round_trip(data, tmp_path):
+    caps = skip_bad(CaptionSource(data["caps"], data["root"]), True)
+    with pytest.raises(BadRecordError):
+        convert_to_arrayrecord(caps.source, tmp_path / "x.arrayrecord")
+    assert not os.path.exists(tmp_path / "x.arrayrecord")
+    path = str(tmp_path / "caps.arrayrecord")
+    assert convert_to_arrayrecord(caps, path, skip_bad_records=True) == len(CAPS_GOOD)
+    ar = ArrayRecordSource(path)
+    want = [caps[i] for i in sorted(CAPS_GOOD)]
+    assert len(ar) == len(want)
+    for j in [3, 0, 2, 1]:
+        got = ar[j]
+        assert (got["source"], got["index"]) == (path, j)
+        _same({**got, "source": None, "index": None}, {**want[j], "source": None, "index": None})
+
+    # A mixed MMU + T2I file, two files, and bad records inside an ArrayRecord file.
+    llava = LlavaSource(data["llava"], data["root"])
+    mixed = str(tmp_path / "mixed.arrayrecord")
+    samples = [llava[1], caps[0], llava[5]]
+    assert write_arrayrecord(mixed, samples) == 3
+    from array_record.python.array_record_module import ArrayRecordWriter
+    import msgpack
+    bad_path = str(tmp_path / "bad.arrayrecord")
+    w = ArrayRecordWriter(bad_path, "group_size:1")
+    w.write(msgpack.packb({"task": "t2i", "image": b"garbage", "caption": "x"}))
+    w.write(msgpack.packb({"task": "video", "image": b"", "caption": "x"}))
+    w.write(b"\xc1")  # invalid msgpack
+    w.close()
+    both = ArrayRecordSource([mixed, bad_path])
+    assert len(both) == 6
+    for j, s in enumerate(samples):
+        _same({**both[j], "source": 0, "index": 0}, {**s, "source": 0, "index": 0})
+        assert (both[j]["source"], both[j]["index"]) == (mixed, j)
+    expected = [("cannot be decoded", "t2i"), ("unknown task 'video'", "bad"), ("msgpack", "bad")]
+    for j, (why, task) in enumerate(expected):
+        with pytest.raises(BadRecordError, match=f"{bad_path}: record {j}: .*{why}"):
+            both[3 + j]
+        m = skip_bad(both, True)[3 + j]
+        assert is_bad(m) and m["task"] == task and m["index"] == j
+    with pytest.raises(ValueError, match="marker"):
+        write_arrayrecord(str(tmp_path / "m.arrayrecord"), [skip_bad(both, True)[3]])
+
+
+def _summary(s):
+    # Top-level so spawned grain workers can unpickle it.
+    text = s.get("caption") or json.dumps(s.get("turns")) or s.get("reason")
+    img = s.get("image")
+    pixels = None if img is None else (img.shape, int(img.astype(np.int64).sum()))
+    return (s["task"], s["index"], is_bad(s), text, pixels)
+
+
+def test_grain_single_and_multiprocess(data, tmp_path):
+    llava = skip_bad(LlavaSource(data["llava"], data["root"]), True)
+    caps = skip_bad(CaptionSource(data["caps"], data["root"]), True)
+    ar_path = str(tmp_path / "all.arrayrecord")
+    convert_to_arrayrecord(grain.MapDataset.concatenate([
+        grain.MapDataset.source(llava), grain.MapDataset.source(caps)]), ar_path, skip_bad_records=True)
+    ar = ArrayRecordSource(ar_path)
+    ds = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in (llava, caps, ar)]).map(_summary)
+    single = list(ds)
+    assert len(single) == 7 + 6 + 7
+    assert [x[2] for x in single[:13]] == [i in LLAVA_BAD for i in range(7)] + [i in CAPS_BAD for i in range(6)]
+    good = [(t, tx, im) for (t, _, b, tx, im) in single[:13] if not b]
+    assert [(t, tx, im) for (t, _, _, tx, im) in single[13:]] == good
+    from absl import flags  # grain's multiprocessing reads absl flags; pytest never parses them
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    multi = list(ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+    assert multi == single

@@ -1,0 +1,1 @@
+"""Data loading: raw-sample sources and the training input pipeline."""

@@ -1,0 +1,100 @@
+"""Per-task datasets of raw samples from the `data.*` config: the shapes world or files on disk."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from unijax.data import shapes, sources
+from unijax.data.pipeline import repeat_epochs
+
+WORLD_SIZE = 2 ** 31 - 1  # the shapes world is a function of (seed, task, index): effectively infinite
+
+
+class ShapesSource:
+    """Random access to shapes-world samples: index -> one scene with a question (MMU) or a prompt (T2I)."""
+
+    def __init__(self, task: str, seed: int, image_size: int, kinds: Sequence[str] = ()):
+        if task not in ("mmu", "t2i"):
+            raise ValueError(f"task={task!r}: expected 'mmu' or 't2i'")
+        self.task, self.seed, self.image_size = task, int(seed), int(image_size)
+        self.kinds = tuple(kinds) or None
+
+    def __len__(self) -> int:
+        return WORLD_SIZE
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, 0 if self.task == "mmu" else 1, int(index)])
+        scene = shapes.sample_scene(rng, self.image_size)
+        sample = {"task": self.task, "image": shapes.render(scene), "source": "shapes", "index": int(index)}
+        if self.task == "mmu":
+            qa = shapes.sample_question(scene, rng, self.kinds)
+            sample.update(turns=[[qa.question, qa.answer]], kind=qa.kind)
+        else:
+            prompt, _ = shapes.t2i_prompt(scene, rng)
+            sample["caption"] = prompt
+        return sample
+
+    def __repr__(self) -> str:
+        return f"ShapesSource(task={self.task!r}, seed={self.seed}, image_size={self.image_size})"
+
+
+def question_kinds(data_cfg) -> tuple[str, ...]:
+    kinds = tuple(k for k in str(data_cfg.question_kinds).split(",") if k)
+    unknown = [k for k in kinds if k not in shapes.KINDS]
+    if unknown:
+        raise ValueError(f"data.question_kinds: unknown kind {unknown[0]!r}; choose from {list(shapes.KINDS)}")
+    return kinds
+
+
+def _files(spec: str) -> list[str]:
+    return [p for p in str(spec).split(",") if p]
+
+
+def task_datasets(data_cfg, image_size: int, seed: int) -> tuple[list[grain.MapDataset], list[float]]:
+    """-> ([understanding dataset, generation dataset], [und_ratio, gen_ratio]); a task with no data
+    (or ratio 0) is left out."""
+    weights = {"mmu": float(data_cfg.und_ratio), "t2i": float(data_cfg.gen_ratio)}
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"data.und_ratio={weights['mmu']} and data.gen_ratio={weights['t2i']}: "
+                         f"ratios are >= 0 and at least one is > 0")
+    out, ws = [], []
+    for task in ("mmu", "t2i"):
+        if weights[task] == 0:
+            continue
+        if data_cfg.source == "shapes":
+            ds = grain.MapDataset.source(ShapesSource(task, seed, image_size, question_kinds(data_cfg)))
+        elif data_cfg.source == "files":
+            src = _file_source(data_cfg, task)
+            if src is None:
+                continue
+            ds = repeat_epochs(grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))),
+                               seed=seed + (0 if task == "mmu" else 1))
+        else:
+            raise ValueError(f"data.source={data_cfg.source!r}: expected 'shapes' or 'files'")
+        out.append(ds)
+        ws.append(weights[task])
+    if not out:
+        raise ValueError("data.source=files but no data is configured: set data.mmu_json (+ data.mmu_image_root), "
+                         "data.t2i_jsonl (+ data.t2i_image_root), data.mmu_arrayrecord or data.t2i_arrayrecord")
+    return out, ws
+
+
+def _file_source(data_cfg, task: str):
+    if task == "mmu":
+        if data_cfg.mmu_json and data_cfg.mmu_arrayrecord:
+            raise ValueError("set data.mmu_json or data.mmu_arrayrecord, not both")
+        if data_cfg.mmu_json:
+            return sources.LlavaSource(data_cfg.mmu_json, data_cfg.mmu_image_root)
+        if data_cfg.mmu_arrayrecord:
+            return sources.ArrayRecordSource(_files(data_cfg.mmu_arrayrecord))
+        return None
+    if data_cfg.t2i_jsonl and data_cfg.t2i_arrayrecord:
+        raise ValueError("set data.t2i_jsonl or data.t2i_arrayrecord, not both")
+    if data_cfg.t2i_jsonl:
+        return sources.CaptionSource(data_cfg.t2i_jsonl, data_cfg.t2i_image_root)
+    if data_cfg.t2i_arrayrecord:
+        return sources.ArrayRecordSource(_files(data_cfg.t2i_arrayrecord))
+    return None

@@ -1,0 +1,225 @@
+"""grain pipelines: raw samples -> token layouts -> fixed-shape batches (the batch contract).
+
+Raw samples (from the shapes world or `unijax.data.sources`) are dicts:
+`{"task": "mmu", "image": uint8 [H, W, 3], "turns": [[user, assistant], ...]}` or
+`{"task": "t2i", "image": uint8 [H, W, 3], "caption": str}`.
+
+`encode_sample` lays one sample out as per-token arrays of length `n <= max_len`:
+
+  tokens        int32 [n]     text ids; `image_id` at understanding slots; 0 at generated-image slots
+                              (the train step fills those with VQ codes of the image)
+  modality      int32 [n]     TEXT / UND_IMAGE / GEN_IMAGE (`unijax.models.janus`)
+  task          int32 [n]     MMU (0) or T2I (1) for every token of the sample
+  text_weights  float32 [n]   1 at position t when token t+1 is an answer token (or the eos ending it)
+  image_weights float32 [n]   1 at position t when token t+1 is a generated-image code
+  patches       uint8 [n, P]  the pixels under an image token: a `patch x patch x 3` block of the
+                              resized image, row-major (understanding: the vision patch; generation:
+                              the VQ downsampling block), zero elsewhere
+  bad           int32 [n]     1 on the single token of a skipped bad record
+
+`pad_sample` pads to `max_len` and adds `segment_ids` (1 on the sample, 0 on padding) and
+`positions`; packing (`data.packing`) puts several samples in a row with grain's first-fit packer,
+which numbers the segments and restarts positions per sample. Carrying pixels per token is what
+lets images pack like any other feature; the train step reassembles whole images from them
+(`unijax.training.batch.gather_images`).
+
+A batch is the dict of these arrays stacked to `[batch, max_len(, P)]`, plus `kind [batch]` (the
+question kind index, -1 when unknown) when rows are not packed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE
+
+MMU, T2I = 0, 1
+TASKS = {"mmu": MMU, "t2i": T2I}
+SEQ_FEATURES = ("tokens", "modality", "task", "text_weights", "image_weights", "patches", "bad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static sizes of a token layout, derived from the model config."""
+
+    max_len: int
+    image_size: int
+    und_patch: int      # vision patch size: one understanding token per und_patch^2 pixels
+    gen_patch: int      # VQ downsampling factor: one generated-image token per gen_patch^2 pixels
+    cfg_drop_prob: float = 0.0
+    pad_id: int = 0
+    bos_id: int = 1
+    boi_id: int = 4
+
+    @classmethod
+    def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0) -> "Layout":
+        size = cfg.vision.image_size
+        if cfg.vq.image_size != size:
+            raise ValueError(f"model.vision.image_size={size} differs from model.vq.image_size={cfg.vq.image_size}")
+        return cls(max_len=max_len, image_size=size, und_patch=cfg.vision.patch_size,
+                   gen_patch=size // cfg.vq.grid, cfg_drop_prob=cfg_drop_prob, pad_id=cfg.text.pad_token_id,
+                   bos_id=cfg.text.bos_token_id, boi_id=cfg.boi_token_id)
+
+    @property
+    def und_tokens(self) -> int:
+        return (self.image_size // self.und_patch) ** 2
+
+    @property
+    def gen_tokens(self) -> int:
+        return (self.image_size // self.gen_patch) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return max(self.und_patch, self.gen_patch) ** 2 * 3
+
+    def images_per_row(self, packing: bool) -> tuple[int, int]:
+        """Static (understanding, generated) image slots per row the train step reassembles."""
+        if not packing:
+            return 1, 1
+        return max(1, self.max_len // (self.und_tokens + 2)), max(1, self.max_len // (self.gen_tokens + 2))
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> `[size, size, 3]`: centre square crop, then bicubic resize."""
+    if image.shape[:2] == (size, size):
+        return image
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = Image.fromarray(image[top:top + s, left:left + s])
+    return np.asarray(crop.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def image_patches(image: np.ndarray, patch: int, dim: int) -> np.ndarray:
+    """uint8 `[S, S, 3]` -> `[(S/patch)^2, dim]`: row-major patches, each `patch x patch x 3`, zero-padded."""
+    s = image.shape[0]
+    g = s // patch
+    p = image.reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, patch * patch * 3)
+    return np.pad(p, ((0, 0), (0, dim - p.shape[1])))
+
+
+def _shifted(flags: np.ndarray) -> np.ndarray:
+    """weights[t] = flags[t + 1] (the loss at t predicts token t + 1); the last position gets none."""
+    out = np.zeros(flags.shape, np.float32)
+    out[:-1] = flags[1:]
+    return out
+
+
+def bad_sample(layout: Layout, task: int = MMU) -> dict[str, np.ndarray]:
+    """The stand-in for a skipped bad record: one padding token flagged `bad`, no loss."""
+    return {"tokens": np.array([layout.pad_id], np.int32), "modality": np.zeros(1, np.int32),
+            "task": np.full(1, task, np.int32), "text_weights": np.zeros(1, np.float32),
+            "image_weights": np.zeros(1, np.float32), "patches": np.zeros((1, layout.patch_dim), np.uint8),
+            "bad": np.ones(1, np.int32), "kind": np.int32(-1)}
+
+
+def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.random.Generator | None = None,
+                  kinds: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """One raw sample -> per-token arrays (see the module docstring)."""
+    if sample.get("bad"):
+        return bad_sample(layout, TASKS.get(sample.get("task"), MMU))
+    task = sample["task"]
+    where = f"{sample.get('source', 'sample')}: record {sample.get('index', '?')}"
+    image = resize(np.asarray(sample["image"], np.uint8), layout.image_size)
+    dim = layout.patch_dim
+    if task == "mmu":
+        ids, is_image, is_answer = tokenizer.mmu_ids(sample["turns"], layout.und_tokens)
+        ids = np.asarray(ids, np.int32)
+        is_image = np.asarray(is_image, bool)
+        modality = np.where(is_image, UND_IMAGE, TEXT).astype(np.int32)
+        patches = np.zeros((len(ids), dim), np.uint8)
+        patches[is_image] = image_patches(image, layout.und_patch, dim)
+        text_w, image_w = _shifted(np.asarray(is_answer, np.float32)), np.zeros(len(ids), np.float32)
+    elif task == "t2i":
+        prompt = np.asarray(tokenizer.t2i_ids(sample["caption"]), np.int32)
+        if rng is not None and layout.cfg_drop_prob > 0 and rng.random() < layout.cfg_drop_prob:
+            # Janus-Pro's null prompt for classifier-free guidance (inference.decode.unconditional_prompt)
+            keep = (prompt == layout.bos_id) | (prompt == layout.boi_id)
+            prompt = np.where(keep, prompt, layout.pad_id).astype(np.int32)
+        n_img = layout.gen_tokens
+        ids = np.concatenate([prompt, np.zeros(n_img, np.int32), [tokenizer.eoi_id]]).astype(np.int32)
+        modality = np.zeros(len(ids), np.int32)
+        modality[len(prompt):len(prompt) + n_img] = GEN_IMAGE
+        patches = np.zeros((len(ids), dim), np.uint8)
+        patches[modality == GEN_IMAGE] = image_patches(image, layout.gen_patch, dim)
+        text_w, image_w = np.zeros(len(ids), np.float32), _shifted((modality == GEN_IMAGE).astype(np.float32))
+    else:
+        raise ValueError(f"{where}: unknown task {task!r} (expected 'mmu' or 't2i')")
+    if len(ids) > layout.max_len:
+        raise ValueError(f"{where}: {len(ids)} tokens do not fit data.max_len={layout.max_len}; "
+                         f"raise data.max_len or shorten the text")
+    kind = sample.get("kind")
+    return {"tokens": ids, "modality": modality, "task": np.full(len(ids), TASKS[task], np.int32),
+            "text_weights": text_w, "image_weights": image_w, "patches": patches,
+            "bad": np.zeros(len(ids), np.int32),
+            "kind": np.int32(kinds.index(kind) if kind in kinds else -1)}
+
+
+def pad_sample(x: dict[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
+    """Pads the per-token arrays to `max_len`; adds `segment_ids` and `positions`."""
+    n = len(x["tokens"])
+    out = {k: np.pad(x[k], [(0, max_len - n)] + [(0, 0)] * (x[k].ndim - 1)) for k in SEQ_FEATURES}
+    out["segment_ids"] = (np.arange(max_len) < n).astype(np.int32)
+    out["positions"] = np.where(np.arange(max_len) < n, np.arange(max_len), 0).astype(np.int32)
+    out["kind"] = x["kind"]
+    return out
+
+
+class EncodeSample(grain.transforms.RandomMap):
+    """grain transform: raw sample -> per-token arrays (random only for the CFG prompt drop)."""
+
+    def __init__(self, tokenizer, layout: Layout, kinds: Sequence[str] = ()):
+        self.tokenizer, self.layout, self.kinds = tokenizer, layout, tuple(kinds)
+
+    def random_map(self, sample, rng: np.random.Generator):
+        return encode_sample(sample, self.tokenizer, self.layout, rng, self.kinds)
+
+
+def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, tokenizer, layout: Layout,
+            batch_size: int, seed: int, packing: bool = False, num_workers: int = 0,
+            kinds: Sequence[str] = (), process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Mixes per-task datasets of raw samples into batches of `batch_size` rows for this process.
+
+    `datasets` are random-access datasets of raw samples, already shuffled and repeated where they
+    are finite (`repeat_epochs`); the shapes world is effectively infinite. The mixed stream is deterministic in
+    `seed`; each process takes every `process_count`-th sample, so the union of all processes'
+    batches is the same global batch whatever the process count.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"train.batch_size={batch_size * process_count} is not divisible by {process_count} processes")
+    mixed = grain.MapDataset.mix(list(datasets), list(weights)) if len(datasets) > 1 else datasets[0]
+    mixed = mixed[process_index::process_count]
+    ds = mixed.random_map(EncodeSample(tokenizer, layout, kinds), seed=seed)
+    if packing:
+        it = ds.map(lambda x: {k: x[k] for k in SEQ_FEATURES}).to_iter_dataset()
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={k: layout.max_len for k in SEQ_FEATURES}, num_packing_bins=batch_size,
+            shuffle_bins=False)
+        it = it.map(_rename_packed).batch(batch_size, drop_remainder=True)
+    else:
+        it = ds.map(lambda x: pad_sample(x, layout.max_len)).batch(batch_size, drop_remainder=True).to_iter_dataset()
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def _rename_packed(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {k: x[k] for k in SEQ_FEATURES}
+    out["segment_ids"] = x["tokens_segment_ids"].astype(np.int32)
+    out["positions"] = x["tokens_positions"].astype(np.int32)
+    return out
+
+
+def repeat_epochs(ds: grain.MapDataset, seed: int) -> grain.MapDataset:
+    """A finite dataset reshuffled every epoch and repeated forever (index space ~ 2^31)."""
+    return ds.shuffle(seed=seed).repeat(max(1, (2 ** 31 - 1) // max(1, len(ds))))
+
+
+def tokens_in(batch: dict[str, np.ndarray]) -> int:
+    """Non-padding tokens in a batch (for tokens/s)."""
+    return int(np.sum(batch["segment_ids"] > 0))

@@ -1,0 +1,650 @@
+"""Random-access sources of *raw samples* read from real data on disk.
+
+Every source implements grain's random-access protocol (``__len__`` and
+``__getitem__(index)``; see ``grain.sources.RandomAccessDataSource``), is
+picklable (grain worker processes receive a pickled copy) and opens files
+lazily in each process. ``__getitem__`` returns one *raw sample*: a plain dict
+with a decoded image and untokenised text. Tokenisation, resizing and packing
+are the pipeline's job.
+
+Raw sample contract
+-------------------
+Understanding (MMU); the image belongs to the first user turn::
+
+    {"task": "mmu",
+     "image": np.ndarray uint8 [H, W, 3] RGB at the file's native size,
+     "turns": [["What is in the image?", "A red square."],
+               ["And its colour?", "Red."]],
+     "source": "data/llava.json",   # file the record came from
+     "index": 17}                   # record index inside that file
+
+Text-to-image (T2I)::
+
+    {"task": "t2i",
+     "image": np.ndarray uint8 [H, W, 3] RGB,
+     "caption": "a red square on a white background",
+     "source": "data/captions.jsonl",
+     "index": 3}
+
+Images are decoded with PIL and converted to RGB uint8 (grayscale, RGBA,
+palette and 16-bit images are converted; alpha is dropped).
+
+On-disk formats
+---------------
+``LlavaSource(json_path, image_root)``: a LLaVA conversation JSON file, i.e. a
+JSON list of records like::
+
+    {"id": "000000033471",
+     "image": "coco/train2017/000000033471.jpg",      # relative to image_root
+     "conversations": [
+        {"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+        {"from": "gpt",   "value": "The bus is white and red."},
+        {"from": "human", "value": "What feature can be seen on the back?"},
+        {"from": "gpt",   "value": "An advertisement."}]}
+
+Turns must alternate human/gpt starting with human and end with gpt ("user"
+and "assistant" are accepted as aliases). Like LLaVA's own preprocessing, the
+``<image>`` marker is removed from the user text and the text is stripped of
+surrounding whitespace (so ``"<image>\\nWhat ...?"`` becomes ``"What ...?"``).
+Text-only records (no "image" key) are bad records for this source.
+
+``CaptionSource(jsonl_path, image_root)``: JSON Lines, one object per line
+(blank lines are ignored)::
+
+    {"image": "imgs/00001.png", "caption": "a red square on a white background"}
+
+``ArrayRecordSource(paths)``: one or more ArrayRecord files whose records are
+msgpack-encoded dicts, the image as encoded PNG/JPEG bytes::
+
+    {"task": "mmu", "image": b"\\x89PNG...", "turns": [["What is it?", "A square."]]}
+    {"task": "t2i", "image": b"\\xff\\xd8...", "caption": "a red square"}
+
+Write such files with :func:`write_arrayrecord` (from raw samples) or
+:func:`convert_to_arrayrecord` (from any source, e.g. to turn a LLaVA JSON plus
+image folder into one self-contained file). For an ArrayRecord source a
+sample's ``source`` is the ArrayRecord file and ``index`` the record's position
+inside that file.
+
+Errors
+------
+A problem with one record (missing image file, undecodable image, bad JSON
+line, malformed conversation, unknown task) raises :class:`BadRecordError`
+(a ``ValueError``) whose message names the file, the record index and the
+reason. Wrap a source with :func:`skip_bad` to turn those errors into
+*bad-record markers* (test with :func:`is_bad`) that the pipeline drops and
+counts. Problems with a whole file (missing, not a JSON list) raise
+``FileNotFoundError`` / ``ValueError`` at construction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<image>"
+_USER_ROLES = ("human", "user")
+_ASSISTANT_ROLES = ("gpt", "assistant")
+TASKS = ("mmu", "t2i")
+
+
+# ----------------------------------------------------------------------------
+# errors and bad-record markers
+# ----------------------------------------------------------------------------
+
+
+class BadRecordError(ValueError):
+    """One record of a source cannot be turned into a raw sample.
+
+    Attributes:
+      source: the file the record came from.
+      index: the record's index inside that file.
+      reason: what is wrong (and, where useful, how to fix it).
+      task: the record's task when it could be determined, else None.
+    """
+
+    def __init__(self, source: str, index: int, reason: str, task: str | None = None):
+        self.source = str(source)
+        self.index = int(index)
+        self.reason = reason
+        self.task = task
+        super().__init__(f"{self.source}: record {self.index}: {reason}")
+
+    def __reduce__(self):  # keep the attributes when sent between processes
+        return (type(self), (self.source, self.index, self.reason, self.task))
+
+
+def is_bad(sample: Any) -> bool:
+    """True if ``sample`` is a bad-record marker produced by :func:`skip_bad`."""
+    return isinstance(sample, dict) and sample.get("bad") is True
+
+
+def _normalise_index(index: Any, length: int, name: str) -> int:
+    i = index.__index__()  # accepts int and numpy integers
+    if i < 0:
+        i += length
+    if not 0 <= i < length:
+        raise IndexError(f"{name}: index {int(index)} out of range for {length} records")
+    return i
+
+
+# ----------------------------------------------------------------------------
+# image decoding / encoding
+# ----------------------------------------------------------------------------
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decodes encoded image bytes (PNG, JPEG, ...) to an RGB uint8 [H, W, 3] array.
+
+    Raises whatever PIL raises for undecodable or truncated data; callers wrap
+    that into a :class:`BadRecordError`.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # decode fully here so truncated files fail now
+        return _to_rgb_array(img)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit / 32-bit grayscale: PIL's convert("RGB") clips instead of
+        # scaling, so scale to 8 bits by hand.
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's palette-transparency warning
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"decoded image has shape {arr.shape}, expected [H, W, 3]")
+    return np.ascontiguousarray(arr)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG-encodes an RGB uint8 [H, W, 3] array (lossless)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _load_image_file(image_root: str, rel: Any, name: str, index: int, task: str) -> np.ndarray:
+    if not isinstance(rel, str) or not rel:
+        raise BadRecordError(name, index, f"'image' must be a non-empty relative path string, got {rel!r}", task)
+    path = os.path.join(image_root, rel)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadRecordError(
+            name, index, f"image {rel!r} not found under {image_root} (check image_root or the record's path)", task
+        ) from None
+    except OSError as e:
+        raise BadRecordError(name, index, f"cannot read image {path!r}: {e}", task) from None
+    try:
+        return decode_image(data)
+    except Exception as e:  # PIL raises many types for bad data
+        reason = f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt or not an image"
+        raise BadRecordError(name, index, reason, task) from None
+
+
+def _decode_image_bytes(data: Any, name: str, index: int, task: str) -> np.ndarray:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRecordError(name, index, f"'image' must be encoded image bytes, got {type(data).__name__}", task)
+    try:
+        return decode_image(bytes(data))
+    except Exception as e:
+        reason = f"image bytes cannot be decoded ({type(e).__name__}: {e}); rewrite the file with write_arrayrecord"
+        raise BadRecordError(name, index, reason, task) from None
+
+
+# ----------------------------------------------------------------------------
+# LLaVA conversation JSON
+# ----------------------------------------------------------------------------
+
+
+def _strip_marker(text: str) -> str:
+    # As LLaVA's preprocess_multimodal: drop the marker, strip the whitespace.
+    return text.replace(IMAGE_MARKER, "").strip() if IMAGE_MARKER in text else text
+
+
+def llava_turns(conversations: Any) -> list[list[str]]:
+    """Converts a LLaVA ``conversations`` list to ``[[user, assistant], ...]``.
+
+    Raises ``ValueError`` (with the reason) if the list does not alternate
+    human/gpt starting with human and ending with gpt, or more than one
+    ``<image>`` marker occurs.
+    """
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"'conversations' must be a non-empty list, got {type(conversations).__name__}")
+    if len(conversations) % 2:
+        raise ValueError(
+            f"'conversations' has {len(conversations)} messages; expected human/gpt pairs (an even number)"
+        )
+    turns: list[list[str]] = []
+    markers = 0
+    for k in range(0, len(conversations), 2):
+        pair = []
+        for j, roles, want in ((k, _USER_ROLES, "human"), (k + 1, _ASSISTANT_ROLES, "gpt")):
+            msg = conversations[j]
+            if not isinstance(msg, dict) or "from" not in msg or "value" not in msg:
+                raise ValueError(f"message {j} must be an object with 'from' and 'value', got {msg!r:.80}")
+            if msg["from"] not in roles:
+                raise ValueError(
+                    f"message {j} is from {msg['from']!r} but conversations must alternate human/gpt "
+                    f"starting with human (expected {want!r})"
+                )
+            if not isinstance(msg["value"], str):
+                raise ValueError(f"message {j} 'value' must be a string, got {type(msg['value']).__name__}")
+            pair.append(msg["value"])
+        markers += pair[0].count(IMAGE_MARKER)
+        turns.append([_strip_marker(pair[0]), pair[1]])
+    if markers > 1:
+        raise ValueError(f"{markers} '{IMAGE_MARKER}' markers; only single-image records are supported")
+    return turns
+
+
+class LlavaSource:
+    """MMU raw samples from a LLaVA-style conversation JSON file.
+
+    Args:
+      json_path: the JSON file (a list of records, see the module docstring).
+      image_root: the folder the records' "image" paths are relative to.
+
+    The JSON is parsed once at construction and kept as one compact buffer of
+    per-record JSON strings (about the file's size, cheap to pickle to grain
+    workers); each ``__getitem__`` parses one record and reads its image.
+    """
+
+    task = "mmu"
+
+    def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike):
+        self.json_path = os.fspath(json_path)
+        self.image_root = os.fspath(image_root)
+        if not os.path.isfile(self.json_path):
+            raise FileNotFoundError(f"LLaVA JSON file {self.json_path!r} not found")
+        if not os.path.isdir(self.image_root):
+            raise FileNotFoundError(f"image_root {self.image_root!r} (for {self.json_path}) is not a directory")
+        try:
+            with open(self.json_path, "rb") as f:
+                records = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.json_path}: not valid JSON ({e}); expected a list of LLaVA records") from None
+        if not isinstance(records, list):
+            raise ValueError(
+                f"{self.json_path}: top level is a JSON {type(records).__name__}, expected a list of LLaVA records"
+            )
+        blobs = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in records]
+        del records
+        self._offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in blobs], out=self._offsets[1:])
+        self._buf = b"".join(blobs)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __repr__(self) -> str:
+        return f"LlavaSource(json_path={self.json_path!r}, image_root={self.image_root!r}, len={len(self)})"
+
+    def record(self, index: int) -> Any:
+        """The raw JSON record at ``index`` (parsed, not validated)."""
+        i = _normalise_index(index, len(self), self.json_path)
+        return json.loads(self._buf[self._offsets[i] : self._offsets[i + 1]])
+
+    def __getitem__(self, index: int) -> dict:
+        i = _normalise_index(index, len(self), self.json_path)
+        rec = self.record(i)
+        name = self.json_path
+        if not isinstance(rec, dict):
+            raise BadRecordError(name, i, f"record is a JSON {type(rec).__name__}, expected an object", "mmu")
+        if "image" not in rec:
+            raise BadRecordError(
+                name, i, "record has no 'image'; text-only records are not supported by LlavaSource (filter them out)",
+                "mmu",
+            )
+        try:
+            turns = llava_turns(rec.get("conversations"))
+        except ValueError as e:
+            raise BadRecordError(name, i, f"malformed conversation: {e}", "mmu") from None
+        image = _load_image_file(self.image_root, rec["image"], name, i, "mmu")
+        return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
+
+
+# ----------------------------------------------------------------------------
+# caption JSONL
+# ----------------------------------------------------------------------------
+
+
+def _line_offsets(path: str) -> np.ndarray:
+    """Byte offsets [start, end) of every non-blank line, as an int64 [N, 2] array."""
+    starts, ends = [], []
+    pos = 0
+    with open(path, "rb") as f:
+        for line in f:
+            n = len(line)
+            if line.strip():
+                starts.append(pos)
+                ends.append(pos + n)
+            pos += n
+    return np.stack([np.asarray(starts, np.int64), np.asarray(ends, np.int64)], axis=1) if starts else np.zeros(
+        (0, 2), np.int64
+    )
+
+
+class CaptionSource:
+    """T2I raw samples from a JSON Lines caption file.
+
+    Args:
+      jsonl_path: one ``{"image": "rel/path.png", "caption": "..."}`` per line
+        (blank lines are skipped and not counted as records).
+      image_root: the folder the "image" paths are relative to.
+
+    Line byte offsets are indexed at construction; each ``__getitem__`` reads
+    one line with ``os.pread`` (thread-safe) from a file descriptor opened
+    lazily in each process.
+    """
+
+    task = "t2i"
+
+    def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike):
+        self.jsonl_path = os.fspath(jsonl_path)
+        self.image_root = os.fspath(image_root)
+        if not os.path.isfile(self.jsonl_path):
+            raise FileNotFoundError(f"caption JSONL file {self.jsonl_path!r} not found")
+        if not os.path.isdir(self.image_root):
+            raise FileNotFoundError(f"image_root {self.image_root!r} (for {self.jsonl_path}) is not a directory")
+        self._offsets = _line_offsets(self.jsonl_path)
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fd"] = None
+        state["_pid"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None and getattr(self, "_pid", None) == os.getpid():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __repr__(self) -> str:
+        return f"CaptionSource(jsonl_path={self.jsonl_path!r}, image_root={self.image_root!r}, len={len(self)})"
+
+    def _file(self) -> int:
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:  # first use in this process (or after a fork)
+            with self._lock:
+                if self._fd is None or self._pid != pid:
+                    self._fd = os.open(self.jsonl_path, os.O_RDONLY)
+                    self._pid = pid
+        return self._fd
+
+    def line(self, index: int) -> bytes:
+        """The raw bytes of record ``index``'s line."""
+        i = _normalise_index(index, len(self), self.jsonl_path)
+        start, end = (int(x) for x in self._offsets[i])
+        data = os.pread(self._file(), end - start, start)
+        if len(data) != end - start:
+            raise BadRecordError(
+                self.jsonl_path, i, "file is shorter than when it was indexed (it changed on disk; rebuild the source)",
+                "t2i",
+            )
+        return data
+
+    def __getitem__(self, index: int) -> dict:
+        i = _normalise_index(index, len(self), self.jsonl_path)
+        name = self.jsonl_path
+        try:
+            rec = json.loads(self.line(i))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRecordError(name, i, f"line is not valid JSON ({e}); fix or delete that line", "t2i") from None
+        if not isinstance(rec, dict):
+            raise BadRecordError(name, i, f"line is a JSON {type(rec).__name__}, expected an object", "t2i")
+        caption = rec.get("caption")
+        if not isinstance(caption, str):
+            raise BadRecordError(name, i, f"'caption' must be a string, got {caption!r:.80}", "t2i")
+        if "image" not in rec:
+            raise BadRecordError(name, i, "record has no 'image' path", "t2i")
+        image = _load_image_file(self.image_root, rec["image"], name, i, "t2i")
+        return {"task": "t2i", "image": image, "caption": caption, "source": name, "index": i}
+
+
+# ----------------------------------------------------------------------------
+# ArrayRecord
+# ----------------------------------------------------------------------------
+
+
+def _check_turns(turns: Any) -> list[list[str]]:
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise ValueError(f"'turns' must be a non-empty list of [user, assistant] pairs, got {turns!r:.80}")
+    out = []
+    for k, t in enumerate(turns):
+        if not isinstance(t, (list, tuple)) or len(t) != 2 or not all(isinstance(s, str) for s in t):
+            raise ValueError(f"turn {k} must be a [user, assistant] pair of strings, got {t!r:.80}")
+        out.append([t[0], t[1]])
+    return out
+
+
+class ArrayRecordSource:
+    """MMU and/or T2I raw samples from ArrayRecord files of msgpack dicts.
+
+    Args:
+      paths: one path or a list of paths; records are numbered across the
+        files in the given order.
+
+    Uses ``grain.sources.ArrayRecordDataSource`` (one per file, readers opened
+    lazily in each process). A sample's ``source`` is its file and ``index`` its
+    position inside that file. Files may mix MMU and T2I records, so the
+    source-level ``task`` is None (a bad record's marker still carries the
+    record's own task when it could be read).
+    """
+
+    task = None
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+        import grain
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [os.fspath(p) for p in paths]
+        if not self.paths:
+            raise ValueError("ArrayRecordSource needs at least one path")
+        for p in self.paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"ArrayRecord file {p!r} not found")
+        self._sources = []
+        for p in self.paths:
+            try:
+                self._sources.append(grain.sources.ArrayRecordDataSource(p))
+            except Exception as e:
+                raise ValueError(f"{p}: cannot open as an ArrayRecord file ({type(e).__name__}: {e})") from None
+        self._ends = np.cumsum([len(s) for s in self._sources]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource(paths={self.paths!r}, len={len(self)})"
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        i = _normalise_index(index, len(self), ", ".join(self.paths))
+        f = int(np.searchsorted(self._ends, i, side="right"))
+        return f, i - (int(self._ends[f - 1]) if f else 0)
+
+    def __getitem__(self, index: int) -> dict:
+        f, i = self._locate(index)
+        name = self.paths[f]
+        try:
+            rec = msgpack.unpackb(self._sources[f][i], raw=False)
+        except Exception as e:
+            raise BadRecordError(name, i, f"record is not valid msgpack ({type(e).__name__}: {e})") from None
+        if not isinstance(rec, dict):
+            raise BadRecordError(name, i, f"record is a msgpack {type(rec).__name__}, expected a map")
+        task = rec.get("task")
+        if task not in TASKS:
+            raise BadRecordError(name, i, f"unknown task {task!r}; expected one of {TASKS}")
+        if "image" not in rec:
+            raise BadRecordError(name, i, "record has no 'image' bytes", task)
+        if task == "mmu":
+            try:
+                turns = _check_turns(rec.get("turns"))
+            except ValueError as e:
+                raise BadRecordError(name, i, str(e), task) from None
+            image = _decode_image_bytes(rec["image"], name, i, task)
+            return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
+        caption = rec.get("caption")
+        if not isinstance(caption, str):
+            raise BadRecordError(name, i, f"'caption' must be a string, got {caption!r:.80}", task)
+        image = _decode_image_bytes(rec["image"], name, i, task)
+        return {"task": "t2i", "image": image, "caption": caption, "source": name, "index": i}
+
+
+def encode_record(sample: dict) -> bytes:
+    """msgpack-encodes one raw sample for an ArrayRecord file (image as PNG).
+
+    Only the task, image and text are stored; ``source``/``index`` are not.
+    Raises ``ValueError`` for bad-record markers and malformed samples.
+    """
+    if is_bad(sample):
+        raise ValueError(f"cannot write a bad-record marker ({sample.get('source')}: record {sample.get('index')})")
+    task = sample.get("task")
+    if task == "mmu":
+        rec = {"task": "mmu", "image": encode_png(sample["image"]), "turns": _check_turns(sample.get("turns"))}
+    elif task == "t2i":
+        caption = sample.get("caption")
+        if not isinstance(caption, str):
+            raise ValueError(f"t2i sample 'caption' must be a string, got {caption!r:.80}")
+        rec = {"task": "t2i", "image": encode_png(sample["image"]), "caption": caption}
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return msgpack.packb(rec, use_bin_type=True)
+
+
+def write_arrayrecord(path: str | os.PathLike, samples: Iterable[dict]) -> int:
+    """Writes raw samples (see the module docstring) to one ArrayRecord file.
+
+    Images are PNG-encoded (lossless, so reading back gives identical pixels).
+    The file is written with ``group_size:1`` for fast random access. Returns the
+    number of records written. Raises ``ValueError`` on a malformed sample or a
+    bad-record marker (nothing half-written is left behind).
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    n = 0
+    try:
+        for k, sample in enumerate(samples):
+            try:
+                writer.write(encode_record(sample))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: sample {k} cannot be written: {e}") from None
+            n += 1
+        writer.close()
+    except BaseException:
+        writer.close()
+        os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    return n
+
+
+def convert_to_arrayrecord(source: Any, path: str | os.PathLike, *, skip_bad_records: bool = False) -> int:
+    """Writes every sample of ``source`` (any source here) into one ArrayRecord file.
+
+    Example: ``convert_to_arrayrecord(LlavaSource("llava.json", "images/"), "llava.arrayrecord")``.
+    With ``skip_bad_records`` bad records are left out (and logged) instead of
+    raising :class:`BadRecordError`. Returns the number of records written.
+    """
+    src = skip_bad(source, skip_bad_records)
+    skipped = []
+
+    def good():
+        for k in range(len(src)):
+            s = src[k]
+            if is_bad(s):
+                skipped.append(s)
+                continue
+            yield s
+
+    n = write_arrayrecord(path, good())
+    if skipped:
+        log.warning("convert_to_arrayrecord: skipped %d bad records of %r (first: %s: record %d: %s)",
+                    len(skipped), source, skipped[0]["source"], skipped[0]["index"], skipped[0]["reason"])
+    return n
+
+
+# ----------------------------------------------------------------------------
+# skipping bad records
+# ----------------------------------------------------------------------------
+
+
+class SkipBad:
+    """Wraps a source; when ``enabled``, bad records become bad-record markers.
+
+    A marker is ``{"task": <record's task, else the source's task, else "bad">,
+    "bad": True, "source": file, "index": record index, "reason": str}``. When
+    not enabled, :class:`BadRecordError` propagates unchanged. Other errors
+    (e.g. ``IndexError``) always propagate.
+    """
+
+    def __init__(self, source: Any, enabled: bool):
+        self.source = source
+        self.enabled = bool(enabled)
+
+    @property
+    def task(self) -> str | None:
+        return getattr(self.source, "task", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __repr__(self) -> str:
+        return f"SkipBad({self.source!r}, enabled={self.enabled})"
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.source[index]
+        except BadRecordError as e:
+            if not self.enabled:
+                raise
+            return {
+                "task": e.task or self.task or "bad",
+                "bad": True,
+                "source": e.source,
+                "index": e.index,
+                "reason": e.reason,
+            }
+
+
+def skip_bad(source: Any, enabled: bool) -> SkipBad:
+    """Returns ``source`` wrapped so that, if ``enabled``, bad records yield markers (see :class:`SkipBad`)."""
+    return SkipBad(source, enabled)

@@ -1,0 +1,114 @@
+"""Meshes and logical-axis rules.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...) in their `out_sharding`
+metadata; one rules table maps each name onto mesh axes `data, fsdp, expert, tensor`, so a new kind
+of parallelism changes the table, not the model. Batches are split over `data` and `fsdp`
+together. Every mesh size defaults to 1, so the same code runs on one CPU and on a pod.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("experts", "expert"),
+    ("codebook", None),
+    ("embed_in", None),
+    ("embed_out", None),
+    ("conv_in", None),
+    ("conv_out", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves `mesh.{data,fsdp,expert,tensor}` (one of them may be -1: all remaining devices)."""
+    sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+    auto = [a for a, s in sizes.items() if s == -1]
+    bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+    if bad:
+        raise ValueError(f"mesh.{bad[0]}={sizes[bad[0]]}: mesh sizes are positive (or -1 for 'the rest')")
+    if len(auto) > 1:
+        raise ValueError(f"mesh.{auto[0]} and mesh.{auto[1]} are both -1; at most one mesh axis can be -1")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if auto:
+        if num_devices % fixed:
+            raise ValueError(f"mesh.{auto[0]}=-1: the other mesh axes ({fixed} devices) do not divide the "
+                             f"{num_devices} devices")
+        sizes[auto[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        desc = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items())
+        raise ValueError(f"{desc} needs {math.prod(sizes.values())} devices but {num_devices} are available; "
+                         f"set one mesh axis to -1 or change the sizes")
+    return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+    """Logical axis names of one array -> PartitionSpec. A mesh axis is used at most once per array,
+    and a dimension its mesh axes do not divide stays replicated (tiny models on big meshes)."""
+    table = dict(rules)
+    if axes is None:
+        return P()
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            used.update(mesh_axes)
+            out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            out.append(None)
+    return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """NamedShardings for every Variable of an (abstract) nnx.State, as a State of the same structure."""
+    def one(v):
+        axes = v.get_metadata().get("out_sharding")
+        return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh, rules))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over `data` x `fsdp`, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

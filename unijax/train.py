@@ -1,0 +1,31 @@
+"""The training CLI: `python -m unijax.train --config configs/<stage>.py [--config.key=value ...]`.
+
+Runs or resumes (same command) the configured stage; see `unijax.training.loop.train`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/base.py.",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides look like --config.train.steps=10")
+    from unijax.training.loop import NonFiniteLossError, train
+
+    try:
+        train(_CONFIG.value)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training utilities: losses and train steps."""

@@ -1,0 +1,56 @@
+"""Resumable training checkpoints: an Orbax CheckpointManager over `<workdir>/checkpoints`.
+
+Each step directory holds `state` (step, trainable params, optimizer state, RNG), `data` (the grain
+iterator state, so a resumed run sees exactly the batches an uninterrupted run would) and `config`
+(the resolved config). Saves are asynchronous; Orbax commits a step directory only once it is
+complete, so a run killed mid-save resumes from the previous committed step.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class TrainCheckpoints:
+    def __init__(self, directory: pathlib.Path, config):
+        self.directory = pathlib.Path(directory).absolute()
+        self.config = config
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(config.train.keep_checkpoints),
+                                               enable_async_checkpointing=bool(config.train.async_checkpointing),
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def path_of(self, step: int | None) -> pathlib.Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, state, data_iter) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(json.loads(self.config.to_json_best_effort()))))
+
+    def restore(self, state, data_iter, step: int | None = None):
+        """Restores onto `state`'s shapes and shardings (any mesh) and rewinds `data_iter`."""
+        step = self.latest_step() if step is None else step
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
+        return restored["state"]
+
+    def write_config(self, path: pathlib.Path) -> None:
+        if jax.process_index() == 0:
+            path.write_text(self.config.to_json_best_effort(indent=2) + "\n")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

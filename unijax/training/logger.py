@@ -1,0 +1,63 @@
+"""Progress on the console, one JSON object per logged step in `<workdir>/metrics.jsonl`, and
+TensorBoard scalars under `<workdir>/tensorboard` (tensorboardX event files)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Mapping
+
+import jax
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricLogger:
+    def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0):
+        self.primary = jax.process_index() == 0
+        self.total = total_steps
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.primary:
+            from tensorboardX import SummaryWriter  # writes standard TensorBoard event files
+
+            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), flush_secs=10)
+
+    def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+        """Appends `{"step": step, **scalars}` to metrics.jsonl and the TensorBoard log."""
+        if not self.primary:
+            return
+        record = {"step": int(step), **{prefix + k: float(v) for k, v in scalars.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and math.isfinite(v):
+                self._tb.add_scalar(k, v, int(step))
+
+    def progress(self, step: int, scalars: Mapping[str, float], tokens_per_s: float) -> None:
+        if not self.primary:
+            return
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        parts = " ".join(f"{k}={v:.4f}" for k, v in scalars.items() if k.startswith("loss"))
+        print(f"step {step}/{self.total} {parts} tokens/s={tokens_per_s:,.0f} "
+              f"elapsed={_fmt_duration(elapsed)} eta={_fmt_duration(eta)}", flush=True)
+
+    def info(self, msg: str) -> None:
+        if self.primary:
+            print(msg, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

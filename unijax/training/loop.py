@@ -1,0 +1,219 @@
+"""The training loop every stage runs through: `train(config)`.
+
+Builds the mesh, the model (fresh or `init_from`), the trainable/frozen split, optax, the data
+iterator and the Orbax CheckpointManager; resumes from the latest checkpoint in
+`<workdir>/checkpoints` when there is one (same command, same results); runs the jitted step;
+logs, evaluates and checkpoints; finally writes the trained model to `<workdir>/model` (a unijax
+model checkpoint that `init_from`, `unijax.generate` and `unijax.convert --to_hf` read).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from unijax import checkpoints as model_ckpt
+from unijax import sharding
+from unijax.data import datasets, pipeline
+from unijax.data.tokenizer import check_compatible, load_tokenizer
+from unijax.models.config import JanusConfig, preset
+from unijax.models.janus import Janus
+from unijax.training import steps
+from unijax.training.checkpointing import TrainCheckpoints
+from unijax.training.logger import MetricLogger
+from unijax.training.optimizer import learning_rate, make_optimizer
+from unijax.training.params import count, split_trainable
+
+ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
+RUNTIME_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def model_config(config) -> JanusConfig:
+    """`model.preset` with every set (non-None) `model.*` architecture key and the runtime keys on top."""
+    m = config.model
+    if m.ffn != "dense":
+        raise ValueError(f"model.ffn={m.ffn!r}: only 'dense' exists so far")
+    if m.lora:
+        raise ValueError(f"model.lora={m.lora}: LoRA is not available yet; set model.lora=0")
+    overrides: dict[str, Any] = {}
+    for key in ARCH_KEYS:
+        value = m[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            value = {k: v for k, v in value.to_dict().items() if v is not None}
+            if value:
+                overrides[key] = value
+        elif value is not None:
+            overrides[key] = value
+    overrides.update({k: m[k] for k in RUNTIME_KEYS})
+    return preset(m.preset, **overrides)
+
+
+def validate(config) -> None:
+    """Checks that need no compile: everything a typo or an impossible size would break later."""
+    t = config.train
+    for key in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_every", "keep_checkpoints"):
+        if int(t[key]) <= 0:
+            raise ValueError(f"train.{key}={t[key]} must be positive")
+    if not 0 <= config.data.cfg_drop_prob < 1:
+        raise ValueError(f"data.cfg_drop_prob={config.data.cfg_drop_prob} must be in [0, 1)")
+    if config.objective not in ("lm", "vq"):
+        raise ValueError(f"objective={config.objective!r}: expected 'lm' or 'vq'")
+    if config.data.num_workers < 0:
+        raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
+
+
+def _initial_model(cfg: JanusConfig, config, log: MetricLogger) -> Janus:
+    if config.init_from:
+        log.info(f"init_from {config.init_from}")
+        saved = model_ckpt.read_config(config.init_from)
+        if saved.replace(**{k: getattr(cfg, k) for k in RUNTIME_KEYS}) != cfg:
+            raise ValueError(f"init_from={config.init_from} holds a different architecture than model.* "
+                             f"(saved: {saved}); set model.preset / model.* to match it")
+        return model_ckpt.load_model(config.init_from, **{k: getattr(cfg, k) for k in RUNTIME_KEYS})
+    return Janus(cfg, rngs=nnx.Rngs(config.seed))
+
+
+def _to_host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the configured training. Returns the final metrics."""
+    validate(config)
+    cfg = model_config(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % n_batch_shards:
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by mesh.data x mesh.fsdp "
+                         f"= {n_batch_shards}")
+    workdir = pathlib.Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = MetricLogger(workdir, config.train.steps)
+
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.dir)
+    check_compatible(tokenizer, cfg)
+    layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
+    images_per_row = layout.images_per_row(config.data.packing)
+
+    # -- model, trainable split, shardings ------------------------------------------------------
+    model = _initial_model(cfg, config, log)
+    graphdef, train_state, frozen_state = split_trainable(model, config.train.trainable, config.train.frozen)
+    params_sh = nnx.to_pure_dict(sharding.state_shardings(train_state, mesh))
+    frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen_state, mesh))
+    params = jax.device_put(nnx.to_pure_dict(train_state), params_sh)
+    frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_sh)
+    del model, train_state, frozen_state
+    log.info(f"model {config.model.preset}: {count(params) + count(frozen):,} parameters, "
+             f"{count(params):,} trainable; mesh {dict(mesh.shape)}")
+
+    tx = make_optimizer(config.train)
+    repl = sharding.replicated(mesh)
+    # optimizer moments shard like their parameters; counts and other scalars are replicated
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), params_sh,
+                                   transform_non_params=lambda _: repl)
+    state_sh = {"step": repl, "params": params_sh, "opt_state": opt_sh, "rng": repl}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params), "rng": jax.random.PRNGKey(config.seed)}
+    state = jax.device_put(state, state_sh)
+
+    # -- data ------------------------------------------------------------------------------------
+    per_process = config.train.batch_size // jax.process_count()
+    kinds = tuple(datasets.shapes.KINDS)
+    dsets, weights = datasets.task_datasets(config.data, layout.image_size, config.seed)
+    train_ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=per_process,
+                                seed=config.seed, packing=config.data.packing, num_workers=config.data.num_workers,
+                                kinds=kinds, process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(train_ds)
+
+    # -- resume ----------------------------------------------------------------------------------
+    ckpts = TrainCheckpoints(workdir / "checkpoints", config)
+    start = 0
+    if ckpts.latest_step() is not None:
+        state = ckpts.restore(state, data_iter)
+        start = int(state["step"])
+        log.info(f"resumed from {ckpts.path_of(start)} at step {start}")
+    ckpts.write_config(workdir / "config.json")
+
+    # -- steps -----------------------------------------------------------------------------------
+    batch_keys = tuple(k for k in pipeline.SEQ_FEATURES + ("segment_ids", "positions"))
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+    loss_fn, eval_fn = steps.objective(config, images_per_row)
+    train_step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(config.train)),
+                         in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
+                         donate_argnums=(0,))
+    evaluator = steps.Evaluator(config, graphdef, eval_fn, tokenizer, layout, mesh, kinds) \
+        if config.data.source == "shapes" else None
+
+    log.start_step = start
+    skipped = 0
+    window: list[dict] = []
+    t_window, tokens_window = time.perf_counter(), 0
+    metrics: dict[str, float] = {}
+    step = start
+    for step in range(start + 1, config.train.steps + 1):
+        batch = next(data_iter)
+        skipped += int(np.sum(batch["bad"]))
+        tokens_window += pipeline.tokens_in(batch)
+        device_batch = sharding.put_batch({k: batch[k] for k in batch_keys}, mesh)
+        state, step_metrics = train_step(state, frozen, device_batch)
+        step_metrics = _to_host(step_metrics)
+        if not np.isfinite(step_metrics["loss"]):
+            last = ckpts.latest_step()
+            ckpts.close()
+            where = f"{ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
+            raise NonFiniteLossError(f"non-finite loss {step_metrics['loss']} at step {step}; last good "
+                                     f"checkpoint: {where}. Lower train.learning_rate or raise train.warmup_steps")
+        window.append(step_metrics)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            elapsed = time.perf_counter() - t_window
+            metrics = _window_mean(window)
+            metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)
+            metrics["skipped_records"] = skipped
+            log.write(step, metrics)
+            log.progress(step, metrics, metrics["tokens_per_s"])
+            window, t_window, tokens_window = [], time.perf_counter(), 0
+        if evaluator is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
+            scores = evaluator(state["params"], frozen)
+            log.write(step, scores, prefix="eval/")
+            log.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            metrics.update({"eval/" + k: v for k, v in scores.items()})
+        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+            ckpts.save(step, state, data_iter)
+    ckpts.wait()
+
+    if step >= config.train.steps or start >= config.train.steps:
+        _export(workdir / "model", graphdef, state["params"], frozen, cfg)
+        log.info(f"model written to {workdir / 'model'}")
+    ckpts.close()
+    log.close()
+    return metrics
+
+
+def _window_mean(window: list[dict]) -> dict[str, float]:
+    """Token-weighted task losses, plain means for the rest."""
+    out = {}
+    for key in window[0]:
+        out[key] = float(np.mean([m[key] for m in window]))
+    for task, n in (("loss_text", "text_tokens"), ("loss_image", "image_tokens")):
+        if task in window[0] and n in window[0]:
+            total = sum(float(m[n]) for m in window)
+            out[task] = sum(float(m[task]) * float(m[n]) for m in window) / total if total else float("nan")
+    return out
+
+
+def _export(out: pathlib.Path, graphdef, params, frozen, cfg: JanusConfig) -> None:
+    model = nnx.merge(graphdef, _to_host(params), _to_host(frozen))
+    if jax.process_index() == 0:
+        model_ckpt.save_model(out, model, overwrite=True)

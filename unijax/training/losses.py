@@ -1,0 +1,105 @@
+"""Per-task losses on a mixed batch (the batch contract of `unijax.data.pipeline`).
+
+    L = lambda_text * CE_text + lambda_image * CE_image
+
+`CE_text` is the mean cross-entropy of the text head over positions whose next token is an answer
+token (understanding); `CE_image` the mean cross-entropy of the image head over positions whose
+next token is a generated-image code (generation). Both are token means over the global batch.
+Generated-image codes are not in the batch: the frozen VQ tokenizer encodes the pixels carried at
+`GEN_IMAGE` positions inside the step, and the codes fill those token slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unijax.models.janus import GEN_IMAGE, UND_IMAGE, Janus
+
+Array = jax.Array
+
+
+def gather_images(patches: Array, mask: Array, num_images: int, patch: int, grid: int) -> Array:
+    """Reassembles whole images from per-token pixel patches.
+
+    patches `[B, T, P]` uint8, mask `[B, T]` (the image tokens of one kind, `grid^2` per image, in
+    order) -> float images `[B, num_images, grid*patch, grid*patch, 3]` in [-1, 1]. Slots beyond a
+    row's images hold garbage that nothing reads.
+    """
+    b, t, _ = patches.shape
+    n = num_images * grid * grid
+    order = jnp.argsort(~mask, axis=1, stable=True)                     # image tokens first, in order
+    if n > t:
+        order = jnp.pad(order, ((0, 0), (0, n - t)))
+    idx = order[:, :n]
+    p = jnp.take_along_axis(patches, idx[..., None], axis=1)[..., : patch * patch * 3]
+    p = p.reshape(b, num_images, grid, grid, patch, patch, 3).transpose(0, 1, 2, 4, 3, 5, 6)
+    img = p.reshape(b, num_images, grid * patch, grid * patch, 3)
+    return img.astype(jnp.float32) / 127.5 - 1.0
+
+
+def prepare_inputs(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
+    """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`)."""
+    cfg = model.cfg
+    n_und, n_gen = images_per_row
+    modality = batch["modality"]
+    und = gather_images(batch["patches"], modality == UND_IMAGE, n_und, cfg.vision.patch_size,
+                        cfg.vision.image_size // cfg.vision.patch_size)
+    gen_patch = cfg.vq.image_size // cfg.vq.grid
+    gen = gather_images(batch["patches"], modality == GEN_IMAGE, n_gen, gen_patch, cfg.vq.grid)
+    b = gen.shape[0]
+    codes = model.vqmodel.encode(gen.reshape(b * n_gen, *gen.shape[2:])).reshape(b, -1)
+    codes = jax.lax.stop_gradient(codes)
+    is_gen = modality == GEN_IMAGE
+    slot = jnp.clip(jnp.cumsum(is_gen, axis=1) - 1, 0, codes.shape[1] - 1)
+    tokens = jnp.where(is_gen, jnp.take_along_axis(codes, slot, axis=1), batch["tokens"])
+    return tokens, und.astype(cfg.dtype)
+
+
+def cross_entropy(logits: Array, targets: Array) -> Array:
+    """Per-position cross-entropy `[...]` in float32."""
+    logits = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def lm_forward(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
+    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`)."""
+    tokens, pixels = prepare_inputs(model, batch, images_per_row)
+    h, _ = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels)
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    return model.text_logits(h), model.image_logits(h), targets
+
+
+def _masked_mean(x: Array, w: Array) -> tuple[Array, Array]:
+    total = jnp.sum(w)
+    return jnp.sum(x * w) / jnp.maximum(total, 1.0), total
+
+
+def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int], text_weight: float = 1.0,
+            image_weight: float = 1.0):
+    """Returns (loss, metrics) for a mixed understanding + generation batch (module docstring)."""
+    text_logits, image_logits, targets = lm_forward(model, batch, images_per_row)
+    k = model.cfg.vq.num_embeddings
+    ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"])
+    ce_image, n_image = _masked_mean(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)),
+                                     batch["image_weights"])
+    loss = text_weight * ce_text + image_weight * ce_image
+    metrics = {"loss": loss, "loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text,
+               "image_tokens": n_image, "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
+    return loss, metrics
+
+
+def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int]):
+    """Held-out metrics per row: exact-match answers under teacher forcing, image-code CE sums.
+
+    A row's answer is correct iff the argmax at every answer position is the target: exactly the
+    condition for greedy decoding to reproduce the answer (and its eos), at a single forward pass.
+    """
+    text_logits, image_logits, targets = lm_forward(model, batch, images_per_row)
+    k = model.cfg.vq.num_embeddings
+    tw, iw = batch["text_weights"], batch["image_weights"]
+    hit = (jnp.argmax(text_logits, axis=-1) == targets) | (tw == 0)
+    return {"answered": jnp.any(tw > 0, axis=1), "correct": jnp.all(hit, axis=1) & jnp.any(tw > 0, axis=1),
+            "text_ce_sum": jnp.sum(cross_entropy(text_logits, targets) * tw, axis=1), "text_tokens": jnp.sum(tw, 1),
+            "image_ce_sum": jnp.sum(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)) * iw, axis=1),
+            "image_tokens": jnp.sum(iw, axis=1)}

@@ -1,0 +1,57 @@
+"""Which parameters train: labels from config regexes over parameter paths.
+
+A parameter path is its '/'-joined module path, e.g. `language_model/layers/3/mlp/gate_proj/kernel`.
+A parameter is trainable when it matches one of `train.trainable` and none of `train.frozen`
+(regexes, `re.fullmatch`). Frozen parameters are split off the model: they get no gradient and no
+optimizer state.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"{key}: bad regex {p!r}: {e}") from None
+    return out
+
+
+def trainable_filter(trainable: Sequence[str], frozen: Sequence[str]):
+    """An nnx filter `(path, value) -> bool` selecting trainable parameters."""
+    keep, drop = _compile(trainable, "train.trainable"), _compile(frozen, "train.frozen")
+
+    def is_trainable(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        s = path_str(path)
+        return any(r.fullmatch(s) for r in keep) and not any(r.fullmatch(s) for r in drop)
+
+    return is_trainable
+
+
+def split_trainable(model: nnx.Module, trainable: Sequence[str], frozen: Sequence[str]):
+    """-> (graphdef, trainable State, frozen State). Raises if nothing would train."""
+    graphdef, train_state, frozen_state = nnx.split(model, trainable_filter(trainable, frozen), ...)
+    if not jax.tree.leaves(train_state):
+        raise ValueError(f"train.trainable={list(trainable)} with train.frozen={list(frozen)} selects no parameter; "
+                         f"paths look like 'language_model/layers/0/mlp/gate_proj/kernel'")
+    return graphdef, train_state, frozen_state
+
+
+def count(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,135 @@
+"""The pure train step `(state, frozen, batch) -> (state, metrics)`, the objectives it can
+optimise, and held-out evaluation.
+
+`state` is `{"step", "params" (trainable, pure dict), "opt_state", "rng"}`; `frozen` holds the
+other parameters, which get no gradient and no optimizer state. The loop jits the step with
+explicit in/out shardings and donates `state`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from unijax import sharding
+from unijax.data import datasets, pipeline, shapes
+from unijax.models.janus import GEN_IMAGE
+from unijax.training import losses, vq_loss
+
+
+def objective(config, images_per_row: tuple[int, int]):
+    """-> (loss_fn(model, batch) -> (loss, metrics), eval_fn(model, batch) -> per-row metrics)."""
+    if config.objective == "lm":
+        loss_fn = functools.partial(losses.lm_loss, images_per_row=images_per_row,
+                                    text_weight=config.loss.text_weight, image_weight=config.loss.image_weight)
+        return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row)
+    if config.objective == "vq":
+        def vq_fn(model, batch):
+            images = generated_images(model, batch, images_per_row[1])
+            loss, metrics = vq_loss.vq_losses(model.vqmodel, images, beta=config.loss.vq_beta,
+                                              entropy_weight=config.loss.vq_entropy_weight)
+            metrics = dict(metrics)
+            metrics["loss"] = loss
+            metrics["tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+            return loss, metrics
+        return vq_fn, None
+    raise ValueError(f"objective={config.objective!r}: expected 'lm' or 'vq'")
+
+
+def generated_images(model, batch, n_gen: int):
+    """The generation-task images of a batch, `[B * n_gen, H, W, 3]` in [-1, 1] (rows without one
+    are dropped only by weight: callers use `stage0` batches that hold T2I samples only)."""
+    cfg = model.cfg
+    imgs = losses.gather_images(batch["patches"], batch["modality"] == GEN_IMAGE, n_gen,
+                                cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
+    return imgs.reshape(-1, *imgs.shape[2:])
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule):
+    def train_step(state, frozen, batch):
+        def f(params):
+            return loss_fn(nnx.merge(graphdef, params, frozen), batch)
+
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+        rng, _ = jax.random.split(state["rng"])
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}, metrics
+
+    return train_step
+
+
+class Evaluator:
+    """Held-out shapes scenes (a seed the training stream never uses), evaluated every
+    `train.eval_every` steps.
+
+    lm: understanding accuracy (exact-match answers, overall and per question kind) and the
+    image-code loss. vq: reconstruction error, and the share of reconstructions on which the
+    detector finds exactly the scene's objects.
+    """
+
+    EVAL_SEED_OFFSET = 1_000_003
+
+    def __init__(self, config, graphdef, eval_fn, tokenizer, layout: pipeline.Layout, mesh, kinds):
+        self.config, self.graphdef, self.mesh, self.kinds = config, graphdef, mesh, kinds
+        self.seed = config.seed + self.EVAL_SEED_OFFSET
+        n = config.train.eval_batches * config.train.batch_size
+        self.objective = config.objective
+        if self.objective == "lm":
+            self.layout = layout
+            dsets, weights = datasets.task_datasets(config.data, layout.image_size, self.seed)
+            ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout,
+                                  batch_size=config.train.batch_size, seed=self.seed, packing=False, kinds=kinds)
+            it = iter(ds)
+            self.batches = [next(it) for _ in range(config.train.eval_batches)]
+            keys = pipeline.SEQ_FEATURES + ("segment_ids", "positions")
+            self.device_batches = [{k: b[k] for k in keys} for b in self.batches]
+            self._fn = jax.jit(lambda p, f, b: eval_fn(nnx.merge(graphdef, p, f), b))
+        else:
+            size = layout.image_size
+            self.scenes = [shapes.scene_at(self.seed, i, size) for i in range(n)]
+            self.images = np.stack([shapes.render(s) for s in self.scenes]).astype(np.float32) / 127.5 - 1
+
+            def recon(p, f, x):
+                vq = nnx.merge(graphdef, p, f).vqmodel
+                r, _ = vq_loss.vq_forward(vq, x)
+                return r
+
+            self._fn = jax.jit(recon)
+
+    def __call__(self, params, frozen) -> dict[str, float]:
+        if self.objective == "lm":
+            return self._lm(params, frozen)
+        return self._vq(params, frozen)
+
+    def _lm(self, params, frozen) -> dict[str, float]:
+        rows = []
+        for b, host in zip(self.device_batches, self.batches):
+            out = jax.device_get(self._fn(params, frozen, sharding.put_batch(b, self.mesh)))
+            rows.append({**{k: np.asarray(v) for k, v in out.items()}, "kind": host["kind"]})
+        r = {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
+        answered = r["answered"].astype(bool)
+        scores = {"accuracy": float(r["correct"][answered].mean()) if answered.any() else float("nan"),
+                  "loss_text": float(r["text_ce_sum"].sum() / max(r["text_tokens"].sum(), 1)),
+                  "loss_image": float(r["image_ce_sum"].sum() / max(r["image_tokens"].sum(), 1))}
+        for i, kind in enumerate(self.kinds):
+            sel = answered & (r["kind"] == i)
+            if sel.any():
+                scores[f"accuracy_{kind}"] = float(r["correct"][sel].mean())
+        return scores
+
+    def _vq(self, params, frozen) -> dict[str, float]:
+        bs = self.config.train.batch_size
+        recons = [np.asarray(jax.device_get(self._fn(params, frozen, self.images[i:i + bs])))
+                  for i in range(0, len(self.images), bs)]
+        recon = np.concatenate(recons)
+        pixels = np.clip(np.round((recon + 1) * 127.5), 0, 255).astype(np.uint8)
+        matched = [shapes.match_scene(s, shapes.detect(p)) for s, p in zip(self.scenes, pixels)]
+        return {"recon_mse": float(np.mean((recon - self.images) ** 2)), "detector_match": float(np.mean(matched))}
