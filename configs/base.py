@@ -14,12 +14,12 @@ from configs import common
 def get_config(arg=None):
     c = common.get_config(preset=arg or "tiny")
     c.workdir = "workdir/base"
-    c.train.steps = 1200
+    c.train.steps = 1000
     c.train.batch_size = 32
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 100
     c.train.checkpoint_every = 200
-    c.train.eval_every = 300
+    c.train.eval_every = 250
     c.train.eval_batches = 8
     c.train.frozen = ("vqmodel/.*",)  # the VQ tokenizer is fixed (stage 0 trains it)
     return c

@@ -61,7 +61,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.und_ratio = 1.0
     d.cfg_drop_prob = 0.1        # T2I prompts blanked for classifier-free guidance
     d.question_kinds = ""        # comma-separated shapes question kinds; empty = all
+    d.turns_per_image = 1        # shapes MMU samples: questions (chat turns) about each image
     d.num_workers = 0            # grain worker processes (0 = in the training process)
+    d.prefetch = 2               # batches a background thread prepares ahead (when num_workers = 0)
     d.skip_bad_records = False
     d.mmu_json = ""              # LLaVA-style conversations (data.source=files)
     d.mmu_image_root = ""

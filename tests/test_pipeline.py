@@ -27,7 +27,7 @@ def cfg():
 
 def stream(tok, cfg, *, batch_size=8, packing=False, max_len=128, seed=0, und=1.0, gen=1.0, **kw):
     c = base.get_config()
-    c.data.und_ratio, c.data.gen_ratio = und, gen
+    c.data.und_ratio, c.data.gen_ratio, c.data.turns_per_image = und, gen, 1
     layout = pipeline.Layout.from_model(cfg, max_len, 0.0)
     ds, w = datasets.task_datasets(c.data, layout.image_size, seed)
     return iter(pipeline.batches(ds, w, tokenizer=tok, layout=layout, batch_size=batch_size, seed=seed,
@@ -149,3 +149,14 @@ def test_too_long_sample_names_the_record(tok, cfg):
     s = datasets.ShapesSource("mmu", 0, 32)[0]
     with pytest.raises(ValueError, match=r"shapes: record 0: .* data.max_len=70"):
         pipeline.encode_sample(s, tok, layout)
+
+
+def test_multi_turn_chat_weights_every_answer(tok, cfg):
+    layout = pipeline.Layout.from_model(cfg, 160)
+    s = datasets.ShapesSource("mmu", 0, 32, turns=3)[7]
+    assert len(s["turns"]) == 3 and len({q for q, _ in s["turns"]}) == 3
+    x = pipeline.encode_sample(s, tok, layout)
+    answers = x["tokens"][1:][x["text_weights"][:-1] > 0]
+    want = sum((tok.encode(" " + a) + [tok.eos_id] for _, a in s["turns"]), [])
+    assert answers.tolist() == want
+    assert (x["modality"] == UND_IMAGE).sum() == layout.und_tokens  # the image comes once, in turn 1

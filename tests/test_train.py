@@ -22,6 +22,7 @@ def tiny_config(workdir, data_dir, **train):
     c = base.get_config()
     c.workdir = str(workdir)
     c.data.dir = str(data_dir)
+    c.data.update(turns_per_image=1, max_len=112)
     c.mesh.data = 1
     c.train.update(steps=6, batch_size=4, log_every=1, checkpoint_every=3, eval_every=1000, eval_batches=1,
                    warmup_steps=2, async_checkpointing=False)
@@ -72,6 +73,7 @@ def _cli(args, workdir, data_dir, **popen):
     cmd = [sys.executable, "-m", "unijax.train", "--config", str(REPO / "configs/base.py"),
            f"--config.workdir={workdir}", f"--config.data.dir={data_dir}", "--config.train.batch_size=4",
            "--config.train.log_every=1", "--config.train.eval_every=1000", "--config.train.warmup_steps=2",
+           "--config.data.turns_per_image=1", "--config.data.max_len=112",
            *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
@@ -124,3 +126,58 @@ def test_stage0_vq_config_runs(tmp_path, data_dir):
     c.train.update(steps=2, batch_size=4, log_every=1, eval_every=2, eval_batches=1, checkpoint_every=2)
     m = loop.train(c, devices=jax.devices()[:1])
     assert np.isfinite(m["loss"]) and 0 <= m["eval/detector_match"] <= 1
+
+
+def _files_world(root, bad_index=None):
+    """A LLaVA JSON + caption JSONL made of shapes scenes; record `bad_index` of the JSON lacks its image."""
+    from PIL import Image
+
+    from unijax.data import shapes
+
+    (root / "img").mkdir()
+    convs, caps = [], []
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        scene = shapes.scene_at(0, i)
+        Image.fromarray(shapes.render(scene)).save(root / "img" / f"{i}.png")
+        qa = shapes.sample_question(scene, rng)
+        image = f"img/{i}.png" if i != bad_index else "img/missing.png"
+        convs.append({"id": i, "image": image, "conversations": [
+            {"from": "human", "value": "<image>\n" + qa.question}, {"from": "gpt", "value": qa.answer}]})
+        caps.append(json.dumps({"image": f"img/{i}.png", "caption": shapes.t2i_prompt(scene, rng)[0]}))
+    (root / "mmu.json").write_text(json.dumps(convs))
+    (root / "t2i.jsonl").write_text("\n".join(caps) + "\n")
+
+
+def _files_config(tmp_path, data_dir, **data):
+    c = tiny_config(tmp_path / "run", data_dir, steps=3, checkpoint_every=3)
+    c.data.update(source="files", mmu_json=str(tmp_path / "mmu.json"), mmu_image_root=str(tmp_path),
+                  t2i_jsonl=str(tmp_path / "t2i.jsonl"), t2i_image_root=str(tmp_path), **data)
+    return c
+
+
+def test_bad_record_stops_the_run_naming_file_and_index(tmp_path, data_dir):
+    _files_world(tmp_path, bad_index=2)
+    with pytest.raises(ValueError, match=r"mmu\.json: record 2: image 'img/missing.png' not found"):
+        loop.train(_files_config(tmp_path, data_dir), devices=jax.devices()[:1])
+    assert not (tmp_path / "run" / "checkpoints" / "3").exists()
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path, data_dir):
+    _files_world(tmp_path, bad_index=2)
+    m = loop.train(_files_config(tmp_path, data_dir, skip_bad_records=True), devices=jax.devices()[:1])
+    # 3 steps x 4 rows of a 1:1 mix = 6 MMU samples: one full epoch of the 6 records, one of them bad
+    assert m["skipped_records"] == 1 and np.isfinite(m["loss"])
+
+
+@pytest.mark.slow
+def test_base_run_lowers_both_task_losses(tmp_path, data_dir):
+    """configs/base.py at batch 16 for 150 steps: each task's loss falls well below its start."""
+    c = tiny_config(tmp_path, data_dir, steps=150, batch_size=16, log_every=10, checkpoint_every=150,
+                    warmup_steps=20)
+    loop.train(c, devices=jax.devices()[:1])
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    print({k: (first[k], last[k]) for k in ("loss_text", "loss_image")})
+    assert last["loss_text"] < 0.25 * first["loss_text"]
+    assert last["loss_image"] < 0.85 * first["loss_image"]

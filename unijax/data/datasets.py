@@ -16,10 +16,12 @@ WORLD_SIZE = 2 ** 31 - 1  # the shapes world is a function of (seed, task, index
 class ShapesSource:
     """Random access to shapes-world samples: index -> one scene with a question (MMU) or a prompt (T2I)."""
 
-    def __init__(self, task: str, seed: int, image_size: int, kinds: Sequence[str] = ()):
+    def __init__(self, task: str, seed: int, image_size: int, kinds: Sequence[str] = (), turns: int = 1):
         if task not in ("mmu", "t2i"):
             raise ValueError(f"task={task!r}: expected 'mmu' or 't2i'")
-        self.task, self.seed, self.image_size = task, int(seed), int(image_size)
+        if turns < 1:
+            raise ValueError(f"data.turns_per_image={turns} must be >= 1")
+        self.task, self.seed, self.image_size, self.turns = task, int(seed), int(image_size), int(turns)
         self.kinds = tuple(kinds) or None
 
     def __len__(self) -> int:
@@ -29,9 +31,15 @@ class ShapesSource:
         rng = np.random.default_rng([self.seed, 0 if self.task == "mmu" else 1, int(index)])
         scene = shapes.sample_scene(rng, self.image_size)
         sample = {"task": self.task, "image": shapes.render(scene), "source": "shapes", "index": int(index)}
-        if self.task == "mmu":
-            qa = shapes.sample_question(scene, rng, self.kinds)
-            sample.update(turns=[[qa.question, qa.answer]], kind=qa.kind)
+        if self.task == "mmu":  # a chat about the image: `turns` distinct questions, the first one carries it
+            qas = []
+            for _ in range(8 * self.turns):
+                qa = shapes.sample_question(scene, rng, self.kinds)
+                if qa.question not in {q.question for q in qas}:
+                    qas.append(qa)
+                if len(qas) == self.turns:
+                    break
+            sample.update(turns=[[qa.question, qa.answer] for qa in qas], kind=qas[0].kind)
         else:
             prompt, _ = shapes.t2i_prompt(scene, rng)
             sample["caption"] = prompt
@@ -53,9 +61,10 @@ def _files(spec: str) -> list[str]:
     return [p for p in str(spec).split(",") if p]
 
 
-def task_datasets(data_cfg, image_size: int, seed: int) -> tuple[list[grain.MapDataset], list[float]]:
+def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
+                  ) -> tuple[list[grain.MapDataset], list[float]]:
     """-> ([understanding dataset, generation dataset], [und_ratio, gen_ratio]); a task with no data
-    (or ratio 0) is left out."""
+    (or ratio 0) is left out. `turns` overrides `data.turns_per_image` (evaluation asks one question)."""
     weights = {"mmu": float(data_cfg.und_ratio), "t2i": float(data_cfg.gen_ratio)}
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         raise ValueError(f"data.und_ratio={weights['mmu']} and data.gen_ratio={weights['t2i']}: "
@@ -65,7 +74,8 @@ def task_datasets(data_cfg, image_size: int, seed: int) -> tuple[list[grain.MapD
         if weights[task] == 0:
             continue
         if data_cfg.source == "shapes":
-            ds = grain.MapDataset.source(ShapesSource(task, seed, image_size, question_kinds(data_cfg)))
+            ds = grain.MapDataset.source(ShapesSource(task, seed, image_size, question_kinds(data_cfg),
+                                                         turns or int(data_cfg.turns_per_image)))
         elif data_cfg.source == "files":
             src = _file_source(data_cfg, task)
             if src is None:

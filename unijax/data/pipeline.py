@@ -181,7 +181,7 @@ class EncodeSample(grain.transforms.RandomMap):
 
 
 def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, tokenizer, layout: Layout,
-            batch_size: int, seed: int, packing: bool = False, num_workers: int = 0,
+            batch_size: int, seed: int, packing: bool = False, num_workers: int = 0, prefetch: int = 0,
             kinds: Sequence[str] = (), process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Mixes per-task datasets of raw samples into batches of `batch_size` rows for this process.
 
@@ -205,6 +205,8 @@ def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, t
         it = ds.map(lambda x: pad_sample(x, layout.max_len)).batch(batch_size, drop_remainder=True).to_iter_dataset()
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    elif prefetch > 0:  # a background thread prepares the next batches while the step runs
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
     return it
 
 

@@ -134,7 +134,8 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     dsets, weights = datasets.task_datasets(config.data, layout.image_size, config.seed)
     train_ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=per_process,
                                 seed=config.seed, packing=config.data.packing, num_workers=config.data.num_workers,
-                                kinds=kinds, process_index=jax.process_index(), process_count=jax.process_count())
+                                prefetch=config.data.prefetch, kinds=kinds, process_index=jax.process_index(),
+                                process_count=jax.process_count())
     data_iter = iter(train_ds)
 
     # -- resume ----------------------------------------------------------------------------------
@@ -172,6 +173,8 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         if not np.isfinite(step_metrics["loss"]):
             last = ckpts.latest_step()
             ckpts.close()
+            if hasattr(data_iter, "close"):
+                data_iter.close()
             where = f"{ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
             raise NonFiniteLossError(f"non-finite loss {step_metrics['loss']} at step {step}; last good "
                                      f"checkpoint: {where}. Lower train.learning_rate or raise train.warmup_steps")
@@ -192,6 +195,8 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         if step % config.train.checkpoint_every == 0 or step == config.train.steps:
             ckpts.save(step, state, data_iter)
     ckpts.wait()
+    if hasattr(data_iter, "close"):
+        data_iter.close()
 
     if step >= config.train.steps or start >= config.train.steps:
         _export(workdir / "model", graphdef, state["params"], frozen, cfg)

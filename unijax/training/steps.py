@@ -84,7 +84,7 @@ class Evaluator:
         self.objective = config.objective
         if self.objective == "lm":
             self.layout = layout
-            dsets, weights = datasets.task_datasets(config.data, layout.image_size, self.seed)
+            dsets, weights = datasets.task_datasets(config.data, layout.image_size, self.seed, turns=1)
             ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout,
                                   batch_size=config.train.batch_size, seed=self.seed, packing=False, kinds=kinds)
             it = iter(ds)

@@ -97,8 +97,8 @@ def entropy_loss(affinity: Array, temperature: float = ENTROPY_TEMPERATURE) -> A
 
 def code_stats(codes: Array, num_codes: int) -> tuple[Array, Array]:
     """(usage, perplexity) of the hard codes: distinct codes / num_codes, exp(entropy of the histogram)."""
-    counts = jnp.bincount(codes.reshape(-1), length=num_codes).astype(jnp.float32)
-    usage = jnp.sum(counts > 0).astype(jnp.float32) / num_codes
+    counts = jnp.bincount(codes.reshape(-1), length=num_codes).astype(jnp.result_type(float))
+    usage = jnp.sum(counts > 0).astype(counts.dtype) / num_codes
     p = counts / jnp.sum(counts)
     plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
     return usage, jnp.exp(-jnp.sum(plogp))
