@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unijax.data.arrayrecord import ArrayRecordSource, convert_to_arrayrecord, write_arrayrecord
 from unijax.data.sources import (
-    ArrayRecordSource,
     BadRecordError,
     CaptionSource,
     LlavaSource,
-    convert_to_arrayrecord,
     is_bad,
     skip_bad,
-    write_arrayrecord,
 )
 
 

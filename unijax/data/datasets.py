@@ -7,7 +7,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from unijax.data import shapes, sources
+from unijax.data import arrayrecord, shapes, sources
 from unijax.data.pipeline import repeat_epochs
 
 WORLD_SIZE = 2 ** 31 - 1  # the shapes world is a function of (seed, task, index): effectively infinite
@@ -92,19 +92,17 @@ def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
     return out, ws
 
 
+# per task: (JSON config key, its image-root key, the source reading it, the ArrayRecord key)
+_FILE_KEYS = {"mmu": ("mmu_json", "mmu_image_root", sources.LlavaSource, "mmu_arrayrecord"),
+              "t2i": ("t2i_jsonl", "t2i_image_root", sources.CaptionSource, "t2i_arrayrecord")}
+
+
 def _file_source(data_cfg, task: str):
-    if task == "mmu":
-        if data_cfg.mmu_json and data_cfg.mmu_arrayrecord:
-            raise ValueError("set data.mmu_json or data.mmu_arrayrecord, not both")
-        if data_cfg.mmu_json:
-            return sources.LlavaSource(data_cfg.mmu_json, data_cfg.mmu_image_root)
-        if data_cfg.mmu_arrayrecord:
-            return sources.ArrayRecordSource(_files(data_cfg.mmu_arrayrecord))
-        return None
-    if data_cfg.t2i_jsonl and data_cfg.t2i_arrayrecord:
-        raise ValueError("set data.t2i_jsonl or data.t2i_arrayrecord, not both")
-    if data_cfg.t2i_jsonl:
-        return sources.CaptionSource(data_cfg.t2i_jsonl, data_cfg.t2i_image_root)
-    if data_cfg.t2i_arrayrecord:
-        return sources.ArrayRecordSource(_files(data_cfg.t2i_arrayrecord))
+    json_key, root_key, source_cls, arrayrecord_key = _FILE_KEYS[task]
+    if data_cfg[json_key] and data_cfg[arrayrecord_key]:
+        raise ValueError(f"set data.{json_key} or data.{arrayrecord_key}, not both")
+    if data_cfg[json_key]:
+        return source_cls(data_cfg[json_key], data_cfg[root_key])
+    if data_cfg[arrayrecord_key]:
+        return arrayrecord.ArrayRecordSource(_files(data_cfg[arrayrecord_key]))
     return None

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from unijax.data.shapes import BACKGROUND, COLOURS, SHAPES, TAGS, PromptSpec, Scene, relations
+from unijax.data.shapes import BACKGROUND, COLOURS, TAGS, PromptSpec, Scene, relations
 
 _COLOUR_NAMES = tuple(COLOURS)
 _DIRS = np.array([COLOURS[c] for c in _COLOUR_NAMES], np.float32) - np.array(BACKGROUND, np.float32)  # [6, 3]

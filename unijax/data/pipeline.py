@@ -41,6 +41,7 @@ from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE
 MMU, T2I = 0, 1
 TASKS = {"mmu": MMU, "t2i": T2I}
 SEQ_FEATURES = ("tokens", "modality", "task", "text_weights", "image_weights", "patches", "bad")
+BATCH_KEYS = SEQ_FEATURES + ("segment_ids", "positions")  # what the train step reads
 
 
 @dataclasses.dataclass(frozen=True)

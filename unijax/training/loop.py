@@ -22,7 +22,7 @@ from flax import nnx
 
 from unijax import checkpoints as model_ckpt
 from unijax import sharding
-from unijax.data import datasets, pipeline
+from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer
 from unijax.models.config import JanusConfig, preset
 from unijax.models.janus import Janus
@@ -130,7 +130,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
     # -- data ------------------------------------------------------------------------------------
     per_process = config.train.batch_size // jax.process_count()
-    kinds = tuple(datasets.shapes.KINDS)
+    kinds = tuple(shapes.KINDS)
     dsets, weights = datasets.task_datasets(config.data, layout.image_size, config.seed)
     train_ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=per_process,
                                 seed=config.seed, packing=config.data.packing, num_workers=config.data.num_workers,
@@ -148,8 +148,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     ckpts.write_config(workdir / "config.json")
 
     # -- steps -----------------------------------------------------------------------------------
-    batch_keys = tuple(k for k in pipeline.SEQ_FEATURES + ("segment_ids", "positions"))
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
     loss_fn, eval_fn = steps.objective(config, images_per_row)
     train_step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(config.train)),
                          in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
@@ -162,47 +161,44 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     window: list[dict] = []
     t_window, tokens_window = time.perf_counter(), 0
     metrics: dict[str, float] = {}
-    step = start
-    for step in range(start + 1, config.train.steps + 1):
-        batch = next(data_iter)
-        skipped += int(np.sum(batch["bad"]))
-        tokens_window += pipeline.tokens_in(batch)
-        device_batch = sharding.put_batch({k: batch[k] for k in batch_keys}, mesh)
-        state, step_metrics = train_step(state, frozen, device_batch)
-        step_metrics = _to_host(step_metrics)
-        if not np.isfinite(step_metrics["loss"]):
-            last = ckpts.latest_step()
-            ckpts.close()
-            if hasattr(data_iter, "close"):
-                data_iter.close()
-            where = f"{ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
-            raise NonFiniteLossError(f"non-finite loss {step_metrics['loss']} at step {step}; last good "
-                                     f"checkpoint: {where}. Lower train.learning_rate or raise train.warmup_steps")
-        window.append(step_metrics)
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            elapsed = time.perf_counter() - t_window
-            metrics = _window_mean(window)
-            metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)
-            metrics["skipped_records"] = skipped
-            log.write(step, metrics)
-            log.progress(step, metrics, metrics["tokens_per_s"])
-            window, t_window, tokens_window = [], time.perf_counter(), 0
-        if evaluator is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
-            scores = evaluator(state["params"], frozen)
-            log.write(step, scores, prefix="eval/")
-            log.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-            metrics.update({"eval/" + k: v for k, v in scores.items()})
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-            ckpts.save(step, state, data_iter)
-    ckpts.wait()
-    if hasattr(data_iter, "close"):
-        data_iter.close()
-
-    if step >= config.train.steps or start >= config.train.steps:
-        _export(workdir / "model", graphdef, state["params"], frozen, cfg)
+    try:
+        for step in range(start + 1, config.train.steps + 1):
+            batch = next(data_iter)
+            skipped += int(np.sum(batch["bad"]))
+            tokens_window += pipeline.tokens_in(batch)
+            device_batch = sharding.put_batch({k: batch[k] for k in pipeline.BATCH_KEYS}, mesh)
+            state, step_metrics = train_step(state, frozen, device_batch)
+            step_metrics = _to_host(step_metrics)
+            if not np.isfinite(step_metrics["loss"]):
+                last = ckpts.latest_step()
+                where = f"{ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
+                raise NonFiniteLossError(f"non-finite loss {step_metrics['loss']} at step {step}; last good "
+                                         f"checkpoint: {where}. Lower train.learning_rate or raise "
+                                         f"train.warmup_steps")
+            window.append(step_metrics)
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                elapsed = time.perf_counter() - t_window
+                metrics = _window_mean(window)
+                metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)
+                metrics["skipped_records"] = skipped
+                log.write(step, metrics)
+                log.progress(step, metrics, metrics["tokens_per_s"])
+                window, t_window, tokens_window = [], time.perf_counter(), 0
+            if evaluator is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
+                scores = evaluator(state["params"], frozen)
+                log.write(step, scores, prefix="eval/")
+                log.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+                metrics.update({"eval/" + k: v for k, v in scores.items()})
+            if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                ckpts.save(step, state, data_iter)
+        ckpts.wait()
+        _export(workdir / "model", graphdef, state["params"], frozen)
         log.info(f"model written to {workdir / 'model'}")
-    ckpts.close()
-    log.close()
+    finally:
+        ckpts.close()
+        if hasattr(data_iter, "close"):  # stops grain's prefetch thread / worker processes
+            data_iter.close()
+        log.close()
     return metrics
 
 
@@ -218,7 +214,7 @@ def _window_mean(window: list[dict]) -> dict[str, float]:
     return out
 
 
-def _export(out: pathlib.Path, graphdef, params, frozen, cfg: JanusConfig) -> None:
+def _export(out: pathlib.Path, graphdef, params, frozen) -> None:
     model = nnx.merge(graphdef, _to_host(params), _to_host(frozen))
     if jax.process_index() == 0:
         model_ckpt.save_model(out, model, overwrite=True)

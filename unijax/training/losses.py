@@ -38,19 +38,28 @@ def gather_images(patches: Array, mask: Array, num_images: int, patch: int, grid
     return img.astype(jnp.float32) / 127.5 - 1.0
 
 
+def understanding_images(cfg, batch: dict[str, Array], num_images: int) -> Array:
+    """The images under `UND_IMAGE` tokens: `[B, num_images, H, W, 3]` in [-1, 1]."""
+    return gather_images(batch["patches"], batch["modality"] == UND_IMAGE, num_images, cfg.vision.patch_size,
+                         cfg.vision.image_size // cfg.vision.patch_size)
+
+
+def generated_images(cfg, batch: dict[str, Array], num_images: int) -> Array:
+    """The images under `GEN_IMAGE` tokens, flattened: `[B * num_images, H, W, 3]` in [-1, 1]."""
+    imgs = gather_images(batch["patches"], batch["modality"] == GEN_IMAGE, num_images,
+                         cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
+    return imgs.reshape(-1, *imgs.shape[2:])
+
+
 def prepare_inputs(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
     """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`)."""
     cfg = model.cfg
     n_und, n_gen = images_per_row
-    modality = batch["modality"]
-    und = gather_images(batch["patches"], modality == UND_IMAGE, n_und, cfg.vision.patch_size,
-                        cfg.vision.image_size // cfg.vision.patch_size)
-    gen_patch = cfg.vq.image_size // cfg.vq.grid
-    gen = gather_images(batch["patches"], modality == GEN_IMAGE, n_gen, gen_patch, cfg.vq.grid)
-    b = gen.shape[0]
-    codes = model.vqmodel.encode(gen.reshape(b * n_gen, *gen.shape[2:])).reshape(b, -1)
+    und = understanding_images(cfg, batch, n_und)
+    b = batch["tokens"].shape[0]
+    codes = model.vqmodel.encode(generated_images(cfg, batch, n_gen)).reshape(b, -1)
     codes = jax.lax.stop_gradient(codes)
-    is_gen = modality == GEN_IMAGE
+    is_gen = batch["modality"] == GEN_IMAGE
     slot = jnp.clip(jnp.cumsum(is_gen, axis=1) - 1, 0, codes.shape[1] - 1)
     tokens = jnp.where(is_gen, jnp.take_along_axis(codes, slot, axis=1), batch["tokens"])
     return tokens, und.astype(cfg.dtype)

@@ -19,7 +19,6 @@ from flax import nnx
 
 from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
-from unijax.models.janus import GEN_IMAGE
 from unijax.training import losses, vq_loss
 
 
@@ -31,7 +30,7 @@ def objective(config, images_per_row: tuple[int, int]):
         return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row)
     if config.objective == "vq":
         def vq_fn(model, batch):
-            images = generated_images(model, batch, images_per_row[1])
+            images = losses.generated_images(model.cfg, batch, images_per_row[1])
             loss, metrics = vq_loss.vq_losses(model.vqmodel, images, beta=config.loss.vq_beta,
                                               entropy_weight=config.loss.vq_entropy_weight)
             metrics = dict(metrics)
@@ -40,15 +39,6 @@ def objective(config, images_per_row: tuple[int, int]):
             return loss, metrics
         return vq_fn, None
     raise ValueError(f"objective={config.objective!r}: expected 'lm' or 'vq'")
-
-
-def generated_images(model, batch, n_gen: int):
-    """The generation-task images of a batch, `[B * n_gen, H, W, 3]` in [-1, 1] (rows without one
-    are dropped only by weight: callers use `stage0` batches that hold T2I samples only)."""
-    cfg = model.cfg
-    imgs = losses.gather_images(batch["patches"], batch["modality"] == GEN_IMAGE, n_gen,
-                                cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
-    return imgs.reshape(-1, *imgs.shape[2:])
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule):
@@ -89,8 +79,7 @@ class Evaluator:
                                   batch_size=config.train.batch_size, seed=self.seed, packing=False, kinds=kinds)
             it = iter(ds)
             self.batches = [next(it) for _ in range(config.train.eval_batches)]
-            keys = pipeline.SEQ_FEATURES + ("segment_ids", "positions")
-            self.device_batches = [{k: b[k] for k in keys} for b in self.batches]
+            self.device_batches = [{k: b[k] for k in pipeline.BATCH_KEYS} for b in self.batches]
             self._fn = jax.jit(lambda p, f, b: eval_fn(nnx.merge(graphdef, p, f), b))
         else:
             size = layout.image_size
