@@ -26,7 +26,7 @@ def _placeholders(cls) -> ml_collections.ConfigDict:
 def model(preset: str = "tiny") -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.preset = preset
-    m.ffn = "dense"            # dense | ta_moe (issue 4)
+    m.ffn = "dense"            # dense | ta_moe (the TA-MoE FFN, configured by the top-level moe.* keys)
     m.lora = 0                 # LoRA rank, 0 = off (issue 6)
     m.text = _placeholders(model_config.TextConfig)
     m.vision = _placeholders(model_config.VisionConfig)
@@ -50,6 +50,18 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model = model(preset)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+
+    # TA-MoE FFN (read when model.ffn = "ta_moe"; unijax/models/moe.py)
+    moe = c.moe = ml_collections.ConfigDict()
+    moe.num_experts_per_group = 4      # SwiGLU experts in the MMU group, and as many in the T2I group
+    moe.num_shared_experts = 1
+    moe.top_k = 2                      # experts per token inside its group (2:1 with one shared expert)
+    moe.expert_intermediate_size = 0   # 0 = model.text.intermediate_size (what upcycling copies)
+    moe.group_assignment = "label"     # label (the batch's task) | router (task-router argmax) | soft
+    moe.impl = "auto"                  # auto | capacity | dropless (auto: capacity on CPU/GPU, dropless on TPU)
+    moe.capacity_factor = 1.25
+    moe.alpha_init = 1.0               # y = h_experts + alpha * shared(x), alpha learnable per layer
+    moe.layers = config_dict.placeholder(tuple)  # decoder layers made TA-MoE; unset = every layer
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "shapes"          # shapes | files
@@ -95,6 +107,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     loss = c.loss = ml_collections.ConfigDict()
     loss.text_weight = 1.0       # lambda for understanding (text CE on answer tokens)
     loss.image_weight = 1.0      # lambda for generation (image-code CE)
+    loss.group_weight = 0.1      # gamma: task-router cross-entropy L_group (TA-MoE)
+    loss.balance_weight = 0.01   # beta: Switch load balance inside each expert group (TA-MoE)
+    loss.z_weight = 0.001        # zeta: router z-loss (TA-MoE)
     loss.vq_beta = 0.25          # stage 0: commitment weight
     loss.vq_entropy_weight = 0.0
     return c

@@ -123,10 +123,10 @@ def test_shapes_cache_with_other_special_ids_is_an_error(tmp_path):
                                    model_type="bpe", vocab_size=40, hard_vocab_limit=False, minloglevel=2,
                                    num_threads=1)
     (tmp_path / T.SHAPES_MODEL_FILE).write_bytes(buf.getvalue())
-    with pytest.raises(ValueError, match="shapes_sp.model.*Delete"):
+    with pytest.raises(ValueError, match="shapes_sp_v2.model.*Delete"):
         T.shapes_tokenizer(tmp_path)
     (tmp_path / T.SHAPES_MODEL_FILE).write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="cannot load sentencepiece model .*shapes_sp.model"):
+    with pytest.raises(ValueError, match="cannot load sentencepiece model .*shapes_sp_v2.model"):
         T.shapes_tokenizer(tmp_path)
 
 

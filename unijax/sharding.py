@@ -2,8 +2,9 @@
 
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...) in their `out_sharding`
 metadata; one rules table maps each name onto mesh axes `data, fsdp, expert, tensor`, so a new kind
-of parallelism changes the table, not the model. Batches are split over `data` and `fsdp`
-together. Every mesh size defaults to 1, so the same code runs on one CPU and on a pod.
+of parallelism changes the table, not the model. Batches are split over `data`, `fsdp` and
+`expert` together (outside TA-MoE layers the expert axis is data parallelism; inside, tokens move to
+their experts' devices). Every mesh size defaults to 1, so the same code runs on one CPU and on a pod.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -99,8 +100,12 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def num_batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension over `data` x `fsdp`, the rest replicated."""
+    """Leading (batch) dimension over `data` x `fsdp` x `expert`, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 

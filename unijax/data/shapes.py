@@ -47,6 +47,8 @@ Text (all lowercase, no trailing spaces)
     choice    "what colour is the circle?\\na. red\\nb. blue\\nc. green\\nd. yellow\\nanswer with the letter."
               -> "a" (lowercase letter, uniform over a-d), or the same over counts "how many circles are
               there?" with the options zero..three in random order
+    caption   "describe the image." -> "a red circle, a blue square and a green triangle" (every object,
+              left to right): dense grounding, the shapes world's image-captioning data
 - `corpus()`: every string the world can produce, for training the tokenizer.
 """
 
@@ -83,7 +85,8 @@ LETTERS: tuple[str, ...] = ("a", "b", "c", "d")
 CHOICE_SUFFIX = "answer with the letter."
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 KINDS: tuple[str, ...] = ("exist_positive", "exist_random", "exist_popular", "exist_adversarial",
-                          "colour", "shape", "count", "position", "choice")
+                          "colour", "shape", "count", "position", "choice", "caption")
+CAPTION_QUESTION = "describe the image."
 EXIST_NEGATIVE_KINDS = ("exist_random", "exist_popular", "exist_adversarial")
 
 _SHAPE_WEIGHTS = np.array([0.40, 0.33, 0.27])
@@ -368,6 +371,12 @@ def prompt_set(seed: int, per_tag: int, size: int = 32) -> list[tuple[str, Promp
 
 # -- questions ------------------------------------------------------------------------------------
 
+def caption(scene: Scene) -> str:
+    """Every object, left to right (then top to bottom): "a red circle, a blue square and a green triangle"."""
+    objs = sorted(scene.objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))
+    return join_phrases([phrase(o.shape, o.colour) for o in objs])
+
+
 def _exist_question(shape: str, colour: str) -> str:
     return f"is there a {colour} {shape} in the image?"
 
@@ -393,7 +402,7 @@ def _once(values: Sequence[str]) -> list[str]:
 
 
 def _applicable(scene: Scene, kind: str) -> bool:
-    if kind == "exist_positive" or kind in ("count", "choice"):
+    if kind == "exist_positive" or kind in ("count", "choice", "caption"):
         return bool(scene.objects)
     if kind in EXIST_NEGATIVE_KINDS:
         return bool(_absent(scene, kind))
@@ -438,6 +447,8 @@ def make_question(scene: Scene, kind: str, rng: np.random.Generator) -> QA:
     if kind == "count":
         shape, n = _count_subject(scene, rng)
         return QA(f"how many {shape}s are there?", NUMBER_WORDS[n], kind)
+    if kind == "caption":
+        return QA(CAPTION_QUESTION, caption(scene), kind)
     if kind == "position":
         a, b, rels = _pick(rng, _related_pairs(scene))
         this, other = f"the {a.colour} {a.shape}", f"the {b.colour} {b.shape}"
@@ -530,7 +541,7 @@ CORPUS_SCENES = 3000
 @functools.lru_cache(maxsize=1)
 def _corpus() -> tuple[str, ...]:
     texts = list(SHAPES) + [s + "s" for s in SHAPES] + list(COLOURS) + list(NUMBER_WORDS) + ["yes", "no"]
-    texts += [RELATION_WORD[r] for r in RELATIONS] + list(LETTERS) + [CHOICE_SUFFIX, "object"]
+    texts += [RELATION_WORD[r] for r in RELATIONS] + list(LETTERS) + [CHOICE_SUFFIX, "object", CAPTION_QUESTION]
     for shape, colour in IDENTITIES:  # every template with every filler
         texts += [phrase(shape, colour, n) for n in (1, 2, 3)] + [_exist_question(shape, colour)]
         texts += [f"what shape is the {colour} object?", f"what colour is the {shape}?"]

@@ -5,7 +5,7 @@ Two implementations share one interface (`Tokenizer`):
 - `shapes_tokenizer(data_dir)`: a small word-level sentencepiece (BPE) model trained on every
   string of the synthetic shapes world (`unijax.data.shapes.corpus()`), with the special ids of the
   `tiny` model preset (pad 0, bos 1, eos 2, image 3, begin-of-image 4, end-of-image 5). It is built
-  deterministically (same bytes every time) and cached as `<data_dir>/shapes_sp.model`.
+  deterministically (same bytes every time) and cached as `<data_dir>/shapes_sp_v2.model`.
 - `hf_tokenizer(path)`: a transformers tokenizer loaded from a local directory (the real Janus-Pro
   checkpoints' LLaMA/DeepSeek `tokenizer.json`), special ids looked up by the Janus token strings.
 
@@ -178,7 +178,7 @@ class Tokenizer:
 
 # -- sentencepiece: the shapes-world tokenizer ------------------------------------------------
 
-SHAPES_MODEL_FILE = "shapes_sp.model"
+SHAPES_MODEL_FILE = "shapes_sp_v2.model"  # bump the version whenever shapes.corpus() changes
 # Pieces of the shapes model, by role; ids must equal the tiny preset's (`configs/models.py`).
 SHAPES_IDS = {"pad": 0, "bos": 1, "eos": 2, "image": 3, "boi": 4, "eoi": 5}
 SHAPES_UNK_ID = 6
@@ -266,7 +266,7 @@ def _check_shapes_ids(tok: SentencePieceTokenizer, path: pathlib.Path, vocab_siz
 
 def shapes_tokenizer(data_dir: str | os.PathLike, vocab_size: int | None = None,
                      system_prompt: str = "") -> SentencePieceTokenizer:
-    """The shapes-world tokenizer, cached as `<data_dir>/shapes_sp.model` (built when missing).
+    """The shapes-world tokenizer, cached as `<data_dir>/shapes_sp_v2.model` (built when missing).
 
     `vocab_size` caps the number of pieces (default 1024, the tiny preset's text vocab). The
     model is written to a temporary file and renamed into place, so a killed process never

@@ -17,7 +17,7 @@ from flax import nnx
 
 from unijax.inference.sampling import Sampling, sample
 from unijax.models.decoder import KVCache
-from unijax.models.janus import TEXT, Janus
+from unijax.models.janus import MMU, T2I, TEXT, Janus
 
 Array = jax.Array
 
@@ -36,7 +36,7 @@ def _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, *, max_
     mask = mask.astype(jnp.int32)
     positions = prompt_positions(mask)
     cache = KVCache.init(cfg, b, t + max_new_tokens)
-    h, cache = model(tokens, modality, positions, mask, pixels, cache)
+    h, cache = model(tokens, modality, positions, mask, pixels, cache, task=jnp.full_like(tokens, MMU))
     rng, key = jax.random.split(rng)
     first = sample(model.text_logits(h[:, -1]), key, sampling)
     out = jnp.full((b, max_new_tokens), cfg.text.pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -51,7 +51,8 @@ def _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, *, max_
         i, cache, out, done, pos, rng = carry
         prev = out[:, i - 1]
         x = model.language_model.embed_tokens(prev[:, None])
-        h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((b, 1), jnp.int32), cache,
+                                       task=jnp.full((b, 1), MMU, jnp.int32))
         rng, key = jax.random.split(rng)
         nxt = sample(model.text_logits(h[:, -1]), key, sampling)
         nxt = jnp.where(done, cfg.text.pad_token_id, nxt)
@@ -124,7 +125,7 @@ def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_t
     mask2 = jnp.concatenate([mask, mask], axis=0).astype(jnp.int32)
     positions = prompt_positions(mask2)
     cache = KVCache.init(cfg, 2 * b, t + num_tokens)
-    h, cache = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache)
+    h, cache = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache, task=jnp.full_like(rows, T2I))
 
     def pick(h, key):
         logits = model.image_logits(h[:, -1]).astype(jnp.float32)
@@ -138,7 +139,8 @@ def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_t
     def step(carry, key):
         code, cache, pos = carry
         x = model.embed_image_codes(jnp.concatenate([code, code])[:, None])
-        h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((2 * b, 1), jnp.int32), cache)
+        h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((2 * b, 1), jnp.int32), cache,
+                                       task=jnp.full((2 * b, 1), T2I, jnp.int32))
         nxt, logits = pick(h, key)
         return (nxt, cache, pos + 1), (nxt, logits)
 

@@ -90,6 +90,48 @@ class VQConfig:
         return self.grid**2
 
 
+GROUP_ASSIGNMENTS = ("label", "router", "soft")
+MOE_IMPLS = ("auto", "dropless", "capacity")
+FFNS = ("dense", "ta_moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """TA-MoE FFN settings (`unijax.models.moe`), read when `ffn == "ta_moe"`; the `moe.*` config keys."""
+
+    num_experts_per_group: int = 4
+    num_shared_experts: int = 1
+    top_k: int = 2
+    expert_intermediate_size: int = 0  # 0: the dense FFN's text.intermediate_size (upcycling copies it)
+    group_assignment: str = "label"  # label | router | soft
+    impl: str = "auto"  # auto (capacity on CPU/GPU, dropless on TPU) | dropless | capacity
+    capacity_factor: float = 1.25
+    alpha_init: float = 1.0
+    layers: tuple[int, ...] = ()  # decoder layers that get TA-MoE; empty = every layer
+
+    def validate(self, num_layers: int) -> "MoEConfig":
+        checks = [
+            (self.num_experts_per_group >= 1, "moe.num_experts_per_group must be >= 1"),
+            (self.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0"),
+            (1 <= self.top_k <= self.num_experts_per_group,
+             f"moe.top_k={self.top_k} must be in [1, moe.num_experts_per_group={self.num_experts_per_group}]"),
+            (self.expert_intermediate_size >= 0, "moe.expert_intermediate_size must be >= 0"),
+            (self.group_assignment in GROUP_ASSIGNMENTS,
+             f"moe.group_assignment={self.group_assignment!r} is not one of {'|'.join(GROUP_ASSIGNMENTS)}"),
+            (self.impl in MOE_IMPLS, f"moe.impl={self.impl!r} is not one of {'|'.join(MOE_IMPLS)}"),
+            (self.capacity_factor > 0, "moe.capacity_factor must be positive"),
+            (all(0 <= i < num_layers for i in self.layers),
+             f"moe.layers={self.layers} must index decoder layers 0..{num_layers - 1}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+    def is_moe_layer(self, index: int) -> bool:
+        return not self.layers or index in self.layers
+
+
 @dataclasses.dataclass(frozen=True)
 class JanusConfig:
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
@@ -98,6 +140,8 @@ class JanusConfig:
     image_token_id: int = 100581  # understanding-image placeholder
     boi_token_id: int = 100016  # begin of image
     eoi_token_id: int = 100593  # end of image
+    ffn: str = "dense"  # dense | ta_moe (unijax.models.moe; moe.* below)
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     # Runtime options: how parameters are stored and computed, never their values.
     dtype: str = "float32"  # activation / matmul dtype
     param_dtype: str = "float32"
@@ -115,7 +159,7 @@ class JanusConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> "JanusConfig":
         """Builds a config from a nested mapping, refusing unknown keys (named with `where`)."""
-        subs = {"text": TextConfig, "vision": VisionConfig, "vq": VQConfig}
+        subs = {"text": TextConfig, "vision": VisionConfig, "vq": VQConfig, "moe": MoEConfig}
         kw: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         for key, value in d.items():
@@ -200,6 +244,8 @@ class JanusConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The transformers `config.json` content for this architecture (float32 weights)."""
+        if self.ffn != "dense":
+            raise ValueError(f"model.ffn={self.ffn!r} has no transformers equivalent (only dense Janus models convert)")
         t, v, q = self.text, self.vision, self.vq
         return {
             "architectures": ["JanusForConditionalGeneration"],
@@ -253,10 +299,16 @@ class JanusConfig:
             (self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
              f"model.remat_policy={self.remat_policy!r} is not one of none|full|dots|dots_no_batch"),
             (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}"),
+            (self.ffn in FFNS, f"model.ffn={self.ffn!r} is not one of {'|'.join(FFNS)}"),
+            (not (self.ffn == "ta_moe" and self.scan_layers and self.moe.layers
+                  and set(self.moe.layers) != set(range(t.num_layers))),
+             "moe.layers selects some layers only: scanned layers must be identical; set model.scan_layers=False"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.ffn == "ta_moe":
+            self.moe.validate(t.num_layers)
         return self
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unijax.models.layers import Attention, RMSNorm, SwiGLU, attention_mask, embed
+from unijax.models.moe import TAMoE
 
 Array = jax.Array
 
@@ -53,19 +54,30 @@ class KVCache:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    """Pre-norm attention + FFN; the FFN is a SwiGLU, or a TA-MoE when `cfg.ffn == "ta_moe"` selects
+    this layer (`moe.layers`)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, index: int = 0):
         t = cfg.text
         self.input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype)
         self.self_attn = Attention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.mlp = SwiGLU(t.hidden_size, t.intermediate_size, rngs=rngs, bias=t.mlp_bias, dtype=cfg.dtype,
-                          param_dtype=cfg.param_dtype)
+        if cfg.ffn == "ta_moe" and cfg.moe.is_moe_layer(index):
+            self.mlp = TAMoE(cfg, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(t.hidden_size, t.intermediate_size, rngs=rngs, bias=t.mlp_bias, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype)
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, task=None, valid=None):
+        """-> (x, (k, v), aux): aux is the TA-MoE's dict, or {} for a dense FFN."""
         h, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, TAMoE):
+            h, aux = self.mlp(h, task, valid, exact=cache is not None)
+        else:
+            h, aux = self.mlp(h), {}
+        return x + h, kv, aux
 
 
 class Decoder(nnx.Module):
@@ -88,16 +100,19 @@ class Decoder(nnx.Module):
 
             self.layers = make(rngs)
         else:
-            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(t.num_layers)])
+            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, index=i) for i in range(t.num_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype)
 
-    def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None):
+    def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,
+                 task: Array | None = None):
         """Runs the stack on input embeddings.
 
         x `[batch, seq, embed]`, positions/segment_ids `[batch, seq]` (segment 0 = padding). The new
         tokens attend causally within their segment; with a cache, their keys/values are written
         at `cache.index` (in place when the cache is donated or loop-carried) and they attend to
-        every earlier written slot of their row. Returns (hidden `[batch, seq, embed]`, cache).
+        every earlier written slot of their row. `task [batch, seq]` (0 MMU, 1 T2I) is read by
+        TA-MoE layers that route by label. Returns (hidden `[batch, seq, embed]`, cache, aux): aux
+        stacks the TA-MoE layers' auxiliaries on a leading layer axis ({} for a dense model).
         """
         seq = x.shape[1]
         if cache is None:
@@ -109,8 +124,10 @@ class Decoder(nnx.Module):
             segment = jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32), (0, index))
             mask = attention_mask(segment_ids, segment, index + jnp.arange(seq), jnp.arange(cache.length))
 
+        valid = segment_ids > 0
+
         def run(layer, h, layer_cache):
-            return layer(h, positions, mask, layer_cache, index)
+            return layer(h, positions, mask, layer_cache, index, task, valid)
 
         if self.cfg.remat_policy != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat_policy])
@@ -121,16 +138,20 @@ class Decoder(nnx.Module):
 
             def body(h, xs):
                 layer_state, layer_cache = xs
-                return run(nnx.merge(graphdef, layer_state), h, layer_cache)
+                h, kv, aux = run(nnx.merge(graphdef, layer_state), h, layer_cache)
+                return h, (kv, aux)
 
-            x, (new_k, new_v) = jax.lax.scan(body, x, (state, None if cache is None else (cache.k, cache.v)))
+            x, ((new_k, new_v), aux) = jax.lax.scan(body, x, (state, None if cache is None else (cache.k, cache.v)))
         else:
-            new_k, new_v = [], []
+            new_k, new_v, auxes = [], [], []
             for i, layer in enumerate(self.layers):
-                x, (k, v) = run(layer, x, None if cache is None else (cache.k[i], cache.v[i]))
+                x, (k, v), a = run(layer, x, None if cache is None else (cache.k[i], cache.v[i]))
                 new_k.append(k)
                 new_v.append(v)
+                if a:
+                    auxes.append(a)
             new_k, new_v = tuple(new_k), tuple(new_v)
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
         if cache is not None:
             cache = KVCache(k=new_k, v=new_v, segment=segment, index=index + seq)
-        return self.norm(x), cache
+        return self.norm(x), cache, aux

@@ -22,7 +22,8 @@ from unijax.models.vq import VQModel
 
 Array = jax.Array
 
-TEXT, UND_IMAGE, GEN_IMAGE = 0, 1, 2
+TEXT, UND_IMAGE, GEN_IMAGE = 0, 1, 2  # per-token modality
+MMU, T2I = 0, 1  # per-token task (== TA-MoE group); unijax.data.pipeline uses the same ids
 
 
 class GenerationHead(nnx.Module):
@@ -80,13 +81,19 @@ class Janus(nnx.Module):
 
     # -- decoder and heads --------------------------------------------------------------
     def __call__(self, tokens: Array, modality: Array, positions: Array, segment_ids: Array,
-                 pixels: Array | None = None, cache: KVCache | None = None):
-        """Returns (final hidden states `[B, T, embed]`, cache)."""
+                 pixels: Array | None = None, cache: KVCache | None = None, task: Array | None = None,
+                 return_aux: bool = False):
+        """Returns (final hidden states `[B, T, embed]`, cache), plus the TA-MoE aux tree (layer-stacked;
+        `unijax.models.moe`) when `return_aux`. `task [B, T]` (0 MMU, 1 T2I) is needed by TA-MoE
+        layers routing by label."""
         x = self.embed_inputs(tokens, modality, pixels)
-        return self.language_model(x, positions, segment_ids, cache)
+        h, cache, aux = self.language_model(x, positions, segment_ids, cache, task)
+        return (h, cache, aux) if return_aux else (h, cache)
 
-    def decode_embeds(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None):
-        return self.language_model(x, positions, segment_ids, cache)
+    def decode_embeds(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,
+                      task: Array | None = None):
+        h, cache, _ = self.language_model(x, positions, segment_ids, cache, task)
+        return h, cache
 
     def text_logits(self, h: Array) -> Array:
         return self.lm_head(h)

@@ -33,7 +33,7 @@ from unijax.training.optimizer import learning_rate, make_optimizer
 from unijax.training.params import count, split_trainable
 
 ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
-RUNTIME_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+RUNTIME_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")  # never change values
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,8 +43,6 @@ class NonFiniteLossError(FloatingPointError):
 def model_config(config) -> JanusConfig:
     """`model.preset` with every set (non-None) `model.*` architecture key and the runtime keys on top."""
     m = config.model
-    if m.ffn != "dense":
-        raise ValueError(f"model.ffn={m.ffn!r}: only 'dense' exists so far")
     if m.lora:
         raise ValueError(f"model.lora={m.lora}: LoRA is not available yet; set model.lora=0")
     overrides: dict[str, Any] = {}
@@ -57,6 +55,11 @@ def model_config(config) -> JanusConfig:
         elif value is not None:
             overrides[key] = value
     overrides.update({k: m[k] for k in RUNTIME_KEYS})
+    overrides["ffn"] = m.ffn
+    if m.ffn == "ta_moe":
+        moe = config.moe.to_dict()
+        moe["layers"] = tuple(moe["layers"] or ())
+        overrides["moe"] = moe
     return preset(m.preset, **overrides)
 
 
@@ -94,10 +97,10 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     validate(config)
     cfg = model_config(config)
     mesh = sharding.make_mesh(config.mesh, devices)
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_batch_shards = sharding.num_batch_shards(mesh)
     if config.train.batch_size % n_batch_shards:
-        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by mesh.data x mesh.fsdp "
-                         f"= {n_batch_shards}")
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by mesh.data x mesh.fsdp x "
+                         f"mesh.expert = {n_batch_shards}")
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = MetricLogger(workdir, config.train.steps)
@@ -161,44 +164,45 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     window: list[dict] = []
     t_window, tokens_window = time.perf_counter(), 0
     metrics: dict[str, float] = {}
-    try:
-        for step in range(start + 1, config.train.steps + 1):
-            batch = next(data_iter)
-            skipped += int(np.sum(batch["bad"]))
-            tokens_window += pipeline.tokens_in(batch)
-            device_batch = sharding.put_batch({k: batch[k] for k in pipeline.BATCH_KEYS}, mesh)
-            state, step_metrics = train_step(state, frozen, device_batch)
-            step_metrics = _to_host(step_metrics)
-            if not np.isfinite(step_metrics["loss"]):
-                last = ckpts.latest_step()
-                where = f"{ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
-                raise NonFiniteLossError(f"non-finite loss {step_metrics['loss']} at step {step}; last good "
-                                         f"checkpoint: {where}. Lower train.learning_rate or raise "
-                                         f"train.warmup_steps")
-            window.append(step_metrics)
-            if step % config.train.log_every == 0 or step == config.train.steps:
-                elapsed = time.perf_counter() - t_window
-                metrics = _window_mean(window)
-                metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)
-                metrics["skipped_records"] = skipped
-                log.write(step, metrics)
-                log.progress(step, metrics, metrics["tokens_per_s"])
-                window, t_window, tokens_window = [], time.perf_counter(), 0
-            if evaluator is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
-                scores = evaluator(state["params"], frozen)
-                log.write(step, scores, prefix="eval/")
-                log.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-                metrics.update({"eval/" + k: v for k, v in scores.items()})
-            if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-                ckpts.save(step, state, data_iter)
-        ckpts.wait()
-        _export(workdir / "model", graphdef, state["params"], frozen)
-        log.info(f"model written to {workdir / 'model'}")
-    finally:
-        ckpts.close()
-        if hasattr(data_iter, "close"):  # stops grain's prefetch thread / worker processes
-            data_iter.close()
-        log.close()
+    with jax.set_mesh(mesh):  # the TA-MoE layer reads the mesh to place its expert buffers
+        try:
+            for step in range(start + 1, config.train.steps + 1):
+                batch = next(data_iter)
+                skipped += int(np.sum(batch["bad"]))
+                tokens_window += pipeline.tokens_in(batch)
+                device_batch = sharding.put_batch({k: batch[k] for k in pipeline.BATCH_KEYS}, mesh)
+                state, step_metrics = train_step(state, frozen, device_batch)
+                step_metrics = _to_host(step_metrics)
+                if not np.isfinite(step_metrics["loss"]):
+                    last = ckpts.latest_step()
+                    where = f"{ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
+                    raise NonFiniteLossError(f"non-finite loss {step_metrics['loss']} at step {step}; last good "
+                                             f"checkpoint: {where}. Lower train.learning_rate or raise "
+                                             f"train.warmup_steps")
+                window.append(step_metrics)
+                if step % config.train.log_every == 0 or step == config.train.steps:
+                    elapsed = time.perf_counter() - t_window
+                    metrics = _window_mean(window)
+                    metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)
+                    metrics["skipped_records"] = skipped
+                    log.write(step, metrics)
+                    log.progress(step, metrics, metrics["tokens_per_s"])
+                    window, t_window, tokens_window = [], time.perf_counter(), 0
+                if evaluator is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
+                    scores = evaluator(state["params"], frozen)
+                    log.write(step, scores, prefix="eval/")
+                    log.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in scores.items() if "/" not in k))
+                    metrics.update({"eval/" + k: v for k, v in scores.items()})
+                if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                    ckpts.save(step, state, data_iter)
+            ckpts.wait()
+            _export(workdir / "model", graphdef, state["params"], frozen)
+            log.info(f"model written to {workdir / 'model'}")
+        finally:
+            ckpts.close()
+            if hasattr(data_iter, "close"):  # stops grain's prefetch thread / worker processes
+                data_iter.close()
+            log.close()
     return metrics
 
 

@@ -7,6 +7,14 @@ token (understanding); `CE_image` the mean cross-entropy of the image head over 
 next token is a generated-image code (generation). Both are token means over the global batch.
 Generated-image codes are not in the batch: the frozen VQ tokenizer encodes the pixels carried at
 `GEN_IMAGE` positions inside the step, and the codes fill those token slots.
+
+A TA-MoE model (`model.ffn = "ta_moe"`) adds its router losses (`moe_losses`):
+
+    L += gamma * L_group + beta * L_balance + zeta * L_z
+
+`L_group` is the task router's cross-entropy against each token's task, `L_balance` the Switch
+load-balancing loss inside each expert group and `L_z` the router z-loss, each averaged over the
+non-padding tokens and the TA-MoE layers.
 """
 
 from __future__ import annotations
@@ -72,11 +80,32 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
 
 
 def lm_forward(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
-    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`)."""
+    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, TA-MoE aux)."""
     tokens, pixels = prepare_inputs(model, batch, images_per_row)
-    h, _ = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels)
+    h, _, aux = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels,
+                      task=batch["task"], return_aux=True)
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    return model.text_logits(h), model.image_logits(h), targets
+    return model.text_logits(h), model.image_logits(h), targets, aux
+
+
+def router_hits(aux, batch: dict[str, Array]) -> tuple[Array, Array]:
+    """-> (task-router hits per layer and row `[L, B]`, non-padding tokens per row `[B]`)."""
+    valid = batch["segment_ids"] > 0
+    hit = (jnp.argmax(aux["task_logits"], axis=-1) == batch["task"][None]) & valid[None]
+    return jnp.sum(hit, axis=-1).astype(jnp.float32), jnp.sum(valid, axis=-1).astype(jnp.float32)
+
+
+def moe_losses(aux, batch: dict[str, Array], *, top_k: int) -> dict[str, Array]:
+    """The TA-MoE router losses and statistics from the layer-stacked aux tree (module docstring)."""
+    valid = (batch["segment_ids"] > 0).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(valid), 1.0)
+    ce = cross_entropy(aux["task_logits"], jnp.broadcast_to(batch["task"], aux["task_logits"].shape[:-1]))
+    hits, _ = router_hits(aux, batch)
+    layers = aux["balance"].shape[0]
+    return {"loss_group": jnp.mean(jnp.sum(ce * valid[None], axis=(1, 2)) / n),
+            "loss_balance": jnp.mean(aux["balance"]), "loss_z": jnp.mean(aux["z"]),
+            "router_acc": jnp.sum(hits) / (n * layers),
+            "dropped_frac": jnp.sum(aux["dropped"]) / (n * top_k * layers), "alpha": jnp.mean(aux["alpha"])}
 
 
 def _masked_mean(x: Array, w: Array) -> tuple[Array, Array]:
@@ -85,16 +114,22 @@ def _masked_mean(x: Array, w: Array) -> tuple[Array, Array]:
 
 
 def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int], text_weight: float = 1.0,
-            image_weight: float = 1.0):
+            image_weight: float = 1.0, group_weight: float = 0.0, balance_weight: float = 0.0,
+            z_weight: float = 0.0):
     """Returns (loss, metrics) for a mixed understanding + generation batch (module docstring)."""
-    text_logits, image_logits, targets = lm_forward(model, batch, images_per_row)
+    text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row)
     k = model.cfg.vq.num_embeddings
     ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"])
     ce_image, n_image = _masked_mean(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)),
                                      batch["image_weights"])
     loss = text_weight * ce_text + image_weight * ce_image
-    metrics = {"loss": loss, "loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text,
+    metrics = {"loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text,
                "image_tokens": n_image, "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
+    if aux:
+        m = moe_losses(aux, batch, top_k=model.cfg.moe.top_k)
+        loss = loss + group_weight * m["loss_group"] + balance_weight * m["loss_balance"] + z_weight * m["loss_z"]
+        metrics.update(m)
+    metrics["loss"] = loss
     return loss, metrics
 
 
@@ -104,11 +139,15 @@ def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     A row's answer is correct iff the argmax at every answer position is the target: exactly the
     condition for greedy decoding to reproduce the answer (and its eos), at a single forward pass.
     """
-    text_logits, image_logits, targets = lm_forward(model, batch, images_per_row)
+    text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row)
     k = model.cfg.vq.num_embeddings
     tw, iw = batch["text_weights"], batch["image_weights"]
     hit = (jnp.argmax(text_logits, axis=-1) == targets) | (tw == 0)
-    return {"answered": jnp.any(tw > 0, axis=1), "correct": jnp.all(hit, axis=1) & jnp.any(tw > 0, axis=1),
+    out = {}
+    if aux:  # TA-MoE: task-router hits per row and layer, expert loads of the batch (a leading axis of 1)
+        hits, tokens = router_hits(aux, batch)
+        out = {"router_hits": hits.T, "router_tokens": tokens, "expert_load": aux["load"][None]}
+    return out | {"answered": jnp.any(tw > 0, axis=1), "correct": jnp.all(hit, axis=1) & jnp.any(tw > 0, axis=1),
             "text_ce_sum": jnp.sum(cross_entropy(text_logits, targets) * tw, axis=1), "text_tokens": jnp.sum(tw, 1),
             "image_ce_sum": jnp.sum(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)) * iw, axis=1),
             "image_tokens": jnp.sum(iw, axis=1)}

@@ -26,7 +26,9 @@ def objective(config, images_per_row: tuple[int, int]):
     """-> (loss_fn(model, batch) -> (loss, metrics), eval_fn(model, batch) -> per-row metrics)."""
     if config.objective == "lm":
         loss_fn = functools.partial(losses.lm_loss, images_per_row=images_per_row,
-                                    text_weight=config.loss.text_weight, image_weight=config.loss.image_weight)
+                                    text_weight=config.loss.text_weight, image_weight=config.loss.image_weight,
+                                    group_weight=config.loss.group_weight,
+                                    balance_weight=config.loss.balance_weight, z_weight=config.loss.z_weight)
         return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row)
     if config.objective == "vq":
         def vq_fn(model, batch):
@@ -112,6 +114,16 @@ class Evaluator:
             sel = answered & (r["kind"] == i)
             if sel.any():
                 scores[f"accuracy_{kind}"] = float(r["correct"][sel].mean())
+        if "router_hits" in r:  # TA-MoE: task-router accuracy per layer, expert load shares per group
+            acc = r["router_hits"].sum(0) / max(r["router_tokens"].sum(), 1)
+            scores["router_acc"] = float(acc.mean())
+            scores.update({f"router_acc/layer{i}": float(a) for i, a in enumerate(acc)})
+            load = r["expert_load"].sum(0)                              # [L, 2N]
+            n = load.shape[1] // 2
+            for i, row in enumerate(load):
+                for g, name in enumerate(("mmu", "t2i")):
+                    share = row[g * n:(g + 1) * n] / max(row[g * n:(g + 1) * n].sum(), 1)
+                    scores.update({f"load/layer{i}/{name}{e}": float(v) for e, v in enumerate(share)})
         return scores
 
     def _vq(self, params, frozen) -> dict[str, float]:
