@@ -73,20 +73,20 @@ def test_patches_reassemble_the_image(tok, cfg):
 def test_packed_rows_give_the_same_loss(tok, cfg):
     """A packed batch (several samples per row, segment masking, restarted positions) gives the same
     per-task losses as the same samples one per row. Tolerance 1e-5 relative (float32)."""
-    layout = pipeline.Layout.from_model(cfg, 96)
+    layout = pipeline.Layout.from_model(cfg, 128)
     src = [datasets.ShapesSource("mmu", 3, 32)[i] for i in range(3)] + \
           [datasets.ShapesSource("t2i", 3, 32)[i] for i in range(3)]
     samples = [pipeline.encode_sample(s, tok, layout) for s in src]
-    padded = [pipeline.pad_sample(s, 96) for s in samples]
+    padded = [pipeline.pad_sample(s, 128) for s in samples]
     unpacked = {k: np.stack([p[k] for p in padded]) for k in padded[0] if k != "kind"}
-    # pack pairs by hand into rows of 192
+    # pack pairs by hand into rows of 256
     rows = []
     for a, b in ((0, 3), (1, 4), (2, 5)):
         row = {k: np.concatenate([samples[a][k], samples[b][k]]) for k in pipeline.SEQ_FEATURES}
         n_a, n_b = len(samples[a]["tokens"]), len(samples[b]["tokens"])
-        row = {k: np.pad(v, [(0, 192 - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in row.items()}
-        row["segment_ids"] = np.pad(np.r_[np.ones(n_a), 2 * np.ones(n_b)], (0, 192 - n_a - n_b)).astype(np.int32)
-        row["positions"] = np.pad(np.r_[np.arange(n_a), np.arange(n_b)], (0, 192 - n_a - n_b)).astype(np.int32)
+        row = {k: np.pad(v, [(0, 256 - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in row.items()}
+        row["segment_ids"] = np.pad(np.r_[np.ones(n_a), 2 * np.ones(n_b)], (0, 256 - n_a - n_b)).astype(np.int32)
+        row["positions"] = np.pad(np.r_[np.arange(n_a), np.arange(n_b)], (0, 256 - n_a - n_b)).astype(np.int32)
         rows.append(row)
     packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     model = Janus(cfg, rngs=nnx.Rngs(0))

@@ -178,6 +178,7 @@ def test_hand_written_scene_questions():
             "is the blue square to the right of the red circle?": "yes",
             "is the blue square to the left of the red circle?": "no",
         },
+        "caption": {S.CAPTION_QUESTION: "a red circle and a blue square"},
     }
     seen = collections.defaultdict(set)
     truth = {"circle": "red", "square": "blue", "triangle": None}

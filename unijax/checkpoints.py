@@ -19,7 +19,6 @@ import shutil
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
