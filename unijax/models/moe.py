@@ -36,8 +36,8 @@ We use sharding constraints rather than `shard_map` so that the same code runs u
 mesh (expert = 1 included) and composes with fsdp/tensor sharding of the expert weights.
 
 The layer returns `(y, aux)`; aux holds the task-router logits (for `L_group`), the Switch
-load-balancing loss within each group, the router z-loss, per-expert loads and the number of
-dropped assignments.
+load-balancing loss within each group, the router z-loss, per-expert loads (also split by the
+tokens' task when `task` is given: `load_by_task [2, 2N]`) and the number of dropped assignments.
 """
 
 from __future__ import annotations
@@ -185,16 +185,17 @@ class TAMoE(nnx.Module):
         keep = valid & (pos < cap)
         slot = jnp.where(keep, a_ids * cap + pos, nx * cap)                       # nx*cap: the trash slot
         token = jnp.tile(jnp.arange(sg), kk)[None].repeat(groups, 0)
-        src = jnp.full((groups, nx * cap + 1), sg, jnp.int32)
-        src = src.at[jnp.arange(groups)[:, None], slot].set(token)[:, : nx * cap]
+        # scatter / gathers vmapped over the dispatch groups: each stays local to its group's shard (a
+        # batched-index scatter is replicated by the partitioner, which all-gathers every token everywhere)
+        src = jax.vmap(lambda sl, tk: jnp.full((nx * cap + 1,), sg, jnp.int32).at[sl].set(tk)[: nx * cap])(slot, token)
         xpad = jnp.concatenate([xg, jnp.zeros((groups, 1, e), xg.dtype)], axis=1)
-        buf = jnp.take_along_axis(xpad, src[..., None], axis=1).reshape(groups, nx, cap, e)
+        buf = jax.vmap(lambda xp, sr: xp[sr])(xpad, src).reshape(groups, nx, cap, e)
         spec = (tuple(a for a in axes if a != "expert") or None, "expert" if ep else None, None, None)
         buf = _constrain(buf, spec)                                               # all-to-all to experts
         out = _constrain(self.experts.batched(buf), spec)
         out = _constrain(out.reshape(groups, nx * cap, e), (axes or None, None, None))  # and back
         out = jnp.concatenate([out, jnp.zeros((groups, 1, e), out.dtype)], axis=1)
-        ya = jnp.take_along_axis(out, slot[..., None], axis=1)                    # [G, A, E]
+        ya = jax.vmap(lambda o, sl: o[sl])(out, slot)                            # [G, A, E]
         ya = ya.reshape(groups, kk, sg, e).transpose(0, 2, 1, 3).reshape(s, kk, e)
         y = jnp.einsum("ske,sk->se", ya, gates.astype(ya.dtype))
         return y, jnp.sum(valid & ~keep).astype(jnp.float32)
@@ -235,4 +236,7 @@ class TAMoE(nnx.Module):
         z = jnp.sum(jnp.sum(in_group * lse**2, axis=-1)) / jnp.maximum(jnp.sum(w), 1)
         aux = {"task_logits": task_logits.reshape(b, t, 2), "balance": balance, "z": z, "load": load,
                "dropped": dropped, "alpha": self.alpha[...].astype(jnp.float32)}
+        if task is not None:  # assignments per expert from the tokens of each task (expert-load plots)
+            by_task = jax.nn.one_hot(task.reshape(-1), 2, dtype=jnp.float32) * w[:, None]  # [S, 2]
+            aux["load_by_task"] = jnp.einsum("st,sx->tx", by_task, chosen)
         return y.reshape(b, t, e), aux
