@@ -58,11 +58,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
     return train_step
 
 
+def heldout_batches(config, tokenizer, layout: pipeline.Layout, kinds) -> list[dict]:
+    """`train.eval_batches` host batches of held-out shapes scenes (scene seed `config.seed +
+    Evaluator.EVAL_SEED_OFFSET`, which the training stream never uses), one question per image."""
+    seed = config.seed + Evaluator.EVAL_SEED_OFFSET
+    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, turns=1)
+    ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
+                          seed=seed, packing=False, kinds=kinds)
+    it = iter(ds)
+    return [next(it) for _ in range(config.train.eval_batches)]
+
+
 class Evaluator:
     """Held-out shapes scenes (a seed the training stream never uses), evaluated every
     `train.eval_every` steps.
 
-    lm: understanding accuracy (exact-match answers, overall and per question kind) and the
+    lm: understanding accuracy (exact-match answers, overall and per question kind) next to the
+    image-blind baseline's (`shapes.blind_baseline`: chance for this question mix), and the
     image-code loss. vq: reconstruction error, and the share of reconstructions on which the
     detector finds exactly the scene's objects.
     """
@@ -76,13 +88,14 @@ class Evaluator:
         self.objective = config.objective
         if self.objective == "lm":
             self.layout = layout
-            dsets, weights = datasets.task_datasets(config.data, layout.image_size, self.seed, turns=1)
-            ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout,
-                                  batch_size=config.train.batch_size, seed=self.seed, packing=False, kinds=kinds)
-            it = iter(ds)
-            self.batches = [next(it) for _ in range(config.train.eval_batches)]
+            self.batches = heldout_batches(config, tokenizer, layout, kinds)
             self.device_batches = [{k: b[k] for k in pipeline.BATCH_KEYS} for b in self.batches]
             self._fn = jax.jit(lambda p, f, b: eval_fn(nnx.merge(graphdef, p, f), b))
+            # the image-blind answerer's accuracy on this question mix: the chance level to beat
+            blind = dict(shapes.blind_baseline(datasets.question_kinds(config.data) or None, seed=self.seed,
+                                               fit=10000, held_out=2000))
+            self.blind = {"blind_accuracy": blind.pop("accuracy")}
+            self.blind.update({f"blind/{k}": v for k, v in blind.items()})
         else:
             size = layout.image_size
             self.scenes = [shapes.scene_at(self.seed, i, size) for i in range(n)]
@@ -109,7 +122,8 @@ class Evaluator:
         answered = r["answered"].astype(bool)
         scores = {"accuracy": float(r["correct"][answered].mean()) if answered.any() else float("nan"),
                   "loss_text": float(r["text_ce_sum"].sum() / max(r["text_tokens"].sum(), 1)),
-                  "loss_image": float(r["image_ce_sum"].sum() / max(r["image_tokens"].sum(), 1))}
+                  "loss_image": float(r["image_ce_sum"].sum() / max(r["image_tokens"].sum(), 1)),
+                  **self.blind}
         for i, kind in enumerate(self.kinds):
             sel = answered & (r["kind"] == i)
             if sel.any():

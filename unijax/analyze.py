@@ -1,0 +1,244 @@
+"""Analysis of a trained model checkpoint: `python -m unijax.analyze <command> --ckpt CKPT [...]`.
+
+    python -m unijax.analyze experts --ckpt workdir/ta_moe/model [--out DIR] [--num_batches N]
+        [--batch_size B] [--seed S] [--data_dir D]
+
+`experts` (TA-MoE checkpoints only): task-router accuracy and confidence, expert loads per group
+and token task, dropped assignments and the shared-expert alpha of every TA-MoE layer
+(`unijax.inference.experts.expert_stats`), on held-out shapes batches of both tasks: the batches
+`training.steps.Evaluator` evaluates (scene seed `S + Evaluator.EVAL_SEED_OFFSET`, which the
+training stream of seed S never uses). Writes `DIR/experts.json` and `DIR/experts.png` (each
+replaced atomically, both only once both are complete) and prints a table.
+
+Defaults come from the run that wrote the checkpoint: `<CKPT>/../config.json` (the training
+config `unijax.training.loop` writes into its workdir; `configs/common.py` values where it is
+missing): `--seed` = its `seed`, `--batch_size` = `train.batch_size`, `--num_batches` =
+`train.eval_batches`, `--data_dir` (where the shapes tokenizer is cached) = `data.dir`, and the
+data mix and layout (`data.*`; a task the run left out gets ratio 1: routing statistics need
+both tasks). `--out` defaults to `<CKPT>/../analysis` (for `workdir/ta_moe/model`:
+`workdir/ta_moe/analysis`).
+
+Evaluation runs on one device without a mesh: the `capacity` dispatch then uses one dispatch
+group for the whole batch, so `dropped_frac` can differ slightly from training on a data mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+import ml_collections
+import numpy as np
+
+COMMANDS = ("experts",)  # `attention` to come
+
+
+# -- the run's config and held-out data -----------------------------------------------------------
+def _common_config() -> ml_collections.ConfigDict:
+    from unijax.models.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("unijax_configs_common", REPO_ROOT / "configs" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def run_config(ckpt) -> tuple[ml_collections.ConfigDict, pathlib.Path | None]:
+    """(training config of the run that wrote `ckpt`, the config.json it came from or None):
+    `configs/common.py` defaults with `seed`, `data.*`, `train.batch_size` and `train.eval_batches`
+    from `<ckpt>/../config.json` when it exists."""
+    c = _common_config()
+    path = pathlib.Path(ckpt).absolute().parent / "config.json"
+    if not path.is_file():
+        return c, None
+    try:
+        saved = json.loads(path.read_text())
+        c.seed = int(saved.get("seed", c.seed))
+        c.data.update({k: v for k, v in saved.get("data", {}).items() if k in c.data})
+        c.train.update({k: v for k, v in saved.get("train", {}).items() if k in ("batch_size", "eval_batches")})
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable unijax training config ({e}); move it away to use the "
+                         f"configs/common.py defaults") from e
+    return c, path
+
+
+def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, data_dir: str):
+    """(held-out shapes batches of both tasks, images_per_row, scene seed): `steps.Evaluator`'s
+    batches for a run with `seed`, `train.batch_size = batch_size`, `train.eval_batches =
+    num_batches`. The run's task mix is kept, except that a task it left out (ratio 0) gets ratio 1:
+    routing statistics need tokens of both tasks."""
+    from unijax.data import pipeline, shapes
+    from unijax.data.tokenizer import check_compatible, load_tokenizer
+    from unijax.training import steps
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.objective = "lm"
+    config.seed = seed
+    config.data.source = "shapes"
+    config.data.dir = data_dir
+    config.train.batch_size = batch_size
+    config.train.eval_batches = num_batches
+    for key in ("und_ratio", "gen_ratio"):
+        if not config.data[key] > 0:
+            config.data[key] = 1.0
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.dir)
+    check_compatible(tokenizer, cfg)
+    layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
+    batches = steps.heldout_batches(config, tokenizer, layout, tuple(shapes.KINDS))
+    return batches, layout.images_per_row(False), seed + steps.Evaluator.EVAL_SEED_OFFSET
+
+
+# -- outputs -----------------------------------------------------------------------------------------
+def _fmt(v, width=7, digits=3) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
+def experts_table(stats: dict) -> str:
+    """One row per TA-MoE layer: router accuracy and p(own group), per-group load entropy (H / log N
+    over all tokens, 1 = uniform) and largest expert share (uniform = 1/N), dropped, alpha."""
+    n = stats["num_experts_per_group"]
+    head = (f"{'layer':>5} {'acc_mmu':>7} {'acc_t2i':>7} {'acc_all':>7} {'p_mmu':>7} {'p_t2i':>7} "
+            f"{'H_mmu':>7} {'max_mmu':>7} {'H_t2i':>7} {'max_t2i':>7} {'dropped':>7} {'alpha':>7}")
+    lines = [f"TA-MoE experts: {n} per group, top-{stats['top_k']}, group_assignment={stats['group_assignment']}; "
+             f"tokens mmu={stats['tokens']['mmu']} t2i={stats['tokens']['t2i']}; uniform load 1/N = {1 / n:.3f}",
+             head]
+    for r in stats["layers"]:
+        acc, p, ent = r["router_acc"], r["router_prob"], r["load_entropy"]
+        mx = {g: max(r["expert_load"][g]["all_tokens"]) for g in ("mmu_group", "t2i_group")}
+        lines.append(f"{r['layer']:>5} {_fmt(acc['mmu'])} {_fmt(acc['t2i'])} {_fmt(acc['all'])} {_fmt(p['mmu'])} "
+                     f"{_fmt(p['t2i'])} {_fmt(ent['mmu_group'])} {_fmt(mx['mmu_group'])} {_fmt(ent['t2i_group'])} "
+                     f"{_fmt(mx['t2i_group'])} {_fmt(r['dropped_frac'], digits=4)} {_fmt(r['alpha'])}")
+    return "\n".join(lines)
+
+
+def plot_experts(stats: dict, path, title: str = "") -> None:
+    """Writes a PNG: router accuracy per layer and task on top; below, one row per TA-MoE layer
+    with the expert loads of the MMU group (left) and the T2I group (right), MMU tokens vs T2I
+    tokens, and the uniform load 1/N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, n = stats["layers"], stats["num_experts_per_group"]
+    layers = [r["layer"] for r in rows]
+    fig = plt.figure(figsize=(10, 3.0 + 2.0 * len(rows)), layout="constrained")
+    grid = fig.add_gridspec(1 + len(rows), 2, height_ratios=[1.5] + [1] * len(rows))
+    ax = fig.add_subplot(grid[0, :])
+    for key, style in (("mmu", "o-"), ("t2i", "s-"), ("all", "k--")):
+        acc = [np.nan if r["router_acc"][key] is None else r["router_acc"][key] for r in rows]
+        ax.plot(layers, acc, style, label=f"{key} tokens")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(layers)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("task-router accuracy")
+    ax.set_title(title or "TA-MoE task router")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    x = np.arange(n)
+    for i, r in enumerate(rows):
+        for g, group in enumerate(("mmu", "t2i")):
+            ax = fig.add_subplot(grid[1 + i, g])
+            cell = r["expert_load"][f"{group}_group"]
+            ax.bar(x - 0.2, cell["mmu_tokens"], 0.4, label="MMU tokens")
+            ax.bar(x + 0.2, cell["t2i_tokens"], 0.4, label="T2I tokens")
+            ax.axhline(1 / n, color="k", ls="--", lw=0.8, label="uniform 1/N")
+            top = max([1 / n, *cell["mmu_tokens"], *cell["t2i_tokens"]])
+            ax.set_ylim(0, min(1.05, 1.2 * top))
+            ax.set_xticks(x)
+            got = [r["group_share"][f"{t}_tokens"][f"{group}_group"] for t in ("mmu", "t2i")]
+            got = "/".join("-" if v is None else f"{v:.0%}" for v in got)
+            ax.set_title(f"layer {r['layer']}: {group.upper()} experts (get {got} of MMU/T2I slots)", fontsize=9)
+            if g == 0:
+                ax.set_ylabel("load share")
+            if i == len(rows) - 1:
+                ax.set_xlabel("expert (within group)")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
+
+
+def write_outputs(out: pathlib.Path, files: dict) -> None:
+    """files: {name: writer(path)}. Each is written to a hidden temporary beside its target; the
+    targets are replaced only after every writer succeeded (none are touched on failure)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmps = {}
+    try:
+        for name, write in files.items():
+            tmp = out / f".{name}.partial"
+            tmps[name] = tmp
+            write(tmp)
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def experts(args) -> dict:
+    from unijax import checkpoints
+    from unijax.inference.experts import expert_stats
+
+    ckpt = pathlib.Path(args.ckpt)
+    cfg = checkpoints.read_config(ckpt)
+    if cfg.ffn != "ta_moe":
+        raise ValueError(f"{ckpt} is a dense checkpoint ({ckpt / 'model.json'}: ffn={cfg.ffn!r}): it has no experts "
+                         f"to analyse. `analyze experts` needs a TA-MoE model (ffn='ta_moe'), e.g. the "
+                         f"workdir/ta_moe/model written by `python -m unijax.train --config configs/ta_moe.py`")
+    config, config_path = run_config(ckpt)
+    seed = config.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or config.train.batch_size
+    num_batches = args.num_batches or config.train.eval_batches
+    data_dir = args.data_dir or config.data.dir
+    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis"
+    if config_path is None:
+        print(f"no {ckpt.absolute().parent / 'config.json'}: data settings from configs/common.py")
+    batches, images_per_row, data_seed = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir)
+    model = checkpoints.load_model(ckpt)
+    stats = expert_stats(model, batches, images_per_row)
+    stats = {"checkpoint": str(ckpt.absolute()), "run_config": str(config_path) if config_path else None,
+             "seed": seed, "data_seed": data_seed, "num_batches": num_batches, "batch_size": batch_size, **stats}
+    write_outputs(out, {
+        "experts.json": lambda p: p.write_text(json.dumps(stats, indent=2) + "\n"),
+        "experts.png": lambda p: plot_experts(stats, p, title=f"{ckpt}: TA-MoE task router"),
+    })
+    print(experts_table(stats))
+    print(f"wrote {out / 'experts.json'} and {out / 'experts.png'}")
+    return stats
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m unijax.analyze", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    e = sub.add_parser("experts", help="TA-MoE router accuracy and expert loads on held-out shapes batches")
+    e.add_argument("--ckpt", required=True, help="unijax model checkpoint directory (e.g. workdir/ta_moe/model)")
+    e.add_argument("--out", default=None, help="output directory (default: <ckpt>/../analysis)")
+    e.add_argument("--num_batches", type=int, default=None, help="default: the run's train.eval_batches")
+    e.add_argument("--batch_size", type=int, default=None, help="default: the run's train.batch_size")
+    e.add_argument("--seed", type=int, default=None,
+                   help="training seed S; the held-out scenes use S + 1000003 (default: the run's seed)")
+    e.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
+    e.set_defaults(run=experts)
+    return p
+
+
+def main(argv=None):
+    """Parses `argv` (default: sys.argv[1:]) and runs the command; returns its result."""
+    args = parser().parse_args(argv)
+    for key in ("num_batches", "batch_size"):
+        if getattr(args, key, None) is not None and getattr(args, key) <= 0:
+            raise ValueError(f"--{key}={getattr(args, key)} must be positive")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
