@@ -328,3 +328,14 @@ def test_corpus_covers_fresh_samples_and_is_fast():
     missing = _words(fresh) - _words(corpus)
     assert not missing
     assert set("".join(fresh)) <= set("".join(corpus))
+
+
+def test_blind_baseline():
+    """The image-blind answerer: always right where the text gives the answer away, near the colour
+    prior where it does not, deterministic."""
+    assert S.blind_baseline(("exist_positive",), fit=200, held_out=200)["accuracy"] == 1.0
+    colour = S.blind_baseline(("colour",), fit=2000, held_out=1000)["accuracy"]
+    assert 0.12 < colour < 0.35, colour  # the most frequent colour (22%), not 1/6 and not the image
+    both = S.blind_baseline(("exist_positive", "colour"), fit=2000, held_out=1000)
+    assert both["accuracy_exist_positive"] == 1.0 and both["accuracy_colour"] < 0.35
+    assert both == S.blind_baseline(("exist_positive", "colour"), fit=2000, held_out=1000)

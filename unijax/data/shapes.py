@@ -55,6 +55,7 @@ Text (all lowercase, no trailing spaces)
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import functools
 import itertools
@@ -517,6 +518,40 @@ def answer_is_yes(text: str) -> bool:
     first = text.strip().lower().split(".")[0]
     words = "".join(ch if ch.isalnum() else " " for ch in first).split()
     return not ("no" in words or "not" in words)
+
+
+@functools.lru_cache(maxsize=8)
+def blind_baseline(kinds: tuple[str, ...] | None = None, *, seed: int = 0, fit: int = 20000,
+                   held_out: int = 4000) -> dict[str, float]:
+    """Accuracy of the best image-blind answerer: what "chance" means for this question mix.
+
+    The answerer sees only the question text: it answers each question with its most frequent
+    answer over `fit` sampled training questions (the kind's most frequent answer when the exact
+    text was never seen). It knows the world's priors (shape / colour frequencies, how often each
+    count occurs, the letter layouts of multiple-choice options), so a model must beat it, not
+    1/num_answers, to show it reads the image. Returns {"accuracy": ..., "accuracy_<kind>": ...}
+    over `held_out` questions sampled like the training stream (`sample_question`)."""
+    rng = np.random.default_rng([seed, 77])
+    by_text: dict[str, Counter] = collections.defaultdict(Counter)
+    by_kind: dict[str, Counter] = collections.defaultdict(Counter)
+    def sample() -> QA:
+        while True:  # scenes that admit none of `kinds` (e.g. colour with two circles) are not asked
+            scene = sample_scene(rng)
+            if any(_applicable(scene, k) for k in _check_kinds(kinds)):
+                return sample_question(scene, rng, kinds)
+
+    for _ in range(fit):
+        qa = sample()
+        by_text[qa.question][qa.answer] += 1
+        by_kind[qa.kind][qa.answer] += 1
+    hits: dict[str, list[bool]] = collections.defaultdict(list)
+    for _ in range(held_out):
+        qa = sample()
+        table = by_text.get(qa.question) or by_kind[qa.kind]
+        hits[qa.kind].append(bool(table) and table.most_common(1)[0][0] == qa.answer)
+    out = {"accuracy": float(np.mean([h for v in hits.values() for h in v]))}
+    out.update({f"accuracy_{k}": float(np.mean(v)) for k, v in hits.items()})
+    return out
 
 
 _GENEVAL_NAMES = ("Detection", "detect", "score", "geneval", "match_scene")
