@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from unijax.models.layers import dot_product_attention, dtype_of, embed, gelu, layer_norm, linear
+from unijax.models.layers import dot_product_attention, dtype_of, gelu, layer_norm, linear
 
 Array = jax.Array
 
@@ -36,8 +35,12 @@ class VisionEmbeddings(nnx.Module):
             dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype), rngs=rngs,
             kernel_metadata={"out_sharding": (None, None, None, "vision_embed")},
             bias_metadata={"out_sharding": ("vision_embed",)})
-        self.position_embedding = embed(v.num_patches, v.hidden_size, (None, "vision_embed"), rngs=rngs,
-                                        dtype=dtype, param_dtype=param_dtype)
+        # SigLIP's init (std 1/sqrt(width)): positions start as visible as patch content; at std 0.02 a
+        # from-scratch encoder starts position-blind and shape/position questions train far slower
+        self.position_embedding = nnx.Embed(
+            v.num_patches, v.hidden_size, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype), rngs=rngs,
+            embedding_init=nnx.initializers.normal(1.0 / math.sqrt(v.hidden_size)),
+            embedding_metadata={"out_sharding": (None, "vision_embed")})
 
     def __call__(self, pixels: Array) -> Array:
         x = self.patch_embedding(pixels.astype(self.patch_embedding.kernel.dtype))  # [B, gh, gw, D]
