@@ -90,6 +90,11 @@ class VQConfig:
         return self.grid**2
 
 
+RUNTIME_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")  # never change values
+# `moe.*` fields a checkpoint's parameters do not depend on: a run may set them freely over `init_from`
+# (alpha_init only initialises alpha, which the checkpoint holds)
+MOE_RUNTIME_KEYS = ("group_assignment", "impl", "capacity_factor", "alpha_init")
+
 GROUP_ASSIGNMENTS = ("label", "router", "soft")
 MOE_IMPLS = ("auto", "dropless", "capacity")
 FFNS = ("dense", "ta_moe")
@@ -347,3 +352,12 @@ def preset(name: str, **overrides) -> JanusConfig:
     for key, value in overrides.items():  # sub-configs merge key by key
         d[key] = {**d.get(key, {}), **value} if isinstance(value, Mapping) else value
     return JanusConfig.from_dict(d).validate()
+
+
+def runtime_overrides(saved: "JanusConfig", cfg: "JanusConfig") -> dict[str, Any]:
+    """The fields of `cfg` to put on a checkpoint's `saved` config when loading it for a run of `cfg`:
+    the runtime keys and, for TA-MoE, the `moe.*` keys the parameters do not depend on."""
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in RUNTIME_KEYS}
+    if saved.ffn == "ta_moe" and cfg.ffn == "ta_moe":
+        out["moe"] = dataclasses.replace(saved.moe, **{k: getattr(cfg.moe, k) for k in MOE_RUNTIME_KEYS})
+    return out

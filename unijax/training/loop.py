@@ -24,7 +24,7 @@ from unijax import checkpoints as model_ckpt
 from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer
-from unijax.models.config import JanusConfig, preset
+from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
 from unijax.models.janus import Janus
 from unijax.training import steps
 from unijax.training.checkpointing import TrainCheckpoints
@@ -33,7 +33,6 @@ from unijax.training.optimizer import learning_rate, make_optimizer
 from unijax.training.params import count, split_trainable
 
 ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
-RUNTIME_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")  # never change values
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,10 +80,11 @@ def _initial_model(cfg: JanusConfig, config, log: MetricLogger) -> Janus:
     if config.init_from:
         log.info(f"init_from {config.init_from}")
         saved = model_ckpt.read_config(config.init_from)
-        if saved.replace(**{k: getattr(cfg, k) for k in RUNTIME_KEYS}) != cfg:
-            raise ValueError(f"init_from={config.init_from} holds a different architecture than model.* "
-                             f"(saved: {saved}); set model.preset / model.* to match it")
-        return model_ckpt.load_model(config.init_from, **{k: getattr(cfg, k) for k in RUNTIME_KEYS})
+        runtime = runtime_overrides(saved, cfg)
+        if saved.replace(**runtime) != cfg:
+            raise ValueError(f"init_from={config.init_from} holds a different architecture than model.* / moe.* "
+                             f"(saved: {saved}); set model.preset / model.* / moe.* to match it")
+        return model_ckpt.load_model(config.init_from, **runtime)
     return Janus(cfg, rngs=nnx.Rngs(config.seed))
 
 
