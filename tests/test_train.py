@@ -182,3 +182,24 @@ def test_base_run_lowers_both_task_losses(tmp_path, data_dir):
     print({k: (first[k], last[k]) for k in ("loss_text", "loss_image")})
     assert last["loss_text"] < 0.25 * first["loss_text"]
     assert last["loss_image"] < 0.85 * first["loss_image"]
+
+
+@pytest.mark.slow
+def test_ta_moe_run_learns_the_task_router(tmp_path, data_dir):
+    """configs/ta_moe.py (every FFN a TA-MoE layer) at batch 16 for 40 steps on a (data=1, expert=2)
+    mesh: L_group falls below 1/4 of its first value and the held-out task-router accuracy of every
+    layer exceeds 0.95; both task losses fall."""
+    c = tiny_config(tmp_path, data_dir, steps=40, batch_size=16, log_every=10, checkpoint_every=40,
+                    eval_every=40, eval_batches=2, warmup_steps=5)
+    c.model.ffn = "ta_moe"
+    c.mesh.update(data=1, expert=2)
+    final = loop.train(c, devices=jax.devices()[:2])
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss_group" in r]
+    first, last = train_rows[0], train_rows[-1]
+    print({k: (first[k], last[k]) for k in ("loss_group", "loss_text", "loss_image", "router_acc")})
+    assert last["loss_group"] < 0.25 * first["loss_group"]
+    assert last["loss_text"] < first["loss_text"] and last["loss_image"] < first["loss_image"]
+    layers = [final[f"eval/router_acc/layer{i}"] for i in range(4)]
+    assert min(layers) > 0.95, layers
+    assert 0 <= last["dropped_frac"] < 0.1
