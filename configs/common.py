@@ -95,6 +95,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     t.b1 = 0.9
     t.b2 = 0.95
     t.eps = 1e-8
+    t.lr_scales = ()             # ("regex=factor", ...): per-group learning-rate multipliers over param paths
     t.trainable = (".*",)
     t.frozen = ("vqmodel/.*",)
     t.checkpoint_every = 200
