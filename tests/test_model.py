@@ -9,7 +9,7 @@ from flax import nnx
 
 from unijax.models.config import preset
 from unijax.models.decoder import KVCache
-from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE, Janus
+from unijax.models.janus import GEN_IMAGE, UND_IMAGE, Janus
 
 ATOL = 1e-5
 
