@@ -160,3 +160,12 @@ def test_multi_turn_chat_weights_every_answer(tok, cfg):
     want = sum((tok.encode(" " + a) + [tok.eos_id] for _, a in s["turns"]), [])
     assert answers.tolist() == want
     assert (x["modality"] == UND_IMAGE).sum() == layout.und_tokens  # the image comes once, in turn 1
+
+
+def test_shapes_source_with_narrow_question_kinds():
+    """data.question_kinds=colour: scenes that admit no colour question (three circles) are
+    redrawn deterministically instead of failing the run; every sample asks a colour question."""
+    src = datasets.ShapesSource("mmu", 0, 32, kinds=("colour",))
+    samples = [src[i] for i in range(300)]
+    assert {s["kind"] for s in samples} == {"colour"}
+    assert [s["turns"] for s in samples[:20]] == [src[i]["turns"] for i in range(20)]

@@ -30,6 +30,8 @@ class ShapesSource:
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, 0 if self.task == "mmu" else 1, int(index)])
         scene = shapes.sample_scene(rng, self.image_size)
+        while self.task == "mmu" and not shapes.admits(scene, self.kinds):  # e.g. colour questions, 3 circles
+            scene = shapes.sample_scene(rng, self.image_size)                 # (deterministic: same rng)
         sample = {"task": self.task, "image": shapes.render(scene), "source": "shapes", "index": int(index)}
         if self.task == "mmu":  # a chat about the image: `turns` distinct questions, the first one carries it
             qas = []

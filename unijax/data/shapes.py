@@ -477,6 +477,11 @@ def make_question(scene: Scene, kind: str, rng: np.random.Generator) -> QA:
     return QA(_choice(f"how many {shape}s are there?", options), LETTERS[letter], kind)
 
 
+def admits(scene: Scene, kinds: Sequence[str] | None = None) -> bool:
+    """Whether the scene admits a question of one of `kinds` (default KINDS; always true then)."""
+    return any(_applicable(scene, k) for k in _check_kinds(kinds))
+
+
 def _check_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
     kinds = KINDS if kinds is None else tuple(kinds)
     bad = [k for k in kinds if k not in KINDS]
@@ -537,7 +542,7 @@ def blind_baseline(kinds: tuple[str, ...] | None = None, *, seed: int = 0, fit: 
     def sample() -> QA:
         while True:  # scenes that admit none of `kinds` (e.g. colour with two circles) are not asked
             scene = sample_scene(rng)
-            if any(_applicable(scene, k) for k in _check_kinds(kinds)):
+            if admits(scene, kinds):
                 return sample_question(scene, rng, kinds)
 
     for _ in range(fit):
