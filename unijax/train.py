@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/base.py.",
@@ -18,6 +18,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides look like --config.train.steps=10")
+    if not flags.FLAGS["verbosity"].present:  # keep the console to progress lines; --verbosity=0 shows Orbax's INFO logs
+        logging.set_verbosity(logging.WARNING)
     from unijax.training.loop import NonFiniteLossError, train
 
     try:
