@@ -169,3 +169,21 @@ def test_shapes_source_with_narrow_question_kinds():
     samples = [src[i] for i in range(300)]
     assert {s["kind"] for s in samples} == {"colour"}
     assert [s["turns"] for s in samples[:20]] == [src[i]["turns"] for i in range(20)]
+
+
+def test_eval_reports_the_predicted_first_answer_token(tok, cfg):
+    """lm_eval's `first_answer` is the text head's argmax at the position predicting each MMU row's
+    first answer token (numpy from lm_forward's logits); answer_mode_share is the modal share."""
+    from unijax.training.steps import answer_mode_share
+
+    it, _ = stream(tok, cfg, batch_size=8)
+    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in pipeline.BATCH_KEYS}
+    model = Janus(cfg, rngs=nnx.Rngs(1))
+    out = losses.lm_eval(model, batch, images_per_row=(1, 1))
+    logits = np.asarray(losses.lm_forward(model, batch, (1, 1))[0])
+    tw = np.asarray(batch["text_weights"])
+    rows = np.flatnonzero(tw.sum(1) > 0)
+    assert len(rows) and np.array_equal(np.flatnonzero(np.asarray(out["answered"])), rows)
+    for r in rows:
+        assert int(out["first_answer"][r]) == int(np.argmax(logits[r, np.flatnonzero(tw[r])[0]]))
+    assert answer_mode_share(np.array([5, 5, 7, 5])) == 0.75 and answer_mode_share(np.array([3, 3])) == 1.0

@@ -134,7 +134,8 @@ def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
 
 
 def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int]):
-    """Held-out metrics per row: exact-match answers under teacher forcing, image-code CE sums.
+    """Held-out metrics per row: exact-match answers under teacher forcing, the predicted first answer
+    token, image-code CE sums.
 
     A row's answer is correct iff the argmax at every answer position is the target: exactly the
     condition for greedy decoding to reproduce the answer (and its eos), at a single forward pass.
@@ -142,11 +143,14 @@ def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row)
     k = model.cfg.vq.num_embeddings
     tw, iw = batch["text_weights"], batch["image_weights"]
-    hit = (jnp.argmax(text_logits, axis=-1) == targets) | (tw == 0)
+    pred = jnp.argmax(text_logits, axis=-1)
+    hit = (pred == targets) | (tw == 0)
     out = {}
     if aux:  # TA-MoE: task-router hits per row and layer, expert loads of the batch (a leading axis of 1)
         hits, tokens = router_hits(aux, batch)
         out = {"router_hits": hits.T, "router_tokens": tokens, "expert_load": aux["load"][None]}
+    first = jnp.argmax(tw > 0, axis=1)[:, None]  # the position predicting each row's first answer token
+    out["first_answer"] = jnp.take_along_axis(pred, first, axis=1)[:, 0]
     return out | {"answered": jnp.any(tw > 0, axis=1), "correct": jnp.all(hit, axis=1) & jnp.any(tw > 0, axis=1),
             "text_ce_sum": jnp.sum(cross_entropy(text_logits, targets) * tw, axis=1), "text_tokens": jnp.sum(tw, 1),
             "image_ce_sum": jnp.sum(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)) * iw, axis=1),

@@ -69,13 +69,21 @@ def heldout_batches(config, tokenizer, layout: pipeline.Layout, kinds) -> list[d
     return [next(it) for _ in range(config.train.eval_batches)]
 
 
+def answer_mode_share(first_answers: np.ndarray) -> float:
+    """Share of the most frequent predicted first answer token among a kind's questions: 1.0 means
+    one answer for every question (the model reads neither the image nor the question's specifics),
+    whatever its accuracy happens to be on that slice."""
+    _, counts = np.unique(np.asarray(first_answers), return_counts=True)
+    return float(counts.max() / counts.sum())
+
+
 class Evaluator:
     """Held-out shapes scenes (a seed the training stream never uses), evaluated every
     `train.eval_every` steps.
 
     lm: understanding accuracy (exact-match answers, overall and per question kind) next to the
-    image-blind baseline's (`shapes.blind_baseline`: chance for this question mix), and the
-    image-code loss. vq: reconstruction error, and the share of reconstructions on which the
+    image-blind baseline's (`shapes.blind_baseline`: chance for this question mix), per kind the
+    share of its most frequent predicted answer (`answer_mode/<kind>`), and the image-code loss. vq: reconstruction error, and the share of reconstructions on which the
     detector finds exactly the scene's objects.
     """
 
@@ -128,6 +136,7 @@ class Evaluator:
             sel = answered & (r["kind"] == i)
             if sel.any():
                 scores[f"accuracy_{kind}"] = float(r["correct"][sel].mean())
+                scores[f"answer_mode/{kind}"] = answer_mode_share(r["first_answer"][sel])
         if "router_hits" in r:  # TA-MoE: task-router accuracy per layer, expert load shares per group
             acc = r["router_hits"].sum(0) / max(r["router_tokens"].sum(), 1)
             scores["router_acc"] = float(acc.mean())
