@@ -83,8 +83,9 @@ class Evaluator:
 
     lm: understanding accuracy (exact-match answers, overall and per question kind) next to the
     image-blind baseline's (`shapes.blind_baseline`: chance for this question mix), per kind the
-    share of its most frequent predicted answer (`answer_mode/<kind>`), and the image-code loss. vq: reconstruction error, and the share of reconstructions on which the
-    detector finds exactly the scene's objects.
+    share of its most frequent predicted answer (`answer_mode/<kind>`), and the image-code loss.
+    vq: reconstruction error, and the share of reconstructions on which the detector finds exactly
+    the scene's objects.
     """
 
     EVAL_SEED_OFFSET = 1_000_003
