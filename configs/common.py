@@ -63,6 +63,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     moe.alpha_init = 1.0               # y = h_experts + alpha * shared(x), alpha learnable per layer
     moe.layers = config_dict.placeholder(tuple)  # decoder layers made TA-MoE; unset = every layer
 
+    # Vision pre-training (unijax/training/vision_pretrain.py): before step 1 of a fresh run, train the
+    # SigLIP tower alone to tag the shapes identities in each image (the stand-in for a pretrained SigLIP)
+    v = c.vision_pretrain = ml_collections.ConfigDict()
+    v.steps = 0                  # 0 = off
+    v.batch_size = 64
+    v.learning_rate = 6e-3       # peak; warmup + cosine decay and the other AdamW settings come from train.*
+    v.warmup_steps = 50
+    v.log_every = 100
+    v.eval_images = 512          # held-out images for the exact-identity-set score
+
     d = c.data = ml_collections.ConfigDict()
     d.source = "shapes"          # shapes | files
     d.dir = "data"               # cache of built artefacts (the shapes tokenizer)
@@ -111,6 +121,19 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     loss.group_weight = 0.1      # gamma: task-router cross-entropy L_group (TA-MoE)
     loss.balance_weight = 0.01   # beta: Switch load balance inside each expert group (TA-MoE)
     loss.z_weight = 0.001        # zeta: router z-loss (TA-MoE)
+    loss.aia_weight = 0.0        # lambda of the AIA loss for both tasks (0 = off; the paper: 40)
+    loss.aia_gen_weight = config_dict.placeholder(float)  # per-task lambda; unset = aia_weight
+    loss.aia_und_weight = config_dict.placeholder(float)  # (the official code: 5 for T2I, 10 for MMU)
     loss.vq_beta = 0.25          # stage 0: commitment weight
     loss.vq_entropy_weight = 0.0
+
+    # AIA (unijax/training/aia.py): cross-modal attention intensity targets and spans
+    a = c.aia = ml_collections.ConfigDict()
+    a.gen_targets = "janus_pro"  # janus_pro | emu3 | official (layer-range tables) | a curve file
+    a.und_targets = "janus_pro"  # (python -m unijax.analyze intensity --out curve.json)
+    a.curve_delta = 0.05         # Huber threshold for curve-file targets without their own "delta"
+    a.include_bos = True         # T2I keys: BOS counts as prompt (the official code)
+    a.und_queries = "answer"     # MMU queries: answer | after_image (all text after the image)
+    a.skip_cfg_blank = True      # no AIA loss on prompts blanked for classifier-free guidance
+    a.impl = "lean"              # lean (an indicator channel in V) | explicit (sum of probabilities)
     return c

@@ -152,7 +152,7 @@ class JanusConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
-    attention_impl: str = "xla"  # xla (explicit softmax) | cudnn (jax.nn.dot_product_attention)
+    attention_impl: str = "xla"  # xla (explicit softmax) | chunked (query blocks, O(T) memory) | cudnn (jax.nn.dot_product_attention)
 
     def replace(self, **kw) -> "JanusConfig":
         return dataclasses.replace(self, **kw)
@@ -303,7 +303,7 @@ class JanusConfig:
              "model.vq.base_channels x every channel_multiplier must be a multiple of num_groups (GroupNorm)"),
             (self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
              f"model.remat_policy={self.remat_policy!r} is not one of none|full|dots|dots_no_batch"),
-            (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}"),
+            (self.attention_impl in ("xla", "chunked", "cudnn"), f"model.attention_impl={self.attention_impl!r}"),
             (self.ffn in FFNS, f"model.ffn={self.ffn!r} is not one of {'|'.join(FFNS)}"),
             (not (self.ffn == "ta_moe" and self.scan_layers and self.moe.layers
                   and set(self.moe.layers) != set(range(t.num_layers))),

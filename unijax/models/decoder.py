@@ -68,15 +68,20 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(t.hidden_size, t.intermediate_size, rngs=rngs, bias=t.mlp_bias, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype)
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None, task=None, valid=None):
-        """-> (x, (k, v), aux): aux is the TA-MoE's dict, or {} for a dense FFN."""
-        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, task=None, valid=None, aia_keys=None,
+                 aia_impl="lean"):
+        """-> (x, (k, v), aux): aux is the TA-MoE's dict ({} for a dense FFN), plus `aia` (`[batch,
+        seq]`: each query's attention mass on `aia_keys`, averaged over heads) when `aia_keys` is given."""
+        out = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index, aia_keys, aia_impl)
+        h, kv = out[:2]
         x = x + h
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, TAMoE):
             h, aux = self.mlp(h, task, valid, exact=cache is not None)
         else:
             h, aux = self.mlp(h), {}
+        if aia_keys is not None:
+            aux = dict(aux, aia=jnp.mean(out[2], axis=-1))
         return x + h, kv, aux
 
 
@@ -104,7 +109,7 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype)
 
     def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,
-                 task: Array | None = None):
+                 task: Array | None = None, aia_keys: Array | None = None, aia_impl: str = "lean"):
         """Runs the stack on input embeddings.
 
         x `[batch, seq, embed]`, positions/segment_ids `[batch, seq]` (segment 0 = padding). The new
@@ -112,7 +117,9 @@ class Decoder(nnx.Module):
         at `cache.index` (in place when the cache is donated or loop-carried) and they attend to
         every earlier written slot of their row. `task [batch, seq]` (0 MMU, 1 T2I) is read by
         TA-MoE layers that route by label. Returns (hidden `[batch, seq, embed]`, cache, aux): aux
-        stacks the TA-MoE layers' auxiliaries on a leading layer axis ({} for a dense model).
+        stacks the TA-MoE layers' auxiliaries on a leading layer axis ({} for a dense model) and, with
+        `aia_keys [batch, seq]` (the keys whose attention mass AIA measures), `aia [layers, batch,
+        seq]`: every query's mass on those keys, averaged over heads (`unijax.training.aia`).
         """
         seq = x.shape[1]
         if cache is None:
@@ -127,7 +134,7 @@ class Decoder(nnx.Module):
         valid = segment_ids > 0
 
         def run(layer, h, layer_cache):
-            return layer(h, positions, mask, layer_cache, index, task, valid)
+            return layer(h, positions, mask, layer_cache, index, task, valid, aia_keys, aia_impl)
 
         if self.cfg.remat_policy != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat_policy])
@@ -143,15 +150,19 @@ class Decoder(nnx.Module):
 
             x, ((new_k, new_v), aux) = jax.lax.scan(body, x, (state, None if cache is None else (cache.k, cache.v)))
         else:
-            new_k, new_v, auxes = [], [], []
+            new_k, new_v, auxes, masses = [], [], [], []
             for i, layer in enumerate(self.layers):
                 x, (k, v), a = run(layer, x, None if cache is None else (cache.k[i], cache.v[i]))
                 new_k.append(k)
                 new_v.append(v)
+                if "aia" in a:
+                    masses.append(a.pop("aia"))
                 if a:
                     auxes.append(a)
             new_k, new_v = tuple(new_k), tuple(new_v)
-            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}  # the TA-MoE layers only
+            if masses:
+                aux["aia"] = jnp.stack(masses)  # every layer
         if cache is not None:
             cache = KVCache(k=new_k, v=new_v, segment=segment, index=index + seq)
         return self.norm(x), cache, aux

@@ -82,12 +82,14 @@ class Janus(nnx.Module):
     # -- decoder and heads --------------------------------------------------------------
     def __call__(self, tokens: Array, modality: Array, positions: Array, segment_ids: Array,
                  pixels: Array | None = None, cache: KVCache | None = None, task: Array | None = None,
-                 return_aux: bool = False):
+                 return_aux: bool = False, capture_aia: Array | None = None, aia_impl: str = "lean"):
         """Returns (final hidden states `[B, T, embed]`, cache), plus the TA-MoE aux tree (layer-stacked;
         `unijax.models.moe`) when `return_aux`. `task [B, T]` (0 MMU, 1 T2I) is needed by TA-MoE
-        layers routing by label."""
+        layers routing by label. `capture_aia [B, T]` (bool: the keys whose attention mass AIA
+        measures; off when None) adds `aux["aia"] [layers, B, T]`, each query's mass on them
+        averaged over heads, by the `aia_impl` path ("lean" or "explicit"; `unijax.models.layers`)."""
         x = self.embed_inputs(tokens, modality, pixels)
-        h, cache, aux = self.language_model(x, positions, segment_ids, cache, task)
+        h, cache, aux = self.language_model(x, positions, segment_ids, cache, task, capture_aia, aia_impl)
         return (h, cache, aux) if return_aux else (h, cache)
 
     def decode_embeds(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,

@@ -108,8 +108,89 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scal
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
 
 
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn")
+CHUNK = 256  # query block of the chunked implementation
+
+
+def _pad_last(x: Array, n: int) -> Array:
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n)]) if n else x
+
+
+def _chunked_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, chunk: int) -> Array:
+    """The explicit softmax one query block at a time, each block rematerialised in the backward
+    pass: `O(chunk x S)` live scores instead of `O(T x S)`; the same numbers as the explicit path."""
+    b, t, h, d = q.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
+    if mask is None:
+        mask = jnp.ones((b, t, k.shape[2]), bool)
+    mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, -1).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def block(args):
+        qc, mc = args
+        return dot_product_attention(qc, k, v, mc, scale)
+
+    out = jax.lax.map(block, (qb, mb))                        # [n, B, chunk, H, Dv]
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :t]
+
+
+def _cudnn_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
+    """`jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it applies, XLA elsewhere).
+    cuDNN wants equal head dims that are multiples of 8: q/k are zero-padded (no change to the
+    scores, the scale is passed explicitly) and v is zero-padded, then sliced back."""
+    dv = v.shape[-1]
+    dim = -(-max(q.shape[-1], dv) // 8) * 8
+    qp = _pad_last(q, dim - q.shape[-1])
+    kp = _pad_last(k, dim - k.shape[-1]).transpose(0, 2, 1, 3)   # -> [B, S, K, D]
+    vp = _pad_last(v, dim - dv).transpose(0, 2, 1, 3)
+    out = jax.nn.dot_product_attention(qp, kp, vp, mask=None if mask is None else mask[:, None], scale=scale)
+    return out[..., :dv]
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, impl: str = "xla",
+              aia_keys: Array | None = None, aia_impl: str = "lean") -> tuple[Array, Array | None]:
+    """Grouped-query attention by `impl` (`xla`: explicit softmax; `chunked`: the same by query
+    blocks, O(T) memory; `cudnn`: `jax.nn.dot_product_attention`), optionally with the AIA mass.
+
+    `aia_keys [B, S]` (bool) selects keys; the second output is then, per query and head, the
+    attention mass on them, `[B, T, H]` float32 (else None). `aia_impl="lean"` appends to v a
+    channel that is 1 on the selected keys: that output channel *is* the mass, computed inside
+    whichever kernel runs (O(sequence) memory with a fused one), and its ordinary backward is the
+    exact gradient. `aia_impl="explicit"` sums the explicit probabilities (the reference; needs
+    `impl="xla"`).
+    """
+    run = {"xla": dot_product_attention, "cudnn": _cudnn_attention,
+           "chunked": lambda *a: _chunked_attention(*a, chunk=CHUNK)}[impl]
+    if aia_keys is None:
+        return run(q, k, v, mask, scale), None
+    d = v.shape[-1]
+    if aia_impl == "explicit":
+        if impl != "xla":
+            raise ValueError(f"explicit AIA needs model.attention_impl='xla' (got {impl!r}); use the lean path")
+        b, t, h, _ = q.shape
+        kh = k.shape[1]
+        qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+        mass = jnp.einsum("bkgts,bs->btkg", probs, aia_keys.astype(jnp.float32)).reshape(b, t, h)
+        return out, mass
+    if aia_impl != "lean":
+        raise ValueError(f"aia_impl={aia_impl!r}: expected 'lean' or 'explicit'")
+    indicator = jnp.broadcast_to(aia_keys[:, None, :, None].astype(v.dtype), (*v.shape[:3], 1))
+    out = run(q, k, jnp.concatenate([v, indicator], axis=-1), mask, scale)
+    return out[..., :d], out[..., d].astype(jnp.float32)
+
+
 class Attention(nnx.Module):
     """LLaMA self-attention: q/k/v projections, RoPE, grouped-query attention, output projection.
+
+    With `aia_keys` (`[batch, keys]` bool) a third output holds the attention mass every query and
+    head puts on those keys, `[batch, seq, heads]` (see `attention`).
 
     With a layer cache `(k, v)` of `[batch, kv_heads, cache_len, head_dim]`, the new keys/values are
     first written at `cache_index`, then the queries attend over the whole cache under `mask`
@@ -121,13 +202,15 @@ class Attention(nnx.Module):
         t = cfg.text
         self.num_heads, self.num_kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
         self.theta = t.rope_theta
+        self.impl = cfg.attention_impl
         kw = dict(rngs=rngs, bias=t.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.q_proj = linear(t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), **kw)
         self.k_proj = linear(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), **kw)
         self.v_proj = linear(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = linear(t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), **kw)
 
-    def __call__(self, x: Array, positions: Array, mask: Array, cache=None, cache_index=None):
+    def __call__(self, x: Array, positions: Array, mask: Array, cache=None, cache_index=None,
+                 aia_keys: Array | None = None, aia_impl: str = "lean"):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -139,8 +222,9 @@ class Attention(nnx.Module):
             at = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
-        out = dot_product_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
-        return self.o_proj(out.reshape(b, s, -1)), (k, v)
+        out, mass = attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim), self.impl, aia_keys, aia_impl)
+        out = self.o_proj(out.reshape(b, s, -1))
+        return (out, (k, v)) if aia_keys is None else (out, (k, v), mass)
 
 
 class SwiGLU(nnx.Module):

@@ -26,7 +26,7 @@ from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer
 from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
 from unijax.models.janus import Janus
-from unijax.training import steps
+from unijax.training import aia, steps, vision_pretrain
 from unijax.training.checkpointing import TrainCheckpoints
 from unijax.training.logger import MetricLogger
 from unijax.training.optimizer import learning_rate, make_optimizer
@@ -74,6 +74,7 @@ def validate(config) -> None:
         raise ValueError(f"objective={config.objective!r}: expected 'lm' or 'vq'")
     if config.data.num_workers < 0:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
+    vision_pretrain.validate(config)
 
 
 def _initial_model(cfg: JanusConfig, config, log: MetricLogger) -> Janus:
@@ -96,6 +97,10 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     """Runs (or resumes) the configured training. Returns the final metrics."""
     validate(config)
     cfg = model_config(config)
+    aia_settings = aia.settings(config, cfg.text.num_layers)  # target files and spans checked before any compile
+    if aia_settings and aia_settings["impl"] == "explicit" and cfg.attention_impl != "xla":
+        raise ValueError(f"aia.impl='explicit' needs model.attention_impl='xla' (got {cfg.attention_impl!r}); "
+                         f"use aia.impl='lean'")
     mesh = sharding.make_mesh(config.mesh, devices)
     n_batch_shards = sharding.num_batch_shards(mesh)
     if config.train.batch_size % n_batch_shards:
@@ -111,7 +116,10 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     images_per_row = layout.images_per_row(config.data.packing)
 
     # -- model, trainable split, shardings ------------------------------------------------------
+    ckpts = TrainCheckpoints(workdir / "checkpoints", config)
     model = _initial_model(cfg, config, log)
+    if config.vision_pretrain.steps:
+        vision_pretrain.pretrain_vision(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
     graphdef, train_state, frozen_state = split_trainable(model, config.train.trainable, config.train.frozen)
     params_sh = nnx.to_pure_dict(sharding.state_shardings(train_state, mesh))
     frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen_state, mesh))
@@ -142,7 +150,6 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     data_iter = iter(train_ds)
 
     # -- resume ----------------------------------------------------------------------------------
-    ckpts = TrainCheckpoints(workdir / "checkpoints", config)
     start = 0
     if ckpts.latest_step() is not None:
         state = ckpts.restore(state, data_iter)
@@ -152,7 +159,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
     # -- steps -----------------------------------------------------------------------------------
     batch_sh = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
-    loss_fn, eval_fn = steps.objective(config, images_per_row)
+    loss_fn, eval_fn = steps.objective(config, images_per_row, cfg.text.num_layers)
     train_step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(config.train)),
                          in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))

@@ -15,6 +15,11 @@ A TA-MoE model (`model.ffn = "ta_moe"`) adds its router losses (`moe_losses`):
 `L_group` is the task router's cross-entropy against each token's task, `L_balance` the Switch
 load-balancing loss inside each expert group and `L_z` the router z-loss, each averaged over the
 non-padding tokens and the TA-MoE layers.
+
+With AIA on (`loss.aia_weight > 0`; `unijax.training.aia`), the attention layers also measure the
+cross-modal intensities and
+
+    L += lambda_gen * L_AIA,gen + lambda_und * L_AIA,und
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from unijax.models.janus import GEN_IMAGE, UND_IMAGE, Janus
+from unijax.training import aia as aia_lib
 
 Array = jax.Array
 
@@ -79,11 +85,14 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def lm_forward(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
-    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, TA-MoE aux)."""
+def lm_forward(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int], aia: dict | None = None):
+    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, aux: the
+    TA-MoE tree, plus `aia [L, B, T]` with `aia` settings (`AIASettings.as_dict`))."""
     tokens, pixels = prepare_inputs(model, batch, images_per_row)
+    keys = aia_lib.spans(batch, model.cfg, **aia["spans"])[0] if aia else None
     h, _, aux = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels,
-                      task=batch["task"], return_aux=True)
+                      task=batch["task"], return_aux=True, capture_aia=keys,
+                      aia_impl=aia["impl"] if aia else "lean")
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     return model.text_logits(h), model.image_logits(h), targets, aux
 
@@ -115,9 +124,11 @@ def _masked_mean(x: Array, w: Array) -> tuple[Array, Array]:
 
 def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int], text_weight: float = 1.0,
             image_weight: float = 1.0, group_weight: float = 0.0, balance_weight: float = 0.0,
-            z_weight: float = 0.0):
-    """Returns (loss, metrics) for a mixed understanding + generation batch (module docstring)."""
-    text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row)
+            z_weight: float = 0.0, aia: dict | None = None):
+    """Returns (loss, metrics) for a mixed understanding + generation batch (module docstring).
+    `aia`: None (off) or {"targets": {task: Targets}, "weights": {task: lambda}, "spans": span
+    options, "impl": "lean" | "explicit"}."""
+    text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row, aia)
     k = model.cfg.vq.num_embeddings
     ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"])
     ce_image, n_image = _masked_mean(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)),
@@ -125,9 +136,13 @@ def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     loss = text_weight * ce_text + image_weight * ce_image
     metrics = {"loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text,
                "image_tokens": n_image, "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
-    if aux:
+    if "task_logits" in aux:
         m = moe_losses(aux, batch, top_k=model.cfg.moe.top_k)
         loss = loss + group_weight * m["loss_group"] + balance_weight * m["loss_balance"] + z_weight * m["loss_z"]
+        metrics.update(m)
+    if aia:
+        m = aia_lib.aia_terms(aux["aia"], batch, model.cfg, aia["targets"], **aia["spans"])
+        loss = loss + sum(aia["weights"][t] * m[f"aia_loss_{t}"] for t in aia_lib.TASKS)
         metrics.update(m)
     metrics["loss"] = loss
     return loss, metrics
@@ -146,7 +161,7 @@ def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     pred = jnp.argmax(text_logits, axis=-1)
     hit = (pred == targets) | (tw == 0)
     out = {}
-    if aux:  # TA-MoE: task-router hits per row and layer, expert loads of the batch (a leading axis of 1)
+    if "task_logits" in aux:  # TA-MoE: task-router hits per row and layer, expert loads of the batch (a leading axis of 1)
         hits, tokens = router_hits(aux, batch)
         out = {"router_hits": hits.T, "router_tokens": tokens, "expert_load": aux["load"][None]}
     first = jnp.argmax(tw > 0, axis=1)[:, None]  # the position predicting each row's first answer token

@@ -19,16 +19,17 @@ from flax import nnx
 
 from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
-from unijax.training import losses, vq_loss
+from unijax.training import aia, losses, vq_loss
 
 
-def objective(config, images_per_row: tuple[int, int]):
+def objective(config, images_per_row: tuple[int, int], num_layers: int = 0):
     """-> (loss_fn(model, batch) -> (loss, metrics), eval_fn(model, batch) -> per-row metrics)."""
     if config.objective == "lm":
         loss_fn = functools.partial(losses.lm_loss, images_per_row=images_per_row,
                                     text_weight=config.loss.text_weight, image_weight=config.loss.image_weight,
                                     group_weight=config.loss.group_weight,
-                                    balance_weight=config.loss.balance_weight, z_weight=config.loss.z_weight)
+                                    balance_weight=config.loss.balance_weight, z_weight=config.loss.z_weight,
+                                    aia=aia.settings(config, num_layers))
         return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row)
     if config.objective == "vq":
         def vq_fn(model, batch):

@@ -1,0 +1,236 @@
+"""Vision pre-training on the shapes world: the from-scratch stand-in for Janus-Pro's pretrained SigLIP.
+
+A from-scratch SigLIP tower never learns to see shape from the decoder's answer tokens alone
+(README, "Training"), while the same decoder reads shape at once from a tower that already
+encodes it. Janus-Pro starts from a pretrained SigLIP-L; on the shapes world, this phase plays
+that part: before the first train step of a fresh run, `vision_pretrain.steps` steps train
+`vision_model` to tag which (shape, colour) identities each image holds.
+
+The tagger is an attention pool with one learned query per identity over the tower's patch
+features, then one logit per identity (multi-label sigmoid cross-entropy). Only the tower is
+kept: the tagger is dropped after the phase, like SigLIP's text tower. Pooling over patches
+(rather than reading a CLS token) makes every patch feature say what lies under it, which is what
+the decoder's cross-attention to image tokens reads for colour, shape, existence and position
+questions.
+
+The trained tower is cached in `<workdir>/vision_pretrain/` (`vision_model.safetensors` + `info.json`
+with the phase's settings and held-out scores), so a resumed run, or a second run in the same
+workdir with the same settings, restores it instead of training it again; this matters when
+`train.frozen` keeps the tower out of the training checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from safetensors.numpy import load_file, save_file
+
+from unijax import sharding
+from unijax.checkpoints import atomic_directory, flat_params
+from unijax.data import shapes
+from unijax.training.optimizer import make_optimizer
+
+IDENTITY_INDEX = {identity: i for i, identity in enumerate(shapes.IDENTITIES)}
+EVAL_SEED_OFFSET = 7_000_003  # held-out images: a scene stream the training phase never draws
+
+
+class TagSource:
+    """index -> {"image": uint8 [S, S, 3], "tags": float32 [len(IDENTITIES)] multi-hot}."""
+
+    def __init__(self, seed: int, image_size: int):
+        self.seed, self.image_size = int(seed), int(image_size)
+
+    def __len__(self) -> int:
+        return 2 ** 31 - 1
+
+    def __getitem__(self, index: int) -> dict:
+        scene = shapes.sample_scene(np.random.default_rng([self.seed, 2, int(index)]), self.image_size)
+        tags = np.zeros(len(shapes.IDENTITIES), np.float32)
+        for o in scene.objects:
+            tags[IDENTITY_INDEX[(o.shape, o.colour)]] = 1.0
+        return {"image": shapes.render(scene), "tags": tags}
+
+
+class IdentityTagger(nnx.Module):
+    """Patch features `[B, P, D]` -> one logit per shapes identity `[B, len(IDENTITIES)]`."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.queries = nnx.Param(jax.random.normal(rngs.params(), (len(shapes.IDENTITIES), width)) * 0.1)
+        self.out = nnx.Linear(width, 1, rngs=rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        scale = 1.0 / np.sqrt(features.shape[-1])
+        attn = jax.nn.softmax(jnp.einsum("qd,bpd->bqp", self.queries[...], features) * scale, axis=-1)
+        return self.out(jnp.einsum("bqp,bpd->bqd", attn, features))[..., 0]
+
+
+class _Tagged(nnx.Module):
+    def __init__(self, vision_model, width: int, *, rngs: nnx.Rngs):
+        self.vision_model = vision_model
+        self.tagger = IdentityTagger(width, rngs=rngs)
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        return self.tagger(self.vision_model(pixels))
+
+
+def _pixels(images: jax.Array) -> jax.Array:
+    return images.astype(jnp.float32) / 127.5 - 1.0  # the pipeline's understanding-image range
+
+
+def validate(config) -> None:
+    v = config.vision_pretrain
+    if int(v.steps) < 0:
+        raise ValueError(f"vision_pretrain.steps={v.steps} must be >= 0 (0 = no vision pre-training)")
+    if int(v.steps) == 0:
+        return
+    if config.data.source != "shapes":
+        raise ValueError(f"vision_pretrain.steps={v.steps} needs data.source='shapes' (it tags shapes-world "
+                         f"images), got data.source={config.data.source!r}; set vision_pretrain.steps=0")
+    for key in ("batch_size", "eval_images", "log_every"):
+        if int(v[key]) <= 0:
+            raise ValueError(f"vision_pretrain.{key}={v[key]} must be positive")
+
+
+def tagging_scores(logits: np.ndarray, tags: np.ndarray) -> dict[str, float]:
+    """Held-out tagging scores from logits and multi-hot targets `[N, labels]`: `loss` (sigmoid
+    cross-entropy summed over labels, mean over images), `blind_loss` (the same for the best
+    image-blind predictor: each label's held-out frequency), `exact_set` and `tag_accuracy`."""
+    logits, tags = np.asarray(logits, np.float64), np.asarray(tags, np.float64)
+    loss = np.logaddexp(0.0, logits) - tags * logits
+    p = np.clip(tags.mean(0), 1e-12, 1 - 1e-12)
+    blind = -(p * np.log(p) + (1 - p) * np.log1p(-p)).sum()
+    pred, truth = logits > 0, tags > 0
+    return {"loss": float(loss.sum(-1).mean()), "blind_loss": float(blind),
+            "exact_set": float((pred == truth).all(-1).mean()), "tag_accuracy": float((pred == truth).mean())}
+
+
+def _optimizer_config(config) -> ml_collections.ConfigDict:
+    """`train.*` AdamW settings with the phase's own steps, batch, peak learning rate and warmup."""
+    t = ml_collections.ConfigDict(config.train.to_dict())
+    v = config.vision_pretrain
+    t.update(steps=int(v.steps), learning_rate=float(v.learning_rate), warmup_steps=int(v.warmup_steps), lr_scales=())
+    return t
+
+
+def _settings(model, config) -> dict:
+    """What the cached tower depends on: a cache made under other settings is not reused."""
+    return {"vision": dataclasses.asdict(model.cfg.vision), "vision_pretrain": config.vision_pretrain.to_dict(),
+            "seed": int(config.seed), "train": {k: config.train[k] for k in ("min_lr_ratio", "weight_decay",
+                                                                           "grad_clip", "b1", "b2", "eps")}}
+
+
+def pretrain_vision(model, config, mesh, log, cache_dir: str | pathlib.Path | None = None) -> dict[str, float]:
+    """Trains `model.vision_model` in place for `vision_pretrain.steps` steps (or restores it from
+    `cache_dir` when that holds a tower trained under the same settings); returns the held-out
+    tagging metrics (`exact_set`: share of held-out images whose identity set is predicted exactly;
+    `tag_accuracy`: per-identity accuracy; `loss` against `blind_loss`, see `tagging_scores`)."""
+    settings = _settings(model, config)
+    cache = pathlib.Path(cache_dir) if cache_dir else None
+    if cache is not None and (cache / "info.json").is_file():
+        info = json.loads((cache / "info.json").read_text())
+        if info["settings"] == json.loads(json.dumps(settings)):
+            _load_tower(model, cache / "vision_model.safetensors")
+            log.info(f"vision tower restored from {cache} (held-out exact identity set "
+                     f"{info['scores']['exact_set']:.3f})")
+            return info["scores"]
+        log.info(f"{cache} was made under other settings: training the vision tower again")
+    scores = _train(model, config, mesh, log)
+    if cache is not None and jax.process_index() == 0:
+        with atomic_directory(cache, overwrite=True) as tmp:
+            save_file({k: np.asarray(v) for k, v in flat_params(model.vision_model).items()},
+                      str(tmp / "vision_model.safetensors"))
+            (tmp / "info.json").write_text(json.dumps({"settings": settings, "scores": scores}, indent=2))
+    return scores
+
+
+def _load_tower(model, path: pathlib.Path) -> None:
+    saved = load_file(str(path))
+    state = nnx.state(model.vision_model, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    missing = sorted(set(map(lambda k: ".".join(map(str, k)), flat)) ^ set(saved))
+    if missing:
+        raise ValueError(f"{path} does not match model.vision: tensors {missing[:4]} differ; remove it to retrain")
+    for key, var in flat.items():
+        name = ".".join(map(str, key))
+        if saved[name].shape != var.get_value().shape:
+            raise ValueError(f"{path}: tensor {name} has shape {saved[name].shape}, model.vision expects "
+                             f"{var.get_value().shape}; remove it to retrain")
+        var.set_value(jnp.asarray(saved[name], var.get_value().dtype))
+
+
+def _train(model, config, mesh, log) -> dict[str, float]:
+    v = config.vision_pretrain
+    steps = int(v.steps)
+    image_size = model.cfg.vision.image_size
+    n_shards = sharding.num_batch_shards(mesh)
+    if v.batch_size % n_shards:
+        raise ValueError(f"vision_pretrain.batch_size={v.batch_size} is not divisible by mesh.data x mesh.fsdp x "
+                         f"mesh.expert = {n_shards}")
+    if v.batch_size % jax.process_count():
+        raise ValueError(f"vision_pretrain.batch_size={v.batch_size} is not divisible by the "
+                         f"{jax.process_count()} processes")
+    per_process = v.batch_size // jax.process_count()
+    train_ds = (grain.MapDataset.source(TagSource(config.seed, image_size))[jax.process_index()::jax.process_count()]
+                .batch(per_process, drop_remainder=True)
+                .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+    held_out = grain.MapDataset.source(TagSource(config.seed + EVAL_SEED_OFFSET, image_size))
+    held_out = held_out.batch(int(v.eval_images))[0]
+
+    tagged = _Tagged(model.vision_model, model.cfg.vision.hidden_size, rngs=nnx.Rngs(config.seed + 1))
+    graphdef, params = nnx.split(tagged, nnx.Param)
+    tx = make_optimizer(_optimizer_config(config))
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    params = jax.device_put(params, repl)
+    opt_state = jax.device_put(tx.init(params), repl)
+
+    def loss_fn(p, batch):
+        logits = nnx.merge(graphdef, p)(_pixels(batch["image"]))
+        return optax.sigmoid_binary_cross_entropy(logits, batch["tags"]).sum(-1).mean()
+
+    @jax.jit
+    def step(p, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    @jax.jit
+    def predict(p, images):
+        return nnx.merge(graphdef, p)(_pixels(images))
+
+    log.info(f"vision pre-training: {steps} steps x {v.batch_size} images, identity tagging "
+             f"({len(shapes.IDENTITIES)} labels)")
+    it = iter(train_ds)
+    t0 = time.perf_counter()
+    losses = []
+    for i in range(1, steps + 1):
+        batch = sharding.put_batch(next(it), mesh)
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses.append(loss)
+        if i % int(v.log_every) == 0 or i == steps:
+            elapsed = time.perf_counter() - t0
+            mean = float(np.mean(jax.device_get(losses)))
+            losses = []
+            log.info(f"vision step {i}/{steps} loss={mean:.4f} elapsed={elapsed:.0f}s "
+                     f"eta={elapsed / i * (steps - i):.0f}s")
+            log.write(i, {"loss": mean}, prefix="vision_pretrain/")
+    if hasattr(it, "close"):
+        it.close()
+    logits = np.asarray(jax.device_get(predict(params, jax.device_put(held_out["image"], repl))), np.float64)
+    scores = tagging_scores(logits, held_out["tags"])
+    log.write(steps, scores, prefix="vision_pretrain/")
+    log.info(f"vision pre-training done: held-out exact identity set {scores['exact_set']:.3f}, tag accuracy "
+             f"{scores['tag_accuracy']:.4f}, loss {scores['loss']:.3f} (image-blind {scores['blind_loss']:.3f}; "
+             f"{v.eval_images} images)")
+    nnx.update(tagged, jax.device_get(params))  # the tower's trained weights, back into `model`
+    return scores
