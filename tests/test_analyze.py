@@ -139,3 +139,37 @@ def test_dense_checkpoint_is_a_clear_error(tmp_path):
         analyze.main(["experts", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
     assert str(ckpt) in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_intensity_curves_and_target_file(tmp_path):
+    """`analyze intensity` on a dense checkpoint: mean/std over exactly --samples valid samples per
+    task, equal to float64 numpy over the per-sample intensities the model's capture gives; the
+    JSON loads back as an AIA target; the PNG is written; a bad --task fails naming it."""
+    from unijax.inference.intensity import intensity_curves
+    from unijax.training import aia
+
+    cfg = preset("tiny", text={"num_layers": 3})
+    checkpoints.save_model(tmp_path / "model", quick_model(cfg, seed=3))
+    (tmp_path / "config.json").write_text(json.dumps({"seed": SEED, "data": {"dir": str(REPO / "data")},
+                                                      "train": {"batch_size": 8, "eval_batches": 2}}))
+    out = tmp_path / "curves" / "und.json"
+    result = analyze.main(["intensity", "--ckpt", str(tmp_path / "model"), "--task", "und", "--samples", "6",
+                           "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["samples"] == 6 and saved["layers"] == 3 and len(saved["mean"]) == 3
+    assert saved == json.loads(json.dumps(result))
+    Image.open(out.with_suffix(".png")).verify()
+    # the same batches through intensity_curves: per-sample rows -> numpy mean/std
+    config, _ = analyze.run_config(tmp_path / "model")
+    config.data.cfg_drop_prob = 0.0
+    batches, ipr, _ = analyze.heldout_batches(cfg, config, 3, 8, SEED, str(REPO / "data"))
+    curves = intensity_curves(checkpoints.load_model(tmp_path / "model"), batches, ipr, samples=6)
+    per = curves["und"]["per_sample"]
+    assert per.shape == (6, 3) and np.all((per > 0) & (per < 1))
+    np.testing.assert_allclose(saved["mean"], per.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(saved["std"], per.std(0), rtol=1e-12)
+    np.testing.assert_allclose(saved["other"]["gen"]["mean"], curves["gen"]["per_sample"].mean(0), rtol=1e-12)
+    t = aia.layer_targets(str(out), "und", 3, curve_delta=0.02)
+    np.testing.assert_allclose(t.target, per.mean(0), rtol=1e-12)
+    with pytest.raises(SystemExit):
+        analyze.main(["intensity", "--ckpt", str(tmp_path / "model"), "--task", "both"])

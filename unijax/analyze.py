@@ -3,6 +3,17 @@
     python -m unijax.analyze experts --ckpt workdir/ta_moe/model [--out DIR] [--num_batches N]
         [--batch_size B] [--seed S] [--data_dir D]
 
+    python -m unijax.analyze intensity --ckpt CKPT --task und|gen [--samples 100] [--out curve.json]
+        [--targets janus_pro|emu3|official|FILE] [--include_bos 1] [--und_queries answer|after_image]
+
+`intensity`: the per-layer cross-modal attention intensity (`unijax.training.aia`) of any
+checkpoint unijax loads, over `--samples` held-out shapes samples of each task (prompts never
+blanked). Writes the chosen task's mean curve with its standard deviation over samples
+(`{"task", "layers", "mean", "std", "samples", ...}`, usable directly as `aia.und_targets` /
+`aia.gen_targets`) to `--out` (default `<CKPT>/../analysis/intensity_<task>.json`), a PNG beside
+it (same name, `.png`) with both tasks' curves against the `--targets` bands (the paper's
+Figure 1 style), and prints the table (the paper's Table 1: mean and std per layer).
+
 `experts` (TA-MoE checkpoints only): task-router accuracy and confidence, expert loads per group
 and token task, dropped assignments and the shared-expert alpha of every TA-MoE layer
 (`unijax.inference.experts.expert_stats`), on held-out shapes batches of both tasks: the batches
@@ -34,7 +45,7 @@ import sys
 import ml_collections
 import numpy as np
 
-COMMANDS = ("experts",)  # `attention` to come
+COMMANDS = ("experts", "intensity")
 
 
 # -- the run's config and held-out data -----------------------------------------------------------
@@ -212,6 +223,92 @@ def experts(args) -> dict:
     return stats
 
 
+def plot_intensity(curves: dict, targets: dict, path, title: str = "") -> None:
+    """Both tasks' mean +- std curves over layers against their target bands (target +- delta)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    colours = {"gen": "tab:red", "und": "tab:blue"}
+    names = {"gen": "generation (image -> prompt)", "und": "understanding (answer -> image)"}
+    for task, c in curves.items():
+        mean, std = np.asarray(c["mean"]), np.asarray(c["std"])
+        layers = np.arange(len(mean))
+        ax.plot(layers, mean, "o-", color=colours[task], label=f"{names[task]}, n={c['samples']}")
+        ax.fill_between(layers, mean - std, mean + std, color=colours[task], alpha=0.15)
+        if task in targets:
+            t, d = np.asarray(targets[task].target), np.asarray(targets[task].delta)
+            ax.step(layers, t, where="mid", color=colours[task], ls="--", lw=1, label=f"{task} target (+- delta)")
+            ax.fill_between(layers, t - d, t + d, step="mid", color=colours[task], alpha=0.07)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cross-modal attention intensity")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.savefig(path, format="png", dpi=90)
+    plt.close(fig)
+
+
+def intensity_table(curves: dict) -> str:
+    lines = ["layer " + "".join(f"{t + ' mean':>10}{t + ' std':>9}" for t in curves)]
+    n = len(next(iter(curves.values()))["mean"])
+    for l in range(n):
+        lines.append(f"{l:5d} " + "".join(f"{c['mean'][l]:10.4f}{c['std'][l]:9.4f}" for c in curves.values()))
+    lines.append("mean  " + "".join(f"{np.mean(c['mean']):10.4f}{'':9}" for c in curves.values()))
+    return "\n".join(lines)
+
+
+def intensity(args) -> dict:
+    import math
+
+    from unijax import checkpoints
+    from unijax.inference.intensity import intensity_curves
+    from unijax.training import aia
+
+    if args.task not in aia.TASKS:
+        raise ValueError(f"--task={args.task!r}: expected und or gen")
+    if args.samples <= 0:
+        raise ValueError(f"--samples={args.samples} must be positive")
+    ckpt = pathlib.Path(args.ckpt)
+    cfg = checkpoints.read_config(ckpt)
+    config, config_path = run_config(ckpt)
+    config.data.cfg_drop_prob = 0.0  # the model's intensities on real prompts
+    seed = config.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or config.train.batch_size
+    num_batches = math.ceil(2.2 * args.samples / batch_size) + 1  # both tasks, 1:1 by default
+    data_dir = args.data_dir or config.data.dir
+    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis" / f"intensity_{args.task}.json"
+    targets = {t: aia.layer_targets(args.targets, t, cfg.text.num_layers, args.curve_delta)
+               for t in aia.TASKS if args.targets in aia.TABLES or t == args.task}
+    span_kw = {"include_bos": bool(args.include_bos), "und_queries": args.und_queries, "skip_cfg_blank": True}
+    batches, images_per_row, data_seed = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir)
+    model = checkpoints.load_model(ckpt)
+    curves = intensity_curves(model, batches, images_per_row, samples=args.samples, **span_kw)
+    for t, c in curves.items():
+        if c["samples"] < args.samples:
+            raise ValueError(f"only {c['samples']} valid {t} samples in {num_batches} held-out batches of "
+                             f"{batch_size}; the run's data mix lacks that task")
+    main_curve = curves[args.task]
+    result = {"task": args.task, "layers": cfg.text.num_layers, "mean": main_curve["mean"].tolist(),
+              "std": main_curve["std"].tolist(), "samples": main_curve["samples"], "checkpoint": str(ckpt.absolute()),
+              "run_config": str(config_path) if config_path else None, "data_seed": data_seed, "spans": span_kw,
+              "other": {t: {"mean": c["mean"].tolist(), "std": c["std"].tolist()}
+                        for t, c in curves.items() if t != args.task}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    write_outputs(out.parent, {
+        out.name: lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
+        png.name: lambda p: plot_intensity(curves, targets, p, title=f"{ckpt}: cross-modal attention intensity"),
+    })
+    print(intensity_table(curves))
+    print(f"wrote {out} and {png}")
+    return result
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unijax.analyze", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -224,6 +321,19 @@ def parser() -> argparse.ArgumentParser:
                    help="training seed S; the held-out scenes use S + 1000003 (default: the run's seed)")
     e.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
     e.set_defaults(run=experts)
+    i = sub.add_parser("intensity", help="per-layer cross-modal attention intensity curves (AIA targets)")
+    i.add_argument("--ckpt", required=True, help="unijax model checkpoint directory")
+    i.add_argument("--task", required=True, choices=("und", "gen"), help="the curve written to --out")
+    i.add_argument("--samples", type=int, default=100, help="held-out samples per task (default 100)")
+    i.add_argument("--out", default=None, help="curve JSON (default: <ckpt>/../analysis/intensity_<task>.json)")
+    i.add_argument("--targets", default="janus_pro", help="bands drawn in the plot: a table name or a curve file")
+    i.add_argument("--curve_delta", type=float, default=0.05, help="band half-width for curve-file targets")
+    i.add_argument("--include_bos", type=int, default=1, help="T2I keys include BOS (default 1, official)")
+    i.add_argument("--und_queries", default="answer", choices=("answer", "after_image"))
+    i.add_argument("--batch_size", type=int, default=None, help="default: the run's train.batch_size")
+    i.add_argument("--seed", type=int, default=None, help="training seed S (default: the run's seed)")
+    i.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
+    i.set_defaults(run=intensity)
     return p
 
 

@@ -50,7 +50,8 @@ class MetricLogger:
         elapsed = time.perf_counter() - self.t0
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        parts = " ".join(f"{k}={v:.4f}" for k, v in scalars.items() if k.startswith("loss"))
+        parts = " ".join(f"{k}={v:.4f}" for k, v in scalars.items()
+                         if k.startswith(("loss", "aia_loss")) or k in ("aia_gen", "aia_und"))
         print(f"step {step}/{self.total} {parts} tokens/s={tokens_per_s:,.0f} "
               f"elapsed={_fmt_duration(elapsed)} eta={_fmt_duration(eta)}", flush=True)
 
