@@ -17,6 +17,8 @@ from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE, Janus
 from unijax.models.layers import attention
 from unijax.training import aia, losses
 
+from test_analyze import quick_model
+
 
 def _qkv(b=2, t=160, h=4, kh=2, d=32, seed=0):
     rng = np.random.default_rng(seed)
@@ -175,7 +177,7 @@ def test_model_capture_matches_explicit_and_scan(batch):
     b = {k: jnp.asarray(v) for k, v in b.items() if k in pipeline.BATCH_KEYS}
     out = {}
     for scan in (False, True):
-        model = Janus(preset("tiny", scan_layers=scan), rngs=nnx.Rngs(0))
+        model = quick_model(preset("tiny", scan_layers=scan))
         tokens, pixels = losses.prepare_inputs(model, b, (1, 1))
         keys = aia.spans(b, cfg)[0]
         for impl in ("explicit", "lean"):
@@ -183,7 +185,7 @@ def test_model_capture_matches_explicit_and_scan(batch):
                               return_aux=True, capture_aia=keys, aia_impl=impl)
             out[scan, impl] = np.asarray(aux["aia"])
     assert out[False, "lean"].shape == (cfg.text.num_layers, 16, 160)
-    for scan in (False, True):  # (a scanned model draws other initial weights)
+    for scan in (False, True):
         np.testing.assert_allclose(out[scan, "lean"], out[scan, "explicit"], atol=1e-6, err_msg=f"scan={scan}")
     terms = aia.aia_terms(jnp.asarray(out[False, "lean"]), b, cfg,
                           {t: aia.layer_targets("janus_pro", t, 4) for t in aia.TASKS})
@@ -194,7 +196,7 @@ def test_model_capture_matches_explicit_and_scan(batch):
 def test_loss_adds_the_weighted_aia_terms(batch):
     _, cfg, b = batch
     b = {k: jnp.asarray(v) for k, v in b.items() if k in pipeline.BATCH_KEYS}
-    model = Janus(cfg, rngs=nnx.Rngs(0))
+    model = quick_model(cfg)
     c = base.get_config()
     c.loss.update(aia_weight=40.0, aia_gen_weight=5.0)
     settings = aia.settings(c, 4)
@@ -209,3 +211,35 @@ def test_loss_adds_the_weighted_aia_terms(batch):
     c.loss.aia_weight, c.aia.und_targets = 1.0, "/no/such/curve.json"
     with pytest.raises(ValueError, match="aia.und_targets"):
         aia.settings(c, 4)
+
+
+def test_train_steps_pull_the_curves_to_the_targets(batch):
+    """The loop's jitted train step (lean path, configs/aia.py settings): 15 AdamW steps on one
+    batch with only the AIA loss weighted cut it below a fifth and move the mean intensities towards
+    their targets; gradients reach the attention weights through the indicator channel."""
+    from configs import aia as aia_config
+    from unijax.training import steps
+    from unijax.training.optimizer import learning_rate, make_optimizer
+
+    _, cfg, b = batch
+    b = {k: jnp.asarray(v) for k, v in b.items() if k in pipeline.BATCH_KEYS}
+    c = aia_config.get_config()
+    c.loss.update(text_weight=0.0, image_weight=0.0, aia_gen_weight=50.0, aia_und_weight=50.0)
+    c.train.update(steps=15, warmup_steps=1, learning_rate=3e-3)
+    graphdef, params = nnx.split(quick_model(cfg), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(c.train)
+    loss_fn, _ = steps.objective(c, (1, 1), cfg.text.num_layers)
+    step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(c.train)))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": jax.random.PRNGKey(0)}
+    history = []
+    for _ in range(16):
+        state, m = step(state, {}, b)
+        history.append(jax.device_get(m))
+    first, last = history[0], history[-1]
+    total = lambda m: m["aia_loss_gen"] + m["aia_loss_und"]
+    assert total(last) < 0.2 * total(first), (total(first), total(last))
+    for task, tables in (("gen", [0.4, 0.4, 0.4, 0.2]), ("und", [0.1, 0.15, 0.15, 0.3])):
+        gap = lambda m: np.mean(np.abs([m[f"aia_curve_{task}/{l:02d}"] - t for l, t in enumerate(tables)]))
+        assert gap(last) < 0.5 * gap(first), (task, gap(first), gap(last))

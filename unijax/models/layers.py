@@ -120,6 +120,8 @@ def _chunked_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: 
     """The explicit softmax one query block at a time, each block rematerialised in the backward
     pass: `O(chunk x S)` live scores instead of `O(T x S)`; the same numbers as the explicit path."""
     b, t, h, d = q.shape
+    if t <= chunk:  # one block: the explicit path as it is
+        return dot_product_attention(q, k, v, mask, scale)
     n = -(-t // chunk)
     pad = n * chunk - t
     qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
