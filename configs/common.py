@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from unijax.models import config as model_config
+from unijax.models import lora
 
 
 def _placeholders(cls) -> ml_collections.ConfigDict:
@@ -27,7 +28,11 @@ def model(preset: str = "tiny") -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.preset = preset
     m.ffn = "dense"            # dense | ta_moe (the TA-MoE FFN, configured by the top-level moe.* keys)
-    m.lora = 0                 # LoRA rank, 0 = off (issue 6)
+    m.lora = ml_collections.ConfigDict()   # LoRA on frozen weights (unijax/models/lora.py)
+    m.lora.rank = 0                        # 0 = off; the paper's stage 2: 16
+    m.lora.alpha = 32.0                    # W + (alpha / rank) * A @ B
+    m.lora.dropout = 0.0
+    m.lora.targets = lora.DEFAULT_TARGETS  # regexes over frozen parameter paths (attention, FFN, experts)
     m.text = _placeholders(model_config.TextConfig)
     m.vision = _placeholders(model_config.VisionConfig)
     m.vq = _placeholders(model_config.VQConfig)

@@ -213,6 +213,7 @@ def test_loss_adds_the_weighted_aia_terms(batch):
         aia.settings(c, 4)
 
 
+@pytest.mark.slow
 def test_train_steps_pull_the_curves_to_the_targets(batch):
     """The loop's jitted train step (lean path, configs/aia.py settings): 15 AdamW steps on one
     batch with only the AIA loss weighted cut it below a fifth and move the mean intensities towards

@@ -117,6 +117,7 @@ def test_pretraining_on_a_mesh_matches_one_device(tmp_path):
         np.testing.assert_allclose(towers[1][k], towers[0][k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_resume_with_a_frozen_pretrained_tower(tmp_path, data_dir):
     """The frozen tower is in no training checkpoint: stopping after step 2 and rerunning restores
     it from `<workdir>/vision_pretrain` without training it again, so the model trained after the

@@ -25,6 +25,7 @@ from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer
 from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
+from unijax.models import lora
 from unijax.models.janus import Janus
 from unijax.training import aia, steps, vision_pretrain
 from unijax.training.checkpointing import TrainCheckpoints
@@ -42,8 +43,6 @@ class NonFiniteLossError(FloatingPointError):
 def model_config(config) -> JanusConfig:
     """`model.preset` with every set (non-None) `model.*` architecture key and the runtime keys on top."""
     m = config.model
-    if m.lora:
-        raise ValueError(f"model.lora={m.lora}: LoRA is not available yet; set model.lora=0")
     overrides: dict[str, Any] = {}
     for key in ARCH_KEYS:
         value = m[key]
@@ -72,6 +71,10 @@ def validate(config) -> None:
         raise ValueError(f"data.cfg_drop_prob={config.data.cfg_drop_prob} must be in [0, 1)")
     if config.objective not in ("lm", "vq"):
         raise ValueError(f"objective={config.objective!r}: expected 'lm' or 'vq'")
+    lo = config.model.lora
+    if lo.rank < 0 or (lo.rank and not (lo.alpha > 0 and 0 <= lo.dropout < 1)):
+        raise ValueError(f"model.lora: rank={lo.rank} (>= 0), alpha={lo.alpha} (> 0) and dropout={lo.dropout} "
+                         f"(in [0, 1)) are out of range")
     if config.data.num_workers < 0:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
     vision_pretrain.validate(config)
@@ -126,6 +129,13 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     params = jax.device_put(nnx.to_pure_dict(train_state), params_sh)
     frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_sh)
     del model, train_state, frozen_state
+    lcfg = config.model.lora
+    if lcfg.rank:  # adapters on the frozen matrices that model.lora.targets selects; they train, the base does not
+        adapters, adapter_sh = lora.init(frozen, lcfg.targets, lcfg.rank, jax.random.PRNGKey(config.seed + 2),
+                                         frozen_sh)
+        params, params_sh = dict(params, lora=jax.device_put(adapters, adapter_sh)), dict(params_sh, lora=adapter_sh)
+        log.info(f"LoRA rank {lcfg.rank} (alpha {lcfg.alpha}) on {len(lora.selected(frozen, lcfg.targets))} frozen "
+                 f"matrices: {lora.count(adapters):,} adapter parameters")
     log.info(f"model {config.model.preset}: {count(params) + count(frozen):,} parameters, "
              f"{count(params):,} trainable; mesh {dict(mesh.shape)}")
 
@@ -160,7 +170,9 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     # -- steps -----------------------------------------------------------------------------------
     batch_sh = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
     loss_fn, eval_fn = steps.objective(config, images_per_row, cfg.text.num_layers)
-    train_step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(config.train)),
+    lora_scale = lora.scale_of(lcfg) if lcfg.rank else 1.0
+    train_step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(config.train), lora_scale,
+                                               float(lcfg.dropout)),
                          in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
     evaluator = steps.Evaluator(config, graphdef, eval_fn, tokenizer, layout, mesh, kinds) \
@@ -203,7 +215,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
                 if step % config.train.checkpoint_every == 0 or step == config.train.steps:
                     ckpts.save(step, state, data_iter)
             ckpts.wait()
-            _export(workdir / "model", graphdef, state["params"], frozen)
+            _export(workdir / "model", graphdef, state["params"], frozen, lora_scale)
             log.info(f"model written to {workdir / 'model'}")
         finally:
             ckpts.close()
@@ -225,7 +237,8 @@ def _window_mean(window: list[dict]) -> dict[str, float]:
     return out
 
 
-def _export(out: pathlib.Path, graphdef, params, frozen) -> None:
-    model = nnx.merge(graphdef, _to_host(params), _to_host(frozen))
+def _export(out: pathlib.Path, graphdef, params, frozen, lora_scale: float = 1.0) -> None:
+    """The trained model as plain weights: LoRA adapters are merged into the matrices they adapt."""
+    model = nnx.merge(graphdef, *lora.materialize(_to_host(params), _to_host(frozen), lora_scale))
     if jax.process_index() == 0:
         model_ckpt.save_model(out, model, overwrite=True)

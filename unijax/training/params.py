@@ -45,7 +45,14 @@ def trainable_filter(trainable: Sequence[str], frozen: Sequence[str]):
 
 
 def split_trainable(model: nnx.Module, trainable: Sequence[str], frozen: Sequence[str]):
-    """-> (graphdef, trainable State, frozen State). Raises if nothing would train."""
+    """-> (graphdef, trainable State, frozen State). Raises if nothing would train, or if a regex of
+    `train.trainable` / `train.frozen` matches no parameter (most likely a typo)."""
+    paths = [path_str(p) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    for key, patterns in (("train.trainable", trainable), ("train.frozen", frozen)):
+        for r in _compile(patterns, key):
+            if not any(r.fullmatch(p) for p in paths):
+                raise ValueError(f"{key}: {r.pattern!r} matches no parameter of this model; paths look like "
+                                 f"{paths[0]!r}, 'language_model/layers/0/mlp/gate_proj/kernel'")
     graphdef, train_state, frozen_state = nnx.split(model, trainable_filter(trainable, frozen), ...)
     if not jax.tree.leaves(train_state):
         raise ValueError(f"train.trainable={list(trainable)} with train.frozen={list(frozen)} selects no parameter; "

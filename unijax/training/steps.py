@@ -19,6 +19,7 @@ from flax import nnx
 
 from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
+from unijax.models import lora
 from unijax.training import aia, losses, vq_loss
 
 
@@ -44,10 +45,18 @@ def objective(config, images_per_row: tuple[int, int], num_layers: int = 0):
     raise ValueError(f"objective={config.objective!r}: expected 'lm' or 'vq'")
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule):
+def merged_model(graphdef, params, frozen, lora_scale: float = 1.0, lora_dropout: float = 0.0, rng=None):
+    """The model a training state stands for: LoRA adapters (a "lora" entry of `params`;
+    `unijax.models.lora`) applied to the frozen weights they adapt."""
+    params, frozen = lora.materialize(params, frozen, lora_scale, lora_dropout, rng)
+    return nnx.merge(graphdef, params, frozen)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule,
+                    lora_scale: float = 1.0, lora_dropout: float = 0.0):
     def train_step(state, frozen, batch):
         def f(params):
-            return loss_fn(nnx.merge(graphdef, params, frozen), batch)
+            return loss_fn(merged_model(graphdef, params, frozen, lora_scale, lora_dropout, state["rng"]), batch)
 
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -100,7 +109,8 @@ class Evaluator:
             self.layout = layout
             self.batches = heldout_batches(config, tokenizer, layout, kinds)
             self.device_batches = [{k: b[k] for k in pipeline.BATCH_KEYS} for b in self.batches]
-            self._fn = jax.jit(lambda p, f, b: eval_fn(nnx.merge(graphdef, p, f), b))
+            scale = lora.scale_of(config.model.lora) if config.model.lora.rank else 1.0
+            self._fn = jax.jit(lambda p, f, b: eval_fn(merged_model(graphdef, p, f, scale), b))
             # the image-blind answerer's accuracy on this question mix: the chance level to beat
             blind = dict(shapes.blind_baseline(datasets.question_kinds(config.data) or None, seed=self.seed,
                                                fit=10000, held_out=2000))
@@ -112,7 +122,7 @@ class Evaluator:
             self.images = np.stack([shapes.render(s) for s in self.scenes]).astype(np.float32) / 127.5 - 1
 
             def recon(p, f, x):
-                vq = nnx.merge(graphdef, p, f).vqmodel
+                vq = merged_model(graphdef, p, f).vqmodel
                 r, _ = vq_loss.vq_forward(vq, x)
                 return r
 

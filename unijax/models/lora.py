@@ -1,0 +1,147 @@
+"""LoRA as a reparametrisation of selected weight matrices: `W' = W + (alpha / r) * A @ B`.
+
+Adapters live beside the model, as a pure-dict tree that mirrors the parameter tree
+(`{"language_model": {"layers": {0: {"self_attn": {"q_proj": {"kernel": {"a": .., "b": ..}}}}}}}`),
+for every parameter whose path (`language_model/layers/0/self_attn/q_proj/kernel`) matches one
+of `model.lora.targets` (regexes, `re.fullmatch`). The last two axes of a selected array are its
+(in, out) matrix; leading axes (stacked experts `[E, in, out]`, scanned layers `[L, in, out]`)
+get one adapter each, so every expert has its own. `a [..., in, r]` starts N(0, 1/in) and
+`b [..., r, out]` at zero, so a fresh adapter changes nothing.
+
+Applied at the parameter level (`apply`), the same code adapts attention projections, dense FFNs,
+the stacked expert weights and the shared expert of TA-MoE layers alike, and `merge` is the same
+function: the merged weights are what the training step computes with. The cost is one `A @ B`
+per adapted matrix per step and a dense gradient for it in the backward pass (the base weights
+themselves get neither optimizer state nor updates).
+
+`dropout` (PEFT's `lora_dropout`) drops input features of the adapter path: one mask per step and
+per adapted matrix (rows of `a`, scaled by 1 / (1 - p)), shared by all the tokens of the batch,
+which is what a weight-level reparametrisation can express (PEFT draws one mask per token).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DEFAULT_TARGETS = (
+    r"language_model/layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel",
+    r"language_model/layers/(\d+/)?mlp/(experts/)?(gate|up|down)_proj(/kernel)?",
+    r"language_model/layers/(\d+/)?mlp/shared/(gate|up|down)_proj(/kernel)?",
+)
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def _compile(targets: Sequence[str]) -> list[re.Pattern]:
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t]
+    out = []
+    for t in targets:
+        try:
+            out.append(re.compile(t))
+        except re.error as e:
+            raise ValueError(f"model.lora.targets: bad regex {t!r}: {e}") from None
+    return out
+
+
+def selected(params, targets: Sequence[str]) -> list[str]:
+    """Paths of the matrices (>= 2 dims) in `params` that the target regexes select; every regex
+    must select at least one (a typo is an error naming it)."""
+    regexes = _compile(targets)
+    paths = [(_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    hits = {r.pattern: [] for r in regexes}
+    for s, x in paths:
+        for r in regexes:
+            if r.fullmatch(s) and len(x.shape) >= 2:
+                hits[r.pattern].append(s)
+    for pattern, found in hits.items():
+        if not found:
+            raise ValueError(f"model.lora.targets: {pattern!r} matches no weight matrix among the frozen parameters "
+                             f"(paths look like 'language_model/layers/0/self_attn/q_proj/kernel')")
+    return sorted({s for found in hits.values() for s in found})
+
+
+def _set(tree: dict, keys: list, value) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _keys(path) -> list:
+    return [getattr(p, "key", getattr(p, "idx", p)) for p in path]
+
+
+def init(params, targets: Sequence[str], rank: int, key: jax.Array, shardings=None) -> tuple[dict, dict | None]:
+    """-> (adapters, their shardings or None). `params`: a pure dict (the frozen base weights);
+    `shardings`: the same tree of NamedShardings, from which each adapter takes the base
+    matrix's leading and in (a) or out (b) axes."""
+    if rank <= 0:
+        raise ValueError(f"model.lora.rank={rank} must be positive to add adapters")
+    chosen = set(selected(params, targets))
+    adapters, adapter_sh = {}, {} if shardings is not None else None
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    sh_flat = dict((_path(p), s) for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]) if shardings else {}
+    for i, (path, w) in enumerate(flat):
+        s = _path(path)
+        if s not in chosen:
+            continue
+        *lead, din, dout = w.shape
+        a = jax.random.normal(jax.random.fold_in(key, i), (*lead, din, rank), jnp.float32) / jnp.sqrt(din)
+        _set(adapters, _keys(path), {"a": a.astype(w.dtype), "b": jnp.zeros((*lead, rank, dout), w.dtype)})
+        if shardings is not None:
+            base = sh_flat[s]
+            spec = tuple(base.spec) + (None,) * (len(w.shape) - len(base.spec))
+            _set(adapter_sh, _keys(path), {"a": NamedSharding(base.mesh, P(*spec[:-1], None)),
+                                           "b": NamedSharding(base.mesh, P(*spec[:-2], None, spec[-1]))})
+    return adapters, adapter_sh
+
+
+def apply(params, adapters: dict, scale: float, *, dropout: float = 0.0, rng: jax.Array | None = None):
+    """`params` with every adapted matrix replaced by `W + scale * A @ B` (in W's dtype); with
+    `dropout > 0` and an `rng`, rows of `A` are dropped (see the module docstring)."""
+    flat_ad = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, dict) and
+                                                           set(x) == {"a", "b"})[0]:
+        flat_ad[_path(path)] = leaf
+
+    def one(path, w):
+        ad = flat_ad.get(_path(path))
+        if ad is None:
+            return w
+        a = ad["a"].astype(jnp.float32)
+        if dropout > 0 and rng is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, zlib.crc32(_path(path).encode()) % (2 ** 31)), 1 - dropout,
+                                        a.shape[:-1] + (1,))
+            a = jnp.where(keep, a / (1 - dropout), 0.0)
+        delta = jnp.einsum("...ir,...ro->...io", a, ad["b"].astype(jnp.float32))
+        return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+merge = apply  # folding adapters into the base weights for export is the same computation
+
+
+def materialize(params: dict, frozen: dict, scale: float, dropout: float = 0.0, rng: jax.Array | None = None):
+    """Training-state split -> model split: `(params without "lora", frozen with the adapters
+    applied)`. Without a "lora" entry both pass through unchanged."""
+    if "lora" not in params:
+        return params, frozen
+    rest = {k: v for k, v in params.items() if k != "lora"}
+    return rest, apply(frozen, params["lora"], scale, dropout=dropout, rng=rng)
+
+
+def count(adapters: dict) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(adapters))
+
+
+def scale_of(lora_cfg: Any) -> float:
+    return float(lora_cfg.alpha) / float(lora_cfg.rank)
