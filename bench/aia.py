@@ -14,6 +14,8 @@ tokens, samples packed; each row holds ~10 samples of both tasks). Variants:
 - `lean`           AIA on, indicator channel in V, same attention kernel
 - `chunked_off`    AIA off, query-blocked attention (`attention_impl = "chunked"`: O(T) memory)
 - `chunked_lean`   AIA on, lean path on the chunked kernel
+- `cudnn_off`, `cudnn_lean` (GPU only, by default): `jax.nn.dot_product_attention` (cuDNN's fused
+                   kernel), AIA off and lean
 
 Each variant is compiled and run once, then timed `--repeats` times (median). Target (issue 5):
 the lean path costs at most 10 % extra step time over AIA off on the same kernel. The compiled
@@ -56,8 +58,9 @@ from unijax.training.params import split_trainable  # noqa: E402
 
 SIZES = {"tiny": dict(batch=32, max_len=112, packing=False), "seq1024": dict(batch=4, max_len=1024, packing=True)}
 VARIANTS = {"off": ("xla", None), "explicit": ("xla", "explicit"), "lean": ("xla", "lean"),
-            "chunked_off": ("chunked", None), "chunked_lean": ("chunked", "lean")}
-BASELINE = {"explicit": "off", "lean": "off", "chunked_lean": "chunked_off"}
+            "chunked_off": ("chunked", None), "chunked_lean": ("chunked", "lean"),
+            "cudnn_off": ("cudnn", None), "cudnn_lean": ("cudnn", "lean")}
+BASELINE = {"explicit": "off", "lean": "off", "chunked_lean": "chunked_off", "cudnn_lean": "cudnn_off"}
 TARGET = 0.10
 
 
@@ -114,17 +117,19 @@ def time_variant(name: str, size: dict, repeats: int, data_dir: str) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="tiny,seq1024")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="default: all; the cudnn ones only on a GPU")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: a temporary directory)")
     ap.add_argument("--json", default=str(REPO_ROOT / "bench" / "results" / "aia.json"))
     args = ap.parse_args(argv)
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="unijax_bench_")
     backend = jax.default_backend()
+    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if backend == "gpu" or
+                                                                 not v.startswith("cudnn")]
     rows = []
     for size_name in args.sizes.split(","):
         res = {}
-        for name in args.variants.split(","):
+        for name in variants:
             res[name] = time_variant(name, SIZES[size_name], args.repeats, data_dir)
             print(f"  {size_name:8s} {name:13s} {res[name]['ms']:9.1f} ms  temp {res[name]['temp_mib']:8.1f} MiB",
                   flush=True)
