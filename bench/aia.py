@@ -37,9 +37,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -49,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import aia as aia_config  # noqa: E402
+from bench.common import machine_meta, write_json  # noqa: E402
 from unijax.data import datasets, pipeline, shapes  # noqa: E402
 from unijax.data.tokenizer import load_tokenizer  # noqa: E402
 from unijax.models.janus import Janus  # noqa: E402
@@ -149,18 +147,11 @@ def main(argv=None):
     summary = {}
     for r in rows:
         if r["aia_impl"] == "lean" and r["overhead"] is not None:
-            summary[f"{r['size']}/{r['variant']}"] = {"overhead": r["overhead"], "meets_target": r["overhead"] <= TARGET}
+            summary[f"{r['size']}/{r['variant']}"] = {"overhead": r["overhead"],
+                                                      "meets_target": r["overhead"] <= TARGET}
             print(f"{r['size']} {r['variant']}: {100 * r['overhead']:+.1f} % step time (target <= "
                   f"{100 * TARGET:.0f} %: {'met' if r['overhead'] <= TARGET else 'NOT met'})")
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "backend": backend,
-            "device": jax.devices()[0].device_kind, "host": platform.node(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "target_overhead": TARGET}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
-    tmp.replace(out)
-    print(f"\nwrote {out}")
+    write_json(args.json, {"meta": machine_meta(target_overhead=TARGET), "rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":

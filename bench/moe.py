@@ -44,9 +44,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -55,6 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.common import machine_meta, write_json  # noqa: E402
 from unijax.models.config import MoEConfig, preset  # noqa: E402
 from unijax.models.layers import SwiGLU  # noqa: E402
 from unijax.models.moe import TAMoE  # noqa: E402
@@ -161,15 +159,8 @@ def main(argv=None):
         print(f"\n{size_name}: fastest TA-MoE impl on {backend} = {best['variant']}, "
               f"{best['ratio_to_dense']:.2f}x dense (target <= {TARGET}x: "
               f"{'met' if best['ratio_to_dense'] <= TARGET else 'NOT met'})")
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "backend": backend,
-            "device": jax.devices()[0].device_kind, "host": platform.node(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "dtype": args.dtype, "target_ratio": TARGET}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
-    tmp.replace(out)
-    print(f"\nwrote {out}")
+    write_json(args.json, {"meta": machine_meta(dtype=args.dtype, target_ratio=TARGET), "rows": rows,
+                           "summary": summary})
 
 
 if __name__ == "__main__":

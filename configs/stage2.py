@@ -31,7 +31,8 @@ def get_config(arg=None):
     c.model.ffn = "ta_moe"
     c.model.lora.rank = 16
     c.model.lora.alpha = 32.0
-    c.train.trainable = (r"language_model/layers/(.*/)?mlp/(task_router|router)/.*", r"language_model/layers/(.*/)?mlp/alpha")
+    c.train.trainable = (r"language_model/layers/(.*/)?mlp/(task_router|router)/.*",
+                         r"language_model/layers/(.*/)?mlp/alpha")
     c.train.frozen = ()                # the rest is frozen and LoRA-adapted (model.lora.targets)
     c.train.steps = 300
     c.train.learning_rate = 1e-3

@@ -40,22 +40,24 @@ def _path(path) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
-def _compile(targets: Sequence[str]) -> list[re.Pattern]:
-    if isinstance(targets, str):
-        targets = [t for t in targets.split(",") if t]
+def compile_patterns(patterns: Sequence[str] | str, key: str) -> list[re.Pattern]:
+    """Config regexes (a tuple, or one comma-separated string) -> compiled; a bad one is an error
+    naming the config `key`."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p]
     out = []
-    for t in targets:
+    for p in patterns:
         try:
-            out.append(re.compile(t))
+            out.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"model.lora.targets: bad regex {t!r}: {e}") from None
+            raise ValueError(f"{key}: bad regex {p!r}: {e}") from None
     return out
 
 
 def selected(params, targets: Sequence[str]) -> list[str]:
     """Paths of the matrices (>= 2 dims) in `params` that the target regexes select; every regex
     must select at least one (a typo is an error naming it)."""
-    regexes = _compile(targets)
+    regexes = compile_patterns(targets, "model.lora.targets")
     paths = [(_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
     hits = {r.pattern: [] for r in regexes}
     for s, x in paths:
@@ -118,8 +120,8 @@ def apply(params, adapters: dict, scale: float, *, dropout: float = 0.0, rng: ja
             return w
         a = ad["a"].astype(jnp.float32)
         if dropout > 0 and rng is not None:
-            keep = jax.random.bernoulli(jax.random.fold_in(rng, zlib.crc32(_path(path).encode()) % (2 ** 31)), 1 - dropout,
-                                        a.shape[:-1] + (1,))
+            key = jax.random.fold_in(rng, zlib.crc32(_path(path).encode()) % (2 ** 31))
+            keep = jax.random.bernoulli(key, 1 - dropout, a.shape[:-1] + (1,))
             a = jnp.where(keep, a / (1 - dropout), 0.0)
         delta = jnp.einsum("...ir,...ro->...io", a, ad["b"].astype(jnp.float32))
         return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)

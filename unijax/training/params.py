@@ -8,32 +8,21 @@ optimizer state.
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import jax
 from flax import nnx
+
+from unijax.models.lora import compile_patterns
 
 
 def path_str(path) -> str:
     return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
-def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern]:
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{key}: bad regex {p!r}: {e}") from None
-    return out
-
-
 def trainable_filter(trainable: Sequence[str], frozen: Sequence[str]):
     """An nnx filter `(path, value) -> bool` selecting trainable parameters."""
-    keep, drop = _compile(trainable, "train.trainable"), _compile(frozen, "train.frozen")
+    keep, drop = compile_patterns(trainable, "train.trainable"), compile_patterns(frozen, "train.frozen")
 
     def is_trainable(path, value) -> bool:
         if not isinstance(value, nnx.Param):
@@ -49,7 +38,7 @@ def split_trainable(model: nnx.Module, trainable: Sequence[str], frozen: Sequenc
     `train.trainable` / `train.frozen` matches no parameter (most likely a typo)."""
     paths = [path_str(p) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     for key, patterns in (("train.trainable", trainable), ("train.frozen", frozen)):
-        for r in _compile(patterns, key):
+        for r in compile_patterns(patterns, key):
             if not any(r.fullmatch(p) for p in paths):
                 raise ValueError(f"{key}: {r.pattern!r} matches no parameter of this model; paths look like "
                                  f"{paths[0]!r}, 'language_model/layers/0/mlp/gate_proj/kernel'")
