@@ -13,7 +13,7 @@ from configs import base
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import shapes_tokenizer
 from unijax.models.config import preset
-from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE, Janus
+from unijax.models.janus import GEN_IMAGE, UND_IMAGE
 from unijax.models.layers import attention
 from unijax.training import aia, losses
 

@@ -24,8 +24,8 @@ from unijax import checkpoints as model_ckpt
 from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer
-from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
 from unijax.models import lora
+from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
 from unijax.models.janus import Janus
 from unijax.training import aia, steps, vision_pretrain
 from unijax.training.checkpointing import TrainCheckpoints
