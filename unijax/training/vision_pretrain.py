@@ -125,9 +125,9 @@ def _optimizer_config(config) -> ml_collections.ConfigDict:
 
 def _settings(model, config) -> dict:
     """What the cached tower depends on: a cache made under other settings is not reused."""
+    train = {k: config.train[k] for k in ("min_lr_ratio", "weight_decay", "grad_clip", "b1", "b2", "eps")}
     return {"vision": dataclasses.asdict(model.cfg.vision), "vision_pretrain": config.vision_pretrain.to_dict(),
-            "seed": int(config.seed), "train": {k: config.train[k] for k in ("min_lr_ratio", "weight_decay",
-                                                                           "grad_clip", "b1", "b2", "eps")}}
+            "seed": int(config.seed), "init_from": str(config.init_from), "train": train}
 
 
 def pretrain_vision(model, config, mesh, log, cache_dir: str | pathlib.Path | None = None) -> dict[str, float]:
