@@ -28,7 +28,7 @@ def frozen():
 
 
 def flat(tree):
-    return {lora._path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {lora.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_targets_select_attention_experts_and_shared(frozen):

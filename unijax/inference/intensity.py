@@ -26,10 +26,8 @@ def intensity_curves(model, batches: Sequence[dict], images_per_row: tuple[int, 
     @jax.jit
     def run(state, batch):
         m = nnx.merge(graphdef, state)
-        tokens, pixels = losses.prepare_inputs(m, batch, images_per_row)
-        keys, queries, valid = aia.spans(batch, m.cfg, **span_kw)
-        _, _, aux = m(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels,
-                      task=batch["task"], return_aux=True, capture_aia=keys, aia_impl=aia_impl)
+        *_, aux = losses.lm_forward(m, batch, images_per_row, {"spans": span_kw, "impl": aia_impl})  # logits unused
+        _, queries, valid = aia.spans(batch, m.cfg, **span_kw)
         return {t: (aia.intensities(aux["aia"], queries[t]).T, valid[t]) for t in aia.TASKS}
 
     rows = {t: [] for t in aia.TASKS}

@@ -97,15 +97,25 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scal
     (B, K) leading and a large cache is never transposed), `H = K * G`, mask `[B, T, S]` (True =
     attend). Scores and softmax in float32; returns `[B, T, H, D]` in v's dtype.
     """
+    return _weighted_values(attention_probs(q, k, mask, scale), v)
+
+
+def attention_probs(q: Array, k: Array, mask: Array | None, scale: float) -> Array:
+    """The softmax probabilities of `dot_product_attention`, float32 `[B, K, G, T, S]`."""
     b, t, h, d = q.shape
     kh = k.shape[1]
     qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _weighted_values(probs: Array, v: Array) -> Array:
+    """probs `[B, K, G, T, S]`, v `[B, K, S, Dv]` -> `[B, T, K * G, Dv]` in v's dtype."""
+    b, kh, g, t, _ = probs.shape
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, v.shape[-1])
 
 
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn")
@@ -171,16 +181,10 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, im
     if aia_impl == "explicit":
         if impl != "xla":
             raise ValueError(f"explicit AIA needs model.attention_impl='xla' (got {impl!r}); use the lean path")
+        probs = attention_probs(q, k, mask, scale)
         b, t, h, _ = q.shape
-        kh = k.shape[1]
-        qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-        if mask is not None:
-            scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
         mass = jnp.einsum("bkgts,bs->btkg", probs, aia_keys.astype(jnp.float32)).reshape(b, t, h)
-        return out, mass
+        return _weighted_values(probs, v), mass
     if aia_impl != "lean":
         raise ValueError(f"aia_impl={aia_impl!r}: expected 'lean' or 'explicit'")
     indicator = jnp.broadcast_to(aia_keys[:, None, :, None].astype(v.dtype), (*v.shape[:3], 1))

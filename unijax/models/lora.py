@@ -36,8 +36,14 @@ DEFAULT_TARGETS = (
 )
 
 
-def _path(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+def _key(entry):
+    """One entry of an nnx or jax.tree_util path -> its dict key or sequence index."""
+    return getattr(entry, "key", getattr(entry, "idx", entry))
+
+
+def path_str(path) -> str:
+    """`language_model/layers/0/self_attn/q_proj/kernel`: the path that config regexes match."""
+    return "/".join(str(_key(p)) for p in path)
 
 
 def compile_patterns(patterns: Sequence[str] | str, key: str) -> list[re.Pattern]:
@@ -58,7 +64,7 @@ def selected(params, targets: Sequence[str]) -> list[str]:
     """Paths of the matrices (>= 2 dims) in `params` that the target regexes select; every regex
     must select at least one (a typo is an error naming it)."""
     regexes = compile_patterns(targets, "model.lora.targets")
-    paths = [(_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
     hits = {r.pattern: [] for r in regexes}
     for s, x in paths:
         for r in regexes:
@@ -78,7 +84,7 @@ def _set(tree: dict, keys: list, value) -> None:
 
 
 def _keys(path) -> list:
-    return [getattr(p, "key", getattr(p, "idx", p)) for p in path]
+    return [_key(p) for p in path]
 
 
 def init(params, targets: Sequence[str], rank: int, key: jax.Array, shardings=None) -> tuple[dict, dict | None]:
@@ -90,9 +96,9 @@ def init(params, targets: Sequence[str], rank: int, key: jax.Array, shardings=No
     chosen = set(selected(params, targets))
     adapters, adapter_sh = {}, {} if shardings is not None else None
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    sh_flat = dict((_path(p), s) for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]) if shardings else {}
+    sh_flat = dict((path_str(p), s) for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]) if shardings else {}
     for i, (path, w) in enumerate(flat):
-        s = _path(path)
+        s = path_str(path)
         if s not in chosen:
             continue
         *lead, din, dout = w.shape
@@ -112,15 +118,15 @@ def apply(params, adapters: dict, scale: float, *, dropout: float = 0.0, rng: ja
     flat_ad = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, dict) and
                                                            set(x) == {"a", "b"})[0]:
-        flat_ad[_path(path)] = leaf
+        flat_ad[path_str(path)] = leaf
 
     def one(path, w):
-        ad = flat_ad.get(_path(path))
+        ad = flat_ad.get(path_str(path))
         if ad is None:
             return w
         a = ad["a"].astype(jnp.float32)
         if dropout > 0 and rng is not None:
-            key = jax.random.fold_in(rng, zlib.crc32(_path(path).encode()) % (2 ** 31))
+            key = jax.random.fold_in(rng, zlib.crc32(path_str(path).encode()) % (2 ** 31))
             keep = jax.random.bernoulli(key, 1 - dropout, a.shape[:-1] + (1,))
             a = jnp.where(keep, a / (1 - dropout), 0.0)
         delta = jnp.einsum("...ir,...ro->...io", a, ad["b"].astype(jnp.float32))

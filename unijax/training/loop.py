@@ -134,7 +134,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         adapters, adapter_sh = lora.init(frozen, lcfg.targets, lcfg.rank, jax.random.PRNGKey(config.seed + 2),
                                          frozen_sh)
         params, params_sh = dict(params, lora=jax.device_put(adapters, adapter_sh)), dict(params_sh, lora=adapter_sh)
-        log.info(f"LoRA rank {lcfg.rank} (alpha {lcfg.alpha}) on {len(lora.selected(frozen, lcfg.targets))} frozen "
+        log.info(f"LoRA rank {lcfg.rank} (alpha {lcfg.alpha}) on {len(jax.tree.leaves(adapters)) // 2} frozen "
                  f"matrices: {lora.count(adapters):,} adapter parameters")
     log.info(f"model {config.model.preset}: {count(params) + count(frozen):,} parameters, "
              f"{count(params):,} trainable; mesh {dict(mesh.shape)}")

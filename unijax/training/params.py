@@ -13,11 +13,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from unijax.models.lora import compile_patterns
-
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
+from unijax.models.lora import compile_patterns, path_str  # noqa: F401 (path_str: also for optimizer.py)
 
 
 def trainable_filter(trainable: Sequence[str], frozen: Sequence[str]):

@@ -38,7 +38,7 @@ from safetensors.numpy import load_file, save_file
 
 from unijax import sharding
 from unijax.checkpoints import atomic_directory, flat_params
-from unijax.data import shapes
+from unijax.data import datasets, shapes
 from unijax.training.optimizer import make_optimizer
 
 IDENTITY_INDEX = {identity: i for i, identity in enumerate(shapes.IDENTITIES)}
@@ -52,7 +52,7 @@ class TagSource:
         self.seed, self.image_size = int(seed), int(image_size)
 
     def __len__(self) -> int:
-        return 2 ** 31 - 1
+        return datasets.WORLD_SIZE
 
     def __getitem__(self, index: int) -> dict:
         scene = shapes.sample_scene(np.random.default_rng([self.seed, 2, int(index)]), self.image_size)
