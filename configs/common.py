@@ -120,6 +120,20 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     t.eval_every = 200
     t.eval_batches = 8
 
+    # Benchmark suites (unijax/inference/suites.py) run on the current model during training, logged as
+    # suite/<name>/<metric>; the same suites as `python -m unijax.evaluate`, on smaller held-out sets
+    e = c.eval_suites = ml_collections.ConfigDict()
+    e.names = ()                 # e.g. ("shapes_pope", "shapes_mc", "shapes_geneval"); () = off
+    e.every = 0                  # steps between runs; 0 = train.eval_every
+    e.num_images = 25            # shapes_pope images (up to 4 questions each)
+    e.num_questions = 50         # shapes_mc questions
+    e.per_tag = 2                # shapes_geneval prompts per tag
+    e.samples = 1                # generation suites: images per prompt
+    e.cfg = 5.0                  # generation suites: classifier-free guidance
+    e.batch_size = 16            # rows decoded together
+    e.files = ""                 # pope / mmmu / geneval: comma-separated benchmark files
+    e.image_root = ""
+
     loss = c.loss = ml_collections.ConfigDict()
     loss.text_weight = 1.0       # lambda for understanding (text CE on answer tokens)
     loss.image_weight = 1.0      # lambda for generation (image-code CE)

@@ -134,3 +134,9 @@ def test_stage2_run_trains_adapters_and_routers_only(tmp_path, monkeypatch):
     for k in ("language_model/layers/0/self_attn/q_proj/kernel", "language_model/layers/1/mlp/experts/down_proj",
               "language_model/layers/1/mlp/task_router/kernel"):
         assert not np.array_equal(out[k], seen["init"][k]), k
+    # the unmerged adapter directory (a fresh run: with its frozen base) loads to the merged model
+    info = __import__("json").loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())
+    assert info["rank"] == 4 and info["base_model"] == "base" and "language_model/layers/1/mlp/alpha" in info["trained"]
+    unmerged = flat(nnx.to_pure_dict(nnx.state(checkpoints.load_model(tmp_path / "run" / "adapters"), nnx.Param)))
+    for k, v in out.items():
+        np.testing.assert_allclose(unmerged[k], v, rtol=1e-6, atol=1e-7, err_msg=k)

@@ -45,7 +45,7 @@ import sys
 import ml_collections
 import numpy as np
 
-COMMANDS = ("experts", "intensity")
+COMMANDS = ("experts", "intensity", "conflict")
 
 
 # -- the run's config and held-out data -----------------------------------------------------------
@@ -77,11 +77,12 @@ def run_config(ckpt) -> tuple[ml_collections.ConfigDict, pathlib.Path | None]:
     return c, path
 
 
-def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, data_dir: str):
+def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, data_dir: str,
+                    only: str | None = None):
     """(held-out shapes batches of both tasks, images_per_row, scene seed): `steps.Evaluator`'s
     batches for a run with `seed`, `train.batch_size = batch_size`, `train.eval_batches =
     num_batches`. The run's task mix is kept, except that a task it left out (ratio 0) gets ratio 1:
-    routing statistics need tokens of both tasks."""
+    routing statistics need tokens of both tasks. `only="und"` / `"gen"`: batches of that task alone."""
     from unijax.data import pipeline, shapes
     from unijax.data.tokenizer import check_compatible, load_tokenizer
     from unijax.training import steps
@@ -96,6 +97,8 @@ def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, d
     for key in ("und_ratio", "gen_ratio"):
         if not config.data[key] > 0:
             config.data[key] = 1.0
+    if only is not None:
+        config.data["gen_ratio" if only == "und" else "und_ratio"] = 0.0
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.dir)
     check_compatible(tokenizer, cfg)
     layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
@@ -309,6 +312,75 @@ def intensity(args) -> dict:
     return result
 
 
+def plot_conflict(stats: dict, path, title: str = "") -> None:
+    """Per-layer gradient cosines of each decoder group (top) and the model-level groups (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layer_rows = [g for g in stats["groups"] if g["scope"].startswith("layer")]
+    model_rows = [g for g in stats["groups"] if g["scope"] == "model" and g["cosine"] is not None]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), layout="constrained")
+    for group in dict.fromkeys(g["group"] for g in layer_rows):
+        pts = [(int(g["scope"][5:]), g["cosine"]) for g in layer_rows if g["group"] == group and g["cosine"] is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            top.plot(xs, ys, marker="o", label=group, lw=2.5 if group == "all" else 1.2)
+    top.axhline(0, color="k", lw=0.8)
+    top.set_xticks(sorted({int(g["scope"][5:]) for g in layer_rows}))
+    top.set_xlabel("decoder layer")
+    top.set_ylabel("cos(g_MMU, g_T2I)")
+    top.legend(fontsize=8, ncol=3)
+    bottom.bar([g["group"] for g in model_rows], [g["cosine"] for g in model_rows],
+               color=["tab:red" if g["cosine"] < 0 else "tab:blue" for g in model_rows])
+    bottom.axhline(0, color="k", lw=0.8)
+    bottom.set_ylabel("cos (model-level groups)")
+    bottom.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.suptitle(title or "gradient conflict", fontsize=9)
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
+
+
+def conflict_table(stats: dict) -> str:
+    lines = [f"{'scope':8} {'group':14} {'cosine':>8} {'batch mean':>11} {'batch std':>10} {'|g_mmu|':>9} "
+             f"{'|g_t2i|':>9}"]
+    for g in stats["groups"]:
+        lines.append(f"{g['scope']:8} {g['group']:14} {_fmt(g['cosine'], 8)} {_fmt(g['batch_cosine_mean'], 11)} "
+                     f"{_fmt(g['batch_cosine_std'], 10)} {g['norm_mmu']:9.2e} {g['norm_t2i']:9.2e}")
+    return "\n".join(lines)
+
+
+def conflict(args) -> dict:
+    from unijax import checkpoints
+    from unijax.inference.conflict import conflict_stats
+
+    ckpt = pathlib.Path(args.ckpt)
+    cfg = checkpoints.read_config(ckpt)
+    config, config_path = run_config(ckpt)
+    config.data.cfg_drop_prob = 0.0
+    seed = config.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or config.train.batch_size
+    data_dir = args.data_dir or config.data.dir
+    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis"
+    und, images_per_row, data_seed = heldout_batches(cfg, config, args.num_batches, batch_size, seed, data_dir, "und")
+    gen, _, _ = heldout_batches(cfg, config, args.num_batches, batch_size, seed, data_dir, "gen")
+    from unijax.data import pipeline
+
+    keep = lambda b: {k: b[k] for k in pipeline.BATCH_KEYS}  # noqa: E731
+    model = checkpoints.load_model(ckpt)
+    stats = conflict_stats(model, map(keep, und), map(keep, gen), images_per_row)
+    stats = {"checkpoint": str(ckpt.absolute()), "run_config": str(config_path) if config_path else None,
+             "ffn": cfg.ffn, "data_seed": data_seed, "batch_size": batch_size, **stats}
+    write_outputs(out, {
+        "conflict.json": lambda p: p.write_text(json.dumps(stats, indent=2) + "\n"),
+        "conflict.png": lambda p: plot_conflict(stats, p, title=f"{ckpt} ({cfg.ffn}): MMU vs T2I gradients"),
+    })
+    print(conflict_table(stats))
+    print(f"wrote {out / 'conflict.json'} and {out / 'conflict.png'}")
+    return stats
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unijax.analyze", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -334,6 +406,14 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=None, help="training seed S (default: the run's seed)")
     i.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
     i.set_defaults(run=intensity)
+    c = sub.add_parser("conflict", help="cosines between the MMU and T2I loss gradients per layer and group")
+    c.add_argument("--ckpt", required=True, help="unijax model checkpoint directory")
+    c.add_argument("--num_batches", type=int, default=8, help="held-out batches of each task (default 8)")
+    c.add_argument("--out", default=None, help="output directory (default: <ckpt>/../analysis)")
+    c.add_argument("--batch_size", type=int, default=None, help="default: the run's train.batch_size")
+    c.add_argument("--seed", type=int, default=None, help="training seed S (default: the run's seed)")
+    c.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
+    c.set_defaults(run=conflict)
     return p
 
 

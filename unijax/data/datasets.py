@@ -11,6 +11,7 @@ from unijax.data import arrayrecord, shapes, sources
 from unijax.data.pipeline import repeat_epochs
 
 WORLD_SIZE = 2 ** 31 - 1  # the shapes world is a function of (seed, task, index): effectively infinite
+HELD_OUT_SEED_OFFSET = 1_000_003  # held-out scenes of a run with seed S use seed S + this (never trained on)
 
 
 class ShapesSource:

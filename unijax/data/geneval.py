@@ -12,7 +12,12 @@ image) in four steps:
      smaller than 1 % of the image are noise;
   4. shape: from the fill of the upper and lower halves of the component's box (after trimming a
      stray end row / column): lopsided is a triangle (clean 1/4 vs 3/4), else full is a square (1)
-     and the rest a circle (pi/4).
+     and the rest a circle (pi/4);
+  5. objectness (a detector's confidence threshold): a component counts only when its box could hold
+     one of the world's objects: sides within SIDE_TOLERANCE of `shapes.object_size_range`, aspect
+     ratio <= MAX_ASPECT, filling >= MIN_FILL of the box, and with IoU >= MIN_SHAPE_IOU against the
+     ideal drawing of its shape in that box. Colour noise (an untrained generator's output) is blobs
+     of every size and outline, which this rejects.
 
 `score(spec, detections)` is GenEval's rule; `geneval(specs, images)` aggregates it per tag;
 `match_scene(scene, detections)` checks a detection list against the ground truth.
@@ -26,7 +31,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from unijax.data.shapes import BACKGROUND, COLOURS, TAGS, PromptSpec, Scene, relations
+from unijax.data.shapes import (BACKGROUND, COLOURS, TAGS, Obj, PromptSpec, Scene, object_size_range, relations,
+                                render)
 
 _COLOUR_NAMES = tuple(COLOURS)
 _DIRS = np.array([COLOURS[c] for c in _COLOUR_NAMES], np.float32) - np.array(BACKGROUND, np.float32)  # [6, 3]
@@ -38,6 +44,10 @@ TRIANGLE_ASYMMETRY = 0.25  # |lower - upper half fill| above this: triangle (cle
 SQUARE_FILL = 0.87         # mean fill above this: square (clean 1.0), else circle (clean 0.785); a blurred
                            # edge costs a square more fill than a circle, hence below the midpoint 0.89
 MATCH_IOU = 0.5
+SIDE_TOLERANCE = (0.7, 1.3)  # object-like: box sides within these factors of the world's object sizes,
+MAX_ASPECT = 1.5             # at most this elongated,
+MIN_FILL = 0.35              # filling this much of the box (clean: triangle 0.5, circle 0.785),
+MIN_SHAPE_IOU = 0.7          # and overlapping the ideal drawing of its shape in its box this much
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +163,27 @@ def classify_shape(fill_top: float, fill_bottom: float) -> str:
     return "square" if (fill_top + fill_bottom) / 2 > SQUARE_FILL else "circle"
 
 
+def object_like(w: int, h: int, fill: float, lo: int, hi: int) -> bool:
+    """Whether a `w x h` component box filled `fill` could hold an object of side `lo..hi` pixels."""
+    a, b = SIDE_TOLERANCE
+    sides_ok = all(a * lo <= side <= b * hi for side in (w, h))
+    return sides_ok and max(w, h) <= MAX_ASPECT * min(w, h) and fill >= MIN_FILL
+
+
+def shape_iou(mask: np.ndarray, shape: str) -> float:
+    """IoU of a bool mask `[h, w]` with `shape` drawn (as `shapes.render` draws it) in its full box."""
+    h, w = mask.shape
+    ideal = render(Scene((Obj(shape, "red", (0, 0, w, h)),), max(h, w))).any(-1)[:h, :w]
+    return float((mask & ideal).sum() / max((mask | ideal).sum(), 1))
+
+
 def detect(image: np.ndarray) -> list[Detection]:
     """Objects of a uint8 `[H, W, 3]` image, in row-major order of their first pixel."""
     ids, colour_of = components(classify_pixels(image))
     if not colour_of:
         return []
     min_area = MIN_AREA_FRAC * ids.size
+    lo, hi = object_size_range(min(image.shape[:2]))
     area = np.bincount(ids.ravel(), minlength=len(colour_of) + 1)
     out = []
     for i, label in enumerate(colour_of, start=1):
@@ -168,7 +193,11 @@ def detect(image: np.ndarray) -> list[Detection]:
         x0, y0 = int(xs.min()), int(ys.min())
         crop = ids[y0:int(ys.max()) + 1, x0:int(xs.max()) + 1] == i
         fill_top, fill_bottom, (c0, r0, c1, r1) = shape_features(crop)
+        if not object_like(c1 - c0, r1 - r0, (fill_top + fill_bottom) / 2, lo, hi):
+            continue
         shape = classify_shape(fill_top, fill_bottom)
+        if shape_iou(crop[r0:r1, c0:c1], shape) < MIN_SHAPE_IOU:
+            continue
         out.append(Detection(shape, _COLOUR_NAMES[label - 1], (x0 + c0, y0 + r0, x0 + c1, y0 + r1)))
     return out
 

@@ -91,8 +91,9 @@ class Generator:
                     return_logits: bool = False):
         """VQ codes `[B, num_image_tokens]` for left-padded T2I prompts `tokens/mask [B, T]`.
 
-        The prompt should end with the begin-of-image token. `guidance` is the CFG scale. With
-        `return_logits`, also the guided logits `[B, num_image_tokens, codebook]` of every step.
+        The prompt should end with the begin-of-image token. `guidance` is the CFG scale. `rng`: one
+        key, or a key per row (`[B]`, from `jax.random.key`) so that each row's samples do not
+        depend on the rest of the batch. With `return_logits`, also the guided logits `[B, num_image_tokens, codebook]` of every step.
         """
         rng = jax.random.key(0) if rng is None else rng
         return _generate_image_codes(self.graphdef, self.state, tokens, mask, jnp.float32(guidance), rng,
@@ -127,13 +128,24 @@ def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_t
     cache = KVCache.init(cfg, 2 * b, t + num_tokens)
     h, cache = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache, task=jnp.full_like(rows, T2I))
 
+    per_row = rng.shape == (b,)  # one key per row: each row's samples are independent of the batch
+
     def pick(h, key):
         logits = model.image_logits(h[:, -1]).astype(jnp.float32)
         cond, uncond = logits[:b], logits[b:]
         guided = uncond + guidance * (cond - uncond)
-        return sample(guided, key, sampling), (guided if return_logits else None)
+        if per_row:
+            nxt = jax.vmap(lambda g, k: sample(g[None], k, sampling)[0])(guided, key)
+        else:
+            nxt = sample(guided, key, sampling)
+        return nxt, (guided if return_logits else None)
 
-    rng, key = jax.random.split(rng)
+    if per_row:
+        row_keys = jax.vmap(lambda k: jax.random.split(k, num_tokens))(rng)  # [B, num_tokens]
+        key, keys = row_keys[:, 0], row_keys[:, 1:].swapaxes(0, 1)
+    else:
+        rng, key = jax.random.split(rng)
+        keys = jax.random.split(rng, num_tokens - 1)
     first, first_logits = pick(h, key)
 
     def step(carry, key):
@@ -144,7 +156,6 @@ def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_t
         nxt, logits = pick(h, key)
         return (nxt, cache, pos + 1), (nxt, logits)
 
-    keys = jax.random.split(rng, num_tokens - 1)
     _, (rest, rest_logits) = jax.lax.scan(step, (first, cache, positions[:, -1]), keys)
     codes = jnp.concatenate([first[:, None], rest.T], axis=1)
     if not return_logits:

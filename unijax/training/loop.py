@@ -24,6 +24,7 @@ from unijax import checkpoints as model_ckpt
 from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer
+from unijax.inference import suites
 from unijax.models import lora
 from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
 from unijax.models.janus import Janus
@@ -78,6 +79,45 @@ def validate(config) -> None:
     if config.data.num_workers < 0:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
     vision_pretrain.validate(config)
+    e = config.eval_suites
+    bad = [n for n in e.names if n not in suites.SUITES]
+    if bad:
+        raise ValueError(f"eval_suites.names={tuple(e.names)}: {bad} not among {suites.SUITES}")
+    for key in ("num_images", "num_questions", "per_tag", "samples", "batch_size"):
+        if e.names and int(e[key]) <= 0:
+            raise ValueError(f"eval_suites.{key}={e[key]} must be positive")
+    if e.every < 0:
+        raise ValueError(f"eval_suites.every={e.every} must be >= 0 (0 = train.eval_every)")
+    if any(not n.startswith("shapes_") for n in e.names) and not e.files:
+        raise ValueError(f"eval_suites.names={tuple(e.names)} includes a file suite: set eval_suites.files")
+
+
+def suite_options(config, image_size: int) -> suites.Options:
+    """`eval_suites.*` as `unijax.inference.suites.Options` (the training run's seed)."""
+    e = config.eval_suites
+    return suites.Options(seed=config.seed, size=image_size, num_images=e.num_images, num_questions=e.num_questions,
+                          per_tag=e.per_tag, samples=e.samples, cfg=e.cfg,
+                          files=tuple(f for f in e.files.split(",") if f), image_root=e.image_root)
+
+
+def run_suites(config, model, tokenizer, image_size: int) -> dict[str, float]:
+    """Every `eval_suites.names` suite on `model`: {"<suite>/<metric path>": value} (numbers only)."""
+    from unijax.inference.engine import Engine
+
+    engine = Engine(model, tokenizer, batch_size=config.eval_suites.batch_size)
+    o = suite_options(config, image_size)
+    out: dict[str, float] = {}
+
+    def put(prefix: str, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                put(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    for name in config.eval_suites.names:
+        put(name, suites.run(name, engine, o, chunk=4 * config.eval_suites.batch_size))
+    return out
 
 
 def _initial_model(cfg: JanusConfig, config, log: MetricLogger) -> Janus:
@@ -178,6 +218,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     evaluator = steps.Evaluator(config, graphdef, eval_fn, tokenizer, layout, mesh, kinds) \
         if config.data.source == "shapes" else None
 
+    suite_every = (config.eval_suites.every or config.train.eval_every) if config.eval_suites.names else 0
     log.start_step = start
     skipped = 0
     window: list[dict] = []
@@ -212,11 +253,21 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
                     log.write(step, scores, prefix="eval/")
                     log.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in scores.items() if "/" not in k))
                     metrics.update({"eval/" + k: v for k, v in scores.items()})
+                if suite_every and (step % suite_every == 0 or step == config.train.steps):
+                    model_now = nnx.merge(graphdef, *lora.materialize(state["params"], frozen, lora_scale))
+                    scores = run_suites(config, model_now, tokenizer, layout.image_size)
+                    log.write(step, scores, prefix="suite/")
+                    log.info("suites " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
+                                                  if k.count("/") <= 2 and not k.endswith("/n")))
+                    metrics.update({"suite/" + k: v for k, v in scores.items()})
                 if step % config.train.checkpoint_every == 0 or step == config.train.steps:
                     ckpts.save(step, state, data_iter)
             ckpts.wait()
             _export(workdir / "model", graphdef, state["params"], frozen, lora_scale)
             log.info(f"model written to {workdir / 'model'}")
+            if lcfg.rank and jax.process_index() == 0:
+                _export_adapters(workdir / "adapters", cfg, config, graphdef, state["params"], frozen)
+                log.info(f"LoRA adapters (unmerged) written to {workdir / 'adapters'}")
         finally:
             ckpts.close()
             if hasattr(data_iter, "close"):  # stops grain's prefetch thread / worker processes
@@ -235,6 +286,21 @@ def _window_mean(window: list[dict]) -> dict[str, float]:
             total = sum(float(m[n]) for m in window)
             out[task] = sum(float(m[task]) * float(m[n]) for m in window) / total if total else float("nan")
     return out
+
+
+def _export_adapters(out: pathlib.Path, cfg: JanusConfig, config, graphdef, params, frozen) -> None:
+    """The adapters, unmerged, with the fully trained parameters (`unijax.checkpoints.save_adapters`)."""
+    params, frozen = _to_host(params), _to_host(frozen)
+    lcfg = config.model.lora
+    targets = lcfg.targets.split(",") if isinstance(lcfg.targets, str) else list(lcfg.targets)
+    info = {"rank": int(lcfg.rank), "alpha": float(lcfg.alpha), "scale": lora.scale_of(lcfg),
+            "dropout": float(lcfg.dropout), "targets": targets}
+    trained = {k: v for k, v in params.items() if k != "lora"}
+    if config.init_from:
+        model_ckpt.save_adapters(out, cfg, params["lora"], trained, info, base=config.init_from)
+    else:  # a fresh run: its frozen (random) base weights are part of the result
+        base = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, trained, frozen), nnx.Param))
+        model_ckpt.save_adapters(out, cfg, params["lora"], trained, info, base_params=base)
 
 
 def _export(out: pathlib.Path, graphdef, params, frozen, lora_scale: float = 1.0) -> None:

@@ -98,7 +98,7 @@ class Evaluator:
     the scene's objects.
     """
 
-    EVAL_SEED_OFFSET = 1_000_003
+    EVAL_SEED_OFFSET = datasets.HELD_OUT_SEED_OFFSET
 
     def __init__(self, config, graphdef, eval_fn, tokenizer, layout: pipeline.Layout, mesh, kinds):
         self.config, self.graphdef, self.mesh, self.kinds = config, graphdef, mesh, kinds

@@ -1,0 +1,239 @@
+"""Benchmark items: the shapes world's held-out suites and loaders for the real files users bring.
+
+Every loader returns a list of plain dict items with a unique string `id` (what `unijax.evaluate`
+resumes by). Understanding items hold an `image` (uint8 `[H, W, 3]` array, or a path read lazily by
+`load_item_image`) and a `question`; generation items hold a `prompt` and its GenEval `metadata`.
+
+Real-file formats:
+- POPE (`pope_items`): the question files of the POPE repository (`coco_pope_random.json`, ...), one
+  JSON object per line: `{"question_id": 1, "image": "COCO_val2014_000000016631.jpg",
+  "text": "Is there a person in the image?", "label": "yes"}`; images under `image_root`. The split
+  is the file name's last `_` word (`random`, `popular`, `adversarial`).
+- Multiple choice (`mc_items`): MMMU-style records in a `.parquet`, `.json` (a list) or `.jsonl`
+  file: `id`, `question`, `options` (a list, or its Python-literal string as MMMU's parquet stores
+  it), `answer` (a letter) and the image as `image` / `image_1` (a path under `image_root`, or
+  parquet's `{"bytes": ...}`); optional `subfield` / `category`. `<image 1>` markers are removed
+  from the question (one image per question).
+- GenEval (`geneval_items`): GenEval's `evaluation_metadata.jsonl`, one prompt's metadata per line
+  (`{"tag": "two_object", "include": [{"class": "bench", "count": 1}, ...], "prompt": "..."}`).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from unijax.data import shapes
+
+LETTERS_UPPER = "ABCDEFGHIJ"
+
+
+class BenchmarkFileError(ValueError):
+    """A benchmark file or record that cannot be read; the message names the file and record."""
+
+
+# -- shapes suites ----------------------------------------------------------------------------------
+def shapes_pope_items(seed: int, num_images: int, size: int = 32) -> list[dict]:
+    """POPE on held-out shapes scenes: per image one positive question and one negative of each split
+    (random / popular / adversarial) the scene admits. A split is the positives plus its negatives, as
+    in POPE, so each split is balanced yes / no."""
+    items = []
+    for i in range(num_images):
+        scene = shapes.scene_at(seed, i, size)
+        rng = np.random.default_rng([seed, i, 7])
+        for kind in ("exist_positive", *shapes.EXIST_NEGATIVE_KINDS):
+            try:
+                qa = shapes.make_question(scene, kind, rng)
+            except ValueError:  # the scene has no negative of this kind
+                continue
+            items.append({"id": f"{i}/{kind}", "seed": seed, "size": size, "scene": i, "question": qa.question, "answer": qa.answer,
+                          "splits": list(shapes.EXIST_NEGATIVE_KINDS) if kind == "exist_positive" else [kind]})
+    return items
+
+
+def shapes_mc_items(seed: int, num_questions: int, size: int = 32) -> list[dict]:
+    """Lettered multiple-choice questions (the shapes `choice` kind) on held-out scenes; `category`
+    is what the options range over (colour or count)."""
+    items = []
+    for i in range(num_questions):
+        scene = shapes.scene_at(seed, i, size)
+        qa = shapes.make_question(scene, "choice", np.random.default_rng([seed, i, 11]))
+        options = [line.split(". ", 1)[1] for line in qa.question.split("\n")[1:-1]]
+        items.append({"id": str(i), "seed": seed, "size": size, "scene": i, "question": qa.question,
+                      "answer": qa.answer.upper(), "options": options,
+                      "category": "count" if qa.question.startswith("how many") else "colour"})
+    return items
+
+
+def spec_to_metadata(text: str, spec: shapes.PromptSpec) -> dict:
+    """A shapes `PromptSpec` in GenEval's metadata format (`color`, and `position: [relation, j]` on the
+    include entry that stands in `relation` to include[j])."""
+    include = []
+    for k, (shape, colour, count) in enumerate(spec.include):
+        entry: dict[str, Any] = {"class": shape, "count": count}
+        if colour is not None:
+            entry["color"] = colour
+        if spec.position is not None and spec.position[1] == k:
+            entry["position"] = [spec.position[0], spec.position[2]]
+        include.append(entry)
+    out = {"tag": spec.tag, "include": include, "prompt": text}
+    if spec.exclude:
+        out["exclude"] = [{"class": s, "count": n, **({"color": c} if c else {})} for s, c, n in spec.exclude]
+    return out
+
+
+def metadata_to_spec(meta: dict, where: str) -> shapes.PromptSpec | None:
+    """GenEval metadata -> a shapes `PromptSpec`, or None when it names classes or colours the shapes
+    detector does not know (COCO objects): such prompts can only be scored by GenEval's own scorer."""
+    try:
+        include, position = [], None
+        for k, e in enumerate(meta["include"]):
+            include.append((e["class"], e.get("color"), int(e.get("count", 1))))
+            if "position" in e:
+                position = (e["position"][0], k, int(e["position"][1]))
+        exclude = [(e["class"], e.get("color"), int(e.get("count", 1))) for e in meta.get("exclude", [])]
+        tag = meta["tag"]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise BenchmarkFileError(f"{where}: not GenEval metadata ({type(e).__name__}: {e})") from e
+    known = all(s in shapes.SHAPES and (c is None or c in shapes.COLOURS) for s, c, _ in include + exclude)
+    if not known or (position and position[0] not in shapes.RELATIONS):
+        return None
+    return shapes.PromptSpec(tag, tuple(include), tuple(exclude), position)
+
+
+def shapes_geneval_items(seed: int, per_tag: int, size: int = 32) -> list[dict]:
+    """GenEval-style prompts on the shapes world (`shapes.prompt_set`: `per_tag` of each tag)."""
+    return [{"id": f"{k:05d}", "prompt": text, "metadata": spec_to_metadata(text, spec)}
+            for k, (text, spec, _) in enumerate(shapes.prompt_set(seed, per_tag, size))]
+
+
+# -- real files ---------------------------------------------------------------------------------------
+def _read_records(path: pathlib.Path) -> list[dict]:
+    if not path.is_file():
+        raise BenchmarkFileError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:  # pragma: no cover - pyarrow is in requirements.txt
+            raise BenchmarkFileError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises its own error types
+            raise BenchmarkFileError(f"{path}: not a readable parquet file ({e})") from e
+    text = path.read_text()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchmarkFileError(f"{path}: invalid JSON ({e})") from e
+    else:  # JSON lines (POPE's .json files are JSON lines too)
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise BenchmarkFileError(f"{path}: line {n} is not JSON ({e})") from e
+    if not all(isinstance(r, dict) for r in records):
+        raise BenchmarkFileError(f"{path}: expected JSON objects, one per record")
+    return records
+
+
+def pope_items(files: list[str], image_root: str) -> list[dict]:
+    items = []
+    for f in files:
+        path = pathlib.Path(f)
+        split = path.stem.split("_")[-1]
+        for n, r in enumerate(_read_records(path)):
+            try:
+                label = str(r["label"]).strip().lower()
+                item = {"id": f"{split}/{r['question_id']}", "image": str(pathlib.Path(image_root) / r["image"]),
+                        "question": str(r["text"]), "answer": label, "splits": [split]}
+            except KeyError as e:
+                raise BenchmarkFileError(f"{path}: record {n} has no {e} (POPE records need question_id, "
+                                         f"image, text, label)") from None
+            if label not in ("yes", "no"):
+                raise BenchmarkFileError(f"{path}: record {n}: label {r['label']!r} is not yes / no")
+            items.append(item)
+    return items
+
+
+def _options(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise BenchmarkFileError(f"{where}: options {value[:60]!r} is not a list") from e
+    if not isinstance(value, (list, tuple)) or not 2 <= len(value) <= len(LETTERS_UPPER):
+        raise BenchmarkFileError(f"{where}: options must be a list of 2-{len(LETTERS_UPPER)} strings")
+    return [str(v) for v in value]
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    """MMMU's multiple-choice prompt: the question, `A. option` lines, then the instruction."""
+    lines = [question.strip()] + [f"{LETTERS_UPPER[i]}. {o}" for i, o in enumerate(options)]
+    return "\n".join(lines + ["Answer with the option's letter from the given choices directly."])
+
+
+def mc_items(file: str, image_root: str = "") -> list[dict]:
+    path = pathlib.Path(file)
+    items = []
+    for n, r in enumerate(_read_records(path)):
+        where = f"{path}: record {n}"
+        try:
+            options = _options(r["options"], where)
+            question = str(r["question"])
+            answer = str(r["answer"]).strip().upper()
+        except KeyError as e:
+            raise BenchmarkFileError(f"{where} has no {e} (multiple-choice records need question, options, "
+                                     f"answer)") from None
+        if answer not in LETTERS_UPPER[:len(options)]:
+            raise BenchmarkFileError(f"{where}: answer {answer!r} is not one of the option letters")
+        image = r.get("image", r.get("image_1"))
+        if isinstance(image, dict):
+            image = image.get("bytes") or image.get("path")
+        if image is None:
+            raise BenchmarkFileError(f"{where} has no image (image or image_1)")
+        if isinstance(image, str):
+            image = str(pathlib.Path(image_root) / image)
+        for k in range(1, 8):
+            question = question.replace(f"<image {k}>", "").strip()
+        items.append({"id": str(r.get("id", n)), "image": image, "question": mc_prompt(question, options),
+                      "answer": answer, "options": options,
+                      "category": str(r.get("subfield") or r.get("category") or "all"), "source": where})
+    return items
+
+
+def geneval_items(file: str) -> list[dict]:
+    """GenEval's `evaluation_metadata.jsonl`: item k is line k, written to `<out>/<k:05d>/`."""
+    path = pathlib.Path(file)
+    items = []
+    for n, meta in enumerate(_read_records(path)):
+        if "prompt" not in meta:
+            raise BenchmarkFileError(f"{path}: line {n + 1} has no prompt")
+        metadata_to_spec(meta, f"{path}: line {n + 1}")  # validates the structure
+        items.append({"id": f"{n:05d}", "prompt": str(meta["prompt"]), "metadata": meta})
+    return items
+
+
+def load_item_image(item: dict) -> np.ndarray:
+    """The item's image as uint8 `[H, W, 3]`: a shapes scene (`seed`, `scene`, `size`), an array,
+    encoded bytes or a path (named on failure)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if "scene" in item:
+        return shapes.render(shapes.scene_at(item["seed"], item["scene"], item["size"]))
+    image = item["image"]
+    if isinstance(image, np.ndarray):
+        return image
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+            return np.asarray(im.convert("RGB"), np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        where = item.get("source", image if isinstance(image, str) else f"item {item['id']}")
+        raise BenchmarkFileError(f"{where}: image not readable ({e})") from e

@@ -1,0 +1,152 @@
+"""Batched inference on a model checkpoint: answers (MMU) and images (T2I) from plain inputs.
+
+`Engine.load(ckpt)` restores any checkpoint unijax writes or converts (dense, TA-MoE, a LoRA
+adapter directory, a converted Janus-Pro) with its tokenizer, and keeps one `decode.Generator`:
+
+    engine = Engine.load("workdir/stage2/model")
+    engine.answer([image], ["what colour is the circle?"])     # -> ["red"]
+    engine.images(["a red circle"], num_images=4, guidance=5)  # -> uint8 [1, 4, H, W, 3]
+
+Prompts are left-padded to a multiple of `PAD_TO` tokens and batches are padded to `batch_size`
+rows, so a stream of requests reuses a handful of compiled programs. TA-MoE models route by
+their task router (`group="router"`, the model decides the expert group from the tokens) unless
+`group="label"` (the request's task picks it, as in training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unijax import checkpoints
+from unijax.data import pipeline
+from unijax.data.tokenizer import Tokenizer, check_compatible, load_tokenizer
+from unijax.inference import decode
+from unijax.inference.images import to_uint8
+from unijax.inference.sampling import Sampling
+from unijax.models.janus import TEXT, UND_IMAGE
+
+PAD_TO = 16
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def left_pad(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> (`[B, length]` int32 left-padded with `pad_id`, mask `[B, length]` int32)."""
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return tokens, mask
+
+
+def run_tokenizer_spec(ckpt) -> tuple[str, str]:
+    """(`data.tokenizer`, `data.dir`) of the run that wrote `ckpt` (`<ckpt>/../config.json`), or the
+    shapes defaults: the tokenizer a checkpoint was trained with."""
+    from unijax.analyze import run_config
+
+    config, _ = run_config(ckpt)
+    return config.data.tokenizer, config.data.dir
+
+
+@dataclasses.dataclass
+class Engine:
+    model: object
+    tokenizer: Tokenizer
+    batch_size: int = 8
+    ckpt: str = ""
+
+    def __post_init__(self):
+        self.cfg = self.model.cfg
+        check_compatible(self.tokenizer, self.cfg)
+        self.generator = decode.Generator(self.model)
+        self.image_size = self.cfg.vision.image_size
+        self.und_tokens = (self.image_size // self.cfg.vision.patch_size) ** 2
+
+    @classmethod
+    def load(cls, ckpt, *, tokenizer: str | None = None, data_dir: str | None = None, group: str = "router",
+             batch_size: int = 8) -> "Engine":
+        """`tokenizer`: "shapes", a transformers tokenizer directory, or None for the one the run that
+        wrote `ckpt` used. `group` (TA-MoE only): "router" or "label"."""
+        if group not in ("router", "label"):
+            raise ValueError(f"group={group!r}: expected 'router' (the task router decides) or 'label'")
+        cfg = checkpoints.read_config(ckpt)
+        runtime = {}
+        if cfg.ffn == "ta_moe":
+            runtime["moe"] = dataclasses.replace(cfg.moe, group_assignment=group)
+        model = checkpoints.load_model(ckpt, **runtime)
+        spec, run_dir = run_tokenizer_spec(ckpt)
+        tok = load_tokenizer(tokenizer or spec, data_dir or run_dir)
+        return cls(model, tok, batch_size=batch_size, ckpt=str(ckpt))
+
+    # -- understanding -------------------------------------------------------------------------
+    def _chunks(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield start, min(start + self.batch_size, n)
+
+    def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 24,
+               sampling: Sampling = Sampling(), seed: int = 0) -> list[str]:
+        """One answer per (uint8 `[H, W, 3]` image, question); images are centre-cropped and resized."""
+        if len(images) != len(questions):
+            raise ValueError(f"answer: {len(images)} images but {len(questions)} questions")
+        out: list[str] = []
+        for lo, hi in self._chunks(len(questions)):
+            rows, pix, flags = [], [], []
+            for img, q in zip(images[lo:hi], questions[lo:hi]):
+                ids, is_image, _ = self.tokenizer.mmu_ids([(q, None)], self.und_tokens)
+                rows.append(ids)
+                flags.append(is_image)
+                pix.append(pipeline.resize(np.asarray(img, np.uint8), self.image_size))
+            n = len(rows)
+            while len(rows) < self.batch_size:  # fixed batch shape: pad with copies of the first row
+                rows.append(rows[0]), flags.append(flags[0]), pix.append(pix[0])
+            length = _round_up(max(map(len, rows)), PAD_TO)
+            tokens, mask = left_pad(rows, length, self.cfg.text.pad_token_id)
+            modality, _ = left_pad([np.where(f, UND_IMAGE, TEXT) for f in flags], length, TEXT)
+            pixels = np.stack(pix).astype(np.float32)[:, None] / 127.5 - 1.0
+            ids = self.generator.text(jnp.asarray(tokens), jnp.asarray(modality), jnp.asarray(mask),
+                                      jnp.asarray(pixels), max_new_tokens=max_new_tokens, sampling=sampling,
+                                      rng=jax.random.key(seed + lo))
+            ids = np.asarray(jax.device_get(ids))[:n]
+            for row in ids:
+                end = np.flatnonzero(row == self.cfg.text.eos_token_id)
+                out.append(self.tokenizer.decode(row[:end[0]] if len(end) else row).strip())
+        return out
+
+    # -- generation ----------------------------------------------------------------------------
+    def images(self, prompts: Sequence[str], *, num_images: int = 4, guidance: float = 5.0,
+               sampling: Sampling = Sampling(temperature=1.0), seed: int = 0,
+               prompt_ids: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 `[len(prompts), num_images, H, W, 3]`: `num_images` samples per prompt with
+        classifier-free guidance `guidance`. Sample j of prompt i draws from the key `(seed,
+        prompt_ids[i], j)` (default `prompt_ids`: 0, 1, ...), whatever the batching: a prompt's images
+        do not depend on the other prompts, so a resumed evaluation regenerates the same ones."""
+        prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
+        ids = [self.tokenizer.t2i_ids(p) for p in prompts]
+        base = jax.random.key(seed)
+        out = np.zeros((len(prompts), num_images, self.image_size, self.image_size, 3), np.uint8)
+        for lo, hi in self._chunks(len(rows)):
+            chunk = rows[lo:hi] + [rows[lo]] * (self.batch_size - (hi - lo))
+            length = _round_up(max(len(ids[i]) for i, _ in chunk), PAD_TO)
+            tokens, mask = left_pad([ids[i] for i, _ in chunk], length, self.cfg.text.pad_token_id)
+            keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, prompt_ids[i]), j) for i, j in chunk])
+            codes = self.generator.image_codes(jnp.asarray(tokens), jnp.asarray(mask), guidance=guidance,
+                                               sampling=sampling, rng=keys)
+            pixels = to_uint8(jax.device_get(self.generator.decode_images(codes)))
+            for (i, j), img in zip(rows[lo:hi], pixels):
+                out[i, j] = img
+        return out
+
+
+def default_out(ckpt, name: str) -> pathlib.Path:
+    """`<ckpt>/../<name>`: outputs beside the run that wrote the checkpoint."""
+    return pathlib.Path(ckpt).absolute().parent / name

@@ -1,0 +1,279 @@
+"""Evaluation suites: items (`unijax.data.benchmarks`), predictions through an `Engine`, metrics.
+
+Three kinds, each computed the way its benchmark reports it:
+- `pope` (yes/no): per split accuracy, precision, recall, F1 and yes-ratio with "yes" the positive
+  class; the answer is "no" when its first sentence holds the word no / not (POPE's rule,
+  `shapes.answer_is_yes`); `average` is the mean over splits.
+- `mc` (multiple choice): accuracy, overall and per category; the letter is extracted from the
+  response MMMU-style (`extract_choice`); a response with no letter counts as wrong (MMMU draws a
+  random letter instead) and is reported as `unparsed`.
+- `geneval` (generation): every sample is written in GenEval's folder layout
+  (`<out>/images/<k:05d>/metadata.jsonl`, `samples/<j:04d>.png`, `grid.png`) and, when the prompt only
+  names shapes and colours, scored by the shapes detector with GenEval's rule: accuracy per tag over
+  samples; `overall` is the mean over tags (GenEval's overall score).
+
+Suites: `shapes_pope`, `shapes_mc`, `shapes_geneval` (held-out shapes scenes: the seed offset the
+training stream never uses) and `pope`, `mmmu`, `geneval` (files; see `unijax.data.benchmarks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from unijax.data import benchmarks, datasets, shapes
+
+SUITES = ("shapes_pope", "shapes_mc", "shapes_geneval", "pope", "mmmu", "geneval")
+KIND = {"shapes_pope": "pope", "pope": "pope", "shapes_mc": "mc", "mmmu": "mc", "shapes_geneval": "geneval",
+        "geneval": "geneval"}
+
+
+@dataclasses.dataclass
+class Options:
+    """What a suite's items and predictions depend on (the resume fingerprint)."""
+
+    seed: int = 0
+    size: int = 32
+    num_images: int = 100      # shapes_pope: images (4 questions each, up to)
+    num_questions: int = 200   # shapes_mc
+    per_tag: int = 10          # shapes_geneval: prompts per tag
+    samples: int = 4           # geneval: images per prompt (GenEval: 4)
+    cfg: float = 5.0
+    temperature: float = 1.0   # generation; answers are greedy
+    top_k: int = 0
+    max_new_tokens: int = 16
+    files: tuple[str, ...] = ()  # pope: question files; mmmu / geneval: one file
+    image_root: str = ""
+
+
+def build_items(suite: str, o: Options) -> list[dict]:
+    if suite not in SUITES:
+        raise ValueError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
+    seed = o.seed + datasets.HELD_OUT_SEED_OFFSET
+    if suite == "shapes_pope":
+        return benchmarks.shapes_pope_items(seed, o.num_images, o.size)
+    if suite == "shapes_mc":
+        return benchmarks.shapes_mc_items(seed, o.num_questions, o.size)
+    if suite == "shapes_geneval":
+        return benchmarks.shapes_geneval_items(seed, o.per_tag, o.size)
+    if not o.files:
+        raise ValueError(f"suite {suite!r} reads a benchmark file: pass --files")
+    if suite == "pope":
+        return benchmarks.pope_items(list(o.files), o.image_root)
+    if len(o.files) != 1:
+        raise ValueError(f"suite {suite!r} reads one file, got {len(o.files)}")
+    if suite == "mmmu":
+        return benchmarks.mc_items(o.files[0], o.image_root)
+    return benchmarks.geneval_items(o.files[0])
+
+
+# -- answer parsing and metrics ----------------------------------------------------------------------
+def extract_choice(response: str, options: Sequence[str]) -> str | None:
+    """MMMU's `parse_multi_choice_response` without its random fallback: "(B)", then a bare "B"
+    between spaces, then (for responses over 5 words) an option's text; the last mention wins when
+    several letters appear. A response that is one letter matches in either case."""
+    letters = benchmarks.LETTERS_UPPER[:len(options)]
+    r = response.strip()
+    for ch in ",.!?;:'":
+        r = r.strip(ch)
+    if len(r) == 1 and r.upper() in letters:
+        return r.upper()
+    r = f" {r} "
+    found = [c for c in letters if f"({c})" in r] or [c for c in letters if f" {c} " in r]
+    by_content = False
+    if not found and len(r.split()) > 5:
+        found = [c for c, o in zip(letters, options) if o.lower() in r.lower()]
+        by_content = True
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    if by_content:
+        return max(found, key=lambda c: r.lower().rfind(options[letters.index(c)].lower()))
+    return max(found, key=lambda c: max(r.rfind(f"({c})"), r.rfind(f" {c} ")))
+
+
+def pope_scores(truth_yes: np.ndarray, pred_yes: np.ndarray) -> dict[str, float]:
+    """POPE's metrics with "yes" as the positive class."""
+    t, p = np.asarray(truth_yes, bool), np.asarray(pred_yes, bool)
+    tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": float((t == p).mean()), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": float(p.mean()), "n": int(len(t))}
+
+
+def metrics(suite: str, items: list[dict], preds: dict[str, dict]) -> dict:
+    kind = KIND[suite]
+    if kind == "pope":
+        splits = sorted({s for it in items for s in it["splits"]}, key=lambda s: (
+            shapes.EXIST_NEGATIVE_KINDS.index(s) if s in shapes.EXIST_NEGATIVE_KINDS else 9, s))
+        out = {}
+        for s in splits:
+            sel = [it for it in items if s in it["splits"]]
+            out[s.removeprefix("exist_")] = pope_scores(np.array([it["answer"] == "yes" for it in sel]),
+                                                        np.array([preds[it["id"]]["yes"] for it in sel]))
+        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+        out["average"] = {k: float(np.mean([out[s][k] for s in list(out)])) for k in keys}
+        return out
+    if kind == "mc":
+        hits = {it["id"]: preds[it["id"]]["choice"] == it["answer"] for it in items}
+        out = {"accuracy": float(np.mean(list(hits.values()))), "n": len(items),
+               "unparsed": float(np.mean([preds[it["id"]]["choice"] is None for it in items]))}
+        cats = sorted({it.get("category", "all") for it in items})
+        if len(cats) > 1:
+            out["per_category"] = {c: float(np.mean([hits[it["id"]] for it in items if it.get("category") == c]))
+                                   for c in cats}
+        return out
+    scored = [it for it in items if preds[it["id"]]["correct"] is not None]
+    out = {"prompts": len(items), "scored_prompts": len(scored),
+           "samples": int(sum(len(preds[it["id"]]["correct"] or []) for it in items))}
+    if scored:
+        tags = [t for t in shapes.TAGS if any(it["metadata"]["tag"] == t for it in scored)]
+        per_tag = {t: float(np.mean([c for it in scored if it["metadata"]["tag"] == t
+                                     for c in preds[it["id"]]["correct"]])) for t in tags}
+        out.update({"overall": float(np.mean(list(per_tag.values()))), "per_tag": per_tag})
+    return out
+
+
+def markdown(suite: str, m: dict) -> str:
+    """The metrics as a Markdown table."""
+    kind = KIND[suite]
+    if kind == "pope":
+        rows = ["| split | accuracy | precision | recall | F1 | yes-ratio |", "|---|---|---|---|---|---|"]
+        rows += [f"| {s} | " + " | ".join(f"{v[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1",
+                                                                      "yes_ratio")) + " |" for s, v in m.items()]
+        return "\n".join(rows) + "\n"
+    if kind == "mc":
+        rows = ["| category | accuracy |", "|---|---|", f"| all ({m['n']} questions) | {m['accuracy']:.3f} |"]
+        rows += [f"| {c} | {a:.3f} |" for c, a in m.get("per_category", {}).items()]
+        return "\n".join(rows) + f"\n\nunparsed responses: {m['unparsed']:.3f}\n"
+    if "overall" not in m:
+        return (f"{m['prompts']} prompts x {m['samples'] // max(m['prompts'], 1)} samples written in GenEval's "
+                f"layout; none is scorable by the shapes detector: run GenEval's scorer on them.\n")
+    rows = ["| tag | accuracy |", "|---|---|"] + [f"| {t} | {a:.3f} |" for t, a in m["per_tag"].items()]
+    rows.append(f"| **overall** | **{m['overall']:.3f}** |")
+    return "\n".join(rows) + f"\n\n{m['scored_prompts']} prompts scored, {m['samples']} samples\n"
+
+
+# -- predictions ---------------------------------------------------------------------------------------
+def predict(suite: str, engine, items: list[dict], o: Options, out_dir: pathlib.Path | None = None) -> list[dict]:
+    """Predictions for `items` (one dict per item, with its `id`); geneval also writes the samples
+    under `out_dir/images` when `out_dir` is given."""
+    from unijax.inference.sampling import Sampling
+
+    kind = KIND[suite]
+    if kind in ("pope", "mc"):
+        images = [benchmarks.load_item_image(it) for it in items]
+        responses = engine.answer(images, [it["question"] for it in items], max_new_tokens=o.max_new_tokens)
+        if kind == "pope":
+            return [{"id": it["id"], "response": r, "yes": shapes.answer_is_yes(r)} for it, r in zip(items, responses)]
+        return [{"id": it["id"], "response": r, "choice": extract_choice(r, it["options"])}
+                for it, r in zip(items, responses)]
+    images = engine.images([it["prompt"] for it in items], num_images=o.samples, guidance=o.cfg,
+                           sampling=Sampling(temperature=o.temperature, top_k=o.top_k), seed=o.seed,
+                           prompt_ids=[int(it["id"]) for it in items])
+    out = []
+    for it, imgs in zip(items, images):
+        if out_dir is not None:
+            write_geneval_folder(out_dir / "images" / it["id"], it["metadata"], imgs)
+        spec = benchmarks.metadata_to_spec(it["metadata"], it["id"])
+        correct = None if spec is None else [bool(shapes.score(spec, shapes.detect(img))) for img in imgs]
+        out.append({"id": it["id"], "correct": correct})
+    return out
+
+
+def write_geneval_folder(folder: pathlib.Path, metadata: dict, images: np.ndarray) -> None:
+    """GenEval's generation layout: `metadata.jsonl` (the prompt's line), `samples/<j:04d>.png`, `grid.png`."""
+    from PIL import Image
+
+    from unijax.inference.images import save_grid
+
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    for j, img in enumerate(images):
+        Image.fromarray(img).save(folder / "samples" / f"{j:04d}.png")
+    save_grid(images, folder / "grid.png")
+    (folder / "metadata.jsonl").write_text(json.dumps(metadata) + "\n")
+
+
+# -- resumable runs ------------------------------------------------------------------------------------
+class PredictionLog:
+    """`predictions.jsonl`: one line per finished item, appended and fsynced batch by batch, so a
+    killed evaluation resumes after its last complete batch (a torn last line is dropped)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if path.is_file():
+            good = 0
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # torn write of a killed run: drop it and everything after
+                    self.done[rec["id"]] = rec
+                    good += len(line)
+            with open(path, "r+b") as f:
+                f.truncate(good)
+
+    def append(self, records: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update({r["id"]: r for r in records})
+
+
+def run(suite: str, engine, o: Options, out_dir: pathlib.Path | None = None, *, chunk: int = 32,
+        progress: Callable[[int, int], None] | None = None, fingerprint: dict | None = None) -> dict:
+    """Evaluates `suite`; with `out_dir`, resumable (predictions logged there) and writes
+    `results.json` + `results.md` at the end. Returns the metrics."""
+    items = build_items(suite, o)
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"suite {suite}: item ids are not unique")
+    log = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_fingerprint(out_dir / "suite.json", {"suite": suite, "options": dataclasses.asdict(o),
+                                                   "items": len(items), **(fingerprint or {})})
+        log = PredictionLog(out_dir / "predictions.jsonl")
+    preds: dict[str, dict] = dict(log.done) if log else {}
+    todo = [it for it in items if it["id"] not in preds]
+    if KIND[suite] == "geneval":
+        chunk = max(1, chunk // o.samples)
+    for start in range(0, len(todo), chunk):
+        batch = todo[start:start + chunk]
+        recs = predict(suite, engine, batch, o, out_dir)
+        if log:
+            log.append(recs)
+        preds.update({r["id"]: r for r in recs})
+        if progress:
+            progress(len(items) - len(todo) + start + len(batch), len(items))
+    m = metrics(suite, items, preds)
+    if out_dir is not None:
+        from unijax.analyze import write_outputs
+
+        result = {"suite": suite, "options": dataclasses.asdict(o), **(fingerprint or {}), "metrics": m}
+        write_outputs(out_dir, {"results.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
+                                "results.md": lambda p: p.write_text(f"# {suite}\n\n" + markdown(suite, m))})
+    return m
+
+
+def check_fingerprint(path: pathlib.Path, want: dict) -> None:
+    want = json.loads(json.dumps(want))  # tuples -> lists, as read back
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(f"{path.parent} holds an evaluation with other settings ({', '.join(diff)} differ); "
+                             f"pass --overwrite to start it again or choose another --out")
+        return
+    path.write_text(json.dumps(want, indent=2) + "\n")
