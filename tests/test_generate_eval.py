@@ -307,3 +307,19 @@ def test_training_runs_suites(tmp_path):
     c.eval_suites.names = ("shapes_pope", "popee")
     with pytest.raises(ValueError, match="eval_suites.names"):
         loop.validate(c)
+
+
+def test_ta_moe_groups_decoupled_by_label_routing(tmp_path):
+    """Under label routing each task reaches only its own expert group: expert and in-group router
+    gradients of the two tasks are disjoint (cosine exactly 0), the shared expert and attention are not."""
+    assert conflict.param_group("language_model/layers/3/mlp/alpha") == ("layer3", "shared_expert")
+    assert conflict.param_group("language_model/layers/0/mlp/task_router/kernel") == ("layer0", "routers")
+    assert conflict.param_group("language_model/layers/1/mlp/up_proj/kernel") == ("layer1", "ffn")
+    assert conflict.param_group("aligner/fc1/kernel") == ("model", "vision")
+    cfg = preset("tiny", text={"num_layers": 1}, ffn="ta_moe", moe={"num_experts_per_group": 2, "top_k": 1})
+    checkpoints.save_model(tmp_path / "model", quick_model(cfg, seed=2))
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 1, "data": {"dir": str(REPO / "data")}}))
+    stats = analyze.main(["conflict", "--ckpt", str(tmp_path / "model"), "--num_batches", "1", "--batch_size", "4"])
+    by = {(g["scope"], g["group"]): g for g in stats["groups"]}
+    assert by[("layer0", "experts")]["cosine"] == 0.0 and by[("layer0", "experts")]["norm_t2i"] > 0
+    assert by[("layer0", "shared_expert")]["cosine"] != 0.0 and by[("layer0", "attention")]["cosine"] != 0.0

@@ -90,7 +90,8 @@ def cosines(ga: dict, gb: dict) -> dict[tuple[str, str], float | None]:
 
 
 def flat(tree) -> dict[str, jax.Array]:
-    return {path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    """{parameter path: leaf} of a pure dict or an nnx.State (whose leaves sit under `.value`)."""
+    return {path_str(p).removesuffix("/.value"): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "images_per_row", "task"))

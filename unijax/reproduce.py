@@ -1,0 +1,341 @@
+"""The UniDecouple experiments end to end on the shapes world: `python -m unijax.reproduce --out DIR`.
+
+    bash launch/reproduce_shapes.sh [--quick] [--out workdir/reproduce] [--seeds 0,1]
+
+Stages (each the documented command, run in-process; a finished stage is skipped on rerun, an
+interrupted one resumes from its checkpoints):
+  1. stage 0: the VQ tokenizer (`configs/stage0_vq.py`);
+  2. the dense base (`configs/base.py`, `init_from` the stage-0 model): shared by every seed;
+  then per seed, each from the base with the same step budget:
+  3. the paper's TOC validation: understanding only, generation only, both (`configs/base.py` with
+     `data.gen_ratio=0` / `data.und_ratio=0` / neither);
+  4. stage 1 on each task (`configs/stage1_und.py`, `stage1_gen.py`), upcycling, stage 2
+     (`configs/stage2.py`);
+  5. the AIA variants: dense + AIA (`configs/aia.py`) and TA-MoE + AIA (`configs/stage2.py:aia`);
+  6. `unijax.evaluate`'s `shapes_pope`, `shapes_mc` and `shapes_geneval` on held-out scenes.
+The report (`DIR/report.md`, and `report.json` with every number) holds the paper's two tables in
+our terms: (a) Und. / Gen. / Both with deltas, (b) dense joint vs TA-MoE vs dense+AIA vs TA-MoE+AIA,
+as mean +- std over seeds with the per-seed values, the commands, the timings and whether the
+paper's claims hold here. `--quick` runs every stage with a few steps and small evaluation sets
+(a smoke test of the pipeline; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from unijax.models.config import REPO_ROOT
+
+METRICS = (("pope", "POPE acc."), ("pope_f1", "POPE F1"), ("mc", "MC acc."), ("geneval", "GenEval"))
+UND_METRICS, GEN_METRICS = ("pope", "pope_f1", "mc"), ("geneval",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    vq_steps: int = 400
+    base_steps: int = 1000
+    steps: int = 200            # every per-seed run (TOC, stage 1 x 2, stage 2, AIA variants)
+    batch_size: int = 32
+    pope_images: int = 100
+    mc_questions: int = 200
+    geneval_per_tag: int = 8
+    geneval_samples: int = 2
+    overrides: tuple[str, ...] = ()  # applied to every stage (same architecture throughout)
+
+
+FULL = Budget()
+QUICK = Budget(vq_steps=8, base_steps=8, steps=4, batch_size=8, pope_images=4, mc_questions=6, geneval_per_tag=1,
+               geneval_samples=1, overrides=("model.text.num_layers=2", "train.eval_batches=2"))
+
+
+def load_config(name: str, arg: str | None = None):
+    path = REPO_ROOT / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"unijax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO_ROOT))  # configs import each other as `configs.<name>`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    return module.get_config(arg)
+
+
+def set_key(config, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if isinstance(value, str) and not isinstance(node[leaf], str):
+        import ast
+
+        value = type(node[leaf])(ast.literal_eval(value)) if node[leaf] is not None else ast.literal_eval(value)
+    node[leaf] = value
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str                  # workdir name under DIR
+    config: str                # configs/<config>.py[:arg]
+    overrides: dict
+    evaluate: bool = True
+
+    def command(self, out: pathlib.Path) -> str:
+        flags = [f"--config.{k}={v}" for k, v in {"workdir": out / self.name, **self.overrides}.items()]
+        return "python -m unijax.train --config configs/" + self.config.replace(":", ".py:", 1) + \
+            ("" if ":" in self.config else ".py") + " " + " ".join(map(str, flags))
+
+
+def plan(out: pathlib.Path, seeds: list[int], b: Budget) -> list[Stage | tuple]:
+    """The ordered stages; tuples are upcycling steps ("upcycle", seed)."""
+    common = {"train.batch_size": b.batch_size, **dict(o.split("=", 1) for o in b.overrides)}
+    base_model = out / "base" / "model"
+    per_run = {"train.steps": b.steps, "train.warmup_steps": max(1, b.steps // 10),
+               "train.checkpoint_every": b.steps, "train.eval_every": b.steps, "init_from": base_model}
+    stages: list = [
+        Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
+                                         "train.eval_every": b.vq_steps, "train.warmup_steps": max(1, b.vq_steps // 8)},
+              evaluate=False),
+        Stage("base", "base", {**common, "train.steps": b.base_steps, "train.checkpoint_every": b.base_steps,
+                               "train.eval_every": b.base_steps, "train.warmup_steps": max(1, b.base_steps // 10),
+                               "init_from": out / "stage0_vq" / "model"}),
+    ]
+    for s in seeds:
+        run = {**common, **per_run, "seed": s}
+        stages += [
+            Stage(f"seed{s}/und_only", "base", {**run, "data.gen_ratio": 0.0}),
+            Stage(f"seed{s}/gen_only", "base", {**run, "data.und_ratio": 0.0}),
+            Stage(f"seed{s}/joint", "base", run),
+            Stage(f"seed{s}/aia", "aia", run),
+            Stage(f"seed{s}/stage1_und", "stage1_und", run, evaluate=False),
+            Stage(f"seed{s}/stage1_gen", "stage1_gen", run, evaluate=False),
+            ("upcycle", s),
+            Stage(f"seed{s}/stage2", "stage2", {**run, "init_from": out / f"seed{s}" / "upcycled"}),
+            Stage(f"seed{s}/stage2_aia", "stage2:aia", {**run, "init_from": out / f"seed{s}" / "upcycled"}),
+        ]
+    return stages
+
+
+def train_stage(stage: Stage, out: pathlib.Path) -> float:
+    """Runs (or resumes) a stage unless its model is complete; returns the seconds it took."""
+    from unijax.training import loop
+
+    workdir = out / stage.name
+    if (workdir / "DONE").is_file():
+        return float(json.loads((workdir / "DONE").read_text())["seconds"])
+    config = load_config(*stage.config.split(":", 1)) if ":" in stage.config else load_config(stage.config)
+    config.workdir = str(workdir)
+    config.data.dir = str(out / "data")
+    for k, v in stage.overrides.items():
+        set_key(config, k, str(v) if isinstance(v, pathlib.Path) else v)
+    print(f"\n== {stage.name}: {stage.command(out)}", flush=True)
+    t0 = time.perf_counter()
+    loop.train(config)
+    seconds = time.perf_counter() - t0
+    (workdir / "DONE").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def upcycle_stage(out: pathlib.Path, seed: int, b: Budget) -> float:
+    from unijax.models.config import MoEConfig
+    from unijax.training.upcycle import upcycle_checkpoint
+
+    dst = out / f"seed{seed}" / "upcycled"
+    if (dst / "model.json").is_file():
+        return 0.0
+    t0 = time.perf_counter()
+    c = load_config("stage2")
+    moe = MoEConfig(**{k: (tuple(v) if k == "layers" else v) for k, v in c.moe.to_dict().items() if v is not None})
+    upcycle_checkpoint(out / "base" / "model", dst, out / f"seed{seed}" / "stage1_und" / "model",
+                       out / f"seed{seed}" / "stage1_gen" / "model", moe, noise=0.01, seed=seed)
+    return time.perf_counter() - t0
+
+
+def evaluate_model(model_dir: pathlib.Path, b: Budget, seed: int) -> dict[str, float]:
+    """`shapes_pope`, `shapes_mc`, `shapes_geneval` (written under `<stage>/eval/<suite>` like
+    `python -m unijax.evaluate`, resumable) -> the report's metrics."""
+    from unijax.inference import suites
+    from unijax.inference.engine import Engine
+
+    engine = Engine.load(model_dir, batch_size=16)
+    o = suites.Options(seed=seed, size=engine.image_size, num_images=b.pope_images, num_questions=b.mc_questions,
+                       per_tag=b.geneval_per_tag, samples=b.geneval_samples)
+    fp = {"checkpoint": str(model_dir.absolute()), "group": "router"}
+    res = {s: suites.run(s, engine, o, model_dir.parent / "eval" / s, chunk=64, fingerprint=fp)
+           for s in ("shapes_pope", "shapes_mc", "shapes_geneval")}
+    return {"pope": res["shapes_pope"]["average"]["accuracy"], "pope_f1": res["shapes_pope"]["average"]["f1"],
+            "mc": res["shapes_mc"]["accuracy"], "geneval": res["shapes_geneval"].get("overall", 0.0)}
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def _delta(a: list[float], b: list[float]) -> str:
+    d = np.asarray(a) - np.asarray(b)  # paired by seed
+    return f"{np.mean(d):+.3f}" + (f" ± {np.std(d):.3f}" if len(d) > 1 else "")
+
+
+def tables(results: dict, seeds: list[int]) -> tuple[str, str, list[str]]:
+    def vals(run, m):
+        return [results[f"seed{s}/{run}"][m] for s in seeds]
+
+    head = "| run | " + " | ".join(n for _, n in METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    a = head
+    for run, label in (("und_only", "Und. only"), ("gen_only", "Gen. only"), ("joint", "Both (joint)")):
+        a += f"| {label} | " + " | ".join(_cell(vals(run, m)) for m, _ in METRICS) + " |\n"
+    a += "| Δ Both − single task | " + " | ".join(
+        _delta(vals("joint", m), vals("und_only" if m in UND_METRICS else "gen_only", m)) for m, _ in METRICS) + " |\n"
+    a += f"| base (start of every run) | " + " | ".join(f"{results['base'][m]:.3f}" for m, _ in METRICS) + " |\n"
+    b = head
+    for run, label in (("joint", "dense joint"), ("stage2", "TA-MoE (stage 2)"), ("aia", "dense + AIA"),
+                       ("stage2_aia", "TA-MoE + AIA")):
+        b += f"| {label} | " + " | ".join(_cell(vals(run, m)) for m, _ in METRICS) + " |\n"
+    for run, label in (("stage2", "Δ TA-MoE − dense"), ("aia", "Δ AIA − dense"), ("stage2_aia", "Δ TA-MoE+AIA − dense")):
+        b += f"| {label} | " + " | ".join(_delta(vals(run, m), vals("joint", m)) for m, _ in METRICS) + " |\n"
+
+    def verdict(x: list[float], y: list[float], better: bool) -> str:
+        d = np.asarray(x) - np.asarray(y)
+        spread = float(np.std(d)) if len(d) > 1 else 0.0
+        if abs(np.mean(d)) <= max(spread, 0.005):
+            return f"no clear difference ({_delta(x, y)})"
+        return ("yes" if (np.mean(d) > 0) == better else "no, the opposite") + f" ({_delta(x, y)})"
+
+    claims = [
+        "joint training costs understanding (POPE, paper −0.7 points): " +
+        verdict(vals("joint", "pope"), vals("und_only", "pope"), better=False),
+        "joint training costs generation (GenEval, paper −0.01): " +
+        verdict(vals("joint", "geneval"), vals("gen_only", "geneval"), better=False),
+        "TA-MoE recovers understanding over dense joint (POPE): " +
+        verdict(vals("stage2", "pope"), vals("joint", "pope"), better=True),
+        "TA-MoE recovers generation over dense joint (GenEval): " +
+        verdict(vals("stage2", "geneval"), vals("joint", "geneval"), better=True),
+        "AIA helps the dense model (POPE): " + verdict(vals("aia", "pope"), vals("joint", "pope"), better=True),
+        "AIA helps the dense model (GenEval): " + verdict(vals("aia", "geneval"), vals("joint", "geneval"), better=True),
+    ]
+    return a, b, claims
+
+
+def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list[str], seeds: list[int], quick: bool,
+                 b: Budget, argv: list[str]) -> pathlib.Path:
+    a, t, claims = tables(results, seeds)
+    cmd = "bash launch/reproduce_shapes.sh " + " ".join(argv)
+    total = sum(timings.values())
+    lines = [
+        "# UniDecouple on the shapes world" + (" (--quick: pipeline smoke test, numbers meaningless)" if quick else ""),
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores; total {total / 60:.1f} min.",
+        "",
+        f"Budgets: stage 0 {b.vq_steps} steps, base {b.base_steps} steps, every per-seed run {b.steps} steps, batch "
+        f"{b.batch_size}; seeds {', '.join(map(str, seeds))} (data order, LoRA init, upcycling noise). Evaluation on "
+        f"held-out scenes: `shapes_pope` ({b.pope_images} images, accuracy and F1 averaged over the random / popular "
+        f"/ adversarial splits), `shapes_mc` ({b.mc_questions} lettered questions), `shapes_geneval` "
+        f"({b.geneval_per_tag} prompts per tag x {b.geneval_samples} samples, overall = mean over the six tags). "
+        "Cells: mean ± std over seeds; deltas are paired by seed.",
+        "",
+        "## (a) Task conflict: each task alone vs both (the paper's TOC validation)",
+        "",
+        a,
+        "## (b) Dense joint vs TA-MoE vs AIA",
+        "",
+        t,
+        "TA-MoE runs spend 3 x the budget from the base (stage 1 on each task, then stage 2); the dense runs one.",
+        "",
+        "## Do the paper's claims hold here?",
+        "",
+        *[f"- {c}" for c in claims],
+        "",
+        "## Per-seed values",
+        "",
+        "| run | " + " | ".join(n for _, n in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+        *[f"| {k} | " + " | ".join(f"{v[m]:.3f}" for m, _ in METRICS) + " |" for k, v in results.items()],
+        "",
+        "## Stages (seconds)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in timings.items()],
+        "",
+        "## Commands",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
+    tmp = out / ".report.md.partial"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out / "report.md")
+    (out / "report.json").write_text(json.dumps({"results": results, "timings": timings, "seeds": seeds,
+                                                 "quick": quick, "budget": dataclasses.asdict(b),
+                                                 "claims": claims}, indent=2) + "\n")
+    return out / "report.md"
+
+
+def main(argv=None) -> pathlib.Path:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m unijax.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="workdir/reproduce")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the per-seed runs (>= 2 for spreads)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke test: minutes)")
+    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        p.error("--seeds: at least one seed")
+    b = QUICK if args.quick else FULL
+    out = pathlib.Path(args.out).absolute()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:  # the seeds' runs compile the same programs: compile once
+        jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    results, timings, commands = {}, {}, []
+    t_all = time.perf_counter()
+    for stage in plan(out, seeds, b):
+        if isinstance(stage, tuple):
+            s = stage[1]
+            timings[f"seed{s}/upcycle"] = upcycle_stage(out, s, b)
+            commands.append(f"python -m unijax.training.upcycle --base {out}/base/model --und {out}/seed{s}/stage1_und/"
+                            f"model --gen {out}/seed{s}/stage1_gen/model --out {out}/seed{s}/upcycled --noise 0.01 "
+                            f"--seed {s}")
+            continue
+        timings[stage.name] = train_stage(stage, out)
+        commands.append(stage.command(out))
+        if stage.evaluate:
+            t0 = time.perf_counter()
+            seed = int(stage.overrides.get("seed", 0))
+            results[stage.name] = evaluate_model(out / stage.name / "model", b, seed)
+            timings[stage.name + " (eval)"] = time.perf_counter() - t0
+            commands.append(f"python -m unijax.evaluate --ckpt {out / stage.name / 'model'} --suite shapes_pope "
+                            f"--num_images {b.pope_images} --seed {seed}  # and shapes_mc, shapes_geneval")
+            print(f"== {stage.name}: " + " ".join(f"{k}={v:.3f}" for k, v in results[stage.name].items()), flush=True)
+    report = write_report(out, results, timings, commands, seeds, args.quick, b, argv)
+    print(f"\nwrote {report} ({(time.perf_counter() - t_all) / 60:.1f} min)")
+    print(report.read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
