@@ -204,3 +204,26 @@ def test_ta_moe_run_learns_the_task_router(tmp_path, data_dir):
     layers = [final[f"eval/router_acc/layer{i}"] for i in range(4)]
     assert min(layers) > 0.95, layers
     assert 0 <= last["dropped_frac"] < 0.1
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, data_dir):
+    """A real SIGTERM (preemption): the CLI finishes its step, writes a checkpoint at that step, exits 0;
+    rerunning the same command resumes there."""
+    args = ["--config.train.steps=400", "--config.train.checkpoint_every=100"]
+    proc = _cli(args, tmp_path, data_dir)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    step = max(losses_of(tmp_path))
+    assert "SIGTERM: stopped after step" in out and (tmp_path / "checkpoints" / str(step)).is_dir(), out
+    assert not (tmp_path / "model").exists()  # no export: the run is not finished
+    out, _ = _cli(["--config.train.steps=%d" % (step + 1), "--config.train.checkpoint_every=100"], tmp_path,
+                  data_dir).communicate(timeout=600)
+    assert f"at step {step}" in out and (tmp_path / "model").is_dir(), out

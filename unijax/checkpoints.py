@@ -71,13 +71,23 @@ def save_params(out, params: dict, cfg: JanusConfig, extra_files: dict[str, str]
                 overwrite: bool = False):
     """Writes a model checkpoint directory from a pure dict of parameters (arrays) and its config."""
     with atomic_directory(out, overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = _local_checkpointer()
         ckptr.save(tmp / "params", params)
         ckptr.wait_until_finished()
         (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
+
+
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer this process uses alone: in a multi-process run only process 0 writes model
+    checkpoints (from host copies), so Orbax must not wait for the others at its barriers."""
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"unijax_model_{me}"))
 
 
 def save_model(out, model: Janus, extra_files: dict[str, str] | None = None, overwrite: bool = False):

@@ -20,6 +20,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides look like --config.train.steps=10")
     if not flags.FLAGS["verbosity"].present:  # keep the console to progress lines; --verbosity=0 shows Orbax's INFO logs
         logging.set_verbosity(logging.WARNING)
+    from unijax import distributed
+
+    distributed.maybe_initialize()  # multi-host / multi-process launches (unijax/distributed.py)
     from unijax.training.loop import NonFiniteLossError, train
 
     try:
@@ -27,6 +30,7 @@ def main(argv):
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -187,15 +187,17 @@ def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, t
     """Mixes per-task datasets of raw samples into batches of `batch_size` rows for this process.
 
     `datasets` are random-access datasets of raw samples, already shuffled and repeated where they
-    are finite (`repeat_epochs`); the shapes world is effectively infinite. The mixed stream is deterministic in
-    `seed`; each process takes every `process_count`-th sample, so the union of all processes'
-    batches is the same global batch whatever the process count.
+    are finite (`repeat_epochs`); the shapes world is effectively infinite. The mixed stream (and
+    each sample's random draws) is deterministic in `seed` and the sample's global index. Global
+    batch b is samples `[b G, (b + 1) G)` with G = `batch_size * process_count`, and process p's
+    rows are its block `[b G + p L, b G + (p + 1) L)` (L = `batch_size`): the processes' batches,
+    stacked in process order, are exactly the one-process global batch (without packing, which
+    forms rows per process).
     """
-    if batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size * process_count} is not divisible by {process_count} processes")
     mixed = grain.MapDataset.mix(list(datasets), list(weights)) if len(datasets) > 1 else datasets[0]
-    mixed = mixed[process_index::process_count]
     ds = mixed.random_map(EncodeSample(tokenizer, layout, kinds), seed=seed)
+    if process_count > 1:
+        ds = grain.MapDataset.source(ProcessRows(ds, batch_size, process_index, process_count))
     if packing:
         it = ds.map(lambda x: {k: x[k] for k in SEQ_FEATURES}).to_iter_dataset()
         it = grain.experimental.FirstFitPackIterDataset(
@@ -209,6 +211,20 @@ def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, t
     elif prefetch > 0:  # a background thread prepares the next batches while the step runs
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
     return it
+
+
+class ProcessRows:
+    """Random access to process p's samples: local index j -> global index `(j // L) G + p L + j % L`."""
+
+    def __init__(self, ds, rows: int, process_index: int, process_count: int):
+        self.ds, self.rows, self.p, self.n = ds, rows, process_index, process_count
+
+    def __len__(self) -> int:
+        return len(self.ds) // self.n
+
+    def __getitem__(self, j: int):
+        b, r = divmod(int(j), self.rows)
+        return self.ds[b * self.rows * self.n + self.p * self.rows + r]
 
 
 def _rename_packed(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

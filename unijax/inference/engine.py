@@ -105,9 +105,8 @@ class Engine:
                 rows.append(ids)
                 flags.append(is_image)
                 pix.append(pipeline.resize(np.asarray(img, np.uint8), self.image_size))
-            n = len(rows)
-            while len(rows) < self.batch_size:  # fixed batch shape: pad with copies of the first row
-                rows.append(rows[0]), flags.append(flags[0]), pix.append(pix[0])
+            n, pad = len(rows), self.batch_size - len(rows)  # fixed batch shape: pad with copies of row 0
+            rows, flags, pix = rows + [rows[0]] * pad, flags + [flags[0]] * pad, pix + [pix[0]] * pad
             length = _round_up(max(map(len, rows)), PAD_TO)
             tokens, mask = left_pad(rows, length, self.cfg.text.pad_token_id)
             modality, _ = left_pad([np.where(f, UND_IMAGE, TEXT) for f in flags], length, TEXT)

@@ -41,8 +41,26 @@ class TrainCheckpoints:
         """Restores onto `state`'s shapes and shardings (any mesh) and rewinds `data_iter`."""
         step = self.latest_step() if step is None else step
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
+        data_dir = self.path_of(step) / "data"
+        own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.is_file() or not data_dir.is_dir():
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
+            return restored["state"]
+        # written by another number of processes: without packing the iterator state is the global batch
+        # index, the same in every process's file (pipeline.batches: process p reads block p of global batch b)
+        others = sorted(data_dir.glob("process_*-of-*.json"))
+        if not others:
+            raise FileNotFoundError(f"{data_dir}: no data-iterator state to resume from")
+        if self.config.data.packing:
+            raise ValueError(f"{self.path_of(step)} was written by {others[0].stem.split('-of-')[1]} processes and "
+                             f"data.packing=True forms rows per process: resume packed runs with the same process count")
+        states = {f.name: json.loads(f.read_text()) for f in others}
+        if len({json.dumps(v, sort_keys=True) for v in states.values()}) != 1:
+            raise ValueError(f"{data_dir}: the processes' iterator states differ ({states}); cannot resume on "
+                             f"{jax.process_count()} processes")
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        data_iter.set_state(next(iter(states.values())))
         return restored["state"]
 
     def write_config(self, path: pathlib.Path) -> None:

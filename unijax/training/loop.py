@@ -133,7 +133,16 @@ def _initial_model(cfg: JanusConfig, config, log: MetricLogger) -> Janus:
 
 
 def _to_host(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    """numpy copies of a tree of (possibly multi-process) arrays; with several processes every one
+    must call it (arrays spread over other hosts are all-gathered)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
 
 
 def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
@@ -144,6 +153,9 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     if aia_settings and aia_settings["impl"] == "explicit" and cfg.attention_impl != "xla":
         raise ValueError(f"aia.impl='explicit' needs model.attention_impl='xla' (got {cfg.attention_impl!r}); "
                          f"use aia.impl='lean'")
+    if config.eval_suites.names and jax.process_count() > 1:
+        raise ValueError("eval_suites.names: benchmark suites run in single-process training only; evaluate the "
+                         "checkpoint with python -m unijax.evaluate")
     mesh = sharding.make_mesh(config.mesh, devices)
     n_batch_shards = sharding.num_batch_shards(mesh)
     if config.train.batch_size % n_batch_shards:
@@ -220,6 +232,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
     suite_every = (config.eval_suites.every or config.train.eval_every) if config.eval_suites.names else 0
     log.start_step = start
+    stop = _PreemptionFlag()
     skipped = 0
     window: list[dict] = []
     t_window, tokens_window = time.perf_counter(), 0
@@ -260,20 +273,62 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
                     log.info("suites " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                   if k.count("/") <= 2 and not k.endswith("/n")))
                     metrics.update({"suite/" + k: v for k, v in scores.items()})
-                if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                preempted = stop.requested()
+                if step % config.train.checkpoint_every == 0 or step == config.train.steps or preempted:
                     ckpts.save(step, state, data_iter)
+                if preempted:  # SIGTERM (preemption): this step is done and checkpointed; stop cleanly
+                    ckpts.wait()
+                    log.info(f"SIGTERM: stopped after step {step}; checkpoint {ckpts.path_of(step)} written. "
+                             f"Rerun the same command to resume")
+                    return dict(metrics, preempted_at_step=step)
             ckpts.wait()
-            _export(workdir / "model", graphdef, state["params"], frozen, lora_scale)
+            host_params, host_frozen = _to_host(state["params"]), _to_host(frozen)  # every process gathers
+            if jax.process_index() == 0:
+                _export(workdir / "model", graphdef, host_params, host_frozen, lora_scale)
             log.info(f"model written to {workdir / 'model'}")
             if lcfg.rank and jax.process_index() == 0:
-                _export_adapters(workdir / "adapters", cfg, config, graphdef, state["params"], frozen)
+                _export_adapters(workdir / "adapters", cfg, config, graphdef, host_params, host_frozen)
                 log.info(f"LoRA adapters (unmerged) written to {workdir / 'adapters'}")
         finally:
+            stop.restore()
             ckpts.close()
             if hasattr(data_iter, "close"):  # stops grain's prefetch thread / worker processes
                 data_iter.close()
             log.close()
     return metrics
+
+
+class _PreemptionFlag:
+    """SIGTERM (a preempted VM, `scancel`, `kill`) sets a flag the loop reads after each step: it
+    finishes the step, writes a checkpoint and returns. With several processes the flag is or-ed
+    over all of them, so every process stops after the same step. The previous handler is restored
+    when training ends."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.flag))))
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def _window_mean(window: list[dict]) -> dict[str, float]:
@@ -289,8 +344,8 @@ def _window_mean(window: list[dict]) -> dict[str, float]:
 
 
 def _export_adapters(out: pathlib.Path, cfg: JanusConfig, config, graphdef, params, frozen) -> None:
-    """The adapters, unmerged, with the fully trained parameters (`unijax.checkpoints.save_adapters`)."""
-    params, frozen = _to_host(params), _to_host(frozen)
+    """The adapters, unmerged, with the fully trained parameters (`unijax.checkpoints.save_adapters`);
+    `params` / `frozen` are host copies (`_to_host`)."""
     lcfg = config.model.lora
     targets = lcfg.targets.split(",") if isinstance(lcfg.targets, str) else list(lcfg.targets)
     info = {"rank": int(lcfg.rank), "alpha": float(lcfg.alpha), "scale": lora.scale_of(lcfg),
@@ -304,7 +359,7 @@ def _export_adapters(out: pathlib.Path, cfg: JanusConfig, config, graphdef, para
 
 
 def _export(out: pathlib.Path, graphdef, params, frozen, lora_scale: float = 1.0) -> None:
-    """The trained model as plain weights: LoRA adapters are merged into the matrices they adapt."""
-    model = nnx.merge(graphdef, *lora.materialize(_to_host(params), _to_host(frozen), lora_scale))
-    if jax.process_index() == 0:
-        model_ckpt.save_model(out, model, overwrite=True)
+    """The trained model as plain weights: LoRA adapters are merged into the matrices they adapt;
+    `params` / `frozen` are host copies (`_to_host`)."""
+    model = nnx.merge(graphdef, *lora.materialize(params, frozen, lora_scale))
+    model_ckpt.save_model(out, model, overwrite=True)

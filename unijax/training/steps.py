@@ -87,6 +87,15 @@ def answer_mode_share(first_answers: np.ndarray) -> float:
     return float(counts.max() / counts.sum())
 
 
+def _gather(tree):
+    """Host copies of global per-row results: all-gathered over processes when there are several."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 class Evaluator:
     """Held-out shapes scenes (a seed the training stream never uses), evaluated every
     `train.eval_every` steps.
@@ -108,7 +117,10 @@ class Evaluator:
         if self.objective == "lm":
             self.layout = layout
             self.batches = heldout_batches(config, tokenizer, layout, kinds)
-            self.device_batches = [{k: b[k] for k in pipeline.BATCH_KEYS} for b in self.batches]
+            # each process feeds its slice of the rows, as in training (`sharding.put_batch`)
+            n_rows, pi, pc = config.train.batch_size, jax.process_index(), jax.process_count()
+            rows = slice(pi * n_rows // pc, (pi + 1) * n_rows // pc)
+            self.device_batches = [{k: b[k][rows] for k in pipeline.BATCH_KEYS} for b in self.batches]
             scale = lora.scale_of(config.model.lora) if config.model.lora.rank else 1.0
             self._fn = jax.jit(lambda p, f, b: eval_fn(merged_model(graphdef, p, f, scale), b))
             # the image-blind answerer's accuracy on this question mix: the chance level to beat
@@ -136,7 +148,7 @@ class Evaluator:
     def _lm(self, params, frozen) -> dict[str, float]:
         rows = []
         for b, host in zip(self.device_batches, self.batches):
-            out = jax.device_get(self._fn(params, frozen, sharding.put_batch(b, self.mesh)))
+            out = _gather(self._fn(params, frozen, sharding.put_batch(b, self.mesh)))
             rows.append({**{k: np.asarray(v) for k, v in out.items()}, "kind": host["kind"]})
         r = {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
         answered = r["answered"].astype(bool)
