@@ -190,7 +190,14 @@ def _delta(a: list[float], b: list[float]) -> str:
     return f"{np.mean(d):+.3f}" + (f" ± {np.std(d):.3f}" if len(d) > 1 else "")
 
 
-def tables(results: dict, seeds: list[int]) -> tuple[str, str, list[str]]:
+def eval_sizes(b: Budget) -> dict[str, int]:
+    """Scored answers (or samples) behind each metric: POPE accuracy per split (a positive and a
+    negative per image), MC questions, GenEval samples."""
+    return {"pope": 2 * b.pope_images, "pope_f1": b.pope_images, "mc": b.mc_questions,
+            "geneval": 6 * b.geneval_per_tag * b.geneval_samples}
+
+
+def tables(results: dict, seeds: list[int], sizes: dict[str, int] | None = None) -> tuple[str, str, list[str]]:
     def vals(run, m):
         return [results[f"seed{s}/{run}"][m] for s in seeds]
 
@@ -208,31 +215,38 @@ def tables(results: dict, seeds: list[int]) -> tuple[str, str, list[str]]:
     for run, label in (("stage2", "Δ TA-MoE − dense"), ("aia", "Δ AIA − dense"), ("stage2_aia", "Δ TA-MoE+AIA − dense")):
         b += f"| {label} | " + " | ".join(_delta(vals(run, m), vals("joint", m)) for m, _ in METRICS) + " |\n"
 
-    def verdict(x: list[float], y: list[float], better: bool) -> str:
+    def verdict(x: list[float], y: list[float], better: bool, metric: str) -> str:
+        """A difference counts when it exceeds twice both the seeds' spread and the evaluation's own
+        sampling error (binomial standard error of a difference of two rates over `sizes[metric]`)."""
         d = np.asarray(x) - np.asarray(y)
         spread = float(np.std(d)) if len(d) > 1 else 0.0
-        if abs(np.mean(d)) <= max(spread, 0.005):
-            return f"no clear difference ({_delta(x, y)})"
+        p = float(np.clip(np.mean(np.concatenate([x, y])), 0.01, 0.99))
+        n = (sizes or {}).get(metric, 0) * len(d)
+        se = float(np.sqrt(2 * p * (1 - p) / n)) if n else 0.0
+        if abs(np.mean(d)) <= 2 * max(spread, se, 0.0025):
+            return f"no clear difference ({_delta(x, y)}; noise level ±{2 * max(spread, se):.3f})"
         return ("yes" if (np.mean(d) > 0) == better else "no, the opposite") + f" ({_delta(x, y)})"
 
     claims = [
         "joint training costs understanding (POPE, paper −0.7 points): " +
-        verdict(vals("joint", "pope"), vals("und_only", "pope"), better=False),
+        verdict(vals("joint", "pope"), vals("und_only", "pope"), better=False, metric="pope"),
         "joint training costs generation (GenEval, paper −0.01): " +
-        verdict(vals("joint", "geneval"), vals("gen_only", "geneval"), better=False),
+        verdict(vals("joint", "geneval"), vals("gen_only", "geneval"), better=False, metric="geneval"),
         "TA-MoE recovers understanding over dense joint (POPE): " +
-        verdict(vals("stage2", "pope"), vals("joint", "pope"), better=True),
+        verdict(vals("stage2", "pope"), vals("joint", "pope"), better=True, metric="pope"),
         "TA-MoE recovers generation over dense joint (GenEval): " +
-        verdict(vals("stage2", "geneval"), vals("joint", "geneval"), better=True),
-        "AIA helps the dense model (POPE): " + verdict(vals("aia", "pope"), vals("joint", "pope"), better=True),
-        "AIA helps the dense model (GenEval): " + verdict(vals("aia", "geneval"), vals("joint", "geneval"), better=True),
+        verdict(vals("stage2", "geneval"), vals("joint", "geneval"), better=True, metric="geneval"),
+        "AIA helps the dense model (POPE): " +
+        verdict(vals("aia", "pope"), vals("joint", "pope"), better=True, metric="pope"),
+        "AIA helps the dense model (GenEval): " +
+        verdict(vals("aia", "geneval"), vals("joint", "geneval"), better=True, metric="geneval"),
     ]
     return a, b, claims
 
 
 def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list[str], seeds: list[int], quick: bool,
                  b: Budget, argv: list[str]) -> pathlib.Path:
-    a, t, claims = tables(results, seeds)
+    a, t, claims = tables(results, seeds, eval_sizes(b))
     cmd = "bash launch/reproduce_shapes.sh " + " ".join(argv)
     total = sum(timings.values())
     lines = [
@@ -247,7 +261,8 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
         f"held-out scenes: `shapes_pope` ({b.pope_images} images, accuracy and F1 averaged over the random / popular "
         f"/ adversarial splits), `shapes_mc` ({b.mc_questions} lettered questions), `shapes_geneval` "
         f"({b.geneval_per_tag} prompts per tag x {b.geneval_samples} samples, overall = mean over the six tags). "
-        "Cells: mean ± std over seeds; deltas are paired by seed.",
+        "Cells: mean ± std over seeds; deltas are paired by seed. A claim's difference counts only when it "
+        "exceeds twice both the seeds' spread and the evaluation's binomial sampling error.",
         "",
         "## (a) Task conflict: each task alone vs both (the paper's TOC validation)",
         "",
@@ -327,7 +342,10 @@ def main(argv=None) -> pathlib.Path:
             t0 = time.perf_counter()
             seed = int(stage.overrides.get("seed", 0))
             results[stage.name] = evaluate_model(out / stage.name / "model", b, seed)
-            timings[stage.name + " (eval)"] = time.perf_counter() - t0
+            took = out / stage.name / "eval" / "SECONDS"  # the first (complete) evaluation's time, kept on reruns
+            if not took.is_file():
+                took.write_text(f"{time.perf_counter() - t0:.3f}")
+            timings[stage.name + " (eval)"] = float(took.read_text())
             commands.append(f"python -m unijax.evaluate --ckpt {out / stage.name / 'model'} --suite shapes_pope "
                             f"--num_images {b.pope_images} --seed {seed}  # and shapes_mc, shapes_geneval")
             print(f"== {stage.name}: " + " ".join(f"{k}={v:.3f}" for k, v in results[stage.name].items()), flush=True)
