@@ -36,7 +36,6 @@ group for the whole batch, so `dropped_frac` can differ slightly from training o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -50,12 +49,9 @@ COMMANDS = ("experts", "intensity", "conflict")
 
 # -- the run's config and held-out data -----------------------------------------------------------
 def _common_config() -> ml_collections.ConfigDict:
-    from unijax.models.config import REPO_ROOT
+    from unijax.reproduce import load_config
 
-    spec = importlib.util.spec_from_file_location("unijax_configs_common", REPO_ROOT / "configs" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config("common", "tiny")
 
 
 def run_config(ckpt) -> tuple[ml_collections.ConfigDict, pathlib.Path | None]:
@@ -193,6 +189,15 @@ def write_outputs(out: pathlib.Path, files: dict) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _emit(out: pathlib.Path, stem: str, result: dict, plot, table: str) -> dict:
+    """`out/<stem>.json` and `out/<stem>.png` (by `plot(path)`), replaced together; prints the table."""
+    write_outputs(out, {f"{stem}.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
+                        f"{stem}.png": plot})
+    print(table)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return result
+
+
 # -- commands ------------------------------------------------------------------------------------------
 def experts(args) -> dict:
     from unijax import checkpoints
@@ -217,13 +222,8 @@ def experts(args) -> dict:
     stats = expert_stats(model, batches, images_per_row)
     stats = {"checkpoint": str(ckpt.absolute()), "run_config": str(config_path) if config_path else None,
              "seed": seed, "data_seed": data_seed, "num_batches": num_batches, "batch_size": batch_size, **stats}
-    write_outputs(out, {
-        "experts.json": lambda p: p.write_text(json.dumps(stats, indent=2) + "\n"),
-        "experts.png": lambda p: plot_experts(stats, p, title=f"{ckpt}: TA-MoE task router"),
-    })
-    print(experts_table(stats))
-    print(f"wrote {out / 'experts.json'} and {out / 'experts.png'}")
-    return stats
+    return _emit(out, "experts", stats, lambda p: plot_experts(stats, p, title=f"{ckpt}: TA-MoE task router"),
+                 experts_table(stats))
 
 
 def plot_intensity(curves: dict, targets: dict, path, title: str = "") -> None:
@@ -372,13 +372,9 @@ def conflict(args) -> dict:
     stats = conflict_stats(model, map(keep, und), map(keep, gen), images_per_row)
     stats = {"checkpoint": str(ckpt.absolute()), "run_config": str(config_path) if config_path else None,
              "ffn": cfg.ffn, "data_seed": data_seed, "batch_size": batch_size, **stats}
-    write_outputs(out, {
-        "conflict.json": lambda p: p.write_text(json.dumps(stats, indent=2) + "\n"),
-        "conflict.png": lambda p: plot_conflict(stats, p, title=f"{ckpt} ({cfg.ffn}): MMU vs T2I gradients"),
-    })
-    print(conflict_table(stats))
-    print(f"wrote {out / 'conflict.json'} and {out / 'conflict.png'}")
-    return stats
+    return _emit(out, "conflict", stats,
+                 lambda p: plot_conflict(stats, p, title=f"{ckpt} ({cfg.ffn}): MMU vs T2I gradients"),
+                 conflict_table(stats))
 
 
 def parser() -> argparse.ArgumentParser:

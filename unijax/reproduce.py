@@ -40,6 +40,15 @@ from unijax.models.config import REPO_ROOT
 
 METRICS = (("pope", "POPE acc."), ("pope_f1", "POPE F1"), ("mc", "MC acc."), ("geneval", "GenEval"))
 UND_METRICS, GEN_METRICS = ("pope", "pope_f1", "mc"), ("geneval",)
+# the paper's claims: (statement, run, the run it is compared with, metric, whether higher is the claim)
+CLAIMS = (
+    ("joint training costs understanding (POPE, paper −0.7 points)", "joint", "und_only", "pope", False),
+    ("joint training costs generation (GenEval, paper −0.01)", "joint", "gen_only", "geneval", False),
+    ("TA-MoE recovers understanding over dense joint (POPE)", "stage2", "joint", "pope", True),
+    ("TA-MoE recovers generation over dense joint (GenEval)", "stage2", "joint", "geneval", True),
+    ("AIA helps the dense model (POPE)", "aia", "joint", "pope", True),
+    ("AIA helps the dense model (GenEval)", "aia", "joint", "geneval", True),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,20 +236,8 @@ def tables(results: dict, seeds: list[int], sizes: dict[str, int] | None = None)
             return f"no clear difference ({_delta(x, y)}; noise level ±{2 * max(spread, se):.3f})"
         return ("yes" if (np.mean(d) > 0) == better else "no, the opposite") + f" ({_delta(x, y)})"
 
-    claims = [
-        "joint training costs understanding (POPE, paper −0.7 points): " +
-        verdict(vals("joint", "pope"), vals("und_only", "pope"), better=False, metric="pope"),
-        "joint training costs generation (GenEval, paper −0.01): " +
-        verdict(vals("joint", "geneval"), vals("gen_only", "geneval"), better=False, metric="geneval"),
-        "TA-MoE recovers understanding over dense joint (POPE): " +
-        verdict(vals("stage2", "pope"), vals("joint", "pope"), better=True, metric="pope"),
-        "TA-MoE recovers generation over dense joint (GenEval): " +
-        verdict(vals("stage2", "geneval"), vals("joint", "geneval"), better=True, metric="geneval"),
-        "AIA helps the dense model (POPE): " +
-        verdict(vals("aia", "pope"), vals("joint", "pope"), better=True, metric="pope"),
-        "AIA helps the dense model (GenEval): " +
-        verdict(vals("aia", "geneval"), vals("joint", "geneval"), better=True, metric="geneval"),
-    ]
+    claims = [f"{label}: " + verdict(vals(run, metric), vals(reference, metric), better=better, metric=metric)
+              for label, run, reference, metric, better in CLAIMS]
     return a, b, claims
 
 
