@@ -12,6 +12,7 @@ from unijax import checkpoints
 from unijax.models import lora
 from unijax.models.config import preset
 from unijax.training import loop
+from unijax.training import setup as train_setup
 from unijax.training.params import count, split_trainable
 
 from test_analyze import quick_model
@@ -101,7 +102,7 @@ def test_stage2_run_trains_adapters_and_routers_only(tmp_path, monkeypatch):
     c.model.lora.rank = 4
     c.moe.update(num_experts_per_group=2, top_k=1)
     seen = {}
-    real_opt, real_init = loop.make_optimizer, loop._initial_model
+    real_opt, real_init = train_setup.make_optimizer, loop._initial_model
 
     def spy_optimizer(train_cfg):
         tx = real_opt(train_cfg)
@@ -119,7 +120,7 @@ def test_stage2_run_trains_adapters_and_routers_only(tmp_path, monkeypatch):
         seen["init"] = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         return model
 
-    monkeypatch.setattr(loop, "make_optimizer", spy_optimizer)
+    monkeypatch.setattr(train_setup, "make_optimizer", spy_optimizer)
     monkeypatch.setattr(loop, "_initial_model", spy_model)
     loop.train(c, devices=jax.devices()[:1])
     assert 2 * seen["params"] <= seen["opt"] <= 2 * seen["params"] + 8  # + the step counters

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -172,25 +171,10 @@ def plot_experts(stats: dict, path, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_outputs(out: pathlib.Path, files: dict) -> None:
-    """files: {name: writer(path)}. Each is written to a hidden temporary beside its target; the
-    targets are replaced only after every writer succeeded (none are touched on failure)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmps = {}
-    try:
-        for name, write in files.items():
-            tmp = out / f".{name}.partial"
-            tmps[name] = tmp
-            write(tmp)
-        for name, tmp in tmps.items():
-            os.replace(tmp, out / name)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-
-
 def _emit(out: pathlib.Path, stem: str, result: dict, plot, table: str) -> dict:
     """`out/<stem>.json` and `out/<stem>.png` (by `plot(path)`), replaced together; prints the table."""
+    from unijax.checkpoints import write_outputs
+
     write_outputs(out, {f"{stem}.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
                         f"{stem}.png": plot})
     print(table)
@@ -303,6 +287,8 @@ def intensity(args) -> dict:
                         for t, c in curves.items() if t != args.task}}
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
+    from unijax.checkpoints import write_outputs
+
     write_outputs(out.parent, {
         out.name: lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
         png.name: lambda p: plot_intensity(curves, targets, p, title=f"{ckpt}: cross-modal attention intensity"),

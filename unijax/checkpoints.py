@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from unijax.models import family
 from unijax.models.config import JanusConfig
 from unijax.models.janus import Janus
 
@@ -56,6 +57,23 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
         raise
 
 
+def write_outputs(out: pathlib.Path, files: dict) -> None:
+    """files: {name: writer(path)}. Each is written to a hidden temporary beside its target; the
+    targets are replaced only after every writer succeeded (none are touched on failure)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmps = {}
+    try:
+        for name, write in files.items():
+            tmp = out / f".{name}.partial"
+            tmps[name] = tmp
+            write(tmp)
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
 def flat_params(model_or_state) -> dict[str, jax.Array]:
     """{dotted path: array} of a model's (or abstract model's) parameters."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
@@ -64,7 +82,8 @@ def flat_params(model_or_state) -> dict[str, jax.Array]:
 
 
 def abstract_model(cfg: JanusConfig) -> Janus:
-    return nnx.eval_shape(lambda: Janus(cfg, rngs=nnx.Rngs(0)))
+    """The model of `cfg`'s family (`unijax.models.family`) with abstract parameters."""
+    return nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0)))
 
 
 def save_params(out, params: dict, cfg: JanusConfig, extra_files: dict[str, str] | None = None,
@@ -184,7 +203,7 @@ def read_config(ckpt) -> JanusConfig:
     path = pathlib.Path(ckpt) / "model.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {ckpt} is not a unijax model checkpoint")
-    return JanusConfig.from_dict(json.loads(path.read_text()), where=str(path))
+    return family.config_from_dict(json.loads(path.read_text()), where=str(path))
 
 
 def load_model(ckpt, sharding: Callable[[tuple[int, ...]], jax.sharding.Sharding] | None = None,

@@ -85,6 +85,21 @@ class Layout:
         return max(1, self.max_len // (self.und_tokens + 2)), max(1, self.max_len // (self.gen_tokens + 2))
 
 
+_DTYPES = {"tokens": np.int32, "modality": np.int32, "task": np.int32, "text_weights": np.float32,
+           "image_weights": np.float32, "patches": np.uint8, "bad": np.int32, "segment_ids": np.int32,
+           "positions": np.int32}
+
+
+def batch_spec(layout: Layout, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """`{key: (shape, dtype)}` of the `BATCH_KEYS` arrays of a `[batch_size, max_len]` batch: what
+    the train step is compiled for (`unijax.plan` lowers it without building a batch)."""
+    out = {}
+    for key in BATCH_KEYS:
+        shape = (batch_size, layout.max_len) + ((layout.patch_dim,) if key == "patches" else ())
+        out[key] = (shape, np.dtype(_DTYPES[key]))
+    return out
+
+
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 `[H, W, 3]` -> `[size, size, 3]`: centre square crop, then bicubic resize."""
     if image.shape[:2] == (size, size):

@@ -259,7 +259,7 @@ def run(suite: str, engine, o: Options, out_dir: pathlib.Path | None = None, *, 
             progress(len(items) - len(todo) + start + len(batch), len(items))
     m = metrics(suite, items, preds)
     if out_dir is not None:
-        from unijax.analyze import write_outputs
+        from unijax.checkpoints import write_outputs
 
         result = {"suite": suite, "options": dataclasses.asdict(o), **(fingerprint or {}), "metrics": m}
         write_outputs(out_dir, {"results.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),

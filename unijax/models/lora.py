@@ -89,27 +89,35 @@ def _keys(path) -> list:
 
 def init(params, targets: Sequence[str], rank: int, key: jax.Array, shardings=None) -> tuple[dict, dict | None]:
     """-> (adapters, their shardings or None). `params`: a pure dict (the frozen base weights);
-    `shardings`: the same tree of NamedShardings, from which each adapter takes the base
-    matrix's leading and in (a) or out (b) axes."""
+    `shardings`: the same tree of NamedShardings (see `shardings`)."""
     if rank <= 0:
         raise ValueError(f"model.lora.rank={rank} must be positive to add adapters")
     chosen = set(selected(params, targets))
-    adapters, adapter_sh = {}, {} if shardings is not None else None
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    sh_flat = dict((path_str(p), s) for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]) if shardings else {}
-    for i, (path, w) in enumerate(flat):
-        s = path_str(path)
-        if s not in chosen:
+    adapters = {}
+    for i, (path, w) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+        if path_str(path) not in chosen:
             continue
         *lead, din, dout = w.shape
         a = jax.random.normal(jax.random.fold_in(key, i), (*lead, din, rank), jnp.float32) / jnp.sqrt(din)
         _set(adapters, _keys(path), {"a": a.astype(w.dtype), "b": jnp.zeros((*lead, rank, dout), w.dtype)})
-        if shardings is not None:
-            base = sh_flat[s]
-            spec = tuple(base.spec) + (None,) * (len(w.shape) - len(base.spec))
-            _set(adapter_sh, _keys(path), {"a": NamedSharding(base.mesh, P(*spec[:-1], None)),
-                                           "b": NamedSharding(base.mesh, P(*spec[:-2], None, spec[-1]))})
-    return adapters, adapter_sh
+    return adapters, (adapter_shardings(params, targets, shardings) if shardings is not None else None)
+
+
+def adapter_shardings(params, targets: Sequence[str], shardings) -> dict:
+    """NamedShardings of the adapters `init` makes: each takes the base matrix's leading and in (a)
+    or out (b) axes from `shardings` (the tree of the base weights' shardings)."""
+    chosen = set(selected(params, targets))
+    sh_flat = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    out: dict = {}
+    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+        s = path_str(path)
+        if s not in chosen:
+            continue
+        base = sh_flat[s]
+        spec = tuple(base.spec) + (None,) * (len(w.shape) - len(base.spec))
+        _set(out, _keys(path), {"a": NamedSharding(base.mesh, P(*spec[:-1], None)),
+                                "b": NamedSharding(base.mesh, P(*spec[:-2], None, spec[-1]))})
+    return out
 
 
 def apply(params, adapters: dict, scale: float, *, dropout: float = 0.0, rng: jax.Array | None = None):

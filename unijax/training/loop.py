@@ -14,10 +14,8 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from unijax import checkpoints as model_ckpt
@@ -29,10 +27,10 @@ from unijax.models import lora
 from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
 from unijax.models.janus import Janus
 from unijax.training import aia, steps, vision_pretrain
+from unijax.training import setup as train_setup
 from unijax.training.checkpointing import TrainCheckpoints
 from unijax.training.logger import MetricLogger
-from unijax.training.optimizer import learning_rate, make_optimizer
-from unijax.training.params import count, split_trainable
+from unijax.training.params import count
 
 ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
 
@@ -175,31 +173,16 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     model = _initial_model(cfg, config, log)
     if config.vision_pretrain.steps:
         vision_pretrain.pretrain_vision(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
-    graphdef, train_state, frozen_state = split_trainable(model, config.train.trainable, config.train.frozen)
-    params_sh = nnx.to_pure_dict(sharding.state_shardings(train_state, mesh))
-    frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen_state, mesh))
-    params = jax.device_put(nnx.to_pure_dict(train_state), params_sh)
-    frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_sh)
-    del model, train_state, frozen_state
+    setup = train_setup.build(model, config, mesh)
+    del model
+    graphdef, state, frozen = setup.graphdef, setup.state, setup.frozen
+    params = state["params"]
     lcfg = config.model.lora
-    if lcfg.rank:  # adapters on the frozen matrices that model.lora.targets selects; they train, the base does not
-        adapters, adapter_sh = lora.init(frozen, lcfg.targets, lcfg.rank, jax.random.PRNGKey(config.seed + 2),
-                                         frozen_sh)
-        params, params_sh = dict(params, lora=jax.device_put(adapters, adapter_sh)), dict(params_sh, lora=adapter_sh)
-        log.info(f"LoRA rank {lcfg.rank} (alpha {lcfg.alpha}) on {len(jax.tree.leaves(adapters)) // 2} frozen "
-                 f"matrices: {lora.count(adapters):,} adapter parameters")
+    if lcfg.rank:
+        log.info(f"LoRA rank {lcfg.rank} (alpha {lcfg.alpha}) on {len(jax.tree.leaves(params['lora'])) // 2} "
+                 f"frozen matrices: {lora.count(params['lora']):,} adapter parameters")
     log.info(f"model {config.model.preset}: {count(params) + count(frozen):,} parameters, "
              f"{count(params):,} trainable; mesh {dict(mesh.shape)}")
-
-    tx = make_optimizer(config.train)
-    repl = sharding.replicated(mesh)
-    # optimizer moments shard like their parameters; counts and other scalars are replicated
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), params_sh,
-                                   transform_non_params=lambda _: repl)
-    state_sh = {"step": repl, "params": params_sh, "opt_state": opt_sh, "rng": repl}
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params), "rng": jax.random.PRNGKey(config.seed)}
-    state = jax.device_put(state, state_sh)
 
     # -- data ------------------------------------------------------------------------------------
     per_process = config.train.batch_size // jax.process_count()
@@ -220,13 +203,9 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     ckpts.write_config(workdir / "config.json")
 
     # -- steps -----------------------------------------------------------------------------------
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
     loss_fn, eval_fn = steps.objective(config, images_per_row, cfg.text.num_layers)
-    lora_scale = lora.scale_of(lcfg) if lcfg.rank else 1.0
-    train_step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(config.train), lora_scale,
-                                               float(lcfg.dropout)),
-                         in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
-                         donate_argnums=(0,))
+    lora_scale = setup.lora_scale
+    train_step = train_setup.jit_train_step(setup, config, mesh, loss_fn)
     evaluator = steps.Evaluator(config, graphdef, eval_fn, tokenizer, layout, mesh, kinds) \
         if config.data.source == "shapes" else None
 

@@ -1,0 +1,289 @@
+"""Will this configuration fit? Compile the train step for a mesh before paying for it.
+
+    python -m unijax.plan --config configs/stage2.py --config.model.preset=janus_pro_7b \\
+        --mesh data=8,fsdp=8 --config.train.batch_size=64 --config.data.max_len=1024 --chip h100
+
+builds the training loop's own train step (`unijax.training.setup`: trainable/frozen split, LoRA,
+AdamW, shardings) with abstract parameters (`nnx.eval_shape`: nothing is allocated), lowers and
+compiles it for the mesh, and prints per-device bytes of trainable parameters, frozen parameters,
+optimizer state, the batch and XLA's temporaries (`compiled.memory_analysis()`), the FLOPs of one
+step (`compiled.cost_analysis()`), and the model-FLOPs utilisation a step time would mean on the
+chosen chip. `--json PATH` writes the same numbers.
+
+Devices: when this machine has as many devices as the mesh, the plan compiles for them. Otherwise
+it compiles for that many fake CPU devices (`--xla_force_host_platform_device_count`, set before
+JAX starts): the sharding and the per-device parameter, optimizer and batch bytes are exact; XLA's
+temporaries and FLOPs are those of the CPU compiler, an estimate of what a GPU / TPU compile
+needs (fusion and scheduling differ; the per-device arithmetic does not). `moe.impl=auto` resolves
+for the compiling backend (capacity on CPU and GPU); set `--config.moe.impl=dropless` to plan a TPU
+run's dispatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+PEAK_TFLOPS = {  # dense bf16 per chip, from the vendors' data sheets
+    "h100": 989.0, "h200": 989.0, "a100": 312.0, "b200": 2250.0, "l40s": 362.0,
+    "tpu_v4": 275.0, "tpu_v5e": 197.0, "tpu_v5p": 459.0, "tpu_v6e": 918.0,
+}
+MEMORY_GB = {"h100": 80, "h200": 141, "a100": 80, "b200": 192, "l40s": 48,
+             "tpu_v4": 32, "tpu_v5e": 16, "tpu_v5p": 95, "tpu_v6e": 32}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`data=8,fsdp=8` -> {"data": 8, "fsdp": 8}; every other axis stays 1."""
+    from unijax.sharding import MESH_AXES
+
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in MESH_AXES or not value.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected comma-separated axis=size with axes among {MESH_AXES}, "
+                             f"e.g. data=8,fsdp=8")
+        out[name] = int(value)
+    return out
+
+
+def _mesh_arg(argv) -> str:
+    for i, a in enumerate(argv):
+        if a.startswith("--mesh="):
+            return a.split("=", 1)[1]
+        if a == "--mesh" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def _fake_cpu_devices(argv) -> None:
+    """Before JAX starts: enough host-platform (CPU) devices for the requested mesh."""
+    if "jax" in sys.modules:
+        return
+    try:
+        sizes = parse_mesh(_mesh_arg(argv))
+    except ValueError:
+        return  # reported with the other flag errors in main
+    n = math.prod(s for s in sizes.values() if s > 0) if sizes else 1
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags and n > 1:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", step_time: float = 0.0,
+         memory_gb: float = 0.0) -> dict:
+    """Lowers and compiles the configured train step; returns the numbers `main` prints."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from unijax import checkpoints, sharding
+    from unijax.data import pipeline
+    from unijax.training import aia, setup as train_setup, steps
+    from unijax.training.loop import model_config, validate
+    from unijax.training.params import count
+
+    if chip not in PEAK_TFLOPS:
+        raise ValueError(f"--chip={chip!r}: expected one of {sorted(PEAK_TFLOPS)}")
+    if mesh_sizes:
+        with config.unlocked():
+            for axis in sharding.MESH_AXES:
+                config.mesh[axis] = mesh_sizes.get(axis, 1)
+    validate(config)
+    cfg = model_config(config)
+    aia.settings(config, cfg.text.num_layers)
+    devices = jax.devices()
+    sizes = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
+    if -1 not in sizes.values() and math.prod(sizes.values()) != len(devices):
+        wanted = math.prod(sizes.values())
+        devices = jax.devices("cpu")
+        if len(devices) < wanted:
+            raise ValueError(f"--mesh needs {wanted} devices; this process has {len(devices)} CPU devices (run "
+                             f"`python -m unijax.plan` in a fresh process so it can create them)")
+        devices = devices[:wanted]
+    mesh = sharding.make_mesh(config.mesh, devices)
+    if config.train.batch_size % sharding.num_batch_shards(mesh):
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by mesh.data x mesh.fsdp x "
+                         f"mesh.expert = {sharding.num_batch_shards(mesh)}")
+    layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
+    if config.data.max_len < layout.und_tokens + 2 or config.data.max_len < layout.gen_tokens + 2:
+        raise ValueError(f"data.max_len={config.data.max_len} cannot hold one image ({layout.und_tokens} "
+                         f"understanding / {layout.gen_tokens} generation tokens at {layout.image_size}px); raise it")
+
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+             for k, (shape, dtype) in pipeline.batch_spec(layout, config.train.batch_size).items()}
+
+    def lower(cfg):
+        setup = train_setup.build(checkpoints.abstract_model(cfg), config, mesh, abstract=True)
+        loss_fn, _ = steps.objective(config, layout.images_per_row(config.data.packing), cfg.text.num_layers)
+        step = train_setup.jit_train_step(setup, config, mesh, loss_fn)
+        with jax.set_mesh(mesh):
+            return setup, step.lower(setup.state, setup.frozen, batch)
+
+    t0 = time.perf_counter()
+    setup, lowered = lower(cfg)
+    t1 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = lowered.compile()
+    t2 = time.perf_counter()
+    # Model FLOPs: XLA's count of the whole (unpartitioned) step as the math needs it. Its cost
+    # analysis counts a while loop's body once, so a scanned decoder is counted unscanned, and
+    # without remat (recomputation is not model work).
+    plain = cfg.replace(scan_layers=False, remat_policy="none")
+    model_flops = float(_cost(lowered if plain == cfg else lower(plain)[1]).get("flops", 0.0))
+
+    params = setup.state["params"]
+    adapters = params.get("lora", {})
+    mem = compiled.memory_analysis()
+    cost = _cost(compiled)
+    n_dev = mesh.size
+    per_dev = {
+        "trainable_params": per_device_bytes({k: v for k, v in params.items() if k != "lora"}),
+        "lora_adapters": per_device_bytes(adapters),
+        "frozen_params": per_device_bytes(setup.frozen),
+        "optimizer_state": per_device_bytes(setup.state["opt_state"]),
+        "batch": per_device_bytes(batch),
+    }
+    arguments = int(getattr(mem, "argument_size_in_bytes", 0))
+    outputs = int(getattr(mem, "output_size_in_bytes", 0))
+    aliased = int(getattr(mem, "alias_size_in_bytes", 0))
+    temp = int(getattr(mem, "temp_size_in_bytes", 0))
+    # resident: everything the device holds between steps (jit prunes arguments the step never reads,
+    # e.g. the VQ decoder, from XLA's argument bytes, but they stay in memory)
+    resident = sum(per_dev.values())
+    per_dev.update(resident=resident, temporaries=temp, xla_arguments=arguments,
+                   outputs_not_aliased=max(outputs - aliased, 0), peak=resident + max(outputs - aliased, 0) + temp)
+    flops = model_flops / mesh.size  # per device (the partitioned program does 1 / devices of the math)
+    tokens = config.train.batch_size * config.data.max_len
+    peak_flops = PEAK_TFLOPS[chip] * 1e12
+    memory_gb = memory_gb or MEMORY_GB[chip]
+    out = {
+        "config": {"preset": config.model.preset, "ffn": config.model.ffn, "lora_rank": int(config.model.lora.rank),
+                   "dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
+                   "scan_layers": bool(config.model.scan_layers), "remat_policy": config.model.remat_policy,
+                   "batch_size": int(config.train.batch_size), "max_len": int(config.data.max_len),
+                   "moe_impl": config.moe.impl},
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "devices": f"{n_dev} x {devices[0].platform}" + (" (fake, standing in for the target)"
+                                                         if devices[0].platform == "cpu" else ""),
+        "parameters": {"total": count(params) + count(setup.frozen), "trainable": count(params),
+                       "lora": count(adapters)},
+        "per_device_bytes": per_dev,
+        "memory_gb": memory_gb,
+        "fits": per_dev["peak"] <= memory_gb * 1e9,
+        "flops_per_step_per_device": flops,
+        "flops_per_step": model_flops,
+        "compiled_flops_per_device": float(cost.get("flops", 0.0)),  # scanned layers counted once; remat included
+        "tokens_per_step": tokens,
+        "chip": chip,
+        "peak_tflops_per_chip": PEAK_TFLOPS[chip],
+        "step_time_at_full_mfu_s": flops / peak_flops if flops else None,
+        "compile_s": {"lower": round(t1 - t0, 2), "compile": round(t2 - t1, 2)},
+    }
+    if step_time > 0 and flops:
+        out["step_time_s"] = step_time
+        out["mfu"] = flops / (step_time * peak_flops)
+        out["tokens_per_s"] = tokens / step_time
+    return out
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2 ** 30:8.2f} GiB"
+
+
+def table(r: dict) -> str:
+    c, p, b = r["config"], r["parameters"], r["per_device_bytes"]
+    mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
+    lines = [
+        f"plan: preset {c['preset']}, ffn {c['ffn']}, LoRA rank {c['lora_rank']}, dtype {c['dtype']} / params "
+        f"{c['param_dtype']}, scan {c['scan_layers']}, remat {c['remat_policy']}",
+        f"      batch {c['batch_size']} x {c['max_len']} tokens, mesh {mesh} on {r['devices']}",
+        f"parameters: {p['total'] / 1e9:.3f}B total, {p['trainable'] / 1e6:.1f}M trainable "
+        f"({p['lora'] / 1e6:.1f}M LoRA)",
+        "per device:",
+    ]
+    for key, label in (("trainable_params", "trainable parameters"), ("lora_adapters", "LoRA adapters"),
+                       ("frozen_params", "frozen parameters"), ("optimizer_state", "optimizer state"),
+                       ("batch", "batch"), ("temporaries", "XLA temporaries"),
+                       ("outputs_not_aliased", "outputs not donated"),
+                       ("peak", "peak (all of the above)")):
+        lines.append(f"  {label:<30}{_gib(b[key])}")
+    lines.append(f"  fits in {r['memory_gb']:g} GB per device: {'yes' if r['fits'] else 'NO'}")
+    f = r["flops_per_step_per_device"]
+    lines.append(f"model FLOPs per step: {r['flops_per_step'] / 1e15:.3f} PFLOP ({f / 1e12:.2f} TFLOP per device; "
+                 f"{r['tokens_per_step']:,} tokens)")
+    if r.get("step_time_at_full_mfu_s"):
+        lines.append(f"{r['chip']} ({r['peak_tflops_per_chip']:g} TFLOP/s bf16): a step takes >= "
+                     f"{r['step_time_at_full_mfu_s']:.3f} s at 100% MFU, {2 * r['step_time_at_full_mfu_s']:.3f} s "
+                     f"at 50%")
+    if "mfu" in r:
+        lines.append(f"a {r['step_time_s']:g} s step would be {100 * r['mfu']:.1f}% MFU "
+                     f"({r['tokens_per_s']:,.0f} tokens/s)")
+    lines.append(f"lowered in {r['compile_s']['lower']:.1f} s, compiled in {r['compile_s']['compile']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    _fake_cpu_devices(argv)
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/stage2.py.",
+                                                  lock_config=True)
+    flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=8,fsdp=8 (overrides config.mesh; other axes are 1).")
+    flags.DEFINE_enum("chip", "h100", sorted(PEAK_TFLOPS), "The chip the MFU and the memory limit refer to.")
+    flags.DEFINE_float("step_time", 0.0, "A measured (or hoped-for) step time in seconds: prints its MFU.")
+    flags.DEFINE_float("memory_gb", 0.0, "Device memory to check against (default: the chip's).")
+    flags.DEFINE_string("json", "", "Also write the numbers to this JSON file.")
+    flags.mark_flags_as_required(["config"])
+
+    def run(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments {args[1:]}")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        F = flags.FLAGS
+        try:
+            result = plan(config_flag.value, parse_mesh(F.mesh) if F.mesh else None, F.chip, F.step_time,
+                          F.memory_gb)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(table(result))
+        if F.json:
+            from unijax.checkpoints import write_outputs
+
+            path = pathlib.Path(F.json)
+            write_outputs(path.parent, {path.name: lambda p: p.write_text(json.dumps(result, indent=2) + "\n")})
+            print(f"wrote {path}")
+
+    app.run(run, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

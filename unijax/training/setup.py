@@ -1,0 +1,89 @@
+"""The sharded training state and the jitted train step, built once for `train()` and `unijax.plan`.
+
+`build(model, config, mesh)` splits the model into trainable and frozen parameters, adds LoRA
+adapters, builds the optax optimizer and places everything with explicit shardings (moments
+shard like their parameters). With `abstract=True` (a model from `nnx.eval_shape`) nothing is
+allocated: every leaf is a `jax.ShapeDtypeStruct` carrying its sharding, which is what the plan
+command lowers and compiles for a mesh of devices that need not exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from unijax import sharding
+from unijax.data import pipeline
+from unijax.models import lora
+from unijax.training import steps
+from unijax.training.optimizer import learning_rate, make_optimizer
+from unijax.training.params import split_trainable
+
+
+@dataclasses.dataclass
+class Setup:
+    graphdef: Any
+    tx: optax.GradientTransformation
+    state: dict          # {"step", "params" (trainable, with a "lora" entry when adapted), "opt_state", "rng"}
+    state_sh: dict
+    frozen: dict         # the other parameters: no gradient, no optimizer state
+    frozen_sh: dict
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+
+def _place(tree, shardings, abstract: bool):
+    if abstract:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.device_put(tree, shardings)
+
+
+def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False) -> Setup:
+    """Consumes `model` (real, or abstract from `nnx.eval_shape` with `abstract=True`)."""
+    graphdef, train_state, frozen_state = split_trainable(model, config.train.trainable, config.train.frozen)
+    params_sh = nnx.to_pure_dict(sharding.state_shardings(train_state, mesh))
+    frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen_state, mesh))
+    params = _place(nnx.to_pure_dict(train_state), params_sh, abstract)
+    frozen = _place(nnx.to_pure_dict(frozen_state), frozen_sh, abstract)
+    lcfg = config.model.lora
+    if lcfg.rank:  # adapters on the frozen matrices that model.lora.targets selects; they train, the base does not
+        key = jax.random.PRNGKey(config.seed + 2)
+        if abstract:
+            adapters = jax.eval_shape(lambda f: lora.init(f, lcfg.targets, lcfg.rank, key)[0], frozen)
+            adapter_sh = lora.adapter_shardings(frozen, lcfg.targets, frozen_sh)
+        else:
+            adapters, adapter_sh = lora.init(frozen, lcfg.targets, lcfg.rank, key, frozen_sh)
+        params, params_sh = dict(params, lora=_place(adapters, adapter_sh, abstract)), dict(params_sh, lora=adapter_sh)
+
+    tx = make_optimizer(config.train)
+    repl = sharding.replicated(mesh)
+    # optimizer moments shard like their parameters; counts and other scalars are replicated
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), params_sh,
+                                   transform_non_params=lambda _: repl)
+    state_sh = {"step": repl, "params": params_sh, "opt_state": opt_sh, "rng": repl}
+    if abstract:
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), "params": params,
+                 "opt_state": _place(jax.eval_shape(tx.init, params), opt_sh, True),
+                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)}
+    else:
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
+                 "rng": jax.random.PRNGKey(config.seed)}
+        state = jax.device_put(state, state_sh)
+    return Setup(graphdef, tx, state, state_sh, frozen, frozen_sh,
+                 lora.scale_of(lcfg) if lcfg.rank else 1.0, float(lcfg.dropout) if lcfg.rank else 0.0)
+
+
+def jit_train_step(setup: Setup, config, mesh: Mesh, loss_fn):
+    """The jitted `(state, frozen, batch) -> (state, metrics)` with explicit shardings; `state` is donated."""
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
+    step = steps.make_train_step(setup.graphdef, setup.tx, loss_fn, learning_rate(config.train), setup.lora_scale,
+                                 setup.lora_dropout)
+    return jax.jit(step, in_shardings=(setup.state_sh, setup.frozen_sh, batch_sh),
+                   out_shardings=(setup.state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
