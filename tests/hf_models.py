@@ -52,3 +52,55 @@ def make_tiny_janus(directory, gqa: bool, seed: int = 0):
     gc.generation_kwargs = {"boi_token_id": BOI, "eoi_token_id": EOI}
     model.save_pretrained(directory)
     return model
+
+
+# -- Emu3 -----------------------------------------------------------------------------------------
+EMU3_VOCAB, EMU3_OFFSET, EMU3_CODES = 400, 300, 64
+EMU3_SPECIALS = {"<image>": 399, "<|extra_200|>": 398, "<|extra_201|>": 397, "<|image start|>": 396,
+                 "<|image end|>": 395, "<|image token|>": 394}
+
+
+def tiny_emu3_config():
+    from transformers import Emu3Config
+
+    vocab_map = dict(EMU3_SPECIALS)
+    vocab_map.update({f"<|visual token {k:06d}|>": EMU3_OFFSET + k for k in range(EMU3_CODES)})
+    return Emu3Config(
+        text_config=dict(vocab_size=EMU3_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, attention_dropout=0.0,
+                         tie_word_embeddings=False),
+        vq_config=dict(codebook_size=EMU3_CODES, embed_dim=4, latent_channels=4, base_channels=32,
+                       channel_multiplier=[1, 2, 2], num_res_blocks=1, attn_resolutions=[2], hidden_size=64,
+                       num_attention_heads=2, temporal_downsample_factor=4),
+        vocabulary_map=vocab_map, tie_word_embeddings=False)
+
+
+def make_tiny_emu3(directory, seed: int = 0):
+    """A random `Emu3ForConditionalGeneration` (32 px images -> 8 x 8 codes) saved to `directory`;
+    BatchNorm running statistics are randomised too, so the temporal blocks are not identities."""
+    from transformers import Emu3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(tiny_emu3_config()).eval()
+    rerandomize(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(0.2 * torch.randn(buf.shape, generator=g))
+            elif name.endswith("running_var"):
+                buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
+        # codebook entries drawn from the encoder's own latents, so random images use many codes
+        vq = model.model.vqmodel
+        x = torch.rand((4, 3, 32, 32), generator=g) * 2 - 1
+        z = vq.quant_conv(vq.encoder(x.unsqueeze(1).repeat(1, 4, 1, 1, 1)).permute(0, 2, 1, 3, 4))
+        z = z.permute(0, 2, 3, 4, 1).reshape(-1, z.shape[1])
+        pick = torch.randperm(z.shape[0], generator=g)[:EMU3_CODES]
+        vq.quantize.embedding.weight.copy_(z[pick] + 0.01 * torch.randn(z[pick].shape, generator=g))
+    gc = model.generation_config
+    gc._from_model_config = False
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = BOS, EOS, PAD
+    model.save_pretrained(directory)
+    return model

@@ -1,7 +1,9 @@
-"""Convert transformers Janus-Pro checkpoints to unijax (Orbax) and back.
+"""Convert transformers Janus-Pro and Emu3 checkpoints to unijax (Orbax) and back.
 
-    python -m unijax.convert --hf_dir DIR --out CKPT [--dtype bfloat16] [--scan_layers]
+    python -m unijax.convert --hf_dir DIR --out CKPT [--dtype bfloat16] [--scan_layers] [--image_size 512]
     python -m unijax.convert --to_hf --ckpt CKPT --out DIR
+
+The family is read from DIR/config.json (`janus` or `emu3`).
 """
 
 from absl import app, flags
@@ -13,6 +15,7 @@ flags.DEFINE_bool("to_hf", False, "convert a unijax checkpoint to a transformers
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype of the checkpoint")
 flags.DEFINE_bool("scan_layers", False, "store decoder layers stacked for a scanned model")
 flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
+flags.DEFINE_integer("image_size", 0, "Emu3 only: the square image size unijax batches use (0: a 64 x 64 code grid)")
 FLAGS = flags.FLAGS
 
 
@@ -30,9 +33,9 @@ def main(argv):
         if not FLAGS.hf_dir:
             raise app.UsageError("--hf_dir DIR is required (or --to_hf --ckpt CKPT)")
         cfg = hf_to_checkpoint(FLAGS.hf_dir, FLAGS.out, dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers,
-                               overwrite=FLAGS.overwrite)
+                               overwrite=FLAGS.overwrite, image_size=FLAGS.image_size)
     t = cfg.text
-    print(f"wrote {FLAGS.out}: {t.num_layers} layers, hidden {t.hidden_size}, params {cfg.param_dtype}")
+    print(f"wrote {FLAGS.out}: {getattr(cfg, 'family', 'janus')}, {t.num_layers} layers, hidden {t.hidden_size}, params {cfg.param_dtype}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""transformers Janus directory <-> unijax model checkpoint (see `python -m unijax.convert`)."""
+"""transformers Janus / Emu3 directories <-> unijax model checkpoints (see `python -m unijax.convert`).
+
+The family comes from `config.json`'s `model_type` (`janus`: `JanusForConditionalGeneration`,
+`emu3`: `Emu3ForConditionalGeneration`); both go through the same rules: every HF tensor consumed,
+every parameter found with its shape, or nothing is written.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,12 @@ from flax import nnx
 from unijax import checkpoints
 from unijax.hf import janus as mapping
 from unijax.hf.safetensors_io import WeightDir, write_weights
+from unijax.models import family
 from unijax.models.config import JanusConfig
+from unijax.models.emu3_config import Emu3Config
+
+# HF tensors with no parameter behind them: BatchNorm's step counter (inference never reads it)
+IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
 class ConversionError(ValueError):
@@ -34,8 +44,23 @@ def _hf_configs(wd: WeightDir) -> tuple[dict, dict | None]:
     return hf, gen
 
 
-def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = False, overwrite: bool = False):
-    """Converts a transformers `JanusForConditionalGeneration` directory into a model checkpoint.
+def _rename(name: str, table) -> str:
+    import re
+
+    for pattern, repl in table:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def _renames(cfg):
+    return mapping.EMU3_RENAMES if family.family_of(cfg) == "emu3" else mapping.RENAMES
+
+
+def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = False, overwrite: bool = False,
+                     image_size: int = 0):
+    """Converts a transformers `JanusForConditionalGeneration` or `Emu3ForConditionalGeneration`
+    directory into a model checkpoint (`image_size`: Emu3 only, the square image size unijax batches
+    will use; 0 = a 64 x 64 code grid).
 
     Every HF tensor must be consumed and every parameter found with the right shape; otherwise
     a `ConversionError` lists the missing, unknown and mis-shaped tensors and nothing is written.
@@ -45,26 +70,42 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     merged = dict(hf)
     if gen and gen.get("generation_kwargs"):
         merged["generation_kwargs"] = gen["generation_kwargs"]
-    cfg = JanusConfig.from_hf(merged, param_dtype=dtype, dtype=dtype, scan_layers=scan_layers).validate()
+    runtime = dict(param_dtype=dtype, dtype=dtype, scan_layers=scan_layers)
+    if hf.get("model_type") == "emu3":
+        cfg = Emu3Config.from_hf(hf, image_size=image_size, **runtime).validate()
+    elif hf.get("model_type") == "janus":
+        cfg = JanusConfig.from_hf(merged, **runtime).validate()
+    else:
+        wd.close()
+        raise ConversionError(f"{wd.dir}/config.json: model_type={hf.get('model_type')!r}; expected 'janus' "
+                              f"(JanusForConditionalGeneration) or 'emu3' (Emu3ForConditionalGeneration)")
+    renames = _renames(cfg)
     abstract_state = nnx.state(checkpoints.abstract_model(cfg), nnx.Param)
     abstract = checkpoints.flat_params(abstract_state)
-    available = set(wd.names())
+    aliases = {n: n for n in wd.names() if not n.endswith(IGNORED_SUFFIXES)}
+    if family.family_of(cfg) == "emu3":  # accept in-memory names too
+        aliases = {_rename(n, mapping.EMU3_IN_MEMORY): n for n in aliases}
+    available = set(aliases)
+
+    def get(name):
+        return wd.get(aliases[name])
+
     used, missing, mis_shaped, flat = set(), [], [], {}
     n = cfg.text.num_layers
     for path, spec in abstract.items():
-        names = [mapping.hf_name(p) for p in mapping.expand_scanned(path, n, scan_layers)]
+        names = [mapping.hf_name(p, renames) for p in mapping.expand_scanned(path, n, scan_layers)]
         absent = [name for name in names if name not in available]
         if absent:
             missing += [f"{name} (for {path}, expected {tuple(spec.shape)})" for name in absent]
             continue
         used.update(names)
-        x = mapping.import_tensor(path, wd.get, n, scan_layers)
+        x = mapping.import_tensor(path, get, n, scan_layers, renames)
         if x.shape != tuple(spec.shape):
             mis_shaped.append(f"{', '.join(names[:1])}{'...' if len(names) > 1 else ''}: got {x.shape} "
                               f"(after layout change), expected {tuple(spec.shape)} for {path}")
             continue
         flat[path] = x.astype(spec.dtype)
-    unknown = [f"{name} {tuple(wd.get(name).shape)}" for name in sorted(available - used)]
+    unknown = [f"{aliases[name]} {tuple(get(name).shape)}" for name in sorted(available - used)]
     if missing or unknown or mis_shaped:
         lines = [f"cannot convert {wd.dir}:"]
         for title, items in (("missing tensors", missing), ("unknown tensors", unknown),
@@ -83,21 +124,27 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     return cfg
 
 
-def generation_config(cfg: JanusConfig) -> dict:
+def generation_config(cfg) -> dict:
     t = cfg.text
+    if family.family_of(cfg) == "emu3":
+        return {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
     return {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
             "generation_kwargs": {"boi_token_id": cfg.boi_token_id, "eoi_token_id": cfg.eoi_token_id,
                                   "num_image_tokens": cfg.vq.num_tokens}}
 
 
 def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 4 << 30):
-    """Writes a directory that `JanusForConditionalGeneration.from_pretrained` loads."""
+    """Writes a directory that `JanusForConditionalGeneration.from_pretrained` (or, for an Emu3
+    checkpoint, `Emu3ForConditionalGeneration.from_pretrained`) loads."""
     ckpt = pathlib.Path(ckpt)
     model = checkpoints.load_model(ckpt)
     cfg = model.cfg
+    renames = _renames(cfg)
     tensors = {}
     for path, x in checkpoints.flat_params(model).items():
-        tensors.update(mapping.export_tensors(path, np.asarray(x), cfg.text.num_layers, cfg.scan_layers))
+        tensors.update(mapping.export_tensors(path, np.asarray(x), cfg.text.num_layers, cfg.scan_layers, renames))
+    for name in [k for k in tensors if k.endswith(".running_var")]:  # BatchNorm's counter, which HF also stores
+        tensors[name[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
     src = ckpt / "hf"
     hf = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else cfg.to_hf()
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]

@@ -1,5 +1,6 @@
-"""Name and layout mapping between unijax's `Janus` parameters and transformers'
-`JanusForConditionalGeneration` state dict.
+"""Name and layout mapping between unijax's parameters and transformers' state dicts:
+`Janus` <-> `JanusForConditionalGeneration` (`RENAMES`), `Emu3` <-> `Emu3ForConditionalGeneration`
+(`EMU3_RENAMES`).
 
 One table of path renames plus per-leaf hooks:
 - `RENAMES`: ordered regex substitutions from our dotted parameter path to the HF name;
@@ -24,7 +25,24 @@ RENAMES = [
 ]
 
 # our leaf -> HF leaf
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "weight": "weight", "bias": "bias"}
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "weight": "weight", "bias": "bias",
+              "running_mean": "running_mean", "running_var": "running_var"}
+
+# Emu3ForConditionalGeneration (unijax.models.emu3): module names follow transformers' below the prefixes,
+# which are those of the saved (hub) format: transformers renames them on load and back on save
+EMU3_RENAMES = [
+    (r"^lm_head\.", "text_model.lm_head."),
+    (r"^language_model\.", "text_model.model."),
+    (r"^vqmodel\.encoder\.down\.(\d+)\.resample\.", r"vqmodel.encoder.down.\1.downsample."),
+    (r"^vqmodel\.decoder\.up\.(\d+)\.resample\.", r"vqmodel.decoder.up.\1.upsample."),
+    (r"^vqmodel\.encoder\.down\.", "vqmodel.encoder.down_block.down."),
+    (r"^vqmodel\.decoder\.up\.", "vqmodel.decoder.up_block.up."),
+    (r"^vqmodel\.quantize\.$", "vqmodel.quantize.embedding."),
+]
+# the in-memory names (`Emu3ForConditionalGeneration.state_dict()`) -> the saved ones, for files
+# written without transformers' renaming
+EMU3_IN_MEMORY = [(r"^lm_head\.", "text_model.lm_head."), (r"^model\.text_model\.", "text_model.model."),
+                  (r"^model\.vqmodel\.", "vqmodel.")]
 
 
 def to_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
@@ -32,6 +50,8 @@ def to_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x.T)  # [in, out] -> [out, in]
     if leaf == "kernel" and x.ndim == 4:
         return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+    if leaf == "kernel" and x.ndim == 5:
+        return np.ascontiguousarray(x.transpose(4, 3, 0, 1, 2))  # THWIO -> OITHW (Conv3d)
     return x
 
 
@@ -40,14 +60,16 @@ def from_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x.T)
     if leaf == "kernel" and x.ndim == 4:
         return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    if leaf == "kernel" and x.ndim == 5:
+        return np.ascontiguousarray(x.transpose(2, 3, 4, 1, 0))  # OITHW -> THWIO
     return x
 
 
-def hf_name(path: str) -> str:
-    """Our dotted path (unscanned, with layer index) -> HF tensor name."""
+def hf_name(path: str, renames=None) -> str:
+    """Our dotted path (unscanned, with layer index) -> HF tensor name (`renames`: the family's table)."""
     head, leaf = path.rsplit(".", 1)
     name = head + "."
-    for pattern, repl in RENAMES:
+    for pattern, repl in (RENAMES if renames is None else renames):
         name = re.sub(pattern, repl, name)
     if leaf not in LEAF_NAMES:
         raise KeyError(f"no HF name for parameter leaf '{path}'")
@@ -70,16 +92,17 @@ def expand_scanned(path: str, num_layers: int, scanned: bool) -> list[str]:
     return [path]
 
 
-def import_tensor(path: str, get, num_layers: int, scanned: bool) -> np.ndarray:
+def import_tensor(path: str, get, num_layers: int, scanned: bool, renames=None) -> np.ndarray:
     """Our parameter at `path`, built from HF tensors fetched with `get(hf_name)`."""
     leaf = path.rsplit(".", 1)[1]
-    parts = [from_hf_layout(leaf, get(hf_name(p))) for p in expand_scanned(path, num_layers, scanned)]
+    parts = [from_hf_layout(leaf, get(hf_name(p, renames))) for p in expand_scanned(path, num_layers, scanned)]
     return np.stack(parts) if is_stacked(path, scanned) else parts[0]
 
 
-def export_tensors(path: str, x: np.ndarray, num_layers: int, scanned: bool) -> dict[str, np.ndarray]:
+def export_tensors(path: str, x: np.ndarray, num_layers: int, scanned: bool, renames=None) -> dict[str, np.ndarray]:
     """HF tensors {name: array} for our parameter at `path`."""
     leaf = path.rsplit(".", 1)[1]
     if not is_stacked(path, scanned):
-        return {hf_name(path): to_hf_layout(leaf, x)}
-    return {hf_name(p): to_hf_layout(leaf, x[i]) for i, p in enumerate(expand_scanned(path, num_layers, scanned))}
+        return {hf_name(path, renames): to_hf_layout(leaf, x)}
+    return {hf_name(p, renames): to_hf_layout(leaf, x[i])
+            for i, p in enumerate(expand_scanned(path, num_layers, scanned))}

@@ -3,8 +3,12 @@
 - `generate_text`: answers (MMU): prefill the (left-padded) prompt with its images, then a
   `lax.while_loop` of single-token steps that stops when every row has produced EOS.
 - `generate_image_codes`: T2I with classifier-free guidance: conditional and unconditional rows
-  (prompt blanked to padding except BOS and begin-of-image, as Janus-Pro does) decode together
-  for exactly `num_image_tokens` steps in a `lax.scan`; logits `u + s (c - u)`.
+  (by default the prompt blanked to padding except BOS and begin-of-image, as Janus-Pro does; or a
+  given negative prompt) decode together for exactly the image's slots in a `lax.scan`; logits
+  `u + s (c - u)`. For Emu3 the slots are rows of codes each ended by the end-of-line token, which
+  is forced (as transformers' `prefix_allowed_tokens_fn` does), and codes are sampled over the
+  LM head's visual-token columns (`Emu3.image_logits`); the same argmax as transformers' CFG on
+  log-probabilities, whose per-row normalisers do not change it.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unijax.inference.sampling import Sampling, sample
 from unijax.models.decoder import KVCache
+from unijax.models.family import family_of
 from unijax.models.janus import MMU, T2I, TEXT, Janus
 
 Array = jax.Array
@@ -88,17 +94,22 @@ class Generator:
 
     def image_codes(self, tokens: Array, mask: Array, *, guidance: float = 5.0,
                     sampling: Sampling = Sampling(temperature=1.0), rng=None, num_tokens: int | None = None,
-                    return_logits: bool = False):
-        """VQ codes `[B, num_image_tokens]` for left-padded T2I prompts `tokens/mask [B, T]`.
+                    return_logits: bool = False, uncond: tuple[Array, Array] | None = None):
+        """VQ codes `[B, grid * grid]` for left-padded T2I prompts `tokens/mask [B, T]`.
 
-        The prompt should end with the begin-of-image token. `guidance` is the CFG scale. `rng`: one
-        key, or a key per row (`[B]`, from `jax.random.key`) so that each row's samples do not
-        depend on the rest of the batch. With `return_logits`, also the guided logits `[B, num_image_tokens, codebook]` of every step.
+        The prompt should end with the begin-of-image token (Emu3: with `<|image start|>h*w<|image
+        token|>`). `guidance` is the CFG scale. `rng`: one key, or a key per row (`[B]`, from
+        `jax.random.key`) so that each row's samples do not depend on the rest of the batch.
+        `uncond`: the unconditional rows `(tokens, mask)`, left-padded to the same length (default:
+        `unconditional_prompt`). `num_tokens`: decode only the first slots (Emu3: slots include the
+        end-of-line ones). With `return_logits`, also the guided code logits of every code step.
         """
         rng = jax.random.key(0) if rng is None else rng
-        return _generate_image_codes(self.graphdef, self.state, tokens, mask, jnp.float32(guidance), rng,
-                                     num_tokens=num_tokens or self.cfg.vq.num_tokens, sampling=sampling,
-                                     return_logits=return_logits)
+        if uncond is None:
+            uncond = (unconditional_prompt(tokens, self.cfg), mask)
+        return _generate_image_codes(self.graphdef, self.state, tokens, mask, uncond[0], uncond[1],
+                                     jnp.float32(guidance), rng, num_tokens=num_tokens or self.cfg.vq.num_tokens,
+                                     sampling=sampling, return_logits=return_logits)
 
     def decode_images(self, codes: Array) -> Array:
         """VQ codes `[B, N]` -> pixels `[B, H, W, C]` in [-1, 1]."""
@@ -111,24 +122,33 @@ def generate_text(model: Janus, *args, **kwargs) -> Array:
 
 
 def unconditional_prompt(tokens: Array, cfg) -> Array:
-    """Janus-Pro's CFG null prompt: every token except BOS and begin-of-image becomes padding."""
-    keep = (tokens == cfg.text.bos_token_id) | (tokens == cfg.boi_token_id)
+    """The CFG null prompt. Janus-Pro: every token except BOS and begin-of-image becomes padding.
+    Emu3: BOS and the image header (`<|image start|>h*w<|image token|>`, from the last begin-of-image
+    on) are kept, the caption becomes padding."""
+    if family_of(cfg) == "emu3":
+        t = tokens.shape[1]
+        last_boi = jnp.max(jnp.where(tokens == cfg.boi_token_id, jnp.arange(t), -1), axis=1, keepdims=True)
+        keep = (tokens == cfg.text.bos_token_id) | ((jnp.arange(t) >= last_boi) & (last_boi >= 0))
+    else:
+        keep = (tokens == cfg.text.bos_token_id) | (tokens == cfg.boi_token_id)
     return jnp.where(keep, tokens, cfg.text.pad_token_id)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling", "return_logits"))
-def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_tokens: int, sampling: Sampling,
-                          return_logits: bool):
+def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_mask, guidance, rng, *,
+                          num_tokens: int, sampling: Sampling, return_logits: bool):
     model: Janus = nnx.merge(graphdef, state)
     cfg = model.cfg
+    emu3 = family_of(cfg) == "emu3"
     b, t = tokens.shape
-    rows = jnp.concatenate([tokens, unconditional_prompt(tokens, cfg)], axis=0)
-    mask2 = jnp.concatenate([mask, mask], axis=0).astype(jnp.int32)
+    rows = jnp.concatenate([tokens, uncond_tokens], axis=0)
+    mask2 = jnp.concatenate([mask, uncond_mask], axis=0).astype(jnp.int32)
     positions = prompt_positions(mask2)
     cache = KVCache.init(cfg, 2 * b, t + num_tokens)
     h, cache = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache, task=jnp.full_like(rows, T2I))
 
     per_row = rng.shape == (b,)  # one key per row: each row's samples are independent of the batch
+    row_len = cfg.vq.grid + 1  # Emu3: codes of one image row, then end-of-line
 
     def pick(h, key):
         logits = model.image_logits(h[:, -1]).astype(jnp.float32)
@@ -140,6 +160,12 @@ def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_t
             nxt = sample(guided, key, sampling)
         return nxt, (guided if return_logits else None)
 
+    def embed(code, slot):
+        if not emu3:
+            return model.embed_image_codes(code)
+        ids = jnp.where((slot + 1) % row_len == 0, cfg.eol_token_id, code + cfg.visual_token_offset)
+        return model.language_model.embed_tokens(ids)
+
     if per_row:
         row_keys = jax.vmap(lambda k: jax.random.split(k, num_tokens))(rng)  # [B, num_tokens]
         key, keys = row_keys[:, 0], row_keys[:, 1:].swapaxes(0, 1)
@@ -148,19 +174,25 @@ def _generate_image_codes(graphdef, state, tokens, mask, guidance, rng, *, num_t
         keys = jax.random.split(rng, num_tokens - 1)
     first, first_logits = pick(h, key)
 
-    def step(carry, key):
+    def step(carry, xs):
         code, cache, pos = carry
-        x = model.embed_image_codes(jnp.concatenate([code, code])[:, None])
+        key, slot = xs  # slot of `code`; this step predicts slot + 1
+        x = embed(jnp.concatenate([code, code])[:, None], slot)
         h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((2 * b, 1), jnp.int32), cache,
                                        task=jnp.full((2 * b, 1), T2I, jnp.int32))
         nxt, logits = pick(h, key)
         return (nxt, cache, pos + 1), (nxt, logits)
 
-    _, (rest, rest_logits) = jax.lax.scan(step, (first, cache, positions[:, -1]), keys)
+    slots = jnp.arange(num_tokens - 1, dtype=jnp.int32)
+    _, (rest, rest_logits) = jax.lax.scan(step, (first, cache, positions[:, -1]), (keys, slots))
     codes = jnp.concatenate([first[:, None], rest.T], axis=1)
-    if not return_logits:
-        return codes
-    return codes, jnp.concatenate([first_logits[:, None], rest_logits.transpose(1, 0, 2)], axis=1)
+    logits = (jnp.concatenate([first_logits[:, None], rest_logits.transpose(1, 0, 2)], axis=1)
+              if return_logits else None)
+    if emu3:  # drop the end-of-line slots (their sampled code was replaced by end-of-line)
+        idx = np.asarray([i for i in range(num_tokens) if (i + 1) % row_len != 0])
+        codes = codes[:, idx]
+        logits = logits[:, idx] if return_logits else None
+    return (codes, logits) if return_logits else codes
 
 
 def generate_image_codes(model: Janus, *args, **kwargs):
