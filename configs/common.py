@@ -26,6 +26,7 @@ def _placeholders(cls) -> ml_collections.ConfigDict:
 
 def model(preset: str = "tiny") -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
+    m.family = "janus"         # janus | emu3 (unijax.models.family; model.preset names one of its presets)
     m.preset = preset
     m.ffn = "dense"            # dense | ta_moe (the TA-MoE FFN, configured by the top-level moe.* keys)
     m.lora = ml_collections.ConfigDict()   # LoRA on frozen weights (unijax/models/lora.py)

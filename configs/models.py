@@ -2,8 +2,8 @@
 
     python -c "from unijax.models.config import preset; print(preset('janus_pro_7b'))"
 
-`model.preset` in an experiment config picks one of `PRESETS`; any other key set under `model`
-overrides the preset's value. Used as a config file, `--config configs/models.py:janus_pro_1b`
+`model.preset` in an experiment config picks one of `PRESETS` (`model.family=emu3`: one of
+`FAMILY_PRESETS["emu3"]`); any other key set under `model` overrides the preset's value. Used as a config file, `--config configs/models.py:janus_pro_1b`
 gives the preset as a ConfigDict.
 """
 
@@ -48,5 +48,31 @@ def janus_pro_7b():
 PRESETS = {"tiny": tiny, "janus_pro_1b": janus_pro_1b, "janus_pro_7b": janus_pro_7b}
 
 
+def emu3_tiny():
+    """A tiny Emu3-style model (`model.family=emu3`): the tiny decoder over the shapes tokenizer's ids,
+    then 512 visual tokens (ids 1024..1535); Emu3's VQ (4x down, 32x32 images -> 8 rows of 8 codes,
+    each row ended by end-of-line: 72 slots per image). Ids 1000-1002 (unused by the shapes
+    tokenizer) are end-of-line, end-of-frame and the image-token wrapper."""
+    t = tiny()["text"]
+    return dict(
+        text=dict(t, vocab_size=1536, rms_norm_eps=1e-5),
+        vq=dict(codebook_size=512, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=(1, 2, 2),
+                num_res_blocks=1, attn_resolutions=(2,), hidden_size=64, num_attention_heads=1, temporal_factor=4,
+                image_size=32),
+        visual_token_offset=1024, image_token_id=3, boi_token_id=4, eoi_token_id=5, eol_token_id=1000,
+        eof_token_id=1001, image_wrapper_token_id=1002,
+    )
+
+
+def emu3_chat():
+    """Emu3-Chat (transformers' Emu3Config defaults, 8B)."""
+    return {}
+
+
+# model.family -> its presets (model.preset names one of them)
+FAMILY_PRESETS = {"janus": PRESETS, "emu3": {"tiny": emu3_tiny, "emu3_chat": emu3_chat}}
+
+
 def get_config(arg="tiny"):
-    return ml_collections.ConfigDict(PRESETS[arg]())
+    family, _, name = arg.rpartition(":") if ":" in arg else ("janus", "", arg)
+    return ml_collections.ConfigDict(FAMILY_PRESETS[family][name]())

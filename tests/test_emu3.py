@@ -159,3 +159,119 @@ def test_greedy_cfg_generation_matches_transformers(pair):
     ids = np.asarray(model.codes_to_ids(codes.reshape(1, GRID, GRID)))[0]
     assert len(np.unique(np.asarray(codes))) > 4  # not a constant image
     np.testing.assert_array_equal(ids, want[:slots])
+
+
+# -- training on the shapes world ----------------------------------------------------------------
+def emu3_layout():
+    from unijax.data import pipeline
+    from unijax.models.config import preset
+
+    cfg = preset("tiny", "emu3")
+    return cfg, pipeline.Layout.from_model(cfg, 112)
+
+
+def shapes_samples(tmp_path):
+    from configs import base
+    from unijax.data import datasets
+    from unijax.data.tokenizer import load_tokenizer
+
+    c = base.get_config()
+    c.data.dir = str(tmp_path)
+    dsets, _ = datasets.task_datasets(c.data, 32, 0)
+    return [d[0] for d in dsets], load_tokenizer("shapes", tmp_path)
+
+
+def test_emu3_layout_rows_end_with_eol_and_images_reassemble(tmp_path):
+    """Both directions lay an image out as 8 rows of 8 VQ slots, each followed by end-of-line (a TEXT
+    slot with no loss); the slots' patches reassemble the exact image; the T2I loss is on the 64
+    positions that predict a code; AIA's keys and queries leave the end-of-line tokens out."""
+    from unijax.data import pipeline
+    from unijax.models.janus import GEN_IMAGE
+    from unijax.training import aia
+    from unijax.training.losses import gather_images
+
+    cfg, layout = emu3_layout()
+    samples, tok = shapes_samples(tmp_path)
+    rows = []
+    for sample in samples:
+        x = pipeline.encode_sample(sample, tok, layout, np.random.default_rng(0))
+        kind = UND_IMAGE if sample["task"] == "mmu" else GEN_IMAGE
+        is_img = x["modality"] == kind
+        eol = np.flatnonzero(x["tokens"] == cfg.eol_token_id)
+        assert is_img.sum() == GRID * GRID and len(eol) == GRID
+        for e in eol:
+            assert is_img[e - GRID:e].all() and x["modality"][e] == TEXT
+        assert x["text_weights"][eol].sum() == 0 and x["image_weights"][eol - 1].sum() == 0
+        if kind == GEN_IMAGE:
+            predicts_code = np.concatenate([is_img[1:], [False]])
+            np.testing.assert_array_equal(x["image_weights"] > 0, predicts_code)
+        img = gather_images(jnp.asarray(x["patches"][None]), jnp.asarray(is_img[None]), 1, SIZE // GRID, GRID)
+        want = pipeline.resize(np.asarray(sample["image"], np.uint8), SIZE).astype(np.float32) / 127.5 - 1
+        np.testing.assert_allclose(np.asarray(img[0, 0]), want, atol=1e-6)
+        rows.append(pipeline.pad_sample(x, layout.max_len))
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in pipeline.BATCH_KEYS}
+    keys, queries, valid = aia.spans(batch, cfg, und_queries="after_image")
+    is_eol = batch["tokens"] == cfg.eol_token_id
+    assert not jnp.any(keys & is_eol) and not jnp.any(queries["und"] & is_eol)
+    assert [s["task"] for s in samples] == ["mmu", "t2i"] and bool(valid["und"][0]) and bool(valid["gen"][1])
+
+
+def test_emu3_train_inputs_hold_the_vq_codes_of_both_images(tmp_path):
+    """The train step fills understanding and generation slots alike with the frozen VQ's codes."""
+    from flax import nnx
+
+    from unijax.data import pipeline
+    from unijax.models import family
+    from unijax.models.janus import GEN_IMAGE
+    from unijax.training.losses import prepare_inputs
+
+    cfg, layout = emu3_layout()
+    model = family.build(cfg, nnx.Rngs(0))
+    samples, tok = shapes_samples(tmp_path)
+    rows = [pipeline.pad_sample(pipeline.encode_sample(s, tok, layout), layout.max_len) for s in samples]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in pipeline.BATCH_KEYS}
+    tokens, pixels = prepare_inputs(model, batch, (1, 1))
+    assert pixels is None
+    for i, s in enumerate(samples):
+        img = pipeline.resize(np.asarray(s["image"], np.uint8), SIZE).astype(np.float32) / 127.5 - 1
+        codes = np.asarray(model.vqmodel.encode(jnp.asarray(img[None])))[0].reshape(-1)
+        kind = UND_IMAGE if s["task"] == "mmu" else GEN_IMAGE
+        np.testing.assert_array_equal(np.asarray(tokens[i])[np.asarray(batch["modality"][i]) == kind], codes)
+
+
+@pytest.mark.slow
+def test_tiny_emu3_trains_through_the_recipe_to_stage2_with_aia(tmp_path):
+    """`--config.model.family=emu3` through the stage configs: a dense base (both task losses fall),
+    stage 1 x 2 from it, upcycling, and stage 2 + AIA (TA-MoE + LoRA), each a CLI run."""
+    import os
+    import subprocess
+    import sys
+
+    repo = hm.__file__.rsplit("/tests/", 1)[0]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    common = ["--config.model.family=emu3", "--config.model.text.num_layers=2", f"--config.data.dir={tmp_path}/data",
+              "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.eval_batches=1",
+              "--config.train.warmup_steps=2", "--config.data.max_len=112"]
+
+    def train(cfg, name, steps, *extra):
+        cmd = [sys.executable, "-m", "unijax.train", "--config", f"{repo}/configs/{cfg}",
+               f"--config.workdir={tmp_path}/{name}", f"--config.train.steps={steps}",
+               f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}", *common, *extra]
+        out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    rows = [r for r in train("base.py", "base", 30, "--config.train.learning_rate=3e-3") if "loss_text" in r]
+    assert rows[-1]["loss_text"] < 0.8 * rows[0]["loss_text"] and rows[-1]["loss_image"] < rows[0]["loss_image"]
+    init = f"--config.init_from={tmp_path}/base/model"
+    train("stage1_und.py", "und", 3, init)
+    train("stage1_gen.py", "gen", 3, init)
+    up = subprocess.run([sys.executable, "-m", "unijax.training.upcycle", "--base", f"{tmp_path}/base/model",
+                         "--und", f"{tmp_path}/und/model", "--gen", f"{tmp_path}/gen/model", "--out",
+                         f"{tmp_path}/upcycled", "--noise", "0.01"], cwd=repo, env=env, capture_output=True,
+                        text=True, timeout=600)
+    assert up.returncode == 0, up.stderr[-3000:]
+    rows = train("stage2.py:aia", "stage2", 4, f"--config.init_from={tmp_path}/upcycled")
+    last = [r for r in rows if "loss" in r][-1]
+    assert np.isfinite(last["loss"]) and last["aia_samples_gen"] > 0 and last["aia_samples_und"] > 0
+    assert checkpoints.read_config(tmp_path / "stage2" / "model").family == "emu3"

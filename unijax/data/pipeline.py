@@ -56,9 +56,16 @@ class Layout:
     pad_id: int = 0
     bos_id: int = 1
     boi_id: int = 4
+    eol_id: int = -1    # >= 0: Emu3's end-of-line id, after every row of image tokens
 
     @classmethod
     def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0) -> "Layout":
+        if getattr(cfg, "family", "janus") == "emu3":  # both directions: VQ codes, rows ended by end-of-line
+            size = cfg.vq.image_size
+            patch = size // cfg.vq.grid
+            return cls(max_len=max_len, image_size=size, und_patch=patch, gen_patch=patch,
+                       cfg_drop_prob=cfg_drop_prob, pad_id=cfg.text.pad_token_id, bos_id=cfg.text.bos_token_id,
+                       boi_id=cfg.boi_token_id, eol_id=cfg.eol_token_id)
         size = cfg.vision.image_size
         if cfg.vq.image_size != size:
             raise ValueError(f"model.vision.image_size={size} differs from model.vq.image_size={cfg.vq.image_size}")
@@ -75,6 +82,15 @@ class Layout:
         return (self.image_size // self.gen_patch) ** 2
 
     @property
+    def row_ends(self) -> bool:
+        """Emu3 layout: an end-of-line token after each row of image tokens (both directions)."""
+        return self.eol_id >= 0
+
+    def image_slots(self, n_tokens: int) -> int:
+        """Sequence slots of an image of `n_tokens` tokens (with its end-of-line tokens)."""
+        return n_tokens + (int(round(n_tokens ** 0.5)) if self.row_ends else 0)
+
+    @property
     def patch_dim(self) -> int:
         return max(self.und_patch, self.gen_patch) ** 2 * 3
 
@@ -82,7 +98,8 @@ class Layout:
         """Static (understanding, generated) image slots per row the train step reassembles."""
         if not packing:
             return 1, 1
-        return max(1, self.max_len // (self.und_tokens + 2)), max(1, self.max_len // (self.gen_tokens + 2))
+        return (max(1, self.max_len // (self.image_slots(self.und_tokens) + 2)),
+                max(1, self.max_len // (self.image_slots(self.gen_tokens) + 2)))
 
 
 _DTYPES = {"tokens": np.int32, "modality": np.int32, "task": np.int32, "text_weights": np.float32,
@@ -126,6 +143,17 @@ def _shifted(flags: np.ndarray) -> np.ndarray:
     return out
 
 
+def _insert_row_ends(layout: Layout, is_image: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Emu3 layout: after every row (`sqrt(n)` consecutive image tokens) an end-of-line token, a
+    TEXT token with no loss; `arrays` get the end-of-line id (the first, the ids) or zero."""
+    where = np.flatnonzero(is_image)
+    grid = int(round(len(where) ** 0.5))
+    after = where[grid - 1::grid] + 1
+    ids, *rest = arrays
+    return (np.insert(ids, after, layout.eol_id).astype(ids.dtype),
+            *(np.insert(a, after, 0).astype(a.dtype) for a in rest))
+
+
 def bad_sample(layout: Layout, task: int = MMU) -> dict[str, np.ndarray]:
     """The stand-in for a skipped bad record: one padding token flagged `bad`, no loss."""
     return {"tokens": np.array([layout.pad_id], np.int32), "modality": np.zeros(1, np.int32),
@@ -145,12 +173,14 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
     dim = layout.patch_dim
     if task == "mmu":
         ids, is_image, is_answer = tokenizer.mmu_ids(sample["turns"], layout.und_tokens)
-        ids = np.asarray(ids, np.int32)
-        is_image = np.asarray(is_image, bool)
+        ids, is_image, is_answer = (np.asarray(ids, np.int32), np.asarray(is_image, bool),
+                                    np.asarray(is_answer, np.float32))
+        if layout.row_ends:
+            ids, is_image, is_answer = _insert_row_ends(layout, is_image, ids, is_image, is_answer)
         modality = np.where(is_image, UND_IMAGE, TEXT).astype(np.int32)
         patches = np.zeros((len(ids), dim), np.uint8)
         patches[is_image] = image_patches(image, layout.und_patch, dim)
-        text_w, image_w = _shifted(np.asarray(is_answer, np.float32)), np.zeros(len(ids), np.float32)
+        text_w, image_w = _shifted(is_answer), np.zeros(len(ids), np.float32)
     elif task == "t2i":
         prompt = np.asarray(tokenizer.t2i_ids(sample["caption"]), np.int32)
         if rng is not None and layout.cfg_drop_prob > 0 and rng.random() < layout.cfg_drop_prob:
@@ -159,11 +189,14 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
             prompt = np.where(keep, prompt, layout.pad_id).astype(np.int32)
         n_img = layout.gen_tokens
         ids = np.concatenate([prompt, np.zeros(n_img, np.int32), [tokenizer.eoi_id]]).astype(np.int32)
-        modality = np.zeros(len(ids), np.int32)
-        modality[len(prompt):len(prompt) + n_img] = GEN_IMAGE
+        is_gen = np.zeros(len(ids), bool)
+        is_gen[len(prompt):len(prompt) + n_img] = True
+        if layout.row_ends:
+            ids, is_gen = _insert_row_ends(layout, is_gen, ids, is_gen)
+        modality = np.where(is_gen, GEN_IMAGE, TEXT).astype(np.int32)
         patches = np.zeros((len(ids), dim), np.uint8)
-        patches[modality == GEN_IMAGE] = image_patches(image, layout.gen_patch, dim)
-        text_w, image_w = np.zeros(len(ids), np.float32), _shifted((modality == GEN_IMAGE).astype(np.float32))
+        patches[is_gen] = image_patches(image, layout.gen_patch, dim)
+        text_w, image_w = np.zeros(len(ids), np.float32), _shifted(is_gen.astype(np.float32))
     else:
         raise ValueError(f"{where}: unknown task {task!r} (expected 'mmu' or 't2i')")
     if len(ids) > layout.max_len:

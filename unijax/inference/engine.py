@@ -68,8 +68,14 @@ class Engine:
         self.cfg = self.model.cfg
         check_compatible(self.tokenizer, self.cfg)
         self.generator = decode.Generator(self.model)
-        self.image_size = self.cfg.vision.image_size
-        self.und_tokens = (self.image_size // self.cfg.vision.patch_size) ** 2
+        if getattr(self.cfg, "family", "janus") == "emu3":
+            # transformers' placeholder layout: rows of codes and end-of-line, filled from the pixels
+            # (the same ids the training layout embeds)
+            self.image_size = self.cfg.vq.image_size
+            self.und_tokens = self.cfg.vq.num_tokens
+        else:
+            self.image_size = self.cfg.vision.image_size
+            self.und_tokens = (self.image_size // self.cfg.vision.patch_size) ** 2
 
     @classmethod
     def load(cls, ckpt, *, tokenizer: str | None = None, data_dir: str | None = None, group: str = "router",

@@ -343,15 +343,21 @@ def _load_presets_module():
     return module
 
 
-def preset(name: str, **overrides) -> JanusConfig:
-    """The named model preset from `configs/models.py` (`tiny`, `janus_pro_1b`, `janus_pro_7b`, ...)."""
-    presets = _load_presets_module().PRESETS
+def preset(name: str, family: str = "janus", **overrides):
+    """The named model preset of `family` from `configs/models.py` (janus: `tiny`, `janus_pro_1b`,
+    `janus_pro_7b`; emu3: `tiny`, `emu3_chat`): a `JanusConfig` or an `Emu3Config`."""
+    from unijax.models.family import config_from_dict
+
+    families = _load_presets_module().FAMILY_PRESETS
+    if family not in families:
+        raise KeyError(f"model.family={family!r} is not one of {sorted(families)}")
+    presets = families[family]
     if name not in presets:
-        raise KeyError(f"model.preset={name!r} is not a preset; choose one of {sorted(presets)}")
+        raise KeyError(f"model.preset={name!r} is not a {family} preset; choose one of {sorted(presets)}")
     d = presets[name]()
     for key, value in overrides.items():  # sub-configs merge key by key
         d[key] = {**d.get(key, {}), **value} if isinstance(value, Mapping) else value
-    return JanusConfig.from_dict(d).validate()
+    return config_from_dict(dict(d, family=family)).validate()
 
 
 def runtime_overrides(saved: "JanusConfig", cfg: "JanusConfig") -> dict[str, Any]:

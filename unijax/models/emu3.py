@@ -54,8 +54,12 @@ class Emu3(nnx.Module):
 
     # -- input paths ----------------------------------------------------------------------
     def embed_inputs(self, tokens: Array, modality: Array, pixels: Array | None = None) -> Array:
-        ids = jnp.where(modality == GEN_IMAGE,
-                        jnp.clip(tokens, 0, self.cfg.vq.codebook_size - 1) + self.cfg.visual_token_offset, tokens)
+        """Without `pixels`, image slots of both kinds hold VQ codes (the training layout, where
+        end-of-line tokens are TEXT slots); with `pixels`, `UND_IMAGE` slots are transformers'
+        placeholders, end-of-line included, filled from the pixels."""
+        is_code = (modality == GEN_IMAGE) | ((modality == UND_IMAGE) & (pixels is None))
+        ids = jnp.where(is_code, jnp.clip(tokens, 0, self.cfg.vq.codebook_size - 1) + self.cfg.visual_token_offset,
+                        tokens)
         if pixels is not None:
             b, n = pixels.shape[:2]
             image_ids = self.image_token_ids(pixels.reshape(b * n, *pixels.shape[2:])).reshape(b, -1)

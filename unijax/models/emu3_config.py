@@ -43,6 +43,11 @@ class Emu3VQConfig:
     image_size: int = 512  # the square images this model's batches carry
 
     @property
+    def num_embeddings(self) -> int:
+        """The codebook size under Janus's name (what losses and decoding read)."""
+        return self.codebook_size
+
+    @property
     def downsample(self) -> int:
         return 2 ** (len(self.channel_multiplier) - 1)
 

@@ -136,6 +136,8 @@ def spans(batch: dict[str, Array], cfg, *, include_bos: bool = True, und_queries
     tokens, modality, task = batch["tokens"], batch["modality"], batch["task"]
     live = batch["segment_ids"] > 0
     text = (modality == TEXT) & live
+    if getattr(cfg, "eol_token_id", None) is not None:  # Emu3: end-of-line tokens belong to their image
+        text &= tokens != cfg.eol_token_id
     bos = tokens == cfg.text.bos_token_id
     # T2I: the prompt = text before the image, without the begin-of-image token (and blanked pads)
     prompt = text & (task == T2I) & (tokens != cfg.boi_token_id) & (tokens != cfg.eoi_token_id) & \

@@ -23,7 +23,7 @@ from unijax import sharding
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer
 from unijax.inference import suites
-from unijax.models import lora
+from unijax.models import family, lora
 from unijax.models.config import RUNTIME_KEYS, JanusConfig, preset, runtime_overrides
 from unijax.models.janus import Janus
 from unijax.training import aia, steps, vision_pretrain
@@ -40,13 +40,26 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def model_config(config) -> JanusConfig:
-    """`model.preset` with every set (non-None) `model.*` architecture key and the runtime keys on top."""
+    """`model.preset` of `model.family` with every set (non-None) `model.*` architecture key and the
+    runtime keys on top (an Emu3 model has no `model.vision.*`, and only the `model.vq.*` keys its
+    tokenizer shares with Janus's)."""
     m = config.model
+    family = m.get("family", "janus")
     overrides: dict[str, Any] = {}
     for key in ARCH_KEYS:
         value = m[key]
         if isinstance(value, ml_collections.ConfigDict):
             value = {k: v for k, v in value.to_dict().items() if v is not None}
+            if value and family == "emu3" and key != "text":
+                import dataclasses
+
+                from unijax.models.emu3_config import Emu3VQConfig
+
+                known = {f.name for f in dataclasses.fields(Emu3VQConfig)} if key == "vq" else set()
+                bad = sorted(set(value) - known)
+                if bad:
+                    raise ValueError(f"model.{key}.{bad[0]}: model.family=emu3 has no such key (Emu3 models have "
+                                     f"no model.vision.*; their model.vq keys are {sorted(known) or 'fixed'})")
             if value:
                 overrides[key] = value
         elif value is not None:
@@ -57,7 +70,7 @@ def model_config(config) -> JanusConfig:
         moe = config.moe.to_dict()
         moe["layers"] = tuple(moe["layers"] or ())
         overrides["moe"] = moe
-    return preset(m.preset, **overrides)
+    return preset(m.preset, family, **overrides)
 
 
 def validate(config) -> None:
@@ -77,6 +90,13 @@ def validate(config) -> None:
     if config.data.num_workers < 0:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
     vision_pretrain.validate(config)
+    if config.model.get("family", "janus") == "emu3":
+        if config.objective != "lm":
+            raise ValueError(f"objective={config.objective!r} with model.family=emu3: Emu3's VQ tokenizer is "
+                             f"frozen (convert a trained one); use objective='lm'")
+        if config.vision_pretrain.steps:
+            raise ValueError("vision_pretrain.steps > 0 with model.family=emu3: Emu3 has no understanding "
+                             "encoder (images enter as VQ tokens); set vision_pretrain.steps=0")
     e = config.eval_suites
     bad = [n for n in e.names if n not in suites.SUITES]
     if bad:
@@ -127,7 +147,7 @@ def _initial_model(cfg: JanusConfig, config, log: MetricLogger) -> Janus:
             raise ValueError(f"init_from={config.init_from} holds a different architecture than model.* / moe.* "
                              f"(saved: {saved}); set model.preset / model.* / moe.* to match it")
         return model_ckpt.load_model(config.init_from, **runtime)
-    return Janus(cfg, rngs=nnx.Rngs(config.seed))
+    return family.build(cfg, nnx.Rngs(config.seed))
 
 
 def _to_host(tree):

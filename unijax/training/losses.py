@@ -65,18 +65,27 @@ def generated_images(cfg, batch: dict[str, Array], num_images: int) -> Array:
     return imgs.reshape(-1, *imgs.shape[2:])
 
 
+def _fill_codes(model, batch: dict[str, Array], tokens: Array, kind: int, num_images: int) -> Array:
+    """`tokens` with the frozen VQ's codes of the images under `kind` slots filled in, in order."""
+    cfg = model.cfg
+    b = tokens.shape[0]
+    is_kind = batch["modality"] == kind
+    images = gather_images(batch["patches"], is_kind, num_images, cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
+    codes = jax.lax.stop_gradient(model.vqmodel.encode(images.reshape(-1, *images.shape[2:])).reshape(b, -1))
+    slot = jnp.clip(jnp.cumsum(is_kind, axis=1) - 1, 0, codes.shape[1] - 1)
+    return jnp.where(is_kind, jnp.take_along_axis(codes, slot, axis=1), tokens)
+
+
 def prepare_inputs(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
-    """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`)."""
+    """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`).
+
+    Emu3 (one tokenizer both ways): understanding slots get VQ codes too, and there are no pixels."""
     cfg = model.cfg
     n_und, n_gen = images_per_row
-    und = understanding_images(cfg, batch, n_und)
-    b = batch["tokens"].shape[0]
-    codes = model.vqmodel.encode(generated_images(cfg, batch, n_gen)).reshape(b, -1)
-    codes = jax.lax.stop_gradient(codes)
-    is_gen = batch["modality"] == GEN_IMAGE
-    slot = jnp.clip(jnp.cumsum(is_gen, axis=1) - 1, 0, codes.shape[1] - 1)
-    tokens = jnp.where(is_gen, jnp.take_along_axis(codes, slot, axis=1), batch["tokens"])
-    return tokens, und.astype(cfg.dtype)
+    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen)
+    if getattr(cfg, "family", "janus") == "emu3":
+        return _fill_codes(model, batch, tokens, UND_IMAGE, n_und), None
+    return tokens, understanding_images(cfg, batch, n_und).astype(cfg.dtype)
 
 
 def cross_entropy(logits: Array, targets: Array) -> Array:

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from unijax.models.config import RUNTIME_KEYS, JanusConfig, MoEConfig
+from unijax.models import family
 from unijax.models.janus import Janus
 
 Array = jax.Array
@@ -145,7 +146,7 @@ def moe_layer_params(und: tuple[Array, ...], gen: tuple[Array, ...], base: tuple
 @functools.lru_cache(maxsize=4)
 def _abstract(cfg: JanusConfig):
     """(graphdef, abstract state) of Janus(cfg): tracing the constructor costs seconds, so it is cached."""
-    return nnx.split(nnx.eval_shape(lambda: Janus(cfg, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0))))
 
 
 def upcycle(base: Janus, und: Janus | None, gen: Janus | None, moe: MoEConfig, *, noise: float = 0.0,
