@@ -52,7 +52,8 @@ def test_set_key_parses_command_line_values():
 @pytest.mark.slow
 def test_quick_reproduction_writes_a_full_report(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
-    r = subprocess.run(["bash", str(REPO / "launch" / "reproduce_shapes.sh"), "--quick", "--out", str(tmp_path / "r")],
+    r = subprocess.run(["bash", str(REPO / "launch" / "reproduce_shapes.sh"), "--quick", "--seeds", "0", "--out",
+                        str(tmp_path / "r")],  # one seed: the spreads over seeds are tested above from known results
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (tmp_path / "r" / "report.md").read_text()
@@ -62,5 +63,15 @@ def test_quick_reproduction_writes_a_full_report(tmp_path):
     cells = table_cells(a_b)
     assert len(cells) == 4 * (5 + 7) and all(NUMBER.match(c) for c in cells), cells
     per_seed = report.split("## Per-seed values")[1].split("## Stages")[0]
-    assert len([l for l in per_seed.splitlines() if l.startswith("| seed")]) == 2 * 6
-    assert (tmp_path / "r" / "seed1" / "stage2" / "eval" / "shapes_geneval" / "images" / "00000" / "samples").is_dir()
+    assert len([l for l in per_seed.splitlines() if l.startswith("| seed")]) == 6
+    assert (tmp_path / "r" / "seed0" / "stage2" / "eval" / "shapes_geneval" / "images" / "00000" / "samples").is_dir()
+
+
+def test_emu3_plan_runs_every_stage_on_emu3_without_stage0(tmp_path):
+    stages = reproduce.plan(tmp_path, [0, 1], reproduce.QUICK, "emu3")
+    runs = [s for s in stages if not isinstance(s, tuple)]
+    assert [s.name for s in runs][:2] == ["base", "seed0/und_only"] and "init_from" not in runs[0].overrides
+    assert all(s.overrides["model.family"] == "emu3" for s in runs)
+    assert all("--config.model.family=emu3" in s.command(tmp_path) for s in runs)
+    janus = [s for s in reproduce.plan(tmp_path, [0], reproduce.QUICK) if not isinstance(s, tuple)]
+    assert janus[0].name == "stage0_vq" and all("model.family" not in s.overrides for s in janus)

@@ -106,20 +106,27 @@ class Stage:
             ("" if ":" in self.config else ".py") + " " + " ".join(map(str, flags))
 
 
-def plan(out: pathlib.Path, seeds: list[int], b: Budget) -> list[Stage | tuple]:
-    """The ordered stages; tuples are upcycling steps ("upcycle", seed)."""
+def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") -> list[Stage | tuple]:
+    """The ordered stages; tuples are upcycling steps ("upcycle", seed). `family="emu3"` runs every
+    stage on the tiny Emu3-style model (`model.family=emu3`); its VQ tokenizer is not trained (Emu3
+    has no stage 0 here), so the base starts from scratch."""
     common = {"train.batch_size": b.batch_size, **dict(o.split("=", 1) for o in b.overrides)}
+    if family != "janus":
+        common["model.family"] = family
     base_model = out / "base" / "model"
     per_run = {"train.steps": b.steps, "train.warmup_steps": max(1, b.steps // 10),
                "train.checkpoint_every": b.steps, "train.eval_every": b.steps, "init_from": base_model}
-    stages: list = [
-        Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
-                                         "train.eval_every": b.vq_steps, "train.warmup_steps": max(1, b.vq_steps // 8)},
-              evaluate=False),
-        Stage("base", "base", {**common, "train.steps": b.base_steps, "train.checkpoint_every": b.base_steps,
-                               "train.eval_every": b.base_steps, "train.warmup_steps": max(1, b.base_steps // 10),
-                               "init_from": out / "stage0_vq" / "model"}),
-    ]
+    base = {**common, "train.steps": b.base_steps, "train.checkpoint_every": b.base_steps,
+            "train.eval_every": b.base_steps, "train.warmup_steps": max(1, b.base_steps // 10)}
+    if family == "janus":
+        stages: list = [
+            Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
+                                             "train.eval_every": b.vq_steps,
+                                             "train.warmup_steps": max(1, b.vq_steps // 8)}, evaluate=False),
+            Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model"}),
+        ]
+    else:
+        stages = [Stage("base", "base", base)]
     for s in seeds:
         run = {**common, **per_run, "seed": s}
         stages += [
@@ -242,12 +249,13 @@ def tables(results: dict, seeds: list[int], sizes: dict[str, int] | None = None)
 
 
 def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list[str], seeds: list[int], quick: bool,
-                 b: Budget, argv: list[str]) -> pathlib.Path:
+                 b: Budget, argv: list[str], family: str = "janus") -> pathlib.Path:
     a, t, claims = tables(results, seeds, eval_sizes(b))
     cmd = "bash launch/reproduce_shapes.sh " + " ".join(argv)
     total = sum(timings.values())
     lines = [
-        "# UniDecouple on the shapes world" + (" (--quick: pipeline smoke test, numbers meaningless)" if quick else ""),
+        "# UniDecouple on the shapes world" + ("" if family == "janus" else f" ({family} architecture)")
+        + (" (--quick: pipeline smoke test, numbers meaningless)" if quick else ""),
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
@@ -308,6 +316,8 @@ def main(argv=None) -> pathlib.Path:
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the per-seed runs (>= 2 for spreads)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke test: minutes)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--family", default="janus", choices=("janus", "emu3"),
+                   help="the architecture every stage trains (emu3: the tiny Emu3-style model, no stage 0)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
@@ -325,7 +335,7 @@ def main(argv=None) -> pathlib.Path:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     results, timings, commands = {}, {}, []
     t_all = time.perf_counter()
-    for stage in plan(out, seeds, b):
+    for stage in plan(out, seeds, b, args.family):
         if isinstance(stage, tuple):
             s = stage[1]
             timings[f"seed{s}/upcycle"] = upcycle_stage(out, s, b)
@@ -346,7 +356,7 @@ def main(argv=None) -> pathlib.Path:
             commands.append(f"python -m unijax.evaluate --ckpt {out / stage.name / 'model'} --suite shapes_pope "
                             f"--num_images {b.pope_images} --seed {seed}  # and shapes_mc, shapes_geneval")
             print(f"== {stage.name}: " + " ".join(f"{k}={v:.3f}" for k, v in results[stage.name].items()), flush=True)
-    report = write_report(out, results, timings, commands, seeds, args.quick, b, argv)
+    report = write_report(out, results, timings, commands, seeds, args.quick, b, argv, args.family)
     print(f"\nwrote {report} ({(time.perf_counter() - t_all) / 60:.1f} min)")
     print(report.read_text())
     return report
