@@ -45,23 +45,20 @@ EMU3_IN_MEMORY = [(r"^lm_head\.", "text_model.lm_head."), (r"^model\.text_model\
                   (r"^model\.vqmodel\.", "vqmodel.")]
 
 
+# kernel rank -> the axis permutation from our layout to transformers' (linear [in, out] -> [out, in],
+# conv HWIO -> OIHW, Conv3d THWIO -> OITHW); the import direction is its inverse
+KERNEL_TO_HF = {2: (1, 0), 4: (3, 2, 0, 1), 5: (4, 3, 0, 1, 2)}
+
+
 def to_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and x.ndim == 2:
-        return np.ascontiguousarray(x.T)  # [in, out] -> [out, in]
-    if leaf == "kernel" and x.ndim == 4:
-        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # HWIO -> OIHW
-    if leaf == "kernel" and x.ndim == 5:
-        return np.ascontiguousarray(x.transpose(4, 3, 0, 1, 2))  # THWIO -> OITHW (Conv3d)
+    if leaf == "kernel" and x.ndim in KERNEL_TO_HF:
+        return np.ascontiguousarray(x.transpose(KERNEL_TO_HF[x.ndim]))
     return x
 
 
 def from_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and x.ndim == 2:
-        return np.ascontiguousarray(x.T)
-    if leaf == "kernel" and x.ndim == 4:
-        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    if leaf == "kernel" and x.ndim == 5:
-        return np.ascontiguousarray(x.transpose(2, 3, 4, 1, 0))  # OITHW -> THWIO
+    if leaf == "kernel" and x.ndim in KERNEL_TO_HF:
+        return np.ascontiguousarray(x.transpose(np.argsort(KERNEL_TO_HF[x.ndim])))
     return x
 
 

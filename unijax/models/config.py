@@ -59,8 +59,20 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+class ImageGrid:
+    """The code grid of a VQ tokenizer config with `channel_multiplier` levels and `image_size`."""
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_multiplier) - 1)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.downsample
+
+
 @dataclasses.dataclass(frozen=True)
-class VQConfig:
+class VQConfig(ImageGrid):
     """VQ-16 image tokenizer plus the generation aligner/head (transformers `JanusVQVAEConfig`)."""
 
     num_embeddings: int = 16384
@@ -76,14 +88,6 @@ class VQConfig:
     projection_dim: int = 2048
     image_token_embed_dim: int = 2048
     image_size: int = 384  # generated image resolution
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.channel_multiplier) - 1)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.downsample
 
     @property
     def num_tokens(self) -> int:
@@ -289,9 +293,7 @@ class JanusConfig:
 
     def validate(self) -> "JanusConfig":
         t, v, q = self.text, self.vision, self.vq
-        checks = [
-            (t.num_heads % t.num_kv_heads == 0, "model.text.num_heads must be a multiple of num_kv_heads"),
-            (t.head_dim % 2 == 0, "model.text.head_dim must be even (RoPE rotates pairs)"),
+        return check_decoder(self, [
             (v.image_size % v.patch_size == 0, "model.vision.image_size must be a multiple of patch_size"),
             (v.hidden_size % v.num_heads == 0, "model.vision.hidden_size must be a multiple of num_heads"),
             (v.projection_dim == t.hidden_size, "model.vision.projection_dim must equal model.text.hidden_size"),
@@ -301,20 +303,31 @@ class JanusConfig:
             (q.image_size % q.downsample == 0, "model.vq.image_size must be a multiple of the VQ downsampling"),
             (all(q.base_channels * m % q.num_groups == 0 for m in q.channel_multiplier),
              "model.vq.base_channels x every channel_multiplier must be a multiple of num_groups (GroupNorm)"),
-            (self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
-             f"model.remat_policy={self.remat_policy!r} is not one of none|full|dots|dots_no_batch"),
-            (self.attention_impl in ("xla", "chunked", "cudnn"), f"model.attention_impl={self.attention_impl!r}"),
-            (self.ffn in FFNS, f"model.ffn={self.ffn!r} is not one of {'|'.join(FFNS)}"),
-            (not (self.ffn == "ta_moe" and self.scan_layers and self.moe.layers
-                  and set(self.moe.layers) != set(range(t.num_layers))),
-             "moe.layers selects some layers only: scanned layers must be identical; set model.scan_layers=False"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        if self.ffn == "ta_moe":
-            self.moe.validate(t.num_layers)
-        return self
+        ])
+
+
+def check_decoder(cfg, family_checks: list[tuple[bool, str]]):
+    """Raises the first failed check (`family_checks`, then those of the decoder side every family
+    shares: text sizes, runtime keys, ffn / moe); returns `cfg`."""
+    t = cfg.text
+    checks = [
+        (t.num_heads % t.num_kv_heads == 0, "model.text.num_heads must be a multiple of num_kv_heads"),
+        (t.head_dim % 2 == 0, "model.text.head_dim must be even (RoPE rotates pairs)"),
+        *family_checks,
+        (cfg.remat_policy in ("none", "full", "dots", "dots_no_batch"),
+         f"model.remat_policy={cfg.remat_policy!r} is not one of none|full|dots|dots_no_batch"),
+        (cfg.attention_impl in ("xla", "chunked", "cudnn"), f"model.attention_impl={cfg.attention_impl!r}"),
+        (cfg.ffn in FFNS, f"model.ffn={cfg.ffn!r} is not one of {'|'.join(FFNS)}"),
+        (not (cfg.ffn == "ta_moe" and cfg.scan_layers and cfg.moe.layers
+              and set(cfg.moe.layers) != set(range(t.num_layers))),
+         "moe.layers selects some layers only: scanned layers must be identical; set model.scan_layers=False"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    if cfg.ffn == "ta_moe":
+        cfg.moe.validate(t.num_layers)
+    return cfg
 
 
 def _int_or(x, default: int) -> int:

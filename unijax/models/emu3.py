@@ -17,16 +17,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unijax.models.decoder import Decoder, KVCache
+from unijax.models.decoder import Decoder
 from unijax.models.emu3_config import Emu3Config
 from unijax.models.emu3_vq import Emu3VQ
-from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE  # noqa: F401 (the shared modality ids)
+from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE, DecoderModel  # noqa: F401 (shared modality ids)
 from unijax.models.layers import linear
 
 Array = jax.Array
 
 
-class Emu3(nnx.Module):
+class Emu3(DecoderModel):
     def __init__(self, cfg: Emu3Config, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
@@ -68,25 +68,10 @@ class Emu3(nnx.Module):
             ids = jnp.where(is_img, jnp.take_along_axis(image_ids, slot, axis=1), ids)
         return self.language_model.embed_tokens(ids).astype(jnp.dtype(self.cfg.dtype))
 
-    # -- decoder and heads ----------------------------------------------------------------
-    def __call__(self, tokens: Array, modality: Array, positions: Array, segment_ids: Array,
-                 pixels: Array | None = None, cache: KVCache | None = None, task: Array | None = None,
-                 return_aux: bool = False, capture_aia: Array | None = None, aia_impl: str = "lean"):
-        """As `Janus.__call__`: (final hidden states, cache[, aux])."""
-        x = self.embed_inputs(tokens, modality, pixels)
-        h, cache, aux = self.language_model(x, positions, segment_ids, cache, task, capture_aia, aia_impl)
-        return (h, cache, aux) if return_aux else (h, cache)
-
-    def decode_embeds(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,
-                      task: Array | None = None):
-        h, cache, _ = self.language_model(x, positions, segment_ids, cache, task)
-        return h, cache
-
     def embed_image_codes(self, codes: Array) -> Array:
         return self.language_model.embed_tokens(codes + self.cfg.visual_token_offset)
 
-    def text_logits(self, h: Array) -> Array:
-        return self.lm_head(h)
+    # -- heads (the text head and the forward pass: DecoderModel) ---------------------------
 
     def image_logits(self, h: Array) -> Array:
         """Logits over VQ codes: the LM head's visual-token columns."""

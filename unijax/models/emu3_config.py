@@ -14,7 +14,7 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
-from unijax.models.config import MoEConfig, TextConfig, _build, _int_or
+from unijax.models.config import ImageGrid, MoEConfig, TextConfig, _build, _int_or, check_decoder
 
 VISUAL_TOKEN = re.compile(r"^<\|visual token (\d{6})\|>$")
 # special tokens transformers' Emu3 tokenizer / processor use, by vocabulary_map name
@@ -24,7 +24,7 @@ SPECIAL_NAMES = {"image_token_id": "<image>", "eol_token_id": "<|extra_200|>", "
 
 
 @dataclasses.dataclass(frozen=True)
-class Emu3VQConfig:
+class Emu3VQConfig(ImageGrid):
     """transformers `Emu3VQVAEConfig` (images only)."""
 
     codebook_size: int = 32768
@@ -46,14 +46,6 @@ class Emu3VQConfig:
     def num_embeddings(self) -> int:
         """The codebook size under Janus's name (what losses and decoding read)."""
         return self.codebook_size
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.channel_multiplier) - 1)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.downsample
 
     @property
     def num_tokens(self) -> int:
@@ -200,9 +192,7 @@ class Emu3Config:
         att_ch = {q.base_channels * q.channel_multiplier[-1]} | {q.base_channels * q.channel_multiplier[i]
                                                                   for i in q.attn_resolutions}
         specials = [getattr(self, k) for k in SPECIAL_NAMES]
-        checks = [
-            (t.num_heads % t.num_kv_heads == 0, "model.text.num_heads must be a multiple of num_kv_heads"),
-            (t.head_dim % 2 == 0, "model.text.head_dim must be even (RoPE rotates pairs)"),
+        return check_decoder(self, [
             (q.embed_dim == q.latent_channels, "model.vq.embed_dim must equal model.vq.latent_channels (Emu3's "
                                                "decoder runs latents and codes through one temporal stack)"),
             (q.temporal_factor >= 1 and q.temporal_factor & (q.temporal_factor - 1) == 0,
@@ -219,14 +209,4 @@ class Emu3Config:
             (all(0 <= s < t.vocab_size and not self.visual_token_offset <= s < self.visual_token_offset +
                  q.codebook_size for s in specials),
              "the special token ids must lie in the vocabulary, outside the visual tokens"),
-            (self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
-             f"model.remat_policy={self.remat_policy!r} is not one of none|full|dots|dots_no_batch"),
-            (self.attention_impl in ("xla", "chunked", "cudnn"), f"model.attention_impl={self.attention_impl!r}"),
-            (self.ffn in ("dense", "ta_moe"), f"model.ffn={self.ffn!r} is not one of dense|ta_moe"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        if self.ffn == "ta_moe":
-            self.moe.validate(t.num_layers)
-        return self
+        ])

@@ -39,7 +39,33 @@ class GenerationHead(nnx.Module):
         return self.vision_head(gelu(self.proj_out(h)))
 
 
-class Janus(nnx.Module):
+class DecoderModel(nnx.Module):
+    """The decoder side Janus and Emu3 share: the forward pass over the batch contract, cached
+    decoding steps and the text head. A family supplies `embed_inputs`, `language_model`, `lm_head`
+    and `image_logits`."""
+
+    def __call__(self, tokens: Array, modality: Array, positions: Array, segment_ids: Array,
+                 pixels: Array | None = None, cache: KVCache | None = None, task: Array | None = None,
+                 return_aux: bool = False, capture_aia: Array | None = None, aia_impl: str = "lean"):
+        """Returns (final hidden states `[B, T, embed]`, cache), plus the TA-MoE aux tree (layer-stacked;
+        `unijax.models.moe`) when `return_aux`. `task [B, T]` (0 MMU, 1 T2I) is needed by TA-MoE
+        layers routing by label. `capture_aia [B, T]` (bool: the keys whose attention mass AIA
+        measures; off when None) adds `aux["aia"] [layers, B, T]`, each query's mass on them
+        averaged over heads, by the `aia_impl` path ("lean" or "explicit"; `unijax.models.layers`)."""
+        x = self.embed_inputs(tokens, modality, pixels)
+        h, cache, aux = self.language_model(x, positions, segment_ids, cache, task, capture_aia, aia_impl)
+        return (h, cache, aux) if return_aux else (h, cache)
+
+    def decode_embeds(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,
+                      task: Array | None = None):
+        h, cache, _ = self.language_model(x, positions, segment_ids, cache, task)
+        return h, cache
+
+    def text_logits(self, h: Array) -> Array:
+        return self.lm_head(h)
+
+
+class Janus(DecoderModel):
     def __init__(self, cfg: JanusConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
@@ -78,27 +104,6 @@ class Janus(nnx.Module):
             gathered = jnp.take_along_axis(feats, slot[..., None], axis=1)
             x = jnp.where(is_img[..., None], gathered, x)
         return x
-
-    # -- decoder and heads --------------------------------------------------------------
-    def __call__(self, tokens: Array, modality: Array, positions: Array, segment_ids: Array,
-                 pixels: Array | None = None, cache: KVCache | None = None, task: Array | None = None,
-                 return_aux: bool = False, capture_aia: Array | None = None, aia_impl: str = "lean"):
-        """Returns (final hidden states `[B, T, embed]`, cache), plus the TA-MoE aux tree (layer-stacked;
-        `unijax.models.moe`) when `return_aux`. `task [B, T]` (0 MMU, 1 T2I) is needed by TA-MoE
-        layers routing by label. `capture_aia [B, T]` (bool: the keys whose attention mass AIA
-        measures; off when None) adds `aux["aia"] [layers, B, T]`, each query's mass on them
-        averaged over heads, by the `aia_impl` path ("lean" or "explicit"; `unijax.models.layers`)."""
-        x = self.embed_inputs(tokens, modality, pixels)
-        h, cache, aux = self.language_model(x, positions, segment_ids, cache, task, capture_aia, aia_impl)
-        return (h, cache, aux) if return_aux else (h, cache)
-
-    def decode_embeds(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,
-                      task: Array | None = None):
-        h, cache, _ = self.language_model(x, positions, segment_ids, cache, task)
-        return h, cache
-
-    def text_logits(self, h: Array) -> Array:
-        return self.lm_head(h)
 
     def image_logits(self, h: Array) -> Array:
         return self.generation_head(h)
