@@ -21,7 +21,7 @@ from unijax.models.decoder import Decoder
 from unijax.models.emu3_config import Emu3Config
 from unijax.models.emu3_vq import Emu3VQ
 from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE, DecoderModel  # noqa: F401 (shared modality ids)
-from unijax.models.layers import linear
+from unijax.models.layers import fill_in_order, linear
 
 Array = jax.Array
 
@@ -63,9 +63,7 @@ class Emu3(DecoderModel):
         if pixels is not None:
             b, n = pixels.shape[:2]
             image_ids = self.image_token_ids(pixels.reshape(b * n, *pixels.shape[2:])).reshape(b, -1)
-            is_img = modality == UND_IMAGE
-            slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, image_ids.shape[1] - 1)
-            ids = jnp.where(is_img, jnp.take_along_axis(image_ids, slot, axis=1), ids)
+            ids = fill_in_order(modality == UND_IMAGE, image_ids, ids)
         return self.language_model.embed_tokens(ids).astype(jnp.dtype(self.cfg.dtype))
 
     def embed_image_codes(self, codes: Array) -> Array:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from unijax.models.config import JanusConfig
 from unijax.models.decoder import Decoder, KVCache
-from unijax.models.layers import embed, gelu, linear
+from unijax.models.layers import embed, fill_in_order, gelu, linear
 from unijax.models.vision import MLPProjector, VisionModel
 from unijax.models.vq import VQModel
 
@@ -99,10 +99,7 @@ class Janus(DecoderModel):
             b, n = pixels.shape[:2]
             feats = self.image_features(pixels.reshape(b * n, *pixels.shape[2:]))
             feats = feats.reshape(b, -1, feats.shape[-1]).astype(dtype)  # [B, n*patches, E]
-            is_img = modality == UND_IMAGE
-            slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
-            gathered = jnp.take_along_axis(feats, slot[..., None], axis=1)
-            x = jnp.where(is_img[..., None], gathered, x)
+            x = fill_in_order(modality == UND_IMAGE, feats, x)
         return x
 
     def image_logits(self, h: Array) -> Array:

@@ -51,6 +51,15 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+def fill_in_order(mask: Array, values: Array, base: Array) -> Array:
+    """`base [B, T, ...]` with its `mask [B, T]` slots replaced, in order, by `values [B, N, ...]`
+    (the k-th masked slot of a row gets that row's k-th value; a gather, jit-safe)."""
+    slot = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, values.shape[1] - 1)
+    extra = (1,) * (values.ndim - 2)
+    got = jnp.take_along_axis(values, slot.reshape(slot.shape + extra), axis=1)
+    return jnp.where(mask.reshape(mask.shape + extra), got, base)
+
+
 class RMSNorm(nnx.Module):
     """`w * (x / sqrt(mean(x^2) + eps))`, statistics in float32, result in the input dtype (as LLaMA)."""
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from unijax.models.janus import GEN_IMAGE, UND_IMAGE, Janus
+from unijax.models.layers import fill_in_order
 from unijax.training import aia as aia_lib
 
 Array = jax.Array
@@ -58,22 +59,18 @@ def understanding_images(cfg, batch: dict[str, Array], num_images: int) -> Array
                          cfg.vision.image_size // cfg.vision.patch_size)
 
 
-def generated_images(cfg, batch: dict[str, Array], num_images: int) -> Array:
-    """The images under `GEN_IMAGE` tokens, flattened: `[B * num_images, H, W, 3]` in [-1, 1]."""
-    imgs = gather_images(batch["patches"], batch["modality"] == GEN_IMAGE, num_images,
+def generated_images(cfg, batch: dict[str, Array], num_images: int, kind: int = GEN_IMAGE) -> Array:
+    """The images under `kind` tokens laid out in VQ blocks (`GEN_IMAGE`; for Emu3 also `UND_IMAGE`),
+    flattened: `[B * num_images, H, W, 3]` in [-1, 1]."""
+    imgs = gather_images(batch["patches"], batch["modality"] == kind, num_images,
                          cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
     return imgs.reshape(-1, *imgs.shape[2:])
 
 
 def _fill_codes(model, batch: dict[str, Array], tokens: Array, kind: int, num_images: int) -> Array:
     """`tokens` with the frozen VQ's codes of the images under `kind` slots filled in, in order."""
-    cfg = model.cfg
-    b = tokens.shape[0]
-    is_kind = batch["modality"] == kind
-    images = gather_images(batch["patches"], is_kind, num_images, cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
-    codes = jax.lax.stop_gradient(model.vqmodel.encode(images.reshape(-1, *images.shape[2:])).reshape(b, -1))
-    slot = jnp.clip(jnp.cumsum(is_kind, axis=1) - 1, 0, codes.shape[1] - 1)
-    return jnp.where(is_kind, jnp.take_along_axis(codes, slot, axis=1), tokens)
+    codes = model.vqmodel.encode(generated_images(model.cfg, batch, num_images, kind)).reshape(tokens.shape[0], -1)
+    return fill_in_order(batch["modality"] == kind, jax.lax.stop_gradient(codes), tokens)
 
 
 def prepare_inputs(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
