@@ -1,7 +1,10 @@
 import os
 
-# 8 fake CPU devices for tiny meshes; must be set before JAX is imported anywhere.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import envs
+
+# 8 fake CPU devices for tiny meshes, and the suite's compile settings (tests/envs.py); must be set
+# before JAX is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + envs.xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per test session, shared with the CLI subprocesses the tests start:
 # many tests compile the same tiny-model programs (a fresh jit closure per run misses the in-memory

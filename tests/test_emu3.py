@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import envs
 import hf_models as hm
 from unijax import checkpoints
 from unijax.hf.convert import ConversionError, checkpoint_to_hf, hf_to_checkpoint
@@ -60,6 +61,43 @@ def test_vq_encode_codes_and_decode_pixels(pair):
         want_ids = ref.model.get_image_tokens(to_torch(x), torch.tensor([[SIZE, SIZE]] * 3)).numpy()
     np.testing.assert_array_equal(ids.reshape(-1), want_ids)
     np.testing.assert_array_equal(np.asarray(model.ids_to_codes(jnp.asarray(ids), GRID, GRID)), codes)
+
+
+def test_vq_losses_on_the_emu3_tokenizer(pair):
+    """Stage 0's losses (`unijax.training.vq_loss`) on Emu3's VQ-VAE: the straight-through forward
+    reconstructs exactly what transformers decodes from its own codes (1e-4); each term sends gradient
+    where it should (the codebook only from the codebook loss, the BatchNorm running statistics from
+    none). The slow recipe test below trains it through `configs/stage0_vq.py`."""
+    from flax import nnx
+
+    from unijax.training import vq_loss as V
+
+    ref, model, *_ = pair
+    vq = nnx.clone(model.vqmodel)
+    x = images(2, seed=5)
+    with torch.no_grad():
+        codes = ref.model.vqmodel.encode(to_torch(x), torch.tensor([[SIZE, SIZE]] * 2)).image_tokens
+        want = ref.model.vqmodel.decode(torch.stack(codes)).numpy().transpose(0, 2, 3, 1)
+    recon, aux = V.vq_forward(vq, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(aux["codes"]).reshape(2, GRID, GRID), torch.stack(codes).numpy())
+    np.testing.assert_allclose(np.asarray(recon), want, rtol=1e-4, atol=1e-4)
+
+    names = ("recon_loss", "codebook_loss", "commit_loss")
+    graphdef, params, rest = nnx.split(vq, nnx.Param, ...)
+    rows = jax.jit(jax.jacrev(lambda p: jnp.stack([V.vq_losses(nnx.merge(graphdef, p, rest), jnp.asarray(x))[1][k]
+                                                   for k in names])))(params)
+    flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(rows)}
+
+    def norm(i, pred):
+        return float(sum(jnp.sum(jnp.square(v[i])) for k, v in flat.items() if pred(k)) ** 0.5)
+
+    book, enc = (lambda k: k.startswith("quantize")), (lambda k: k.startswith(("encoder", "quant_conv")))
+    dec = (lambda k: k.startswith(("decoder", "post_quant_conv")))
+    stats = (lambda k: "running_" in k)
+    assert norm(0, enc) > 0 and norm(0, dec) > 0 and norm(0, book) == 0          # reconstruction
+    assert norm(1, book) > 0 and norm(1, enc) == 0 and norm(1, dec) == 0          # codebook
+    assert norm(2, enc) > 0 and norm(2, book) == 0 and norm(2, dec) == 0          # commitment
+    assert sum(norm(i, stats) for i in range(3)) == 0
 
 
 def understanding_prompt(n_images=1):
@@ -241,14 +279,15 @@ def test_emu3_train_inputs_hold_the_vq_codes_of_both_images(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_emu3_trains_through_the_recipe_to_stage2_with_aia(tmp_path):
-    """`--config.model.family=emu3` through the stage configs: a dense base (both task losses fall),
-    stage 1 x 2 from it, upcycling, and stage 2 + AIA (TA-MoE + LoRA), each a CLI run."""
+    """`--config.model.family=emu3` through the stage configs: stage 0 trains its VQ-VAE (the
+    reconstruction error falls), a dense base from it (both task losses fall), stage 1 x 2 from the
+    base, upcycling, and stage 2 + AIA (TA-MoE + LoRA), each a CLI run."""
     import os
     import subprocess
     import sys
 
     repo = hm.__file__.rsplit("/tests/", 1)[0]
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = envs.cli_env()
     common = ["--config.model.family=emu3", "--config.model.text.num_layers=2", f"--config.data.dir={tmp_path}/data",
               "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.eval_batches=1",
               "--config.train.warmup_steps=2", "--config.data.max_len=112"]
@@ -261,7 +300,10 @@ def test_tiny_emu3_trains_through_the_recipe_to_stage2_with_aia(tmp_path):
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    rows = [r for r in train("base.py", "base", 30, "--config.train.learning_rate=3e-3") if "loss_text" in r]
+    vq = [r for r in train("stage0_vq.py", "vq", 20, "--config.train.learning_rate=3e-3") if "recon_loss" in r]
+    assert vq[-1]["recon_loss"] < 0.5 * vq[0]["recon_loss"], (vq[0], vq[-1])
+    rows = [r for r in train("base.py", "base", 30, "--config.train.learning_rate=3e-3",
+                             f"--config.init_from={tmp_path}/vq/model") if "loss_text" in r]
     assert rows[-1]["loss_text"] < 0.8 * rows[0]["loss_text"] and rows[-1]["loss_image"] < rows[0]["loss_image"]
     init = f"--config.init_from={tmp_path}/base/model"
     train("stage1_und.py", "und", 3, init)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from unijax import distributed
+import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def _free_port() -> int:
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                                                                     "JAX_PROCESS_ID", "UNIJAX_DISTRIBUTED"))}
-    return dict(env, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    return dict(env, JAX_PLATFORMS="cpu", XLA_FLAGS=envs.xla_flags(devices), **extra)
 
 
 def _cmd(workdir, data_dir, steps):

@@ -16,6 +16,7 @@ from configs import base, stage2
 from unijax import checkpoints, plan as planner
 from unijax.training.loop import model_config
 from unijax.training.params import count
+import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def test_parse_mesh_names_the_flag():
 
 
 def test_cli_creates_its_fake_devices_and_writes_json(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=envs.xla_flags())  # no device count: the CLI must create its own
     out = tmp_path / "plan.json"
     proc = subprocess.run([sys.executable, "-m", "unijax.plan", "--config", str(REPO / "configs/base.py"),
                            "--config.model.text.num_layers=1", "--config.train.batch_size=6",

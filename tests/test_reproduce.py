@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from unijax import reproduce
+import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"^[+-]?\d+\.\d+( ± \d+\.\d+)?$")
@@ -51,7 +52,7 @@ def test_set_key_parses_command_line_values():
 
 @pytest.mark.slow
 def test_quick_reproduction_writes_a_full_report(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+    env = envs.cli_env()  # one CPU device, as a user runs it
     r = subprocess.run(["bash", str(REPO / "launch" / "reproduce_shapes.sh"), "--quick", "--seeds", "0", "--out",
                         str(tmp_path / "r")],  # one seed: the spreads over seeds are tested above from known results
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
@@ -67,10 +68,11 @@ def test_quick_reproduction_writes_a_full_report(tmp_path):
     assert (tmp_path / "r" / "seed0" / "stage2" / "eval" / "shapes_geneval" / "images" / "00000" / "samples").is_dir()
 
 
-def test_emu3_plan_runs_every_stage_on_emu3_without_stage0(tmp_path):
+def test_emu3_plan_runs_every_stage_on_emu3_from_its_own_stage0(tmp_path):
     stages = reproduce.plan(tmp_path, [0, 1], reproduce.QUICK, "emu3")
     runs = [s for s in stages if not isinstance(s, tuple)]
-    assert [s.name for s in runs][:2] == ["base", "seed0/und_only"] and "init_from" not in runs[0].overrides
+    assert [s.name for s in runs][:3] == ["stage0_vq", "base", "seed0/und_only"]
+    assert runs[1].overrides["init_from"] == tmp_path / "stage0_vq" / "model"
     assert all(s.overrides["model.family"] == "emu3" for s in runs)
     assert all("--config.model.family=emu3" in s.command(tmp_path) for s in runs)
     janus = [s for s in reproduce.plan(tmp_path, [0], reproduce.QUICK) if not isinstance(s, tuple)]

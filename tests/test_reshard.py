@@ -18,6 +18,7 @@ import pytest
 
 from configs import base
 from unijax.training import loop
+import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     from unijax.training.checkpointing import TrainCheckpoints
 
     d = tmp_path / "checkpoints"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO))
+    env = envs.cli_env(PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(d)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline, killed_mid_save = time.time() + 120, None

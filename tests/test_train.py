@@ -14,6 +14,7 @@ import pytest
 
 from configs import base, stage0_vq
 from unijax.training import loop
+import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def test_sharded_mesh_matches_one_device(tmp_path, data_dir, reference):
 
 
 def _cli(args, workdir, data_dir, **popen):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = envs.cli_env()
     cmd = [sys.executable, "-m", "unijax.train", "--config", str(REPO / "configs/base.py"),
            f"--config.workdir={workdir}", f"--config.data.dir={data_dir}", "--config.train.batch_size=4",
            "--config.train.log_every=1", "--config.train.eval_every=1000", "--config.train.warmup_steps=2",

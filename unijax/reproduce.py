@@ -108,8 +108,7 @@ class Stage:
 
 def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") -> list[Stage | tuple]:
     """The ordered stages; tuples are upcycling steps ("upcycle", seed). `family="emu3"` runs every
-    stage on the tiny Emu3-style model (`model.family=emu3`); its VQ tokenizer is not trained (Emu3
-    has no stage 0 here), so the base starts from scratch."""
+    stage, stage 0 (its VQ-VAE) included, on the tiny Emu3-style model (`model.family=emu3`)."""
     common = {"train.batch_size": b.batch_size, **dict(o.split("=", 1) for o in b.overrides)}
     if family != "janus":
         common["model.family"] = family
@@ -118,15 +117,12 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
                "train.checkpoint_every": b.steps, "train.eval_every": b.steps, "init_from": base_model}
     base = {**common, "train.steps": b.base_steps, "train.checkpoint_every": b.base_steps,
             "train.eval_every": b.base_steps, "train.warmup_steps": max(1, b.base_steps // 10)}
-    if family == "janus":
-        stages: list = [
-            Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
-                                             "train.eval_every": b.vq_steps,
-                                             "train.warmup_steps": max(1, b.vq_steps // 8)}, evaluate=False),
-            Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model"}),
-        ]
-    else:
-        stages = [Stage("base", "base", base)]
+    stages: list = [
+        Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
+                                         "train.eval_every": b.vq_steps,
+                                         "train.warmup_steps": max(1, b.vq_steps // 8)}, evaluate=False),
+        Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model"}),
+    ]
     for s in seeds:
         run = {**common, **per_run, "seed": s}
         stages += [
@@ -317,7 +313,7 @@ def main(argv=None) -> pathlib.Path:
     p.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke test: minutes)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--family", default="janus", choices=("janus", "emu3"),
-                   help="the architecture every stage trains (emu3: the tiny Emu3-style model, no stage 0)")
+                   help="the architecture every stage trains (emu3: the tiny Emu3-style model)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:

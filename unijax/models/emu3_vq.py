@@ -7,8 +7,9 @@ front) fold the frames into one latent frame, and the decoder unfolds them again
 the first decoded frame. Frames are identical, so the 2-D encoder runs once and its output is
 broadcast over time (the same numbers as running it per frame). The decoder's norms are
 "spatial norms": a GroupNorm whose scale and shift are 1x1 convolutions of the quantised latents.
-Temporal residual blocks use BatchNorm with running statistics (the tokenizer is frozen; the
-statistics are parameters here, read through `stop_gradient`). Module names follow transformers'
+Temporal residual blocks use BatchNorm with running statistics (inference mode: the statistics
+are parameters here, read through `stop_gradient`; stage 0 (`objective="vq"`) trains everything
+else with them fixed, so there each BatchNorm is a per-channel affine map). Module names follow transformers'
 so the checkpoint mapping (`unijax.hf.emu3`) is a prefix change.
 """
 
@@ -256,20 +257,38 @@ class Emu3VQ(nnx.Module):
         """pixels `[B, H, W, C]` -> pre-quantisation latents `[B, h, w, embed_dim]`."""
         return self.quant_conv(self.encoder(pixels))[:, 0]
 
+    def codebook(self) -> Array:
+        return self.quantize.embedding[...].astype(jnp.float32)
+
+    def latent_space(self, z: Array) -> Array:
+        """Pre-quantisation latents in the codebook's space: float32, not normalised."""
+        return z.astype(jnp.float32)
+
+    def quantize_latents(self, z: Array) -> tuple[Array, Array]:
+        """Nearest codebook entry by squared L2 distance (no normalisation, unlike Janus's VQ):
+        returns (codes `[B, h*w]`, quantised `[B, h, w, D]`)."""
+        b, h, w, d = z.shape
+        zf = self.latent_space(z).reshape(b, h * w, d)
+        book = self.codebook()
+        dist = (jnp.sum(zf * zf, -1, keepdims=True) + jnp.sum(book * book, -1)
+                - 2 * jnp.einsum("bnd,kd->bnk", zf, book, precision="highest"))
+        codes = jnp.argmin(dist, axis=-1)
+        return codes, book[codes].reshape(b, h, w, d)
+
     def encode(self, pixels: Array) -> Array:
-        """pixels `[B, H, W, C]` in [-1, 1] -> codes `[B, h, w]` (int32): the nearest codebook entry
-        by squared L2 distance (no normalisation, unlike Janus's VQ)."""
-        z = self.encode_latents(pixels).astype(jnp.float32)
-        book = self.quantize.embedding[...].astype(jnp.float32)
-        d = (jnp.sum(z * z, -1, keepdims=True) + jnp.sum(book * book, -1)
-             - 2 * jnp.einsum("bhwd,kd->bhwk", z, book, precision="highest"))
-        return jnp.argmin(d, axis=-1).astype(jnp.int32)
+        """pixels `[B, H, W, C]` in [-1, 1] -> codes `[B, h, w]` (int32)."""
+        z = self.encode_latents(pixels)
+        return self.quantize_latents(z)[0].reshape(z.shape[:3]).astype(jnp.int32)
+
+    def decode_quantized(self, zq: Array) -> Array:
+        """Quantised latents `[B, h, w, D]` (codebook entries, or their straight-through stand-in) ->
+        pixels. They condition the decoder twice: through `post_quant_conv` and its spatial norms."""
+        quant = zq[:, None].astype(self.post_quant_conv.conv.kernel.dtype)  # one latent frame
+        return self.decoder(self.post_quant_conv(quant), quant)
 
     def decode(self, codes: Array) -> Array:
         """codes `[B, h, w]` (or `[B, h * w]`, square) -> pixels `[B, H, W, C]` (roughly [-1, 1])."""
         if codes.ndim == 2:
             g = math.isqrt(codes.shape[1])
             codes = codes.reshape(codes.shape[0], g, g)
-        quant = self.quantize(codes)[:, None]  # [B, 1, h, w, D]
-        quant = quant.astype(self.post_quant_conv.conv.kernel.dtype)
-        return self.decoder(self.post_quant_conv(quant), quant)
+        return self.decode_quantized(self.quantize(codes))

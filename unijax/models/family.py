@@ -39,3 +39,4 @@ def build(cfg, rngs: nnx.Rngs) -> nnx.Module:
     from unijax.models.janus import Janus
 
     return Janus(cfg, rngs=rngs)
+

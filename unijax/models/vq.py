@@ -180,17 +180,25 @@ class VQModel(nnx.Module):
     def quantize_latents(self, z: Array) -> tuple[Array, Array]:
         """Nearest L2-normalised codebook entry: returns (codes `[B, h*w]`, quantised `[B, h, w, D]`)."""
         b, h, w, d = z.shape
-        zf = l2_normalize(z.astype(jnp.float32)).reshape(b, h * w, d)
+        zf = self.latent_space(z).reshape(b, h * w, d)
         book = self.codebook()
         codes = jnp.argmax(jnp.einsum("bnd,kd->bnk", zf, book), axis=-1)  # max cosine == min L2 distance
         return codes, book[codes].reshape(b, h, w, d)
+
+    def latent_space(self, z: Array) -> Array:
+        """Pre-quantisation latents in the codebook's space (float32, L2-normalised): what
+        `quantize_latents` compares with `codebook()` and the VQ losses pull together."""
+        return l2_normalize(z.astype(jnp.float32))
 
     def encode(self, pixels: Array) -> Array:
         """pixels `[B, H, W, C]` in [-1, 1] -> codes `[B, grid*grid]` (int32)."""
         return self.quantize_latents(self.encode_latents(pixels))[0].astype(jnp.int32)
 
+    def decode_quantized(self, zq: Array) -> Array:
+        """Quantised latents `[B, h, w, D]` (codebook entries, or their straight-through stand-in) -> pixels."""
+        return self.decoder(self.post_quant_conv(zq.astype(self.post_quant_conv.kernel.dtype)))
+
     def decode(self, codes: Array) -> Array:
         """codes `[B, grid*grid]` -> pixels `[B, H, W, C]` (roughly [-1, 1])."""
         b = codes.shape[0]
-        z = self.codebook()[codes].reshape(b, self.grid, self.grid, -1)
-        return self.decoder(self.post_quant_conv(z.astype(self.post_quant_conv.kernel.dtype)))
+        return self.decode_quantized(self.codebook()[codes].reshape(b, self.grid, self.grid, -1))

@@ -91,9 +91,6 @@ def validate(config) -> None:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
     vision_pretrain.validate(config)
     if config.model.get("family", "janus") == "emu3":
-        if config.objective != "lm":
-            raise ValueError(f"objective={config.objective!r} with model.family=emu3: Emu3's VQ tokenizer is "
-                             f"frozen (convert a trained one); use objective='lm'")
         if config.vision_pretrain.steps:
             raise ValueError("vision_pretrain.steps > 0 with model.family=emu3: Emu3 has no understanding "
                              "encoder (images enter as VQ tokens); set vision_pretrain.steps=0")

@@ -1,13 +1,14 @@
-"""VQ-16 tokenizer training losses (LlamaGen's `VQLoss` minus the GAN and perceptual terms).
+"""VQ tokenizer training losses (LlamaGen's `VQLoss` minus the GAN and perceptual terms), for Janus's
+VQ-16 (`unijax.models.vq.VQModel`) and Emu3's VQ-VAE (`unijax.models.emu3_vq.Emu3VQ`).
 
 Notation (per batch; `sg` is `jax.lax.stop_gradient`, means run over every element):
 
-    z      = l2_normalize(quant_conv(encoder(x)))             [B, h, w, D]   (`codebook_l2_norm=True`)
-    e_k    = l2_normalize(embedding[k])                        [K, D]
+    z      = l2_normalize(quant_conv(encoder(x)))             [B, h, w, D]   (Janus, `codebook_l2_norm=True`;
+    e_k    = l2_normalize(embedding[k])                        [K, D]          Emu3: neither is normalised)
     c      = argmin_k ||z - e_k||^2  (= argmax_k <z, e_k>)     [B, h*w]
     zq     = e_c                                               [B, h, w, D]
     zq_st  = z + sg(zq - z)                                    straight-through estimator
-    x_rec  = decoder(post_quant_conv(zq_st))                   [B, H, W, C]
+    x_rec  = decoder(post_quant_conv(zq_st))                   [B, H, W, C]   (Emu3: its spatial norms see zq_st too)
 
     L_rec      = mean((x_rec - x)^2)            (recon="l2")  or  mean(|x_rec - x|)  (recon="l1")
     L_codebook = mean((sg(z) - zq)^2)                         moves the codebook towards the encoder
@@ -34,7 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unijax.models.vq import VQModel, l2_normalize
+from unijax.models.emu3_vq import Emu3VQ
+from unijax.models.vq import VQModel
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
@@ -108,7 +110,7 @@ def code_stats(codes: Array, num_codes: int) -> tuple[Array, Array]:
 # Model-level forward and loss.
 # ----------------------------------------------------------------------------------------------
 
-def vq_forward(vq: VQModel, pixels: Array) -> tuple[Array, dict[str, Array]]:
+def vq_forward(vq: VQModel | Emu3VQ, pixels: Array) -> tuple[Array, dict[str, Array]]:
     """pixels `[B, H, W, C]` in [-1, 1] -> (recon `[B, H, W, C]`, aux).
 
     aux: `z` (L2-normalised latents, float32 `[B, h, w, D]`), `zq` (their codebook entries, same shape,
@@ -117,13 +119,12 @@ def vq_forward(vq: VQModel, pixels: Array) -> tuple[Array, dict[str, Array]]:
     """
     z_raw = vq.encode_latents(pixels)
     codes, zq = vq.quantize_latents(z_raw)  # exactly the path of `vq.encode`
-    z = l2_normalize(z_raw.astype(jnp.float32))
-    zq_st = straight_through(z, zq)
-    recon = vq.decoder(vq.post_quant_conv(zq_st.astype(vq.post_quant_conv.kernel.dtype)))
+    z = vq.latent_space(z_raw)
+    recon = vq.decode_quantized(straight_through(z, zq))
     return recon, {"z": z, "zq": zq, "codes": codes.astype(jnp.int32)}
 
 
-def vq_losses(vq: VQModel, pixels: Array, *, beta: float = 0.25, entropy_weight: float = 0.0,
+def vq_losses(vq: VQModel | Emu3VQ, pixels: Array, *, beta: float = 0.25, entropy_weight: float = 0.0,
               recon: str = "l2", recon_weight: float = 1.0, codebook_weight: float = 1.0,
               entropy_temperature: float = ENTROPY_TEMPERATURE) -> tuple[Array, dict[str, Array]]:
     """Total VQ loss and metrics for a batch `pixels [B, H, W, C]` in [-1, 1] (see the module docstring).
