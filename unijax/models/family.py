@@ -39,4 +39,3 @@ def build(cfg, rngs: nnx.Rngs) -> nnx.Module:
     from unijax.models.janus import Janus
 
     return Janus(cfg, rngs=rngs)
-

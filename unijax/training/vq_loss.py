@@ -113,8 +113,9 @@ def code_stats(codes: Array, num_codes: int) -> tuple[Array, Array]:
 def vq_forward(vq: VQModel | Emu3VQ, pixels: Array) -> tuple[Array, dict[str, Array]]:
     """pixels `[B, H, W, C]` in [-1, 1] -> (recon `[B, H, W, C]`, aux).
 
-    aux: `z` (L2-normalised latents, float32 `[B, h, w, D]`), `zq` (their codebook entries, same shape,
-    differentiable w.r.t. the codebook), `codes` (int32 `[B, h*w]`, identical to `vq.encode(pixels)`).
+    aux: `z` (the latents in the codebook's space, `vq.latent_space`: L2-normalised for Janus, float32
+    `[B, h, w, D]`), `zq` (their codebook entries, same shape, differentiable w.r.t. the codebook),
+    `codes` (int32 `[B, h*w]`, the codes of `vq.encode(pixels)`, flattened).
     The decoder sees the straight-through `z + sg(zq - z)`, whose value is `zq`.
     """
     z_raw = vq.encode_latents(pixels)
