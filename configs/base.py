@@ -14,12 +14,18 @@ from configs import common
 def get_config(arg=None):
     c = common.get_config(preset=arg or "tiny")
     c.workdir = "workdir/base"
-    c.train.steps = 1000
+    c.train.steps = 600
     c.train.batch_size = 32
     c.train.learning_rate = 2e-3
-    c.train.warmup_steps = 100
+    c.train.warmup_steps = 60
     c.train.checkpoint_every = 200
-    c.train.eval_every = 250
+    c.train.eval_every = 150
+    # Janus-Pro reads images with a pretrained SigLIP: a fresh run first trains the tower alone to tag
+    # the shapes identities (about 100 s; skipped with init_from, whose tower is already trained)
+    c.vision_pretrain.steps = 800
+    # three questions per image (three chat turns): 3x the answer supervision per understanding row
+    c.data.turns_per_image = 3
+    c.data.max_len = 160
     c.train.eval_batches = 16  # 256 held-out questions: per-kind accuracies of ~35 questions, not ~18
     c.train.frozen = ("vqmodel/.*",)  # the VQ tokenizer is fixed (stage 0 trains it)
     return c

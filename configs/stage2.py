@@ -34,6 +34,7 @@ def get_config(arg=None):
     c.train.trainable = (r"language_model/layers/(.*/)?mlp/(task_router|router)/.*",
                          r"language_model/layers/(.*/)?mlp/alpha")
     c.train.frozen = ()                # the rest is frozen and LoRA-adapted (model.lora.targets)
+    c.vision_pretrain.steps = 0        # the vision tower is frozen here (and comes from init_from in the recipe)
     c.train.steps = 300
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 30

@@ -290,7 +290,7 @@ def test_tiny_emu3_trains_through_the_recipe_to_stage2_with_aia(tmp_path):
     env = envs.cli_env()
     common = ["--config.model.family=emu3", "--config.model.text.num_layers=2", f"--config.data.dir={tmp_path}/data",
               "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.eval_batches=1",
-              "--config.train.warmup_steps=2", "--config.data.max_len=112"]
+              "--config.train.warmup_steps=2", "--config.data.max_len=112", "--config.data.turns_per_image=1"]
 
     def train(cfg, name, steps, *extra):
         cmd = [sys.executable, "-m", "unijax.train", "--config", f"{repo}/configs/{cfg}",

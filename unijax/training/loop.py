@@ -90,10 +90,6 @@ def validate(config) -> None:
     if config.data.num_workers < 0:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
     vision_pretrain.validate(config)
-    if config.model.get("family", "janus") == "emu3":
-        if config.vision_pretrain.steps:
-            raise ValueError("vision_pretrain.steps > 0 with model.family=emu3: Emu3 has no understanding "
-                             "encoder (images enter as VQ tokens); set vision_pretrain.steps=0")
     e = config.eval_suites
     bad = [n for n in e.names if n not in suites.SUITES]
     if bad:
@@ -188,8 +184,10 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     # -- model, trainable split, shardings ------------------------------------------------------
     ckpts = TrainCheckpoints(workdir / "checkpoints", config)
     model = _initial_model(cfg, config, log)
-    if config.vision_pretrain.steps:
+    if config.vision_pretrain.steps and not config.init_from and config.model.get("family", "janus") == "janus":
         vision_pretrain.pretrain_vision(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
+    elif config.vision_pretrain.steps:  # a loaded tower is already trained; Emu3 has no understanding encoder
+        log.info("vision pre-training skipped: " + ("init_from is set" if config.init_from else "model.family=emu3"))
     setup = train_setup.build(model, config, mesh)
     del model
     graphdef, state, frozen = setup.graphdef, setup.state, setup.frozen
