@@ -184,10 +184,13 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     # -- model, trainable split, shardings ------------------------------------------------------
     ckpts = TrainCheckpoints(workdir / "checkpoints", config)
     model = _initial_model(cfg, config, log)
-    if config.vision_pretrain.steps and not config.init_from and config.model.get("family", "janus") == "janus":
-        vision_pretrain.pretrain_vision(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
-    elif config.vision_pretrain.steps:  # a loaded tower is already trained; Emu3 has no understanding encoder
-        log.info("vision pre-training skipped: " + ("init_from is set" if config.init_from else "model.family=emu3"))
+    if config.vision_pretrain.steps:  # a loaded tower is already trained; Emu3 has no understanding encoder
+        skip = "init_from is set" if config.init_from else (
+            "model.family=emu3" if config.model.get("family", "janus") == "emu3" else "")
+        if skip:
+            log.info(f"vision pre-training skipped: {skip}")
+        else:
+            vision_pretrain.pretrain_vision(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
     setup = train_setup.build(model, config, mesh)
     del model
     graphdef, state, frozen = setup.graphdef, setup.state, setup.frozen
