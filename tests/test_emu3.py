@@ -215,6 +215,7 @@ def shapes_samples(tmp_path):
 
     c = base.get_config()
     c.data.dir = str(tmp_path)
+    c.data.turns_per_image = 1  # one question per image fits the 112-slot layout
     dsets, _ = datasets.task_datasets(c.data, 32, 0)
     return [d[0] for d in dsets], load_tokenizer("shapes", tmp_path)
 
