@@ -122,6 +122,19 @@ def test_non_finite_loss_names_the_step_and_checkpoint(tmp_path, data_dir):
         loop.train(c, devices=jax.devices()[:1])
 
 
+def test_window_mean_weights_task_losses_by_tokens_and_drops_a_task_with_none():
+    """Logged task losses are token-weighted over the logging window (float64 reference, 1e-12); a
+    task with no tokens in the window (understanding-only runs: no image tokens) is left out, not nan."""
+    window = [dict(loss=1.0, loss_text=2.0, text_tokens=10.0, loss_image=5.0, image_tokens=0.0),
+              dict(loss=3.0, loss_text=4.0, text_tokens=30.0, loss_image=7.0, image_tokens=0.0)]
+    out = loop._window_mean(window)
+    np.testing.assert_allclose(out["loss_text"], (2.0 * 10 + 4.0 * 30) / 40, rtol=1e-12)
+    np.testing.assert_allclose(out["loss"], 2.0, rtol=1e-12)
+    assert "loss_image" not in out and out["image_tokens"] == 0.0
+    window[1]["image_tokens"] = 4.0
+    np.testing.assert_allclose(loop._window_mean(window)["loss_image"], 7.0, rtol=1e-12)
+
+
 def test_stage0_vq_config_runs(tmp_path, data_dir):
     c = stage0_vq.get_config()
     c.workdir, c.data.dir, c.mesh.data = str(tmp_path), str(data_dir), 1

@@ -329,14 +329,18 @@ class _PreemptionFlag:
 
 
 def _window_mean(window: list[dict]) -> dict[str, float]:
-    """Token-weighted task losses, plain means for the rest."""
+    """Token-weighted task losses, plain means for the rest. A task with no tokens in the window (an
+    understanding-only run has no image tokens) gets no loss entry rather than a nan."""
     out = {}
     for key in window[0]:
         out[key] = float(np.mean([m[key] for m in window]))
     for task, n in (("loss_text", "text_tokens"), ("loss_image", "image_tokens")):
         if task in window[0] and n in window[0]:
             total = sum(float(m[n]) for m in window)
-            out[task] = sum(float(m[task]) * float(m[n]) for m in window) / total if total else float("nan")
+            if total:
+                out[task] = sum(float(m[task]) * float(m[n]) for m in window) / total
+            else:
+                del out[task]
     return out
 
 
