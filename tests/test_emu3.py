@@ -205,7 +205,7 @@ def emu3_layout():
     from unijax.models.config import preset
 
     cfg = preset("tiny", "emu3")
-    return cfg, pipeline.Layout.from_model(cfg, 112)
+    return cfg, pipeline.Layout.from_model(cfg, envs.SHORT_ROWS["max_len"])
 
 
 def shapes_samples(tmp_path):
@@ -215,7 +215,7 @@ def shapes_samples(tmp_path):
 
     c = base.get_config()
     c.data.dir = str(tmp_path)
-    c.data.turns_per_image = 1  # one question per image fits the 112-slot layout
+    c.data.update(envs.SHORT_ROWS)  # one question per image fits the 112-slot layout
     dsets, _ = datasets.task_datasets(c.data, 32, 0)
     return [d[0] for d in dsets], load_tokenizer("shapes", tmp_path)
 
@@ -291,7 +291,7 @@ def test_tiny_emu3_trains_through_the_recipe_to_stage2_with_aia(tmp_path):
     env = envs.cli_env()
     common = ["--config.model.family=emu3", "--config.model.text.num_layers=2", f"--config.data.dir={tmp_path}/data",
               "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.eval_batches=1",
-              "--config.train.warmup_steps=2", "--config.data.max_len=112", "--config.data.turns_per_image=1"]
+              "--config.train.warmup_steps=2", *envs.SHORT_ROWS_FLAGS]
 
     def train(cfg, name, steps, *extra):
         cmd = [sys.executable, "-m", "unijax.train", "--config", f"{repo}/configs/{cfg}",

@@ -44,7 +44,7 @@ def _cmd(workdir, data_dir, steps):
             "--config.train.async_checkpointing=False", "--config.model.text.num_layers=2",
             "--config.moe.num_experts_per_group=2", "--config.moe.capacity_factor=8",  # no drops: per-group
             "--config.mesh.data=2", "--config.mesh.expert=2",
-            "--config.data.max_len=112", "--config.data.turns_per_image=1", "--config.vision_pretrain.steps=0"]
+            *envs.SHORT_ROWS_FLAGS, "--config.vision_pretrain.steps=0"]
 
 
 def _losses(workdir):

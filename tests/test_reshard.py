@@ -27,7 +27,7 @@ def moe_config(workdir, data_dir, mesh, steps=6):
     c = base.get_config()
     c.workdir = str(workdir)
     c.data.dir = str(data_dir)
-    c.data.update(turns_per_image=1, max_len=112)
+    c.data.update(envs.SHORT_ROWS)
     c.vision_pretrain.steps = 0
     c.model.ffn = "ta_moe"
     c.model.text.num_layers = 2

@@ -23,7 +23,7 @@ def tiny_config(workdir, data_dir, **train):
     c = base.get_config()
     c.workdir = str(workdir)
     c.data.dir = str(data_dir)
-    c.data.update(turns_per_image=1, max_len=112)
+    c.data.update(envs.SHORT_ROWS)
     c.mesh.data = 1
     c.vision_pretrain.steps = 0  # tests/test_vision_pretrain.py covers the vision phase
     c.train.update(steps=6, batch_size=4, log_every=1, checkpoint_every=3, eval_every=1000, eval_batches=1,
@@ -75,8 +75,7 @@ def _cli(args, workdir, data_dir, **popen):
     cmd = [sys.executable, "-m", "unijax.train", "--config", str(REPO / "configs/base.py"),
            f"--config.workdir={workdir}", f"--config.data.dir={data_dir}", "--config.train.batch_size=4",
            "--config.train.log_every=1", "--config.train.eval_every=1000", "--config.train.warmup_steps=2",
-           "--config.data.turns_per_image=1", "--config.data.max_len=112", "--config.vision_pretrain.steps=0",
-           *args]
+           *envs.SHORT_ROWS_FLAGS, "--config.vision_pretrain.steps=0", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
 

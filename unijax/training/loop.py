@@ -186,7 +186,7 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     model = _initial_model(cfg, config, log)
     if config.vision_pretrain.steps:  # a loaded tower is already trained; Emu3 has no understanding encoder
         skip = "init_from is set" if config.init_from else (
-            "model.family=emu3" if config.model.get("family", "janus") == "emu3" else "")
+            "model.family=emu3" if family.family_of(cfg) == "emu3" else "")
         if skip:
             log.info(f"vision pre-training skipped: {skip}")
         else:
