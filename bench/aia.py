@@ -45,12 +45,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import aia as aia_config  # noqa: E402
 from bench.common import machine_meta, write_json  # noqa: E402
+from configs import aia as aia_config  # noqa: E402
+from unijax import contract
 from unijax.data import datasets, pipeline, shapes  # noqa: E402
 from unijax.data.tokenizer import load_tokenizer  # noqa: E402
 from unijax.models.janus import Janus  # noqa: E402
-from unijax.training import loop, steps  # noqa: E402
+from unijax.training import steps  # noqa: E402
+from unijax.training.config import model_config  # noqa: E402
 from unijax.training.optimizer import learning_rate, make_optimizer  # noqa: E402
 from unijax.training.params import split_trainable  # noqa: E402
 
@@ -78,13 +80,13 @@ def config_for(size: dict, impl: str, aia_impl: str | None, data_dir: str):
 def time_variant(name: str, size: dict, repeats: int, data_dir: str) -> dict:
     impl, aia_impl = VARIANTS[name]
     config = config_for(size, impl, aia_impl, data_dir)
-    cfg = loop.model_config(config)
+    cfg = model_config(config)
     tok = load_tokenizer(config.data.tokenizer, config.data.dir)
     layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
     ds, w = datasets.task_datasets(config.data, layout.image_size, 0)
     it = iter(pipeline.batches(ds, w, tokenizer=tok, layout=layout, batch_size=size["batch"], seed=0,
                                packing=config.data.packing, kinds=tuple(shapes.KINDS)))
-    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in pipeline.BATCH_KEYS}
+    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in contract.BATCH_KEYS}
     if hasattr(it, "close"):
         it.close()
     graphdef, train_state, frozen_state = split_trainable(Janus(cfg, rngs=nnx.Rngs(0)), config.train.trainable,

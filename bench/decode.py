@@ -60,8 +60,9 @@ from unijax import checkpoints  # noqa: E402
 from unijax.hf import janus as hf_mapping  # noqa: E402
 from unijax.inference.decode import Generator  # noqa: E402
 from unijax.inference.sampling import Sampling  # noqa: E402
-from unijax.models.config import JanusConfig, TextConfig, VisionConfig, VQConfig, preset  # noqa: E402
+from unijax.models.config import JanusConfig, TextConfig, VisionConfig, VQConfig  # noqa: E402
 from unijax.models.janus import Janus  # noqa: E402  (type hints)
+from unijax.models.presets import preset
 
 BATCH = 4
 PROMPT_LEN = 16
@@ -170,10 +171,10 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict:
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
     res["jax_sum_read_Bps"] = nbytes / best(lambda: f(x).block_until_ready())
-    del x
+    x = None  # frees the device array
     b = np.empty_like(a)
     res["numpy_copy_rw_Bps"] = 2 * nbytes / best(lambda: np.copyto(b, a))
-    del a, b, t
+    a = b = t = None  # frees the arrays
     res["read_Bps"] = max(res["numpy_sum_read_Bps"], res["torch_sum_read_Bps"], res["jax_sum_read_Bps"])
     return res
 
@@ -350,7 +351,7 @@ def main(argv=None) -> None:
     payload = {
         "benchmark": "image-token decoding, CFG on (guidance 5), greedy, batch 4, 16-token prompts",
         "command": "python " + " ".join([pathlib.Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "repeats": args.repeats,
         "env": {"jax": jax.__version__, "flax": flax.__version__,
                 "torch": torch.__version__, "transformers": transformers.__version__,

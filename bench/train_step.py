@@ -89,8 +89,8 @@ def run_unijax(c: dict, step: str, batch: int, seq: int, warmup: int, steps: int
     from flax import nnx
 
     from unijax.models import lora
-    from unijax.models.config import preset
     from unijax.models.janus import Janus
+    from unijax.models.presets import preset
     from unijax.training.params import split_trainable
 
     text = dict(c, max_position_embeddings=max(512, seq), bos_token_id=1, eos_token_id=2, pad_token_id=0)

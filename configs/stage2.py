@@ -12,7 +12,7 @@ The recipe, from a base checkpoint:
 
     python -m unijax.train --config configs/stage1_und.py --config.init_from=workdir/base/model
     python -m unijax.train --config configs/stage1_gen.py --config.init_from=workdir/base/model
-    python -m unijax.training.upcycle --base workdir/base/model --und workdir/stage1_und/model \\
+    python -m unijax.upcycle --base workdir/base/model --und workdir/stage1_und/model \\
         --gen workdir/stage1_gen/model --out workdir/upcycled --noise 0.01
     python -m unijax.train --config configs/stage2.py --config.init_from=workdir/upcycled
 

@@ -7,7 +7,7 @@ the token's task label, with the task router learnt through L_group.
 
 From an upcycled dense checkpoint instead of from scratch:
 
-    python -m unijax.training.upcycle --base workdir/base/model --out workdir/upcycled --noise 0.01
+    python -m unijax.upcycle --base workdir/base/model --out workdir/upcycled --noise 0.01
     python -m unijax.train --config configs/ta_moe.py --config.init_from=workdir/upcycled
 
 `moe.*` and `loss.group_weight / balance_weight / z_weight` are the TA-MoE keys (configs/common.py).

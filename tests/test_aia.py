@@ -8,16 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_analyze import quick_model
 
 from configs import base
+from unijax import contract
+from unijax.contract import GEN_IMAGE, UND_IMAGE
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import shapes_tokenizer
-from unijax.models.config import preset
-from unijax.models.janus import GEN_IMAGE, UND_IMAGE
+from unijax.models import forward
 from unijax.models.layers import attention
+from unijax.models.presets import preset
 from unijax.training import aia, losses
-
-from test_analyze import quick_model
 
 
 def _qkv(b=2, t=160, h=4, kh=2, d=32, seed=0):
@@ -103,7 +104,7 @@ def test_intensity_is_the_query_mean():
     rng = np.random.default_rng(2)
     mass, q = rng.random((3, 2, 7)), rng.random((2, 7)) < 0.5
     want = (mass * q).sum(-1) / q.sum(-1)
-    np.testing.assert_allclose(aia.intensities(jnp.asarray(mass, jnp.float32), jnp.asarray(q)), want, rtol=1e-6)
+    np.testing.assert_allclose(forward.intensities(jnp.asarray(mass, jnp.float32), jnp.asarray(q)), want, rtol=1e-6)
 
 
 def test_tables_rescale_by_relative_depth(tmp_path):
@@ -139,12 +140,12 @@ def batch(tmp_path_factory):
 
 def test_spans_follow_the_official_code(batch):
     tok, cfg, b = batch
-    keys, queries, valid = aia.spans(b, cfg)
+    keys, queries, valid = forward.spans(b, cfg)
     keys, queries, valid = np.asarray(keys), jax.tree.map(np.asarray, queries), jax.tree.map(np.asarray, valid)
     blanked = 0
     for row in range(16):
         toks, mod, n = b["tokens"][row], b["modality"][row], int(b["segment_ids"][row].sum())
-        if b["task"][row, 0] == pipeline.T2I:
+        if b["task"][row, 0] == contract.T2I:
             first = np.flatnonzero(mod == GEN_IMAGE)[0]
             prompt = np.zeros(len(toks), bool)
             prompt[:first - 1] = toks[:first - 1] != tok.pad_id       # text up to, not including, boi
@@ -160,26 +161,26 @@ def test_spans_follow_the_official_code(batch):
             answer[1:] = b["text_weights"][row, :-1] > 0
             np.testing.assert_array_equal(queries["und"][row], answer)
             assert answer.sum() >= 2 and valid["und"][row] and not valid["gen"][row]
-            after = np.asarray(aia.spans(b, cfg, und_queries="after_image")[1]["und"])[row]
+            after = np.asarray(forward.spans(b, cfg, und_queries="after_image")[1]["und"])[row]
             last_img = np.flatnonzero(mod == UND_IMAGE)[-1]
             np.testing.assert_array_equal(after, (np.arange(len(toks)) > last_img) & (np.arange(len(toks)) < n))
     assert blanked > 0  # cfg_drop_prob 0.5: some prompts blanked
-    no_bos = np.asarray(aia.spans(b, cfg, include_bos=False)[0])
+    no_bos = np.asarray(forward.spans(b, cfg, include_bos=False)[0])
     assert not no_bos[:, 0].any()
-    assert np.asarray(aia.spans(b, cfg, skip_cfg_blank=False)[2]["gen"]).sum() == \
-        (b["task"][:, 0] == pipeline.T2I).sum()
+    assert np.asarray(forward.spans(b, cfg, skip_cfg_blank=False)[2]["gen"]).sum() == \
+        (b["task"][:, 0] == contract.T2I).sum()
 
 
 def test_model_capture_matches_explicit_and_scan(batch):
     """aux["aia"] by the lean path equals the explicit one, layer by layer, with and without
     scanned layers (atol 1e-6); the AIA terms are intensities in (0, 1)."""
     _, cfg, b = batch
-    b = {k: jnp.asarray(v) for k, v in b.items() if k in pipeline.BATCH_KEYS}
+    b = {k: jnp.asarray(v) for k, v in b.items() if k in contract.BATCH_KEYS}
     out = {}
     for scan in (False, True):
         model = quick_model(preset("tiny", scan_layers=scan))
-        tokens, pixels = losses.prepare_inputs(model, b, (1, 1))
-        keys = aia.spans(b, cfg)[0]
+        tokens, pixels = forward.prepare_inputs(model, b, (1, 1))
+        keys = forward.spans(b, cfg)[0]
         for impl in ("explicit", "lean"):
             _, _, aux = model(tokens, b["modality"], b["positions"], b["segment_ids"], pixels=pixels, task=b["task"],
                               return_aux=True, capture_aia=keys, aia_impl=impl)
@@ -188,14 +189,14 @@ def test_model_capture_matches_explicit_and_scan(batch):
     for scan in (False, True):
         np.testing.assert_allclose(out[scan, "lean"], out[scan, "explicit"], atol=1e-6, err_msg=f"scan={scan}")
     terms = aia.aia_terms(jnp.asarray(out[False, "lean"]), b, cfg,
-                          {t: aia.layer_targets("janus_pro", t, 4) for t in aia.TASKS})
-    for t in aia.TASKS:
+                          {t: aia.layer_targets("janus_pro", t, 4) for t in forward.AIA_TASKS})
+    for t in forward.AIA_TASKS:
         assert 0 < float(terms[f"aia_{t}"]) < 1 and float(terms[f"aia_loss_{t}"]) > 0
 
 
 def test_loss_adds_the_weighted_aia_terms(batch):
     _, cfg, b = batch
-    b = {k: jnp.asarray(v) for k, v in b.items() if k in pipeline.BATCH_KEYS}
+    b = {k: jnp.asarray(v) for k, v in b.items() if k in contract.BATCH_KEYS}
     model = quick_model(cfg)
     c = base.get_config()
     c.loss.update(aia_weight=40.0, aia_gen_weight=5.0)
@@ -223,7 +224,7 @@ def test_train_steps_pull_the_curves_to_the_targets(batch):
     from unijax.training.optimizer import learning_rate, make_optimizer
 
     _, cfg, b = batch
-    b = {k: jnp.asarray(v) for k, v in b.items() if k in pipeline.BATCH_KEYS}
+    b = {k: jnp.asarray(v) for k, v in b.items() if k in contract.BATCH_KEYS}
     c = aia_config.get_config()
     c.loss.update(text_weight=0.0, image_weight=0.0, aia_gen_weight=50.0, aia_und_weight=50.0)
     c.train.update(steps=15, warmup_steps=1, learning_rate=3e-3)
@@ -242,5 +243,6 @@ def test_train_steps_pull_the_curves_to_the_targets(batch):
     total = lambda m: m["aia_loss_gen"] + m["aia_loss_und"]
     assert total(last) < 0.2 * total(first), (total(first), total(last))
     for task, tables in (("gen", [0.4, 0.4, 0.4, 0.2]), ("und", [0.1, 0.15, 0.15, 0.3])):
-        gap = lambda m: np.mean(np.abs([m[f"aia_curve_{task}/{l:02d}"] - t for l, t in enumerate(tables)]))
+        gap = lambda m, task=task, tables=tables: np.mean(  # noqa: E731
+            np.abs([m[f"aia_curve_{task}/{l:02d}"] - t for l, t in enumerate(tables)]))
         assert gap(last) < 0.5 * gap(first), (task, gap(first), gap(last))

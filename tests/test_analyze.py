@@ -16,10 +16,11 @@ from flax import nnx
 from PIL import Image
 
 from unijax import analyze, checkpoints
-from unijax.inference.experts import expert_stats
-from unijax.models.config import preset
+from unijax.analysis import heldout
+from unijax.analysis.experts import expert_stats
+from unijax.models import forward
 from unijax.models.janus import Janus
-from unijax.training import losses
+from unijax.models.presets import preset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N, LAYERS, SEED = 3, (0, 2), 7
@@ -103,14 +104,14 @@ def test_router_stats_match_numpy_from_aux(run):
     """expert_stats on one batch vs float64 numpy from the same model's aux task_logits and load."""
     workdir = run[0]
     model = run[2]
-    config, _ = analyze.run_config(workdir / "model")
-    batches, ipr, _ = analyze.heldout_batches(model.cfg, config, 1, 4, SEED, str(REPO / "data"))
+    config, _ = heldout.run_config(workdir / "model")
+    batches, ipr, _ = heldout.heldout_batches(model.cfg, config, 1, 4, SEED, str(REPO / "data"))
     batch = batches[0]
     stats = expert_stats(model, [batch], ipr)
 
     graphdef, state = nnx.split(model)
     keys = [k for k in batch if k != "kind"]
-    aux = jax.jit(lambda s, b: losses.lm_forward(nnx.merge(graphdef, s), b, ipr)[3])(state, {k: batch[k] for k in keys})
+    aux = jax.jit(lambda s, b: forward.lm_forward(nnx.merge(graphdef, s), b, ipr)[3])(state, {k: batch[k] for k in keys})
     logits = np.asarray(aux["task_logits"], np.float64)                          # [L, B, T, 2]
     task, valid = np.asarray(batch["task"]), np.asarray(batch["segment_ids"]) > 0
     pred = logits.argmax(-1)
@@ -145,7 +146,7 @@ def test_intensity_curves_and_target_file(tmp_path):
     """`analyze intensity` on a dense checkpoint: mean/std over exactly --samples valid samples per
     task, equal to float64 numpy over the per-sample intensities the model's capture gives; the
     JSON loads back as an AIA target; the PNG is written; a bad --task fails naming it."""
-    from unijax.inference.intensity import intensity_curves
+    from unijax.analysis.intensity import intensity_curves
     from unijax.training import aia
 
     cfg = preset("tiny", text={"num_layers": 3})
@@ -160,9 +161,9 @@ def test_intensity_curves_and_target_file(tmp_path):
     assert saved == json.loads(json.dumps(result))
     Image.open(out.with_suffix(".png")).verify()
     # the same batches through intensity_curves: per-sample rows -> numpy mean/std
-    config, _ = analyze.run_config(tmp_path / "model")
+    config, _ = heldout.run_config(tmp_path / "model")
     config.data.cfg_drop_prob = 0.0
-    batches, ipr, _ = analyze.heldout_batches(cfg, config, 3, 8, SEED, str(REPO / "data"))
+    batches, ipr, _ = heldout.heldout_batches(cfg, config, 3, 8, SEED, str(REPO / "data"))
     curves = intensity_curves(checkpoints.load_model(tmp_path / "model"), batches, ipr, samples=6)
     per = curves["und"]["per_sample"]
     assert per.shape == (6, 3) and np.all((per > 0) & (per < 1))

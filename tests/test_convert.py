@@ -5,14 +5,14 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
+from hf_models import make_tiny_janus
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from hf_models import make_tiny_janus
 from unijax import checkpoints
 from unijax.hf.convert import ConversionError, checkpoint_to_hf, hf_to_checkpoint
 from unijax.hf.safetensors_io import WeightDir

@@ -5,18 +5,18 @@ Tolerances as for Janus (float32, `jax_default_matmul_precision=highest`)."""
 
 import json
 
+import envs
+import hf_models as hm
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import envs
-import hf_models as hm
-from unijax import checkpoints
+from unijax import checkpoints, contract
+from unijax.contract import TEXT, UND_IMAGE
 from unijax.hf.convert import ConversionError, checkpoint_to_hf, hf_to_checkpoint
-from unijax.models.emu3 import Emu3
-from unijax.models.janus import TEXT, UND_IMAGE
+from unijax.models import forward
 
 SIZE = 32       # pixels
 GRID = 8        # codes per side (VQ downsampling 4)
@@ -202,7 +202,7 @@ def test_greedy_cfg_generation_matches_transformers(pair):
 # -- training on the shapes world ----------------------------------------------------------------
 def emu3_layout():
     from unijax.data import pipeline
-    from unijax.models.config import preset
+    from unijax.models.presets import preset
 
     cfg = preset("tiny", "emu3")
     return cfg, pipeline.Layout.from_model(cfg, envs.SHORT_ROWS["max_len"])
@@ -224,10 +224,9 @@ def test_emu3_layout_rows_end_with_eol_and_images_reassemble(tmp_path):
     """Both directions lay an image out as 8 rows of 8 VQ slots, each followed by end-of-line (a TEXT
     slot with no loss); the slots' patches reassemble the exact image; the T2I loss is on the 64
     positions that predict a code; AIA's keys and queries leave the end-of-line tokens out."""
+    from unijax.contract import GEN_IMAGE
     from unijax.data import pipeline
-    from unijax.models.janus import GEN_IMAGE
-    from unijax.training import aia
-    from unijax.training.losses import gather_images
+    from unijax.models.forward import gather_images
 
     cfg, layout = emu3_layout()
     samples, tok = shapes_samples(tmp_path)
@@ -248,8 +247,8 @@ def test_emu3_layout_rows_end_with_eol_and_images_reassemble(tmp_path):
         want = pipeline.resize(np.asarray(sample["image"], np.uint8), SIZE).astype(np.float32) / 127.5 - 1
         np.testing.assert_allclose(np.asarray(img[0, 0]), want, atol=1e-6)
         rows.append(pipeline.pad_sample(x, layout.max_len))
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in pipeline.BATCH_KEYS}
-    keys, queries, valid = aia.spans(batch, cfg, und_queries="after_image")
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in contract.BATCH_KEYS}
+    keys, queries, valid = forward.spans(batch, cfg, und_queries="after_image")
     is_eol = batch["tokens"] == cfg.eol_token_id
     assert not jnp.any(keys & is_eol) and not jnp.any(queries["und"] & is_eol)
     assert [s["task"] for s in samples] == ["mmu", "t2i"] and bool(valid["und"][0]) and bool(valid["gen"][1])
@@ -259,16 +258,16 @@ def test_emu3_train_inputs_hold_the_vq_codes_of_both_images(tmp_path):
     """The train step fills understanding and generation slots alike with the frozen VQ's codes."""
     from flax import nnx
 
+    from unijax.contract import GEN_IMAGE
     from unijax.data import pipeline
     from unijax.models import family
-    from unijax.models.janus import GEN_IMAGE
-    from unijax.training.losses import prepare_inputs
+    from unijax.models.forward import prepare_inputs
 
     cfg, layout = emu3_layout()
     model = family.build(cfg, nnx.Rngs(0))
     samples, tok = shapes_samples(tmp_path)
     rows = [pipeline.pad_sample(pipeline.encode_sample(s, tok, layout), layout.max_len) for s in samples]
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in pipeline.BATCH_KEYS}
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in contract.BATCH_KEYS}
     tokens, pixels = prepare_inputs(model, batch, (1, 1))
     assert pixels is None
     for i, s in enumerate(samples):
@@ -283,7 +282,6 @@ def test_tiny_emu3_trains_through_the_recipe_to_stage2_with_aia(tmp_path):
     """`--config.model.family=emu3` through the stage configs: stage 0 trains its VQ-VAE (the
     reconstruction error falls), a dense base from it (both task losses fall), stage 1 x 2 from the
     base, upcycling, and stage 2 + AIA (TA-MoE + LoRA), each a CLI run."""
-    import os
     import subprocess
     import sys
 
@@ -309,7 +307,7 @@ def test_tiny_emu3_trains_through_the_recipe_to_stage2_with_aia(tmp_path):
     init = f"--config.init_from={tmp_path}/base/model"
     train("stage1_und.py", "und", 3, init)
     train("stage1_gen.py", "gen", 3, init)
-    up = subprocess.run([sys.executable, "-m", "unijax.training.upcycle", "--base", f"{tmp_path}/base/model",
+    up = subprocess.run([sys.executable, "-m", "unijax.upcycle", "--base", f"{tmp_path}/base/model",
                          "--und", f"{tmp_path}/und/model", "--gen", f"{tmp_path}/gen/model", "--out",
                          f"{tmp_path}/upcycled", "--noise", "0.01"], cwd=repo, env=env, capture_output=True,
                         text=True, timeout=600)

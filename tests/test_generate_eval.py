@@ -15,16 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_analyze import quick_model
 
 from unijax import analyze, checkpoints, evaluate, generate
+from unijax.analysis import conflict
 from unijax.data import benchmarks, shapes
-from unijax.inference import conflict, suites
+from unijax.inference import suites
 from unijax.inference.engine import Engine
 from unijax.inference.sampling import Sampling
 from unijax.models import lora
-from unijax.models.config import preset
-
-from test_analyze import quick_model
+from unijax.models.presets import preset
+from unijax.training.config import validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -291,6 +292,7 @@ def test_analyze_conflict_cli(run):
 def test_training_runs_suites(tmp_path):
     """eval_suites.names in a training run: each suite's metrics land in metrics.jsonl as suite/<name>/..."""
     from test_train import tiny_config
+
     from unijax.training import loop
 
     c = tiny_config(tmp_path / "run", REPO / "data", steps=2, checkpoint_every=2)
@@ -306,7 +308,7 @@ def test_training_runs_suites(tmp_path):
             "suite/shapes_geneval/overall", "suite/shapes_geneval/per_tag/position"} <= keys
     c.eval_suites.names = ("shapes_pope", "popee")
     with pytest.raises(ValueError, match="eval_suites.names"):
-        loop.validate(c)
+        validate(c)
 
 
 def test_ta_moe_groups_decoupled_by_label_routing(tmp_path):

@@ -6,17 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_analyze import quick_model
+from test_train import losses_of, tiny_config
 
 from configs import stage2
 from unijax import checkpoints
 from unijax.models import lora
-from unijax.models.config import preset
+from unijax.models.presets import preset
 from unijax.training import loop
 from unijax.training import setup as train_setup
 from unijax.training.params import count, split_trainable
-
-from test_analyze import quick_model
-from test_train import losses_of, tiny_config
 
 
 def moe_cfg():

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unijax.models.config import preset
+from unijax.contract import GEN_IMAGE, UND_IMAGE
 from unijax.models.decoder import KVCache
-from unijax.models.janus import GEN_IMAGE, UND_IMAGE, Janus
+from unijax.models.janus import Janus
+from unijax.models.presets import preset
 
 ATOL = 1e-5
 

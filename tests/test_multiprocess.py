@@ -14,11 +14,11 @@ import socket
 import subprocess
 import sys
 
+import envs
 import numpy as np
 import pytest
 
 from unijax import distributed
-import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

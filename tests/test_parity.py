@@ -4,17 +4,17 @@ Tolerance (float32): max |ours - reference| <= 1e-4 * max |reference|. A bfloat1
 and activations) must agree within 3e-2 * max |reference|.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
-
 from hf_models import BOI, BOS, IMAGE_TOKEN, make_tiny_janus
+
 from unijax import checkpoints
+from unijax.contract import TEXT, UND_IMAGE
 from unijax.hf.convert import hf_to_checkpoint
 from unijax.inference import decode
 from unijax.inference.sampling import Sampling
-from unijax.models.janus import TEXT, UND_IMAGE
 
 RTOL = 1e-4
 

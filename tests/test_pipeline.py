@@ -1,17 +1,19 @@
 """The batch contract: token layouts, image patches, packing, mixing, process sharding, iterator state."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from configs import base
+from unijax import contract
+from unijax.contract import GEN_IMAGE, UND_IMAGE
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import shapes_tokenizer
-from unijax.models.config import preset
-from unijax.models.janus import GEN_IMAGE, UND_IMAGE, Janus
+from unijax.models import forward
+from unijax.models.janus import Janus
+from unijax.models.presets import preset
 from unijax.training import losses
 
 
@@ -42,7 +44,7 @@ def test_layout_of_each_task(tok, cfg):
         toks, mod = b["tokens"][row], b["modality"][row]
         assert toks[0] == tok.bos_id and np.all(b["segment_ids"][row, n:] == 0)
         assert np.array_equal(b["positions"][row, :n], np.arange(n))
-        if b["task"][row, 0] == pipeline.MMU:
+        if b["task"][row, 0] == contract.MMU:
             img = np.flatnonzero(mod == UND_IMAGE)
             assert len(img) == layout.und_tokens and np.all(toks[img] == tok.image_id)
             assert toks[img[0] - 1] == tok.boi_id and toks[img[-1] + 1] == tok.eoi_id
@@ -64,7 +66,7 @@ def test_patches_reassemble_the_image(tok, cfg):
     layout = pipeline.Layout.from_model(cfg, 128)
     for s, kind, patch, grid in ((src[5], UND_IMAGE, cfg.vision.patch_size, 8), (gsrc[5], GEN_IMAGE, 4, 8)):
         x = pipeline.pad_sample(pipeline.encode_sample(s, tok, layout), 128)
-        img = losses.gather_images(jnp.asarray(x["patches"][None]), jnp.asarray(x["modality"][None] == kind), 1,
+        img = forward.gather_images(jnp.asarray(x["patches"][None]), jnp.asarray(x["modality"][None] == kind), 1,
                                    patch, grid)
         want = s["image"].astype(np.float32) / 127.5 - 1
         np.testing.assert_allclose(np.asarray(img[0, 0]), want, atol=1e-6)
@@ -82,7 +84,7 @@ def test_packed_rows_give_the_same_loss(tok, cfg):
     # pack pairs by hand into rows of 256
     rows = []
     for a, b in ((0, 3), (1, 4), (2, 5)):
-        row = {k: np.concatenate([samples[a][k], samples[b][k]]) for k in pipeline.SEQ_FEATURES}
+        row = {k: np.concatenate([samples[a][k], samples[b][k]]) for k in contract.SEQ_FEATURES}
         n_a, n_b = len(samples[a]["tokens"]), len(samples[b]["tokens"])
         row = {k: np.pad(v, [(0, 256 - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in row.items()}
         row["segment_ids"] = np.pad(np.r_[np.ones(n_a), 2 * np.ones(n_b)], (0, 256 - n_a - n_b)).astype(np.int32)
@@ -111,7 +113,7 @@ def test_grain_packing_fills_rows(tok, cfg):
 def test_mixing_ratio(tok, cfg):
     it, _ = stream(tok, cfg, batch_size=30, und=1.0, gen=2.0)
     tasks = np.concatenate([next(it)["task"][:, 0] for _ in range(4)])
-    assert abs(np.mean(tasks == pipeline.T2I) - 2 / 3) < 0.05
+    assert abs(np.mean(tasks == contract.T2I) - 2 / 3) < 0.05
 
 
 def test_process_shards_stack_to_the_global_batch(tok, cfg):
@@ -121,7 +123,7 @@ def test_process_shards_stack_to_the_global_batch(tok, cfg):
     p1, _ = stream(tok, cfg, batch_size=4, process_index=1, process_count=2)
     for _ in range(2):
         whole, a, b = next(g), next(p0), next(p1)
-        for k in pipeline.BATCH_KEYS:
+        for k in contract.BATCH_KEYS:
             np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), whole[k], err_msg=k)
 
 
@@ -176,13 +178,13 @@ def test_shapes_source_with_narrow_question_kinds():
 def test_eval_reports_the_predicted_first_answer_token(tok, cfg):
     """lm_eval's `first_answer` is the text head's argmax at the position predicting each MMU row's
     first answer token (numpy from lm_forward's logits); answer_mode_share is the modal share."""
-    from unijax.training.steps import answer_mode_share
+    from unijax.training.evaluators import answer_mode_share
 
     it, _ = stream(tok, cfg, batch_size=8)
-    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in pipeline.BATCH_KEYS}
+    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in contract.BATCH_KEYS}
     model = Janus(cfg, rngs=nnx.Rngs(1))
     out = nnx.jit(lambda m, b: losses.lm_eval(m, b, images_per_row=(1, 1)))(model, batch)
-    logits = np.asarray(nnx.jit(lambda m, b: losses.lm_forward(m, b, (1, 1))[0])(model, batch))
+    logits = np.asarray(nnx.jit(lambda m, b: forward.lm_forward(m, b, (1, 1))[0])(model, batch))
     tw = np.asarray(batch["text_weights"])
     rows = np.flatnonzero(tw.sum(1) > 0)
     assert len(rows) and np.array_equal(np.flatnonzero(np.asarray(out["answered"])), rows)

@@ -9,14 +9,15 @@ import pathlib
 import subprocess
 import sys
 
+import envs
 import numpy as np
 import pytest
 
 from configs import base, stage2
-from unijax import checkpoints, plan as planner
+from unijax import checkpoints
+from unijax import plan as planner
 from unijax.training.loop import model_config
 from unijax.training.params import count
-import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

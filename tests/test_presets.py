@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from transformers import JanusConfig as HFJanusConfig, JanusForConditionalGeneration
+from transformers import JanusConfig as HFJanusConfig
+from transformers import JanusForConditionalGeneration
 
 from unijax import checkpoints
-from unijax.models.config import JanusConfig, preset
+from unijax.models.config import JanusConfig
+from unijax.models.presets import preset
 
 
 @pytest.mark.parametrize("name,approx", [("janus_pro_1b", 2.09e9), ("janus_pro_7b", 7.42e9)])

@@ -1,16 +1,14 @@
-"""`launch/reproduce_shapes.sh` (unijax/reproduce.py): the report's tables from known results, and
+"""`launch/reproduce_shapes.sh` (unijax/analysis/recipe.py): the report's tables from known results, and
 the whole pipeline in --quick mode (slow: every stage of the recipe with a few steps)."""
 
-import os
 import pathlib
 import re
 import subprocess
-import sys
 
+import envs
 import pytest
 
-from unijax import reproduce
-import envs
+from unijax.analysis import recipe
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"^[+-]?\d+\.\d+( ± \d+\.\d+)?$")
@@ -33,7 +31,7 @@ def table_cells(text):
 
 
 def test_tables_pair_deltas_by_seed_and_state_claims():
-    a, b, claims = reproduce.tables(fake_results([0, 1]), [0, 1])
+    a, b, claims = recipe.tables(fake_results([0, 1]), [0, 1])
     # Both - Und. on POPE: joint (k=2) - und_only (k=0) = +0.02 for every seed: no spread
     assert "| Δ Both − single task | +0.020 ± 0.000 |" in a
     assert "| TA-MoE (stage 2) | 0.641 ± 0.001 |" in b  # 0.60 + 0.04 + {0, 0.002}
@@ -43,10 +41,10 @@ def test_tables_pair_deltas_by_seed_and_state_claims():
 
 
 def test_set_key_parses_command_line_values():
-    c = reproduce.load_config("base")
-    reproduce.set_key(c, "model.text.num_layers", "2")
-    reproduce.set_key(c, "train.learning_rate", "0.01")
-    reproduce.set_key(c, "data.gen_ratio", 0.0)
+    c = recipe.load_config("base")
+    recipe.set_key(c, "model.text.num_layers", "2")
+    recipe.set_key(c, "train.learning_rate", "0.01")
+    recipe.set_key(c, "data.gen_ratio", 0.0)
     assert c.model.text.num_layers == 2 and c.train.learning_rate == 0.01 and c.data.gen_ratio == 0.0
 
 
@@ -69,11 +67,11 @@ def test_quick_reproduction_writes_a_full_report(tmp_path):
 
 
 def test_emu3_plan_runs_every_stage_on_emu3_from_its_own_stage0(tmp_path):
-    stages = reproduce.plan(tmp_path, [0, 1], reproduce.QUICK, "emu3")
+    stages = recipe.plan(tmp_path, [0, 1], recipe.QUICK, "emu3")
     runs = [s for s in stages if not isinstance(s, tuple)]
     assert [s.name for s in runs][:3] == ["stage0_vq", "base", "seed0/und_only"]
     assert runs[1].overrides["init_from"] == tmp_path / "stage0_vq" / "model"
     assert all(s.overrides["model.family"] == "emu3" for s in runs)
     assert all("--config.model.family=emu3" in s.command(tmp_path) for s in runs)
-    janus = [s for s in reproduce.plan(tmp_path, [0], reproduce.QUICK) if not isinstance(s, tuple)]
+    janus = [s for s in recipe.plan(tmp_path, [0], recipe.QUICK) if not isinstance(s, tuple)]
     assert janus[0].name == "stage0_vq" and all("model.family" not in s.overrides for s in janus)

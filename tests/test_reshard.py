@@ -3,7 +3,6 @@
 while it writes a checkpoint leaves the previous one intact and restorable."""
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -12,13 +11,13 @@ import sys
 import textwrap
 import time
 
+import envs
 import jax
 import numpy as np
 import pytest
 
 from configs import base
 from unijax.training import loop
-import envs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -110,7 +109,7 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     deadline, killed_mid_save = time.time() + 120, None
     try:
         while time.time() < deadline and proc.poll() is None:
-            partial = [p for p in d.glob("*.orbax-checkpoint-tmp*")] if d.is_dir() else []
+            partial = list(d.glob("*.orbax-checkpoint-tmp*")) if d.is_dir() else []
             if partial and (d / "2").is_dir():  # at least two committed steps, a third in flight
                 proc.send_signal(signal.SIGKILL)
                 killed_mid_save = partial[0].name.split(".")[0]

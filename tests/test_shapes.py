@@ -1,4 +1,4 @@
-"""The shapes world (`unijax.data.shapes`) and its detector / GenEval scorer (`unijax.data.geneval`)."""
+"""The shapes world (`unijax.data.shapes`) and its detector / GenEval scorer (`shapes.detector`, `shapes.scoring`)."""
 
 import collections
 import itertools
@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from unijax.data import geneval as G
+from unijax.data import shapes as G  # the detector / GenEval scorer, re-exported by the package
 from unijax.data import shapes as S
 
 
@@ -99,7 +99,7 @@ def test_bad_arguments_are_named():
 
 
 def test_shapes_module_needs_no_jax():
-    code = "import sys, unijax.data.shapes, unijax.data.geneval; assert 'jax' not in sys.modules"
+    code = "import sys, unijax.data.shapes; assert 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -258,7 +258,7 @@ def test_geneval_report():
 
 def test_prompt_set_is_balanced_and_true():
     items = S.prompt_set(0, per_tag=10)
-    assert collections.Counter(spec.tag for _, spec, _ in items) == {t: 10 for t in S.TAGS}
+    assert collections.Counter(spec.tag for _, spec, _ in items) == dict.fromkeys(S.TAGS, 10)
     assert items == S.prompt_set(0, per_tag=10)
     assert all(G.score(spec, G.detect(S.render(scene))) for _, spec, scene in items)
 

@@ -183,8 +183,8 @@ def test_arrayrecord_round_trip(data, tmp_path):
     mixed = str(tmp_path / "mixed.arrayrecord")
     samples = [llava[1], caps[0], llava[5]]
     assert write_arrayrecord(mixed, samples) == 3
-    from array_record.python.array_record_module import ArrayRecordWriter
     import msgpack
+    from array_record.python.array_record_module import ArrayRecordWriter
     bad_path = str(tmp_path / "bad.arrayrecord")
     w = ArrayRecordWriter(bad_path, "group_size:1")
     w.write(msgpack.packb({"task": "t2i", "image": b"garbage", "caption": "x"}))

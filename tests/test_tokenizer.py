@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unijax.data import tokenizer as T
-from unijax.models.config import preset
+from unijax.models.presets import preset
 
 try:
     from unijax.data import shapes

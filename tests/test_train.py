@@ -1,20 +1,20 @@
 """The training loop: resume exactness, SIGKILL recovery, sharded == unsharded, config errors."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 
+import envs
 import jax
 import numpy as np
 import pytest
 
 from configs import base, stage0_vq
 from unijax.training import loop
-import envs
+from unijax.training.hooks import window_mean
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -126,12 +126,12 @@ def test_window_mean_weights_task_losses_by_tokens_and_drops_a_task_with_none():
     task with no tokens in the window (understanding-only runs: no image tokens) is left out, not nan."""
     window = [dict(loss=1.0, loss_text=2.0, text_tokens=10.0, loss_image=5.0, image_tokens=0.0),
               dict(loss=3.0, loss_text=4.0, text_tokens=30.0, loss_image=7.0, image_tokens=0.0)]
-    out = loop._window_mean(window)
+    out = window_mean(window)
     np.testing.assert_allclose(out["loss_text"], (2.0 * 10 + 4.0 * 30) / 40, rtol=1e-12)
     np.testing.assert_allclose(out["loss"], 2.0, rtol=1e-12)
     assert "loss_image" not in out and out["image_tokens"] == 0.0
     window[1]["image_tokens"] = 4.0
-    np.testing.assert_allclose(loop._window_mean(window)["loss_image"], 7.0, rtol=1e-12)
+    np.testing.assert_allclose(window_mean(window)["loss_image"], 7.0, rtol=1e-12)
 
 
 def test_stage0_vq_config_runs(tmp_path, data_dir):
@@ -237,6 +237,6 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, data_dir):
     step = max(losses_of(tmp_path))
     assert "SIGTERM: stopped after step" in out and (tmp_path / "checkpoints" / str(step)).is_dir(), out
     assert not (tmp_path / "model").exists()  # no export: the run is not finished
-    out, _ = _cli(["--config.train.steps=%d" % (step + 1), "--config.train.checkpoint_every=100"], tmp_path,
+    out, _ = _cli([f"--config.train.steps={step + 1}", "--config.train.checkpoint_every=100"], tmp_path,
                   data_dir).communicate(timeout=600)
     assert f"at step {step}" in out and (tmp_path / "model").is_dir(), out

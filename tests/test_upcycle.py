@@ -19,8 +19,10 @@ import pytest
 from flax import nnx
 
 from unijax import checkpoints
-from unijax.models.config import MoEConfig, preset
-from unijax.models.janus import GEN_IMAGE, MMU, T2I, TEXT, Janus
+from unijax.contract import GEN_IMAGE, MMU, T2I, TEXT
+from unijax.models.config import MoEConfig
+from unijax.models.janus import Janus
+from unijax.models.presets import preset
 from unijax.training.upcycle import upcycle, upcycle_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -192,7 +194,7 @@ def test_cli_writes_a_loadable_ta_moe_checkpoint(models, tmp_path):
         checkpoints.save_model(tmp_path / name, m)
     out = tmp_path / "upcycled"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-m", "unijax.training.upcycle", "--base", str(tmp_path / "base"),
+    r = subprocess.run([sys.executable, "-m", "unijax.upcycle", "--base", str(tmp_path / "base"),
                         "--gen", str(tmp_path / "gen"), "--out", str(out), "--noise", "0.01", "--alpha_init", "0",
                         "--num_experts_per_group", "3", "--top_k", "2", "--impl", "dropless", "--seed", "5"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -7,19 +7,17 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
+from test_train import losses_of, tiny_config
 
 from configs import base
-from safetensors.numpy import load_file
-
 from unijax import checkpoints, sharding
 from unijax.checkpoints import flat_params
 from unijax.data import shapes
-from unijax.models.config import preset
 from unijax.models.janus import Janus
+from unijax.models.presets import preset
 from unijax.training import loop, vision_pretrain
 from unijax.training.logger import MetricLogger
-
-from test_train import losses_of, tiny_config
 
 
 @pytest.fixture(scope="module")

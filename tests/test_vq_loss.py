@@ -1,14 +1,14 @@
 """VQ tokenizer training losses (`unijax.training.vq_loss`): NumPy float64 reference of every term,
 straight-through gradient routing, forward == encode/decode, and a short overfitting run."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from unijax.models.config import preset
+from unijax.models.presets import preset
 from unijax.models.vq import VQModel
 from unijax.training import vq_loss as V
 

@@ -21,57 +21,21 @@ failed or interrupted save never leaves a partial `CKPT/`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
-import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
-from unijax.models import family
+from unijax.io import atomic_directory
+from unijax.models import family, lora, presets
 from unijax.models.config import JanusConfig
 from unijax.models.janus import Janus
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
-    """Yields a temporary directory that becomes `out` on success and vanishes on failure."""
-    out = pathlib.Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output path or remove it")
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_outputs(out: pathlib.Path, files: dict) -> None:
-    """files: {name: writer(path)}. Each is written to a hidden temporary beside its target; the
-    targets are replaced only after every writer succeeded (none are touched on failure)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmps = {}
-    try:
-        for name, write in files.items():
-            tmp = out / f".{name}.partial"
-            tmps[name] = tmp
-            write(tmp)
-        for name, tmp in tmps.items():
-            os.replace(tmp, out / name)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
+from unijax.models.lora import path_str
 
 
 def flat_params(model_or_state) -> dict[str, jax.Array]:
@@ -119,8 +83,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
-    from unijax.models.lora import path_str
-
     return {f"{prefix}/{path_str(p)}": np.asarray(jax.device_get(v))
             for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -129,8 +91,6 @@ def save_adapters(out, cfg: JanusConfig, adapters: dict, trained: dict, lora_inf
                   base: str | None = None, base_params: dict | None = None) -> None:
     """Writes a LoRA adapter directory (module docstring). `base`: the `init_from` model checkpoint the
     adapters sit on; without it `base_params` (the frozen base weights) are saved under `base/`."""
-    from safetensors.numpy import save_file
-
     if (base is None) == (base_params is None):
         raise ValueError("save_adapters: give exactly one of base (a checkpoint path) and base_params")
     with atomic_directory(out, overwrite=True) as tmp:
@@ -145,10 +105,6 @@ def save_adapters(out, cfg: JanusConfig, adapters: dict, trained: dict, lora_inf
 
 
 def _load_adapters(ckpt: pathlib.Path, sharding, runtime) -> Janus:
-    from safetensors.numpy import load_file
-
-    from unijax.models import lora
-
     info = json.loads((ckpt / ADAPTER_CONFIG).read_text())
     base = pathlib.Path(info["base_model"])
     base = base if base.is_absolute() else ckpt / base
@@ -203,7 +159,7 @@ def read_config(ckpt) -> JanusConfig:
     path = pathlib.Path(ckpt) / "model.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {ckpt} is not a unijax model checkpoint")
-    return family.config_from_dict(json.loads(path.read_text()), where=str(path))
+    return presets.config_from_dict(json.loads(path.read_text()), where=str(path))
 
 
 def load_model(ckpt, sharding: Callable[[tuple[int, ...]], jax.sharding.Sharding] | None = None,

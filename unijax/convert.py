@@ -8,6 +8,9 @@ The family is read from DIR/config.json (`janus` or `emu3`).
 
 from absl import app, flags
 
+from unijax import cli
+from unijax.hf.convert import checkpoint_to_hf, hf_to_checkpoint
+
 flags.DEFINE_string("hf_dir", None, "transformers model directory (config.json + safetensors)")
 flags.DEFINE_string("ckpt", None, "unijax model checkpoint directory (with --to_hf)")
 flags.DEFINE_string("out", None, "output directory (must not exist unless --overwrite)")
@@ -21,7 +24,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from unijax.hf.convert import checkpoint_to_hf, hf_to_checkpoint
 
     if not FLAGS.out:
         raise app.UsageError("--out is required")
@@ -39,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

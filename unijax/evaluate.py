@@ -26,10 +26,13 @@ import shutil
 import sys
 import time
 
+from unijax import cli
+from unijax.inference import suites
+from unijax.inference.engine import Engine, default_out
+from unijax.inference.suites import SUITES, Options
+
 
 def parser() -> argparse.ArgumentParser:
-    from unijax.inference.suites import SUITES, Options
-
     d = Options()
     p = argparse.ArgumentParser(prog="python -m unijax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="model checkpoint directory")
@@ -74,8 +77,6 @@ class Progress:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    from unijax.inference import suites
-    from unijax.inference.engine import Engine, default_out
 
     o = suites.Options(seed=args.seed, num_images=args.num_images, num_questions=args.num_questions,
                        per_tag=args.per_tag, samples=args.samples, cfg=args.cfg, temperature=args.temperature,
@@ -94,12 +95,11 @@ def main(argv=None) -> dict:
         m = suites.run(args.suite, engine, o, out, chunk=args.batch_size * 4, progress=Progress(args.suite),
                        fingerprint={"checkpoint": str(pathlib.Path(args.ckpt).absolute()), "group": args.group})
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        cli.fail(e)  # error: <e>, exit 2 (the traceback under --verbosity=1)
     print((out / "results.md").read_text(), end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return m
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

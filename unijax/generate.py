@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
-import sys
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from unijax import cli
+from unijax.inference.engine import Engine, default_out
+from unijax.inference.images import save_grid
+from unijax.inference.sampling import Sampling
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,8 +55,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def load_image(path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), np.uint8)
@@ -65,12 +69,6 @@ def upscale(images: np.ndarray, min_px: int) -> np.ndarray:
 
 
 def run_t2i(engine, args) -> pathlib.Path:
-    import os
-
-    from unijax.inference.engine import default_out
-    from unijax.inference.images import save_grid
-    from unijax.inference.sampling import Sampling
-
     sampling = Sampling(temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
                         top_p=args.top_p)
     images = engine.images(args.prompt, num_images=args.num_images, guidance=args.cfg, sampling=sampling,
@@ -93,8 +91,6 @@ def run_t2i(engine, args) -> pathlib.Path:
 
 
 def run_mmu(engine, args) -> list[str]:
-    from unijax.inference.sampling import Sampling
-
     if len(args.image) not in (1, len(args.question)):
         raise ValueError(f"{len(args.image)} --image for {len(args.question)} --question: give one image, "
                          f"or one per question")
@@ -116,7 +112,6 @@ def main(argv=None):
         parser().error("--question needs --image")
     if args.num_images < 1 or args.batch_size < 1:
         parser().error("--num_images and --batch_size must be >= 1")
-    from unijax.inference.engine import Engine
 
     try:
         engine = Engine.load(args.ckpt, tokenizer=args.tokenizer, data_dir=args.data_dir, group=args.group,
@@ -127,10 +122,9 @@ def main(argv=None):
         if args.question:
             result["answers"] = run_mmu(engine, args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        cli.fail(e)  # error: <e>, exit 2 (the traceback under --verbosity=1)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

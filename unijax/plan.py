@@ -28,6 +28,21 @@ import pathlib
 import sys
 import time
 
+import jax
+import numpy as np
+from absl import app, flags, logging
+from jax._src import xla_bridge
+from ml_collections import config_flags
+
+from unijax import checkpoints, cli, sharding
+from unijax.data import pipeline
+from unijax.io import write_outputs
+from unijax.sharding import MESH_AXES
+from unijax.training import setup as train_setup
+from unijax.training import steps
+from unijax.training.config import model_config, validate
+from unijax.training.params import count
+
 PEAK_TFLOPS = {  # dense bf16 per chip, from the vendors' data sheets
     "h100": 989.0, "h200": 989.0, "a100": 312.0, "b200": 2250.0, "l40s": 362.0,
     "tpu_v4": 275.0, "tpu_v5e": 197.0, "tpu_v5p": 459.0, "tpu_v6e": 918.0,
@@ -38,8 +53,6 @@ MEMORY_GB = {"h100": 80, "h200": 141, "a100": 80, "b200": 192, "l40s": 48,
 
 def parse_mesh(text: str) -> dict[str, int]:
     """`data=8,fsdp=8` -> {"data": 8, "fsdp": 8}; every other axis stays 1."""
-    from unijax.sharding import MESH_AXES
-
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
@@ -60,8 +73,8 @@ def _mesh_arg(argv) -> str:
 
 
 def _fake_cpu_devices(argv) -> None:
-    """Before JAX starts: enough host-platform (CPU) devices for the requested mesh."""
-    if "jax" in sys.modules:
+    """Before JAX starts its backends: enough host-platform (CPU) devices for the requested mesh."""
+    if xla_bridge.backends_are_initialized():
         return
     try:
         sizes = parse_mesh(_mesh_arg(argv))
@@ -75,9 +88,6 @@ def _fake_cpu_devices(argv) -> None:
 
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    import jax
-    import numpy as np
-
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -95,16 +105,6 @@ def _cost(compiled) -> dict:
 def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", step_time: float = 0.0,
          memory_gb: float = 0.0) -> dict:
     """Lowers and compiles the configured train step; returns the numbers `main` prints."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from unijax import checkpoints, sharding
-    from unijax.data import pipeline
-    from unijax.training import aia, setup as train_setup, steps
-    from unijax.training.loop import model_config, validate
-    from unijax.training.params import count
-
     if chip not in PEAK_TFLOPS:
         raise ValueError(f"--chip={chip!r}: expected one of {sorted(PEAK_TFLOPS)}")
     if mesh_sizes:
@@ -113,7 +113,6 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
                 config.mesh[axis] = mesh_sizes.get(axis, 1)
     validate(config)
     cfg = model_config(config)
-    aia.settings(config, cfg.text.num_layers)
     devices = jax.devices()
     sizes = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
     if -1 not in sizes.values() and math.prod(sizes.values()) != len(devices):
@@ -124,9 +123,7 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
                              f"`python -m unijax.plan` in a fresh process so it can create them)")
         devices = devices[:wanted]
     mesh = sharding.make_mesh(config.mesh, devices)
-    if config.train.batch_size % sharding.num_batch_shards(mesh):
-        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by mesh.data x mesh.fsdp x "
-                         f"mesh.expert = {sharding.num_batch_shards(mesh)}")
+    sharding.check_batch("train.batch_size", config.train.batch_size, mesh)
     layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
     if config.data.max_len < layout.und_tokens + 2 or config.data.max_len < layout.gen_tokens + 2:
         raise ValueError(f"data.max_len={config.data.max_len} cannot hold one image ({layout.und_tokens} "
@@ -249,9 +246,6 @@ def table(r: dict) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
     _fake_cpu_devices(argv)
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
     config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/stage2.py.",
                                                   lock_config=True)
     flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=8,fsdp=8 (overrides config.mesh; other axes are 1).")
@@ -267,21 +261,14 @@ def main(argv=None) -> int:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
         F = flags.FLAGS
-        try:
-            result = plan(config_flag.value, parse_mesh(F.mesh) if F.mesh else None, F.chip, F.step_time,
-                          F.memory_gb)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        result = plan(config_flag.value, parse_mesh(F.mesh) if F.mesh else None, F.chip, F.step_time, F.memory_gb)
         print(table(result))
         if F.json:
-            from unijax.checkpoints import write_outputs
-
             path = pathlib.Path(F.json)
             write_outputs(path.parent, {path.name: lambda p: p.write_text(json.dumps(result, indent=2) + "\n")})
             print(f"wrote {path}")
 
-    app.run(run, argv=argv)
+    cli.run(run, argv=argv)
     return 0
 
 

@@ -10,12 +10,14 @@ their experts' devices). Every mesh size defaults to 1, so the same code runs on
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -102,6 +104,15 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any
 
 def num_batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch(key: str, batch_size: int, mesh: Mesh) -> None:
+    """A global batch (config key `key`) must split evenly over the batch axes and the processes."""
+    n = num_batch_shards(mesh)
+    if int(batch_size) % n:
+        raise ValueError(f"{key}={batch_size} is not divisible by mesh.data x mesh.fsdp x mesh.expert = {n}")
+    if int(batch_size) % jax.process_count():
+        raise ValueError(f"{key}={batch_size} is not divisible by the {jax.process_count()} processes")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

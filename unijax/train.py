@@ -10,6 +10,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from unijax import cli, distributed
+from unijax.training.loop import NonFiniteLossError, train
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/base.py.",
                                           lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -20,10 +23,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides look like --config.train.steps=10")
     if not flags.FLAGS["verbosity"].present:  # keep the console to progress lines; --verbosity=0 shows Orbax's INFO logs
         logging.set_verbosity(logging.WARNING)
-    from unijax import distributed
 
     distributed.maybe_initialize()  # multi-host / multi-process launches (unijax/distributed.py)
-    from unijax.training.loop import NonFiniteLossError, train
 
     try:
         train(_CONFIG.value)
@@ -34,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

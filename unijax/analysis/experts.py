@@ -3,14 +3,14 @@
 Per TA-MoE layer (in decoder order), over the non-padding tokens of the batches:
 
 - task-router accuracy: argmax of the task router (`task_logits`) == the token's task, for MMU
-  tokens, T2I tokens and all tokens (the `router_acc/layer{i}` of `training.steps.Evaluator`),
+  tokens, T2I tokens and all tokens (the `router_acc/layer{i}` of the `shapes_heldout` evaluator),
 - the task router's mean probability of the token's own group,
 - expert loads, per group and per token task: of the assignments ("slots", top_k per token, 2 x
   top_k with `soft`) that tokens of task t send into group g, the fraction each of g's N experts
   receives (sums to 1 over the group's experts; all zeros where task t sends nothing to g, as
   MMU tokens to the T2I group under `group_assignment=label`), and the share of task t's slots
   that go to each group,
-- the loads of all tokens per group (what `Evaluator` logs as `load/layer{i}/...`) and their
+- the loads of all tokens per group (what the `shapes_heldout` evaluator logs as `load/layer{i}/...`) and their
   normalised entropy H / log N (1 = uniform),
 - the fraction of assignments dropped by the `capacity` dispatch, and the shared-expert `alpha`.
 
@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unijax.data.pipeline import BATCH_KEYS, MMU, T2I
+from unijax.contract import BATCH_KEYS, MMU, T2I, TASKS
+from unijax.models import forward
 from unijax.models.moe import TAMoE, resolved_impl
-from unijax.training import losses
 
-TASK_NAMES = ("mmu", "t2i")  # index == task id == group id
+TASK_NAMES = TASKS  # index == task id == group id
 
 
 def moe_modules(model) -> list[TAMoE]:
@@ -50,11 +50,11 @@ def _batch_sums(model, batch, images_per_row):
     """Per-layer sums over one batch (tokens are the non-padding ones):
     hits/prob_correct `[L, 2]` (per task), tokens `[2]`, load_by_task `[L, 2, 2N]`, load `[L, 2N]`,
     dropped `[L]`, alpha `[L]`."""
-    _, _, _, aux = losses.lm_forward(model, batch, images_per_row)
+    _, _, _, aux = forward.lm_forward(model, batch, images_per_row)
     task = batch["task"]
     hits, tokens = [], []
     for t in (MMU, T2I):
-        h, n = losses.router_hits(aux, dict(batch, segment_ids=jnp.where(task == t, batch["segment_ids"], 0)))
+        h, n = forward.router_hits(aux, dict(batch, segment_ids=jnp.where(task == t, batch["segment_ids"], 0)))
         hits.append(jnp.sum(h, axis=-1))
         tokens.append(jnp.sum(n))
     probs = jax.nn.softmax(aux["task_logits"].astype(jnp.float32), axis=-1)               # [L, B, T, 2]

@@ -1,20 +1,20 @@
 """Per-layer cross-modal attention intensity curves of a model (the AIA paper's Figure 1 / Table 1).
 
 `intensity_curves` runs held-out batches through the model with AIA capture on and returns, per
-task, the per-sample intensities `[N, layers]` of the valid samples (`unijax.training.aia.spans`)
+task, the per-sample intensities `[N, layers]` of the valid samples (`unijax.models.forward.spans`)
 and their mean and standard deviation over samples.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from unijax.data import pipeline
-from unijax.training import aia, losses
+from unijax import contract
+from unijax.models import forward
 
 
 def intensity_curves(model, batches: Sequence[dict], images_per_row: tuple[int, int], *, samples: int | None = None,
@@ -26,17 +26,17 @@ def intensity_curves(model, batches: Sequence[dict], images_per_row: tuple[int, 
     @jax.jit
     def run(state, batch):
         m = nnx.merge(graphdef, state)
-        *_, aux = losses.lm_forward(m, batch, images_per_row, {"spans": span_kw, "impl": aia_impl})  # logits unused
-        _, queries, valid = aia.spans(batch, m.cfg, **span_kw)
-        return {t: (aia.intensities(aux["aia"], queries[t]).T, valid[t]) for t in aia.TASKS}
+        *_, aux = forward.lm_forward(m, batch, images_per_row, {"spans": span_kw, "impl": aia_impl})  # logits unused
+        _, queries, valid = forward.spans(batch, m.cfg, **span_kw)
+        return {t: (forward.intensities(aux["aia"], queries[t]).T, valid[t]) for t in forward.AIA_TASKS}
 
-    rows = {t: [] for t in aia.TASKS}
+    rows = {t: [] for t in forward.AIA_TASKS}
     for batch in batches:
-        out = jax.device_get(run(state, {k: batch[k] for k in pipeline.BATCH_KEYS}))
+        out = jax.device_get(run(state, {k: batch[k] for k in contract.BATCH_KEYS}))
         for t, (i, v) in out.items():
             rows[t].append(np.asarray(i, np.float64)[np.asarray(v)])
     result = {}
-    for t in aia.TASKS:
+    for t in forward.AIA_TASKS:
         per = np.concatenate(rows[t]) if rows[t] else np.zeros((0, model.cfg.text.num_layers))
         if samples is not None:
             per = per[:samples]

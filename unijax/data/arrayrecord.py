@@ -11,11 +11,15 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import grain
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
-from unijax.data.sources import (TASKS, BadRecordError, _decode_image_bytes, _normalise_index, encode_png, is_bad,
-                                 log, skip_bad)
+from unijax.contract import TASKS
+from unijax.data.sources import BadRecordError, _decode_image_bytes, _normalise_index, encode_png, is_bad, log, skip_bad
+from unijax.io import atomic_file
+
 
 def _check_turns(turns: Any) -> list[list[str]]:
     if not isinstance(turns, (list, tuple)) or not turns:
@@ -45,8 +49,6 @@ class ArrayRecordSource:
     task = None
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
-        import grain
-
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [os.fspath(p) for p in paths]
@@ -131,25 +133,19 @@ def write_arrayrecord(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     number of records written. Raises ``ValueError`` on a malformed sample or a
     bad-record marker (nothing half-written is left behind).
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
     n = 0
-    try:
-        for k, sample in enumerate(samples):
-            try:
-                writer.write(encode_record(sample))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}: sample {k} cannot be written: {e}") from None
-            n += 1
-        writer.close()
-    except BaseException:
-        writer.close()
-        os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+        try:
+            for k, sample in enumerate(samples):
+                try:
+                    writer.write(encode_record(sample))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}: sample {k} cannot be written: {e}") from None
+                n += 1
+        finally:
+            writer.close()
     return n
 
 

@@ -27,6 +27,7 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from unijax.data import shapes
 
@@ -224,8 +225,6 @@ def geneval_items(file: str) -> list[dict]:
 def load_item_image(item: dict) -> np.ndarray:
     """The item's image as uint8 `[H, W, 3]`: a shapes scene (`seed`, `scene`, `size`), an array,
     encoded bytes or a path (named on failure)."""
-    from PIL import Image, UnidentifiedImageError
-
     if "scene" in item:
         return shapes.render(shapes.scene_at(item["seed"], item["scene"], item["size"]))
     image = item["image"]

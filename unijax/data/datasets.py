@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 
+from unijax.contract import TASKS
 from unijax.data import arrayrecord, shapes, sources
 from unijax.data.pipeline import repeat_epochs
 
@@ -18,7 +19,7 @@ class ShapesSource:
     """Random access to shapes-world samples: index -> one scene with a question (MMU) or a prompt (T2I)."""
 
     def __init__(self, task: str, seed: int, image_size: int, kinds: Sequence[str] = (), turns: int = 1):
-        if task not in ("mmu", "t2i"):
+        if task not in TASKS:
             raise ValueError(f"task={task!r}: expected 'mmu' or 't2i'")
         if turns < 1:
             raise ValueError(f"data.turns_per_image={turns} must be >= 1")
@@ -73,7 +74,7 @@ def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
         raise ValueError(f"data.und_ratio={weights['mmu']} and data.gen_ratio={weights['t2i']}: "
                          f"ratios are >= 0 and at least one is > 0")
     out, ws = [], []
-    for task in ("mmu", "t2i"):
+    for task in TASKS:
         if weights[task] == 0:
             continue
         if data_cfg.source == "shapes":

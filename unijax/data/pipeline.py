@@ -30,18 +30,15 @@ question kind index, -1 when unknown) when rows are not packed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
 
-from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE
-
-MMU, T2I = 0, 1
-TASKS = {"mmu": MMU, "t2i": T2I}
-SEQ_FEATURES = ("tokens", "modality", "task", "text_weights", "image_weights", "patches", "bad")
-BATCH_KEYS = SEQ_FEATURES + ("segment_ids", "positions")  # what the train step reads
+from unijax.contract import BATCH_KEYS, GEN_IMAGE, MMU, SEQ_FEATURES, TASK_IDS, TEXT, UND_IMAGE
+from unijax.models.config import family_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +56,8 @@ class Layout:
     eol_id: int = -1    # >= 0: Emu3's end-of-line id, after every row of image tokens
 
     @classmethod
-    def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0) -> "Layout":
-        if getattr(cfg, "family", "janus") == "emu3":  # both directions: VQ codes, rows ended by end-of-line
+    def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0) -> Layout:
+        if family_of(cfg) == "emu3":  # both directions: VQ codes, rows ended by end-of-line
             size = cfg.vq.image_size
             patch = size // cfg.vq.grid
             return cls(max_len=max_len, image_size=size, und_patch=patch, gen_patch=patch,
@@ -166,7 +163,7 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
                   kinds: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """One raw sample -> per-token arrays (see the module docstring)."""
     if sample.get("bad"):
-        return bad_sample(layout, TASKS.get(sample.get("task"), MMU))
+        return bad_sample(layout, TASK_IDS.get(sample.get("task"), MMU))
     task = sample["task"]
     where = f"{sample.get('source', 'sample')}: record {sample.get('index', '?')}"
     image = resize(np.asarray(sample["image"], np.uint8), layout.image_size)
@@ -203,7 +200,7 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
         raise ValueError(f"{where}: {len(ids)} tokens do not fit data.max_len={layout.max_len}; "
                          f"raise data.max_len or shorten the text")
     kind = sample.get("kind")
-    return {"tokens": ids, "modality": modality, "task": np.full(len(ids), TASKS[task], np.int32),
+    return {"tokens": ids, "modality": modality, "task": np.full(len(ids), TASK_IDS[task], np.int32),
             "text_weights": text_w, "image_weights": image_w, "patches": patches,
             "bad": np.zeros(len(ids), np.int32),
             "kind": np.int32(kinds.index(kind) if kind in kinds else -1)}
@@ -249,7 +246,7 @@ def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, t
     if packing:
         it = ds.map(lambda x: {k: x[k] for k in SEQ_FEATURES}).to_iter_dataset()
         it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct={k: layout.max_len for k in SEQ_FEATURES}, num_packing_bins=batch_size,
+            it, length_struct=dict.fromkeys(SEQ_FEATURES, layout.max_len), num_packing_bins=batch_size,
             shuffle_bins=False)
         it = it.map(_rename_packed).batch(batch_size, drop_remainder=True)
     else:

@@ -93,7 +93,6 @@ log = logging.getLogger(__name__)
 IMAGE_MARKER = "<image>"
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
-TASKS = ("mmu", "t2i")
 
 
 # ----------------------------------------------------------------------------

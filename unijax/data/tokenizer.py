@@ -31,10 +31,14 @@ from __future__ import annotations
 import io
 import os
 import pathlib
-import tempfile
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import sentencepiece as spm
+
+from unijax.data import shapes
+from unijax.io import atomic_file
 
 # -- the Janus chat format ---------------------------------------------------------------------
 
@@ -179,7 +183,7 @@ class Tokenizer:
 # -- sentencepiece: the shapes-world tokenizer ------------------------------------------------
 
 SHAPES_MODEL_FILE = "shapes_sp_v2.model"  # bump the version whenever shapes.corpus() changes
-# Pieces of the shapes model, by role; ids must equal the tiny preset's (`configs/models.py`).
+# Pieces of the shapes model, by role; ids must equal the tiny preset's (`unijax/models/presets.py`).
 SHAPES_IDS = {"pad": 0, "bos": 1, "eos": 2, "image": 3, "boi": 4, "eoi": 5}
 SHAPES_UNK_ID = 6
 SHAPES_CONTROL = ("<image_placeholder>", "<begin_of_image>", "<end_of_image>")  # ids 3, 4, 5
@@ -191,8 +195,6 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model (serialized proto bytes). Picklable (grain worker processes)."""
 
     def __init__(self, model_proto: bytes, *, source: str = "", system_prompt: str = ""):
-        import sentencepiece as spm
-
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         sp = self._sp
@@ -236,8 +238,6 @@ def train_shapes_model(corpus: Sequence[str], vocab_size: int = 1024) -> bytes:
     `vocab_size` pieces in all); identity normalization, no dummy prefix and kept whitespace make
     `decode(encode(s)) == s` for any text, byte fallback covering characters the corpus lacks.
     """
-    import sentencepiece as spm
-
     spm.set_random_generator_seed(SHAPES_SEED)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -277,22 +277,13 @@ def shapes_tokenizer(data_dir: str | os.PathLike, vocab_size: int | None = None,
     data_dir = pathlib.Path(data_dir)
     path = data_dir / SHAPES_MODEL_FILE
     if not path.exists():
-        from unijax.data import shapes
-
         proto = train_shapes_model(shapes.corpus(), vocab_size)
         data_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=SHAPES_MODEL_FILE + ".", suffix=".tmp", dir=data_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
                 f.write(proto)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any data file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     try:
         tok = SentencePieceTokenizer(path.read_bytes(), source=str(path), system_prompt=system_prompt)
     except (RuntimeError, OSError) as e:
@@ -350,6 +341,10 @@ def hf_tokenizer(path: str | os.PathLike, system_prompt: str = JANUS_SYSTEM_PROM
 
 
 # -- selection and checks --------------------------------------------------------------------
+
+DEFAULT_TOKENIZER = "shapes"  # data.tokenizer's default: the shapes world's sentencepiece model
+DEFAULT_DATA_DIR = "data"      # data.dir's default: where built artefacts (that model) are cached
+
 
 def load_tokenizer(spec: str, data_dir: str | os.PathLike) -> Tokenizer:
     """The tokenizer named by the `data.tokenizer` config value: `"shapes"` (built/cached under

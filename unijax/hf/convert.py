@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 from flax import nnx
@@ -16,6 +17,7 @@ from flax import nnx
 from unijax import checkpoints
 from unijax.hf import janus as mapping
 from unijax.hf.safetensors_io import WeightDir, write_weights
+from unijax.io import atomic_directory
 from unijax.models import family
 from unijax.models.config import JanusConfig
 from unijax.models.emu3_config import Emu3Config
@@ -45,8 +47,6 @@ def _hf_configs(wd: WeightDir) -> tuple[dict, dict | None]:
 
 
 def _rename(name: str, table) -> str:
-    import re
-
     for pattern, repl in table:
         name = re.sub(pattern, repl, name)
     return name
@@ -152,7 +152,7 @@ def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 
     hf.pop("torch_dtype", None)
     gen = (json.loads((src / "generation_config.json").read_text())
            if (src / "generation_config.json").is_file() else generation_config(cfg))
-    with checkpoints.atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite) as tmp:
         write_weights(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

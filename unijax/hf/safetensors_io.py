@@ -28,7 +28,7 @@ class WeightDir:
                 raise FileNotFoundError(f"{self.dir}/{INDEX} names shard files that do not exist: {missing}")
         elif (self.dir / SINGLE).is_file():
             with safe_open(self.dir / SINGLE, framework="np") as f:
-                self.files = {name: self.dir / SINGLE for name in f.keys()}
+                self.files = dict.fromkeys(f.keys(), self.dir / SINGLE)
         else:
             pickled = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt*"))
             hint = (f" It holds pickled weights ({', '.join(pickled)}), which unijax never loads: convert them to "
@@ -75,6 +75,6 @@ def write_weights(directory: pathlib.Path, tensors: dict[str, np.ndarray], max_s
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / fname), metadata=meta)
-        weight_map.update({name: fname for name in shard})
+        weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2))

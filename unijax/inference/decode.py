@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unijax.contract import MMU, T2I, TEXT
 from unijax.inference.sampling import Sampling, sample
 from unijax.models.decoder import KVCache
 from unijax.models.family import family_of
-from unijax.models.janus import MMU, T2I, TEXT, Janus
+from unijax.models.janus import Janus
 
 Array = jax.Array
 

@@ -16,20 +16,22 @@ their task router (`group="router"`, the model decides the expert group from the
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from unijax import checkpoints
+from unijax.contract import TEXT, UND_IMAGE
 from unijax.data import pipeline
-from unijax.data.tokenizer import Tokenizer, check_compatible, load_tokenizer
+from unijax.data.tokenizer import DEFAULT_DATA_DIR, DEFAULT_TOKENIZER, Tokenizer, check_compatible, load_tokenizer
 from unijax.inference import decode
 from unijax.inference.images import to_uint8
 from unijax.inference.sampling import Sampling
-from unijax.models.janus import TEXT, UND_IMAGE
+from unijax.models.config import family_of
 
 PAD_TO = 16
 
@@ -49,12 +51,18 @@ def left_pad(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.n
 
 
 def run_tokenizer_spec(ckpt) -> tuple[str, str]:
-    """(`data.tokenizer`, `data.dir`) of the run that wrote `ckpt` (`<ckpt>/../config.json`), or the
-    shapes defaults: the tokenizer a checkpoint was trained with."""
-    from unijax.analyze import run_config
-
-    config, _ = run_config(ckpt)
-    return config.data.tokenizer, config.data.dir
+    """(`data.tokenizer`, `data.dir`) of the run that wrote `ckpt` (`<ckpt>/../config.json`, the
+    training config the loop writes into its workdir), or their defaults: the tokenizer a checkpoint
+    was trained with."""
+    path = pathlib.Path(ckpt).absolute().parent / "config.json"
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text()).get("data", {})
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: not a readable unijax training config ({e}); move it away to use the "
+                             f"default tokenizer") from e
+    return data.get("tokenizer", DEFAULT_TOKENIZER), data.get("dir", DEFAULT_DATA_DIR)
 
 
 @dataclasses.dataclass
@@ -68,7 +76,7 @@ class Engine:
         self.cfg = self.model.cfg
         check_compatible(self.tokenizer, self.cfg)
         self.generator = decode.Generator(self.model)
-        if getattr(self.cfg, "family", "janus") == "emu3":
+        if family_of(self.cfg) == "emu3":
             # transformers' placeholder layout: rows of codes and end-of-line, filled from the pixels
             # (the same ids the training layout embeds)
             self.image_size = self.cfg.vq.image_size
@@ -79,7 +87,7 @@ class Engine:
 
     @classmethod
     def load(cls, ckpt, *, tokenizer: str | None = None, data_dir: str | None = None, group: str = "router",
-             batch_size: int = 8) -> "Engine":
+             batch_size: int = 8) -> Engine:
         """`tokenizer`: "shapes", a transformers tokenizer directory, or None for the one the run that
         wrote `ckpt` used. `group` (TA-MoE only): "router" or "label"."""
         if group not in ("router", "label"):

@@ -22,11 +22,15 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from unijax.data import benchmarks, datasets, shapes
+from unijax.inference.images import save_grid
+from unijax.inference.sampling import Sampling
+from unijax.io import write_outputs
 
 SUITES = ("shapes_pope", "shapes_mc", "shapes_geneval", "pope", "mmmu", "geneval")
 KIND = {"shapes_pope": "pope", "pope": "pope", "shapes_mc": "mc", "mmmu": "mc", "shapes_geneval": "geneval",
@@ -166,8 +170,6 @@ def markdown(suite: str, m: dict) -> str:
 def predict(suite: str, engine, items: list[dict], o: Options, out_dir: pathlib.Path | None = None) -> list[dict]:
     """Predictions for `items` (one dict per item, with its `id`); geneval also writes the samples
     under `out_dir/images` when `out_dir` is given."""
-    from unijax.inference.sampling import Sampling
-
     kind = KIND[suite]
     if kind in ("pope", "mc"):
         images = [benchmarks.load_item_image(it) for it in items]
@@ -191,10 +193,6 @@ def predict(suite: str, engine, items: list[dict], o: Options, out_dir: pathlib.
 
 def write_geneval_folder(folder: pathlib.Path, metadata: dict, images: np.ndarray) -> None:
     """GenEval's generation layout: `metadata.jsonl` (the prompt's line), `samples/<j:04d>.png`, `grid.png`."""
-    from PIL import Image
-
-    from unijax.inference.images import save_grid
-
     (folder / "samples").mkdir(parents=True, exist_ok=True)
     for j, img in enumerate(images):
         Image.fromarray(img).save(folder / "samples" / f"{j:04d}.png")
@@ -259,8 +257,6 @@ def run(suite: str, engine, o: Options, out_dir: pathlib.Path | None = None, *, 
             progress(len(items) - len(todo) + start + len(batch), len(items))
     m = metrics(suite, items, preds)
     if out_dir is not None:
-        from unijax.checkpoints import write_outputs
-
         result = {"suite": suite, "options": dataclasses.asdict(o), **(fingerprint or {}), "metrics": m}
         write_outputs(out_dir, {"results.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
                                 "results.md": lambda p: p.write_text(f"# {suite}\n\n" + markdown(suite, m))})

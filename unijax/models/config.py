@@ -1,7 +1,7 @@
 """Model configuration: frozen dataclasses for the Janus-Pro architecture.
 
 `JanusConfig` is the one object every model module reads. It is built from a preset name
-(`configs/models.py`), from an `ml_collections.ConfigDict` (the `model` block of an experiment
+(`unijax.models.presets`), from an `ml_collections.ConfigDict` (the `model` block of an experiment
 config), or from a transformers `config.json` (`from_hf`), and written back with `to_hf`.
 Architecture fields mirror transformers' `JanusConfig`; runtime fields (dtype, scan, remat)
 do not change the parameters' values, only how they are stored and computed.
@@ -10,11 +10,19 @@ do not change the parameters' values, only how they are stored and computed.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The model-side enums, each defined here once.
+FAMILIES = ("janus", "emu3")  # model.family
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # model.attention_impl
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # model.remat_policy
+AIA_IMPLS = ("lean", "explicit")  # how attention layers measure AIA intensities (aia.impl)
+
+
+def family_of(cfg) -> str:
+    """`janus` or `emu3`: the family a model config belongs to."""
+    return getattr(cfg, "family", "janus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +126,7 @@ class MoEConfig:
     alpha_init: float = 1.0
     layers: tuple[int, ...] = ()  # decoder layers that get TA-MoE; empty = every layer
 
-    def validate(self, num_layers: int) -> "MoEConfig":
+    def validate(self, num_layers: int) -> MoEConfig:
         checks = [
             (self.num_experts_per_group >= 1, "moe.num_experts_per_group must be >= 1"),
             (self.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0"),
@@ -158,7 +166,7 @@ class JanusConfig:
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     attention_impl: str = "xla"  # xla (explicit softmax) | chunked (query blocks, O(T) memory) | cudnn (jax.nn.dot_product_attention)
 
-    def replace(self, **kw) -> "JanusConfig":
+    def replace(self, **kw) -> JanusConfig:
         return dataclasses.replace(self, **kw)
 
     # -- dict round trip ----------------------------------------------------------------
@@ -166,7 +174,7 @@ class JanusConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> "JanusConfig":
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> JanusConfig:
         """Builds a config from a nested mapping, refusing unknown keys (named with `where`)."""
         subs = {"text": TextConfig, "vision": VisionConfig, "vq": VQConfig, "moe": MoEConfig}
         kw: dict[str, Any] = {}
@@ -182,7 +190,7 @@ class JanusConfig:
 
     # -- transformers interop -----------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], **runtime) -> "JanusConfig":
+    def from_hf(cls, hf: Mapping[str, Any], **runtime) -> JanusConfig:
         """Reads a transformers `JanusConfig` dict (the content of `config.json`)."""
         if hf.get("model_type") != "janus":
             raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, expected 'janus'")
@@ -291,7 +299,7 @@ class JanusConfig:
             },
         }
 
-    def validate(self) -> "JanusConfig":
+    def validate(self) -> JanusConfig:
         t, v, q = self.text, self.vision, self.vq
         return check_decoder(self, [
             (v.image_size % v.patch_size == 0, "model.vision.image_size must be a multiple of patch_size"),
@@ -314,9 +322,10 @@ def check_decoder(cfg, family_checks: list[tuple[bool, str]]):
         (t.num_heads % t.num_kv_heads == 0, "model.text.num_heads must be a multiple of num_kv_heads"),
         (t.head_dim % 2 == 0, "model.text.head_dim must be even (RoPE rotates pairs)"),
         *family_checks,
-        (cfg.remat_policy in ("none", "full", "dots", "dots_no_batch"),
-         f"model.remat_policy={cfg.remat_policy!r} is not one of none|full|dots|dots_no_batch"),
-        (cfg.attention_impl in ("xla", "chunked", "cudnn"), f"model.attention_impl={cfg.attention_impl!r}"),
+        (cfg.remat_policy in REMAT_POLICIES,
+         f"model.remat_policy={cfg.remat_policy!r} is not one of {'|'.join(REMAT_POLICIES)}"),
+        (cfg.attention_impl in ATTENTION_IMPLS,
+         f"model.attention_impl={cfg.attention_impl!r} is not one of {'|'.join(ATTENTION_IMPLS)}"),
         (cfg.ffn in FFNS, f"model.ffn={cfg.ffn!r} is not one of {'|'.join(FFNS)}"),
         (not (cfg.ffn == "ta_moe" and cfg.scan_layers and cfg.moe.layers
               and set(cfg.moe.layers) != set(range(t.num_layers))),
@@ -348,32 +357,7 @@ def _build(cls, value, where: str):
     return cls(**kw)
 
 
-def _load_presets_module():
-    path = REPO_ROOT / "configs" / "models.py"
-    spec = importlib.util.spec_from_file_location("unijax_config_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def preset(name: str, family: str = "janus", **overrides):
-    """The named model preset of `family` from `configs/models.py` (janus: `tiny`, `janus_pro_1b`,
-    `janus_pro_7b`; emu3: `tiny`, `emu3_chat`): a `JanusConfig` or an `Emu3Config`."""
-    from unijax.models.family import config_from_dict
-
-    families = _load_presets_module().FAMILY_PRESETS
-    if family not in families:
-        raise KeyError(f"model.family={family!r} is not one of {sorted(families)}")
-    presets = families[family]
-    if name not in presets:
-        raise KeyError(f"model.preset={name!r} is not a {family} preset; choose one of {sorted(presets)}")
-    d = presets[name]()
-    for key, value in overrides.items():  # sub-configs merge key by key
-        d[key] = {**d.get(key, {}), **value} if isinstance(value, Mapping) else value
-    return config_from_dict(dict(d, family=family)).validate()
-
-
-def runtime_overrides(saved: "JanusConfig", cfg: "JanusConfig") -> dict[str, Any]:
+def runtime_overrides(saved: JanusConfig, cfg: JanusConfig) -> dict[str, Any]:
     """The fields of `cfg` to put on a checkpoint's `saved` config when loading it for a run of `cfg`:
     the runtime keys and, for TA-MoE, the `moe.*` keys the parameters do not depend on."""
     out: dict[str, Any] = {k: getattr(cfg, k) for k in RUNTIME_KEYS}

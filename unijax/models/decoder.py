@@ -8,17 +8,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unijax.models.config import REMAT_POLICIES
 from unijax.models.layers import Attention, RMSNorm, SwiGLU, attention_mask, embed
 from unijax.models.moe import TAMoE
 
 Array = jax.Array
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+# model.remat_policy (`unijax.models.config.REMAT_POLICIES`, in order) -> jax checkpoint policy
+_CHECKPOINT_POLICIES = dict(zip(REMAT_POLICIES, (None, jax.checkpoint_policies.nothing_saveable,
+                                                 jax.checkpoint_policies.checkpoint_dots,
+                                                 jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)))
 
 
 @jax.tree_util.register_dataclass
@@ -38,7 +37,7 @@ class KVCache:
     index: Array
 
     @classmethod
-    def init(cls, cfg, batch: int, length: int, dtype=None) -> "KVCache":
+    def init(cls, cfg, batch: int, length: int, dtype=None) -> KVCache:
         t = cfg.text
         shape = (batch, t.num_kv_heads, length, t.head_dim)
         dtype = dtype or jnp.dtype(cfg.dtype)
@@ -137,7 +136,7 @@ class Decoder(nnx.Module):
             return layer(h, positions, mask, layer_cache, index, task, valid, aia_keys, aia_impl)
 
         if self.cfg.remat_policy != "none":
-            run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat_policy])
+            run = nnx.remat(run, policy=_CHECKPOINT_POLICIES[self.cfg.remat_policy])
 
         x = x.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:

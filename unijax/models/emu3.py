@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unijax.contract import GEN_IMAGE, UND_IMAGE
 from unijax.models.decoder import Decoder
 from unijax.models.emu3_config import Emu3Config
 from unijax.models.emu3_vq import Emu3VQ
-from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE, DecoderModel  # noqa: F401 (shared modality ids)
+from unijax.models.janus import DecoderModel
 from unijax.models.layers import fill_in_order, linear
 
 Array = jax.Array

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from unijax.models.config import ImageGrid, MoEConfig, TextConfig, _build, _int_or, check_decoder
 
@@ -77,14 +78,14 @@ class Emu3Config:
 
     family = "emu3"
 
-    def replace(self, **kw) -> "Emu3Config":
+    def replace(self, **kw) -> Emu3Config:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(dataclasses.asdict(self), family="emu3")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> "Emu3Config":
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> Emu3Config:
         subs = {"text": TextConfig, "vq": Emu3VQConfig, "moe": MoEConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
@@ -101,7 +102,7 @@ class Emu3Config:
 
     # -- transformers interop -----------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], image_size: int = 0, **runtime) -> "Emu3Config":
+    def from_hf(cls, hf: Mapping[str, Any], image_size: int = 0, **runtime) -> Emu3Config:
         """`image_size`: the square images unijax batches will carry (transformers' Emu3 takes any size;
         0 = a 64 x 64 code grid)."""
         if hf.get("model_type") != "emu3":
@@ -187,7 +188,7 @@ class Emu3Config:
             "vocabulary_map": self.vocabulary_map(),
         }
 
-    def validate(self) -> "Emu3Config":
+    def validate(self) -> Emu3Config:
         t, q = self.text, self.vq
         att_ch = {q.base_channels * q.channel_multiplier[-1]} | {q.base_channels * q.channel_multiplier[i]
                                                                   for i in q.attn_resolutions}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unijax.contract import GEN_IMAGE, TEXT, UND_IMAGE
 from unijax.models.config import JanusConfig
 from unijax.models.decoder import Decoder, KVCache
 from unijax.models.layers import embed, fill_in_order, gelu, linear
@@ -22,8 +23,6 @@ from unijax.models.vq import VQModel
 
 Array = jax.Array
 
-TEXT, UND_IMAGE, GEN_IMAGE = 0, 1, 2  # per-token modality
-MMU, T2I = 0, 1  # per-token task (== TA-MoE group); unijax.data.pipeline uses the same ids
 
 
 class GenerationHead(nnx.Module):

@@ -8,11 +8,13 @@ through the rules table of the config, so the model code never names a mesh axis
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from unijax.models.config import AIA_IMPLS
 
 Array = jax.Array
 
@@ -127,7 +129,6 @@ def _weighted_values(probs: Array, v: Array) -> Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, v.shape[-1])
 
 
-ATTENTION_IMPLS = ("xla", "chunked", "cudnn")
 CHUNK = 256  # query block of the chunked implementation
 
 
@@ -195,7 +196,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, im
         mass = jnp.einsum("bkgts,bs->btkg", probs, aia_keys.astype(jnp.float32)).reshape(b, t, h)
         return _weighted_values(probs, v), mass
     if aia_impl != "lean":
-        raise ValueError(f"aia_impl={aia_impl!r}: expected 'lean' or 'explicit'")
+        raise ValueError(f"aia_impl={aia_impl!r}: expected one of {AIA_IMPLS}")
     indicator = jnp.broadcast_to(aia_keys[:, None, :, None].astype(v.dtype), (*v.shape[:3], 1))
     out = run(q, k, jnp.concatenate([v, indicator], axis=-1), mask, scale)
     return out[..., :d], out[..., d].astype(jnp.float32)

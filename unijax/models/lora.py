@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DEFAULT_TARGETS = (
     r"language_model/layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel",

@@ -54,7 +54,6 @@ from unijax.sharding import BATCH_AXES
 
 Array = jax.Array
 
-UND, GEN = 0, 1  # group ids == task ids of the batch (pipeline.MMU, pipeline.T2I)
 
 
 def resolved_impl(m: MoEConfig) -> str:

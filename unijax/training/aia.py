@@ -30,11 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unijax.data.pipeline import MMU, T2I
-from unijax.models.janus import GEN_IMAGE, TEXT, UND_IMAGE
+from unijax.models.config import AIA_IMPLS
+from unijax.models.forward import AIA_TASKS, UND_QUERIES, intensities, spans
 
 Array = jax.Array
-TASKS = ("gen", "und")
 
 # (first layer, end layer (exclusive), delta, target) at the table's reference depth
 TABLES = {
@@ -62,12 +61,12 @@ def settings(config, num_layers: int) -> dict | None:
     if not any(float(w) > 0 for w in weights.values()):
         return None
     a = config.aia
-    if a.impl not in ("lean", "explicit"):
-        raise ValueError(f"aia.impl={a.impl!r}: expected 'lean' or 'explicit'")
-    if a.und_queries not in ("answer", "after_image"):
-        raise ValueError(f"aia.und_queries={a.und_queries!r}: expected 'answer' or 'after_image'")
+    if a.impl not in AIA_IMPLS:
+        raise ValueError(f"aia.impl={a.impl!r}: expected one of {AIA_IMPLS}")
+    if a.und_queries not in UND_QUERIES:
+        raise ValueError(f"aia.und_queries={a.und_queries!r}: expected one of {UND_QUERIES}")
     targets = {}
-    for task in TASKS:
+    for task in AIA_TASKS:
         try:
             targets[task] = layer_targets(a[f"{task}_targets"], task, num_layers, a.curve_delta)
         except ValueError as e:
@@ -118,55 +117,13 @@ def load_curve(path: str | pathlib.Path, task: str, num_layers: int, delta: floa
 
 def layer_targets(spec: str, task: str, num_layers: int, curve_delta: float = 0.05) -> Targets:
     """`spec`: a `TABLES` name or a curve file path -> per-layer targets and Huber thresholds."""
-    if task not in TASKS:
-        raise ValueError(f"AIA task {task!r}: expected one of {TASKS}")
+    if task not in AIA_TASKS:
+        raise ValueError(f"AIA task {task!r}: expected one of {AIA_TASKS}")
     if spec in TABLES:
         return _from_table(spec, task, num_layers)
     if not pathlib.Path(spec).is_file():
         raise ValueError(f"AIA targets {spec!r}: neither a table ({', '.join(TABLES)}) nor an existing curve file")
     return load_curve(spec, task, num_layers, curve_delta)
-
-
-def spans(batch: dict[str, Array], cfg, *, include_bos: bool = True, und_queries: str = "answer",
-          skip_cfg_blank: bool = True) -> tuple[Array, dict[str, Array], dict[str, Array]]:
-    """-> (keys `[B, T]` bool, queries {task: `[B, T]` bool}, valid {task: `[B]` bool}).
-
-    A row is valid for a task when it has queries of that task and keys for them (and, for T2I
-    with `skip_cfg_blank`, a prompt that was not blanked)."""
-    tokens, modality, task = batch["tokens"], batch["modality"], batch["task"]
-    live = batch["segment_ids"] > 0
-    text = (modality == TEXT) & live
-    if getattr(cfg, "eol_token_id", None) is not None:  # Emu3: end-of-line tokens belong to their image
-        text &= tokens != cfg.eol_token_id
-    bos = tokens == cfg.text.bos_token_id
-    # T2I: the prompt = text before the image, without the begin-of-image token (and blanked pads)
-    prompt = text & (task == T2I) & (tokens != cfg.boi_token_id) & (tokens != cfg.eoi_token_id) & \
-        (tokens != cfg.text.pad_token_id)
-    gen_keys = prompt if include_bos else prompt & ~bos
-    gen_queries = (modality == GEN_IMAGE) & live
-    und_keys = (modality == UND_IMAGE) & live
-    if und_queries == "answer":  # token t is an answer token when the loss at t - 1 predicts it
-        answer = jnp.concatenate([jnp.zeros_like(tokens[:, :1], bool), batch["text_weights"][:, :-1] > 0], axis=1)
-        mmu_queries = answer & text & (task == MMU)
-    elif und_queries == "after_image":  # every text token after its segment's image
-        seen = jnp.cumsum(und_keys, axis=1)
-        start = jnp.arange(tokens.shape[1])[None] - batch["positions"]  # the segment's first index
-        before = jnp.take_along_axis(seen - und_keys, jnp.maximum(start, 0), axis=1)
-        mmu_queries = text & (task == MMU) & (seen - before > 0) & ~und_keys
-    else:
-        raise ValueError(f"aia.und_queries={und_queries!r}: expected 'answer' or 'after_image'")
-    keys = gen_keys | und_keys
-    gen_valid = jnp.any(gen_queries, 1) & jnp.any(gen_keys, 1)
-    if skip_cfg_blank:
-        gen_valid &= jnp.any(prompt & ~bos, 1)
-    und_valid = jnp.any(mmu_queries, 1) & jnp.any(und_keys, 1)
-    return keys, {"gen": gen_queries, "und": mmu_queries}, {"gen": gen_valid, "und": und_valid}
-
-
-def intensities(mass: Array, queries: Array) -> Array:
-    """Per-query masses `[L, B, T]` (head-averaged) and a query mask `[B, T]` -> `I [L, B]`."""
-    q = queries.astype(jnp.float32)
-    return jnp.sum(mass * q[None], axis=-1) / jnp.maximum(jnp.sum(q, axis=-1), 1.0)[None]
 
 
 def huber_loss(intensity: Array, valid: Array, targets: Targets) -> Array:
@@ -185,7 +142,7 @@ def aia_terms(mass: Array, batch: dict[str, Array], cfg, targets: dict[str, Targ
     valid-sample count `aia_samples_<task>`."""
     _, queries, valid = spans(batch, cfg, **span_kw)
     out = {}
-    for task in TASKS:
+    for task in AIA_TASKS:
         i = intensities(mass, queries[task])
         w = valid[task].astype(jnp.float32)
         n = jnp.sum(w)

@@ -8,9 +8,10 @@ import math
 import pathlib
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
+from tensorboardX import SummaryWriter
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -29,8 +30,6 @@ class MetricLogger:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.primary:
-            from tensorboardX import SummaryWriter  # writes standard TensorBoard event files
-
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), flush_secs=10)
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:

@@ -27,87 +27,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unijax.models.janus import GEN_IMAGE, UND_IMAGE, Janus
-from unijax.models.layers import fill_in_order
+from unijax.models.forward import AIA_TASKS, lm_forward, router_hits
+from unijax.models.janus import Janus
 from unijax.training import aia as aia_lib
 
 Array = jax.Array
-
-
-def gather_images(patches: Array, mask: Array, num_images: int, patch: int, grid: int) -> Array:
-    """Reassembles whole images from per-token pixel patches.
-
-    patches `[B, T, P]` uint8, mask `[B, T]` (the image tokens of one kind, `grid^2` per image, in
-    order) -> float images `[B, num_images, grid*patch, grid*patch, 3]` in [-1, 1]. Slots beyond a
-    row's images hold garbage that nothing reads.
-    """
-    b, t, _ = patches.shape
-    n = num_images * grid * grid
-    order = jnp.argsort(~mask, axis=1, stable=True)                     # image tokens first, in order
-    if n > t:
-        order = jnp.pad(order, ((0, 0), (0, n - t)))
-    idx = order[:, :n]
-    p = jnp.take_along_axis(patches, idx[..., None], axis=1)[..., : patch * patch * 3]
-    p = p.reshape(b, num_images, grid, grid, patch, patch, 3).transpose(0, 1, 2, 4, 3, 5, 6)
-    img = p.reshape(b, num_images, grid * patch, grid * patch, 3)
-    return img.astype(jnp.float32) / 127.5 - 1.0
-
-
-def understanding_images(cfg, batch: dict[str, Array], num_images: int) -> Array:
-    """The images under `UND_IMAGE` tokens: `[B, num_images, H, W, 3]` in [-1, 1]."""
-    return gather_images(batch["patches"], batch["modality"] == UND_IMAGE, num_images, cfg.vision.patch_size,
-                         cfg.vision.image_size // cfg.vision.patch_size)
-
-
-def generated_images(cfg, batch: dict[str, Array], num_images: int, kind: int = GEN_IMAGE) -> Array:
-    """The images under `kind` tokens laid out in VQ blocks (`GEN_IMAGE`; for Emu3 also `UND_IMAGE`),
-    flattened: `[B * num_images, H, W, 3]` in [-1, 1]."""
-    imgs = gather_images(batch["patches"], batch["modality"] == kind, num_images,
-                         cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
-    return imgs.reshape(-1, *imgs.shape[2:])
-
-
-def _fill_codes(model, batch: dict[str, Array], tokens: Array, kind: int, num_images: int) -> Array:
-    """`tokens` with the frozen VQ's codes of the images under `kind` slots filled in, in order."""
-    codes = model.vqmodel.encode(generated_images(model.cfg, batch, num_images, kind)).reshape(tokens.shape[0], -1)
-    return fill_in_order(batch["modality"] == kind, jax.lax.stop_gradient(codes), tokens)
-
-
-def prepare_inputs(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int]):
-    """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`).
-
-    Emu3 (one tokenizer both ways): understanding slots get VQ codes too, and there are no pixels."""
-    cfg = model.cfg
-    n_und, n_gen = images_per_row
-    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen)
-    if getattr(cfg, "family", "janus") == "emu3":
-        return _fill_codes(model, batch, tokens, UND_IMAGE, n_und), None
-    return tokens, understanding_images(cfg, batch, n_und).astype(cfg.dtype)
 
 
 def cross_entropy(logits: Array, targets: Array) -> Array:
     """Per-position cross-entropy `[...]` in float32."""
     logits = logits.astype(jnp.float32)
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-
-
-def lm_forward(model: Janus, batch: dict[str, Array], images_per_row: tuple[int, int], aia: dict | None = None):
-    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, aux: the
-    TA-MoE tree, plus `aia [L, B, T]` with `aia` settings (`AIASettings.as_dict`))."""
-    tokens, pixels = prepare_inputs(model, batch, images_per_row)
-    keys = aia_lib.spans(batch, model.cfg, **aia["spans"])[0] if aia else None
-    h, _, aux = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels,
-                      task=batch["task"], return_aux=True, capture_aia=keys,
-                      aia_impl=aia["impl"] if aia else "lean")
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    return model.text_logits(h), model.image_logits(h), targets, aux
-
-
-def router_hits(aux, batch: dict[str, Array]) -> tuple[Array, Array]:
-    """-> (task-router hits per layer and row `[L, B]`, non-padding tokens per row `[B]`)."""
-    valid = batch["segment_ids"] > 0
-    hit = (jnp.argmax(aux["task_logits"], axis=-1) == batch["task"][None]) & valid[None]
-    return jnp.sum(hit, axis=-1).astype(jnp.float32), jnp.sum(valid, axis=-1).astype(jnp.float32)
 
 
 def moe_losses(aux, batch: dict[str, Array], *, top_k: int) -> dict[str, Array]:
@@ -148,7 +78,7 @@ def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
         metrics.update(m)
     if aia:
         m = aia_lib.aia_terms(aux["aia"], batch, model.cfg, aia["targets"], **aia["spans"])
-        loss = loss + sum(aia["weights"][t] * m[f"aia_loss_{t}"] for t in aia_lib.TASKS)
+        loss = loss + sum(aia["weights"][t] * m[f"aia_loss_{t}"] for t in AIA_TASKS)
         metrics.update(m)
     metrics["loss"] = loss
     return loss, metrics

@@ -8,7 +8,7 @@ optimizer state.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import nnx

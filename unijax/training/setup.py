@@ -10,6 +10,7 @@ command lowers and compiles for a mesh of devices that need not exist.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,8 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from unijax import sharding
-from unijax.data import pipeline
+from unijax import contract, sharding
 from unijax.models import lora
 from unijax.training import steps
 from unijax.training.optimizer import learning_rate, make_optimizer
@@ -80,9 +80,10 @@ def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False) -> S
                  lora.scale_of(lcfg) if lcfg.rank else 1.0, float(lcfg.dropout) if lcfg.rank else 0.0)
 
 
-def jit_train_step(setup: Setup, config, mesh: Mesh, loss_fn):
-    """The jitted `(state, frozen, batch) -> (state, metrics)` with explicit shardings; `state` is donated."""
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
+def jit_train_step(setup: Setup, config, mesh: Mesh, loss_fn, batch_keys: Sequence[str] = contract.BATCH_KEYS):
+    """The jitted `(state, frozen, batch) -> (state, metrics)` with explicit shardings (`batch`: the
+    arrays `batch_keys`, split over the batch axes); `state` is donated."""
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
     step = steps.make_train_step(setup.graphdef, setup.tx, loss_fn, learning_rate(config.train), setup.lora_scale,
                                  setup.lora_dropout)
     return jax.jit(step, in_shardings=(setup.state_sh, setup.frozen_sh, batch_sh),

@@ -1,6 +1,6 @@
 r"""Sparse upcycling: dense Janus checkpoints -> a TA-MoE Janus (stage 1 -> stage 2 of UniDecouple).
 
-    python -m unijax.training.upcycle --base workdir/base/model --out workdir/upcycled \
+    python -m unijax.upcycle --base workdir/base/model --out workdir/upcycled \
         [--und DIR] [--gen DIR] [--noise 0.01] [--alpha_init 0] [--num_experts_per_group 4] \
         [--top_k 2] [--num_shared_experts 1] [--group_assignment label] [--overwrite]
     python -m unijax.train --config configs/ta_moe.py --config.init_from=workdir/upcycled
@@ -40,15 +40,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unijax.models.config import RUNTIME_KEYS, JanusConfig, MoEConfig
+from unijax import checkpoints
 from unijax.models import family
+from unijax.models.config import RUNTIME_KEYS, JanusConfig, MoEConfig
 from unijax.models.janus import Janus
 
 Array = jax.Array
@@ -229,8 +229,6 @@ def upcycle_checkpoint(base_dir, out, und_dir=None, gen_dir=None, moe: MoEConfig
                        log=print) -> Janus:
     """Reads dense model checkpoints, upcycles them (`upcycle`) and writes the model checkpoint `out`
     (atomically: a failure leaves no `out`). Returns the upcycled model."""
-    from unijax import checkpoints
-
     out = pathlib.Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -265,59 +263,3 @@ def upcycle_checkpoint(base_dir, out, und_dir=None, gen_dir=None, moe: MoEConfig
         f"{moe.num_experts_per_group} experts (top-{moe.top_k}), {moe.num_shared_experts} shared, "
         f"alpha {moe.alpha_init}, noise {noise}, router_std {router_std}")
     return model
-
-
-def _define_flags():
-    """Defined when run as a script only, so that importing this module adds no absl flags."""
-    from absl import flags
-
-    d = MoEConfig()
-    flags.DEFINE_string("base", None, "dense unijax model checkpoint: everything outside the experts", required=True)
-    flags.DEFINE_string("out", None, "output model checkpoint directory (must not exist unless --overwrite)",
-                        required=True)
-    flags.DEFINE_string("und", None, "dense checkpoint whose FFNs become the MMU experts (default: --base)")
-    flags.DEFINE_string("gen", None, "dense checkpoint whose FFNs become the T2I experts (default: --base)")
-    flags.DEFINE_float("noise", 0.0, "relative scale of the multiplicative Gaussian noise on each expert copy")
-    flags.DEFINE_float("router_std", 1e-3, "std of the task-router and router kernels (0: uniform routing)")
-    flags.DEFINE_integer("seed", 0, "seed of the noise and the routers")
-    flags.DEFINE_bool("overwrite", False, "replace an existing --out")
-    flags.DEFINE_integer("num_experts_per_group", d.num_experts_per_group, "moe.num_experts_per_group")
-    flags.DEFINE_integer("num_shared_experts", d.num_shared_experts, "moe.num_shared_experts")
-    flags.DEFINE_integer("top_k", d.top_k, "moe.top_k")
-    flags.DEFINE_integer("expert_intermediate_size", d.expert_intermediate_size,
-                         "moe.expert_intermediate_size (0 or the dense intermediate size)")
-    flags.DEFINE_enum("group_assignment", d.group_assignment, ["label", "router", "soft"], "moe.group_assignment")
-    flags.DEFINE_enum("impl", d.impl, ["auto", "dropless", "capacity"], "moe.impl")
-    flags.DEFINE_float("capacity_factor", d.capacity_factor, "moe.capacity_factor")
-    flags.DEFINE_float("alpha_init", d.alpha_init, "moe.alpha_init (0: the upcycled model equals und/gen)")
-    flags.DEFINE_list("layers", [], "moe.layers: decoder layers to upcycle (comma separated); empty = all")
-
-
-def main(argv):
-    from absl import app, flags, logging
-
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    f = flags.FLAGS
-    try:
-        layers = tuple(int(i) for i in f.layers)
-    except ValueError:
-        raise app.UsageError(f"--layers={','.join(f.layers)} must be comma-separated integers")
-    moe = MoEConfig(num_experts_per_group=f.num_experts_per_group, num_shared_experts=f.num_shared_experts,
-                    top_k=f.top_k, expert_intermediate_size=f.expert_intermediate_size,
-                    group_assignment=f.group_assignment, impl=f.impl, capacity_factor=f.capacity_factor,
-                    alpha_init=f.alpha_init, layers=layers)
-    try:
-        upcycle_checkpoint(f.base, f.out, f.und, f.gen, moe, noise=f.noise, router_std=f.router_std, seed=f.seed,
-                           overwrite=f.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)

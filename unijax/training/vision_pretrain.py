@@ -21,6 +21,7 @@ workdir with the same settings, restores it instead of training it again; this m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -33,13 +34,15 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-
 from safetensors.numpy import load_file, save_file
 
 from unijax import sharding
-from unijax.checkpoints import atomic_directory, flat_params
+from unijax.checkpoints import flat_params
 from unijax.data import datasets, shapes
-from unijax.training.optimizer import make_optimizer
+from unijax.distributed import to_host
+from unijax.io import atomic_directory
+from unijax.models.config import family_of
+from unijax.training import setup as train_setup
 
 IDENTITY_INDEX = {identity: i for i, identity in enumerate(shapes.IDENTITIES)}
 EVAL_SEED_OFFSET = 7_000_003  # held-out images: a scene stream the training phase never draws
@@ -130,6 +133,18 @@ def _settings(model, config) -> dict:
             "seed": int(config.seed), "init_from": str(config.init_from), "train": train}
 
 
+def maybe_pretrain(model, config, mesh, log, cache_dir: str | pathlib.Path | None = None) -> dict[str, float] | None:
+    """The phase when `vision_pretrain.steps` asks for it and the model needs it: a loaded tower
+    (`init_from`) is already trained, and Emu3 has no understanding encoder."""
+    if not config.vision_pretrain.steps:
+        return None
+    skip = "init_from is set" if config.init_from else ("model.family=emu3" if family_of(model.cfg) == "emu3" else "")
+    if skip:
+        log.info(f"vision pre-training skipped: {skip}")
+        return None
+    return pretrain_vision(model, config, mesh, log, cache_dir)
+
+
 def pretrain_vision(model, config, mesh, log, cache_dir: str | pathlib.Path | None = None) -> dict[str, float]:
     """Trains `model.vision_model` in place for `vision_pretrain.steps` steps (or restores it from
     `cache_dir` when that holds a tower trained under the same settings); returns the held-out
@@ -158,7 +173,7 @@ def _load_tower(model, path: pathlib.Path) -> None:
     saved = load_file(str(path))
     state = nnx.state(model.vision_model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
-    missing = sorted(set(map(lambda k: ".".join(map(str, k)), flat)) ^ set(saved))
+    missing = sorted({".".join(map(str, k)) for k in flat} ^ set(saved))
     if missing:
         raise ValueError(f"{path} does not match model.vision: tensors {missing[:4]} differ; remove it to retrain")
     for key, var in flat.items():
@@ -169,17 +184,28 @@ def _load_tower(model, path: pathlib.Path) -> None:
         var.set_value(jnp.asarray(saved[name], var.get_value().dtype))
 
 
+def _phase_config(config) -> ml_collections.ConfigDict:
+    """The run's config as the shared step builder reads it for this phase: every parameter of the
+    tower and the tagger trains (no LoRA), with `_optimizer_config`'s optimizer settings."""
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.train = _optimizer_config(config)
+        c.train.trainable, c.train.frozen = (".*",), ()
+        c.model.lora.rank = 0
+    return c
+
+
+def _tagging_loss(model: _Tagged, batch: dict) -> tuple[jax.Array, dict]:
+    loss = optax.sigmoid_binary_cross_entropy(model(_pixels(batch["image"])), batch["tags"]).sum(-1).mean()
+    return loss, {"loss": loss}
+
+
 def _train(model, config, mesh, log) -> dict[str, float]:
+    """The phase, on the sharded, jitted train step every stage uses (`unijax.training.setup`)."""
     v = config.vision_pretrain
     steps = int(v.steps)
     image_size = model.cfg.vision.image_size
-    n_shards = sharding.num_batch_shards(mesh)
-    if v.batch_size % n_shards:
-        raise ValueError(f"vision_pretrain.batch_size={v.batch_size} is not divisible by mesh.data x mesh.fsdp x "
-                         f"mesh.expert = {n_shards}")
-    if v.batch_size % jax.process_count():
-        raise ValueError(f"vision_pretrain.batch_size={v.batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
+    sharding.check_batch("vision_pretrain.batch_size", v.batch_size, mesh)
     per_process = v.batch_size // jax.process_count()
     train_ds = (grain.MapDataset.source(TagSource(config.seed, image_size))[jax.process_index()::jax.process_count()]
                 .batch(per_process, drop_remainder=True)
@@ -187,50 +213,37 @@ def _train(model, config, mesh, log) -> dict[str, float]:
     held_out = grain.MapDataset.source(TagSource(config.seed + EVAL_SEED_OFFSET, image_size))
     held_out = held_out.batch(int(v.eval_images))[0]
 
+    phase = _phase_config(config)
     tagged = _Tagged(model.vision_model, model.cfg.vision.hidden_size, rngs=nnx.Rngs(config.seed + 1))
-    graphdef, params = nnx.split(tagged, nnx.Param)
-    tx = make_optimizer(_optimizer_config(config))
-    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    params = jax.device_put(params, repl)
-    opt_state = jax.device_put(tx.init(params), repl)
-
-    def loss_fn(p, batch):
-        logits = nnx.merge(graphdef, p)(_pixels(batch["image"]))
-        return optax.sigmoid_binary_cross_entropy(logits, batch["tags"]).sum(-1).mean()
-
-    @jax.jit
-    def step(p, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    @jax.jit
-    def predict(p, images):
-        return nnx.merge(graphdef, p)(_pixels(images))
+    built = train_setup.build(tagged, phase, mesh)
+    step = train_setup.jit_train_step(built, phase, mesh, _tagging_loss, batch_keys=("image", "tags"))
+    state, frozen, graphdef = built.state, built.frozen, built.graphdef
+    predict = jax.jit(lambda p, f, images: nnx.merge(graphdef, p, f)(_pixels(images)))
 
     log.info(f"vision pre-training: {steps} steps x {v.batch_size} images, identity tagging "
              f"({len(shapes.IDENTITIES)} labels)")
     it = iter(train_ds)
     t0 = time.perf_counter()
     losses = []
-    for i in range(1, steps + 1):
-        batch = sharding.put_batch(next(it), mesh)
-        params, opt_state, loss = step(params, opt_state, batch)
-        losses.append(loss)
-        if i % int(v.log_every) == 0 or i == steps:
-            elapsed = time.perf_counter() - t0
-            mean = float(np.mean(jax.device_get(losses)))
-            losses = []
-            log.info(f"vision step {i}/{steps} loss={mean:.4f} elapsed={elapsed:.0f}s "
-                     f"eta={elapsed / i * (steps - i):.0f}s")
-            log.write(i, {"loss": mean}, prefix="vision_pretrain/")
-    if hasattr(it, "close"):
-        it.close()
-    logits = np.asarray(jax.device_get(predict(params, jax.device_put(held_out["image"], repl))), np.float64)
+    with jax.set_mesh(mesh):
+        for i in range(1, steps + 1):
+            state, metrics = step(state, frozen, sharding.put_batch(next(it), mesh))
+            losses.append(metrics["loss"])
+            if i % int(v.log_every) == 0 or i == steps:
+                elapsed = time.perf_counter() - t0
+                mean = float(np.mean(to_host(losses)))
+                losses = []
+                log.info(f"vision step {i}/{steps} loss={mean:.4f} elapsed={elapsed:.0f}s "
+                         f"eta={elapsed / i * (steps - i):.0f}s")
+                log.write(i, {"loss": mean}, prefix="vision_pretrain/")
+        if hasattr(it, "close"):
+            it.close()
+        logits = np.asarray(to_host(predict(state["params"], frozen, held_out["image"])), np.float64)
     scores = tagging_scores(logits, held_out["tags"])
     log.write(steps, scores, prefix="vision_pretrain/")
     log.info(f"vision pre-training done: held-out exact identity set {scores['exact_set']:.3f}, tag accuracy "
              f"{scores['tag_accuracy']:.4f}, loss {scores['loss']:.3f} (image-blind {scores['blind_loss']:.3f}; "
              f"{v.eval_images} images)")
-    nnx.update(tagged, jax.device_get(params))  # the tower's trained weights, back into `model`
+    trained = nnx.merge(graphdef, to_host(state["params"]), to_host(frozen))
+    nnx.update(model.vision_model, nnx.state(trained.vision_model))  # the trained tower, back into `model`
     return scores

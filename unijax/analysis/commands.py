@@ -1,0 +1,157 @@
+"""The three analyses of `python -m unijax.analyze` on a checkpoint: `experts`, `intensity` and
+`conflict` (each returns its result and writes JSON + PNG atomically; usage in `unijax.analyze`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+
+from unijax import checkpoints, contract
+from unijax.analysis.conflict import conflict_stats
+from unijax.analysis.experts import expert_stats
+from unijax.analysis.heldout import heldout_batches, run_config
+from unijax.analysis.intensity import intensity_curves
+from unijax.analysis.plots import plot_conflict, plot_experts, plot_intensity
+from unijax.io import write_outputs
+from unijax.models import forward
+from unijax.training import aia
+
+
+def _fmt(v, width=7, digits=3) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
+def experts_table(stats: dict) -> str:
+    """One row per TA-MoE layer: router accuracy and p(own group), per-group load entropy (H / log N
+    over all tokens, 1 = uniform) and largest expert share (uniform = 1/N), dropped, alpha."""
+    n = stats["num_experts_per_group"]
+    head = (f"{'layer':>5} {'acc_mmu':>7} {'acc_t2i':>7} {'acc_all':>7} {'p_mmu':>7} {'p_t2i':>7} "
+            f"{'H_mmu':>7} {'max_mmu':>7} {'H_t2i':>7} {'max_t2i':>7} {'dropped':>7} {'alpha':>7}")
+    lines = [f"TA-MoE experts: {n} per group, top-{stats['top_k']}, group_assignment={stats['group_assignment']}; "
+             f"tokens mmu={stats['tokens']['mmu']} t2i={stats['tokens']['t2i']}; uniform load 1/N = {1 / n:.3f}",
+             head]
+    for r in stats["layers"]:
+        acc, p, ent = r["router_acc"], r["router_prob"], r["load_entropy"]
+        mx = {g: max(r["expert_load"][g]["all_tokens"]) for g in ("mmu_group", "t2i_group")}
+        lines.append(f"{r['layer']:>5} {_fmt(acc['mmu'])} {_fmt(acc['t2i'])} {_fmt(acc['all'])} {_fmt(p['mmu'])} "
+                     f"{_fmt(p['t2i'])} {_fmt(ent['mmu_group'])} {_fmt(mx['mmu_group'])} {_fmt(ent['t2i_group'])} "
+                     f"{_fmt(mx['t2i_group'])} {_fmt(r['dropped_frac'], digits=4)} {_fmt(r['alpha'])}")
+    return "\n".join(lines)
+
+
+def _emit(out: pathlib.Path, stem: str, result: dict, plot, table: str) -> dict:
+    """`out/<stem>.json` and `out/<stem>.png` (by `plot(path)`), replaced together; prints the table."""
+    write_outputs(out, {f"{stem}.json": lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
+                        f"{stem}.png": plot})
+    print(table)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return result
+
+
+def experts(args) -> dict:
+    ckpt = pathlib.Path(args.ckpt)
+    cfg = checkpoints.read_config(ckpt)
+    if cfg.ffn != "ta_moe":
+        raise ValueError(f"{ckpt} is a dense checkpoint ({ckpt / 'model.json'}: ffn={cfg.ffn!r}): it has no experts "
+                         f"to analyse. `analyze experts` needs a TA-MoE model (ffn='ta_moe'), e.g. the "
+                         f"workdir/ta_moe/model written by `python -m unijax.train --config configs/ta_moe.py`")
+    config, config_path = run_config(ckpt)
+    seed = config.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or config.train.batch_size
+    num_batches = args.num_batches or config.train.eval_batches
+    data_dir = args.data_dir or config.data.dir
+    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis"
+    if config_path is None:
+        print(f"no {ckpt.absolute().parent / 'config.json'}: data settings from configs/common.py")
+    batches, images_per_row, data_seed = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir)
+    model = checkpoints.load_model(ckpt)
+    stats = expert_stats(model, batches, images_per_row)
+    stats = {"checkpoint": str(ckpt.absolute()), "run_config": str(config_path) if config_path else None,
+             "seed": seed, "data_seed": data_seed, "num_batches": num_batches, "batch_size": batch_size, **stats}
+    return _emit(out, "experts", stats, lambda p: plot_experts(stats, p, title=f"{ckpt}: TA-MoE task router"),
+                 experts_table(stats))
+
+
+def intensity_table(curves: dict) -> str:
+    lines = ["layer " + "".join(f"{t + ' mean':>10}{t + ' std':>9}" for t in curves)]
+    n = len(next(iter(curves.values()))["mean"])
+    for l in range(n):
+        lines.append(f"{l:5d} " + "".join(f"{c['mean'][l]:10.4f}{c['std'][l]:9.4f}" for c in curves.values()))
+    lines.append("mean  " + "".join(f"{np.mean(c['mean']):10.4f}{'':9}" for c in curves.values()))
+    return "\n".join(lines)
+
+
+def intensity(args) -> dict:
+    if args.task not in forward.AIA_TASKS:
+        raise ValueError(f"--task={args.task!r}: expected und or gen")
+    if args.samples <= 0:
+        raise ValueError(f"--samples={args.samples} must be positive")
+    ckpt = pathlib.Path(args.ckpt)
+    cfg = checkpoints.read_config(ckpt)
+    config, config_path = run_config(ckpt)
+    config.data.cfg_drop_prob = 0.0  # the model's intensities on real prompts
+    seed = config.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or config.train.batch_size
+    num_batches = math.ceil(2.2 * args.samples / batch_size) + 1  # both tasks, 1:1 by default
+    data_dir = args.data_dir or config.data.dir
+    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis" / f"intensity_{args.task}.json"
+    targets = {t: aia.layer_targets(args.targets, t, cfg.text.num_layers, args.curve_delta)
+               for t in forward.AIA_TASKS if args.targets in aia.TABLES or t == args.task}
+    span_kw = {"include_bos": bool(args.include_bos), "und_queries": args.und_queries, "skip_cfg_blank": True}
+    batches, images_per_row, data_seed = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir)
+    model = checkpoints.load_model(ckpt)
+    curves = intensity_curves(model, batches, images_per_row, samples=args.samples, **span_kw)
+    for t, c in curves.items():
+        if c["samples"] < args.samples:
+            raise ValueError(f"only {c['samples']} valid {t} samples in {num_batches} held-out batches of "
+                             f"{batch_size}; the run's data mix lacks that task")
+    main_curve = curves[args.task]
+    result = {"task": args.task, "layers": cfg.text.num_layers, "mean": main_curve["mean"].tolist(),
+              "std": main_curve["std"].tolist(), "samples": main_curve["samples"], "checkpoint": str(ckpt.absolute()),
+              "run_config": str(config_path) if config_path else None, "data_seed": data_seed, "spans": span_kw,
+              "other": {t: {"mean": c["mean"].tolist(), "std": c["std"].tolist()}
+                        for t, c in curves.items() if t != args.task}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+
+    write_outputs(out.parent, {
+        out.name: lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
+        png.name: lambda p: plot_intensity(curves, targets, p, title=f"{ckpt}: cross-modal attention intensity"),
+    })
+    print(intensity_table(curves))
+    print(f"wrote {out} and {png}")
+    return result
+
+
+def conflict_table(stats: dict) -> str:
+    lines = [f"{'scope':8} {'group':14} {'cosine':>8} {'batch mean':>11} {'batch std':>10} {'|g_mmu|':>9} "
+             f"{'|g_t2i|':>9}"]
+    for g in stats["groups"]:
+        lines.append(f"{g['scope']:8} {g['group']:14} {_fmt(g['cosine'], 8)} {_fmt(g['batch_cosine_mean'], 11)} "
+                     f"{_fmt(g['batch_cosine_std'], 10)} {g['norm_mmu']:9.2e} {g['norm_t2i']:9.2e}")
+    return "\n".join(lines)
+
+
+def conflict(args) -> dict:
+    ckpt = pathlib.Path(args.ckpt)
+    cfg = checkpoints.read_config(ckpt)
+    config, config_path = run_config(ckpt)
+    config.data.cfg_drop_prob = 0.0
+    seed = config.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or config.train.batch_size
+    data_dir = args.data_dir or config.data.dir
+    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis"
+    und, images_per_row, data_seed = heldout_batches(cfg, config, args.num_batches, batch_size, seed, data_dir, "und")
+    gen, _, _ = heldout_batches(cfg, config, args.num_batches, batch_size, seed, data_dir, "gen")
+
+    keep = lambda b: {k: b[k] for k in contract.BATCH_KEYS}  # noqa: E731
+    model = checkpoints.load_model(ckpt)
+    stats = conflict_stats(model, map(keep, und), map(keep, gen), images_per_row)
+    stats = {"checkpoint": str(ckpt.absolute()), "run_config": str(config_path) if config_path else None,
+             "ffn": cfg.ffn, "data_seed": data_seed, "batch_size": batch_size, **stats}
+    return _emit(out, "conflict", stats,
+                 lambda p: plot_conflict(stats, p, title=f"{ckpt} ({cfg.ffn}): MMU vs T2I gradients"),
+                 conflict_table(stats))

@@ -1,0 +1,353 @@
+"""The UniDecouple experiments end to end on the shapes world: the stages, their budgets, the
+claims and the report (`python -m unijax.reproduce`, `launch/reproduce_shapes.sh`).
+
+    bash launch/reproduce_shapes.sh [--quick] [--out workdir/reproduce] [--seeds 0,1]
+
+Stages (each the documented command, run in-process; a finished stage is skipped on rerun, an
+interrupted one resumes from its checkpoints):
+  1. stage 0: the VQ tokenizer (`configs/stage0_vq.py`);
+  2. the dense base (`configs/base.py`, `init_from` the stage-0 model): shared by every seed;
+  then per seed, each from the base with the same step budget:
+  3. the paper's TOC validation: understanding only, generation only, both (`configs/base.py` with
+     `data.gen_ratio=0` / `data.und_ratio=0` / neither);
+  4. stage 1 on each task (`configs/stage1_und.py`, `stage1_gen.py`), upcycling, stage 2
+     (`configs/stage2.py`);
+  5. the AIA variants: dense + AIA (`configs/aia.py`) and TA-MoE + AIA (`configs/stage2.py:aia`);
+  6. `unijax.evaluate`'s `shapes_pope`, `shapes_mc` and `shapes_geneval` on held-out scenes.
+The report (`DIR/report.md`, and `report.json` with every number) holds the paper's two tables in
+our terms: (a) Und. / Gen. / Both with deltas, (b) dense joint vs TA-MoE vs dense+AIA vs TA-MoE+AIA,
+as mean +- std over seeds with the per-seed values, the commands, the timings and whether the
+paper's claims hold here. `--quick` runs every stage with a few steps and small evaluation sets
+(a smoke test of the pipeline; its numbers mean nothing).
+
+Paths in the report and its commands are written relative to the repository (or the current
+directory) when they lie below it.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from unijax.inference import suites
+from unijax.inference.engine import Engine
+from unijax.io import write_outputs
+from unijax.models.config import MoEConfig
+from unijax.training import loop
+from unijax.training.upcycle import upcycle_checkpoint
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the stage configs are the repository's configs/*.py
+
+
+def shown(path: str | os.PathLike) -> str:
+    """`path` as a report prints it: relative to the current directory (the repository, for the
+    documented commands) when it lies below it, else absolute."""
+    p = pathlib.Path(path).absolute()
+    try:
+        return str(p.relative_to(pathlib.Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+METRICS = (("pope", "POPE acc."), ("pope_f1", "POPE F1"), ("mc", "MC acc."), ("geneval", "GenEval"))
+UND_METRICS, GEN_METRICS = ("pope", "pope_f1", "mc"), ("geneval",)
+# the paper's claims: (statement, run, the run it is compared with, metric, whether higher is the claim)
+CLAIMS = (
+    ("joint training costs understanding (POPE, paper −0.7 points)", "joint", "und_only", "pope", False),
+    ("joint training costs generation (GenEval, paper −0.01)", "joint", "gen_only", "geneval", False),
+    ("TA-MoE recovers understanding over dense joint (POPE)", "stage2", "joint", "pope", True),
+    ("TA-MoE recovers generation over dense joint (GenEval)", "stage2", "joint", "geneval", True),
+    ("AIA helps the dense model (POPE)", "aia", "joint", "pope", True),
+    ("AIA helps the dense model (GenEval)", "aia", "joint", "geneval", True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    vq_steps: int = 400
+    base_steps: int = 1000
+    steps: int = 200            # every per-seed run (TOC, stage 1 x 2, stage 2, AIA variants)
+    batch_size: int = 32
+    pope_images: int = 100
+    mc_questions: int = 200
+    geneval_per_tag: int = 8
+    geneval_samples: int = 2
+    overrides: tuple[str, ...] = ()  # applied to every stage (same architecture throughout)
+
+
+FULL = Budget()
+QUICK = Budget(vq_steps=8, base_steps=8, steps=4, batch_size=8, pope_images=4, mc_questions=6, geneval_per_tag=1,
+               geneval_samples=1, overrides=("model.text.num_layers=2", "train.eval_batches=2"))
+
+
+def load_config(name: str, arg: str | None = None):
+    path = REPO_ROOT / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"unijax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO_ROOT))  # configs import each other as `configs.<name>`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    return module.get_config(arg)
+
+
+def set_key(config, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if isinstance(value, str) and not isinstance(node[leaf], str):
+        value = type(node[leaf])(ast.literal_eval(value)) if node[leaf] is not None else ast.literal_eval(value)
+    node[leaf] = value
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str                  # workdir name under DIR
+    config: str                # configs/<config>.py[:arg]
+    overrides: dict
+    evaluate: bool = True
+
+    def command(self, out: pathlib.Path) -> str:
+        flags = [f"--config.{k}={shown(v) if isinstance(v, pathlib.Path) else v}"
+                 for k, v in {"workdir": out / self.name, **self.overrides}.items()]
+        return "python -m unijax.train --config configs/" + self.config.replace(":", ".py:", 1) + \
+            ("" if ":" in self.config else ".py") + " " + " ".join(map(str, flags))
+
+
+def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") -> list[Stage | tuple]:
+    """The ordered stages; tuples are upcycling steps ("upcycle", seed). `family="emu3"` runs every
+    stage, stage 0 (its VQ-VAE) included, on the tiny Emu3-style model (`model.family=emu3`)."""
+    common = {"train.batch_size": b.batch_size, **dict(o.split("=", 1) for o in b.overrides)}
+    if family != "janus":
+        common["model.family"] = family
+    base_model = out / "base" / "model"
+    per_run = {"train.steps": b.steps, "train.warmup_steps": max(1, b.steps // 10),
+               "train.checkpoint_every": b.steps, "train.eval_every": b.steps, "init_from": base_model}
+    base = {**common, "train.steps": b.base_steps, "train.checkpoint_every": b.base_steps,
+            "train.eval_every": b.base_steps, "train.warmup_steps": max(1, b.base_steps // 10)}
+    stages: list = [
+        Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
+                                         "train.eval_every": b.vq_steps,
+                                         "train.warmup_steps": max(1, b.vq_steps // 8)}, evaluate=False),
+        Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model"}),
+    ]
+    for s in seeds:
+        run = {**common, **per_run, "seed": s}
+        stages += [
+            Stage(f"seed{s}/und_only", "base", {**run, "data.gen_ratio": 0.0}),
+            Stage(f"seed{s}/gen_only", "base", {**run, "data.und_ratio": 0.0}),
+            Stage(f"seed{s}/joint", "base", run),
+            Stage(f"seed{s}/aia", "aia", run),
+            Stage(f"seed{s}/stage1_und", "stage1_und", run, evaluate=False),
+            Stage(f"seed{s}/stage1_gen", "stage1_gen", run, evaluate=False),
+            ("upcycle", s),
+            Stage(f"seed{s}/stage2", "stage2", {**run, "init_from": out / f"seed{s}" / "upcycled"}),
+            Stage(f"seed{s}/stage2_aia", "stage2:aia", {**run, "init_from": out / f"seed{s}" / "upcycled"}),
+        ]
+    return stages
+
+
+def train_stage(stage: Stage, out: pathlib.Path) -> float:
+    """Runs (or resumes) a stage unless its model is complete; returns the seconds it took."""
+    workdir = out / stage.name
+    if (workdir / "DONE").is_file():
+        return float(json.loads((workdir / "DONE").read_text())["seconds"])
+    config = load_config(*stage.config.split(":", 1)) if ":" in stage.config else load_config(stage.config)
+    config.workdir = str(workdir)
+    config.data.dir = str(out / "data")
+    for k, v in stage.overrides.items():
+        set_key(config, k, str(v) if isinstance(v, pathlib.Path) else v)
+    print(f"\n== {stage.name}: {stage.command(out)}", flush=True)
+    t0 = time.perf_counter()
+    loop.train(config)
+    seconds = time.perf_counter() - t0
+    (workdir / "DONE").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def upcycle_stage(out: pathlib.Path, seed: int, b: Budget) -> float:
+    dst = out / f"seed{seed}" / "upcycled"
+    if (dst / "model.json").is_file():
+        return 0.0
+    t0 = time.perf_counter()
+    c = load_config("stage2")
+    moe = MoEConfig(**{k: (tuple(v) if k == "layers" else v) for k, v in c.moe.to_dict().items() if v is not None})
+    upcycle_checkpoint(out / "base" / "model", dst, out / f"seed{seed}" / "stage1_und" / "model",
+                       out / f"seed{seed}" / "stage1_gen" / "model", moe, noise=0.01, seed=seed)
+    return time.perf_counter() - t0
+
+
+def evaluate_model(model_dir: pathlib.Path, b: Budget, seed: int) -> dict[str, float]:
+    """`shapes_pope`, `shapes_mc`, `shapes_geneval` (written under `<stage>/eval/<suite>` like
+    `python -m unijax.evaluate`, resumable) -> the report's metrics."""
+    engine = Engine.load(model_dir, batch_size=16)
+    o = suites.Options(seed=seed, size=engine.image_size, num_images=b.pope_images, num_questions=b.mc_questions,
+                       per_tag=b.geneval_per_tag, samples=b.geneval_samples)
+    fp = {"checkpoint": str(model_dir.absolute()), "group": "router"}
+    res = {s: suites.run(s, engine, o, model_dir.parent / "eval" / s, chunk=64, fingerprint=fp)
+           for s in ("shapes_pope", "shapes_mc", "shapes_geneval")}
+    return {"pope": res["shapes_pope"]["average"]["accuracy"], "pope_f1": res["shapes_pope"]["average"]["f1"],
+            "mc": res["shapes_mc"]["accuracy"], "geneval": res["shapes_geneval"].get("overall", 0.0)}
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def _delta(a: list[float], b: list[float]) -> str:
+    d = np.asarray(a) - np.asarray(b)  # paired by seed
+    return f"{np.mean(d):+.3f}" + (f" ± {np.std(d):.3f}" if len(d) > 1 else "")
+
+
+def eval_sizes(b: Budget) -> dict[str, int]:
+    """Scored answers (or samples) behind each metric: POPE accuracy per split (a positive and a
+    negative per image), MC questions, GenEval samples."""
+    return {"pope": 2 * b.pope_images, "pope_f1": b.pope_images, "mc": b.mc_questions,
+            "geneval": 6 * b.geneval_per_tag * b.geneval_samples}
+
+
+def tables(results: dict, seeds: list[int], sizes: dict[str, int] | None = None) -> tuple[str, str, list[str]]:
+    def vals(run, m):
+        return [results[f"seed{s}/{run}"][m] for s in seeds]
+
+    head = "| run | " + " | ".join(n for _, n in METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    a = head
+    for run, label in (("und_only", "Und. only"), ("gen_only", "Gen. only"), ("joint", "Both (joint)")):
+        a += f"| {label} | " + " | ".join(_cell(vals(run, m)) for m, _ in METRICS) + " |\n"
+    a += "| Δ Both − single task | " + " | ".join(
+        _delta(vals("joint", m), vals("und_only" if m in UND_METRICS else "gen_only", m)) for m, _ in METRICS) + " |\n"
+    a += "| base (start of every run) | " + " | ".join(f"{results['base'][m]:.3f}" for m, _ in METRICS) + " |\n"
+    b = head
+    for run, label in (("joint", "dense joint"), ("stage2", "TA-MoE (stage 2)"), ("aia", "dense + AIA"),
+                       ("stage2_aia", "TA-MoE + AIA")):
+        b += f"| {label} | " + " | ".join(_cell(vals(run, m)) for m, _ in METRICS) + " |\n"
+    for run, label in (("stage2", "Δ TA-MoE − dense"), ("aia", "Δ AIA − dense"), ("stage2_aia", "Δ TA-MoE+AIA − dense")):
+        b += f"| {label} | " + " | ".join(_delta(vals(run, m), vals("joint", m)) for m, _ in METRICS) + " |\n"
+
+    def verdict(x: list[float], y: list[float], better: bool, metric: str) -> str:
+        """A difference counts when it exceeds twice both the seeds' spread and the evaluation's own
+        sampling error (binomial standard error of a difference of two rates over `sizes[metric]`)."""
+        d = np.asarray(x) - np.asarray(y)
+        spread = float(np.std(d)) if len(d) > 1 else 0.0
+        p = float(np.clip(np.mean(np.concatenate([x, y])), 0.01, 0.99))
+        n = (sizes or {}).get(metric, 0) * len(d)
+        se = float(np.sqrt(2 * p * (1 - p) / n)) if n else 0.0
+        if abs(np.mean(d)) <= 2 * max(spread, se, 0.0025):
+            return f"no clear difference ({_delta(x, y)}; noise level ±{2 * max(spread, se):.3f})"
+        return ("yes" if (np.mean(d) > 0) == better else "no, the opposite") + f" ({_delta(x, y)})"
+
+    claims = [f"{label}: " + verdict(vals(run, metric), vals(reference, metric), better=better, metric=metric)
+              for label, run, reference, metric, better in CLAIMS]
+    return a, b, claims
+
+
+def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list[str], seeds: list[int], quick: bool,
+                 b: Budget, argv: list[str], family: str = "janus") -> pathlib.Path:
+    a, t, claims = tables(results, seeds, eval_sizes(b))
+    cmd = "bash launch/reproduce_shapes.sh " + " ".join(argv)
+    total = sum(timings.values())
+    lines = [
+        "# UniDecouple on the shapes world" + ("" if family == "janus" else f" ({family} architecture)")
+        + (" (--quick: pipeline smoke test, numbers meaningless)" if quick else ""),
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores; total {total / 60:.1f} min.",
+        "",
+        f"Budgets: stage 0 {b.vq_steps} steps, base {b.base_steps} steps, every per-seed run {b.steps} steps, batch "
+        f"{b.batch_size}; seeds {', '.join(map(str, seeds))} (data order, LoRA init, upcycling noise). Evaluation on "
+        f"held-out scenes: `shapes_pope` ({b.pope_images} images, accuracy and F1 averaged over the random / popular "
+        f"/ adversarial splits), `shapes_mc` ({b.mc_questions} lettered questions), `shapes_geneval` "
+        f"({b.geneval_per_tag} prompts per tag x {b.geneval_samples} samples, overall = mean over the six tags). "
+        "Cells: mean ± std over seeds; deltas are paired by seed. A claim's difference counts only when it "
+        "exceeds twice both the seeds' spread and the evaluation's binomial sampling error.",
+        "",
+        "## (a) Task conflict: each task alone vs both (the paper's TOC validation)",
+        "",
+        a,
+        "## (b) Dense joint vs TA-MoE vs AIA",
+        "",
+        t,
+        "TA-MoE runs spend 3 x the budget from the base (stage 1 on each task, then stage 2); the dense runs one.",
+        "",
+        "## Do the paper's claims hold here?",
+        "",
+        *[f"- {c}" for c in claims],
+        "",
+        "## Per-seed values",
+        "",
+        "| run | " + " | ".join(n for _, n in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+        *[f"| {k} | " + " | ".join(f"{v[m]:.3f}" for m, _ in METRICS) + " |" for k, v in results.items()],
+        "",
+        "## Stages (seconds)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in timings.items()],
+        "",
+        "## Commands",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
+    report = {"results": results, "timings": timings, "seeds": seeds, "quick": quick, "budget": dataclasses.asdict(b),
+              "claims": claims}
+    write_outputs(out, {"report.md": lambda p: p.write_text("\n".join(lines)),
+                        "report.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n")})
+    return out / "report.md"
+
+
+def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool, argv: list[str]) -> pathlib.Path:
+    """Runs (or resumes) every stage into `out`, evaluates, and writes the report; returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not jax.config.jax_compilation_cache_dir:  # the seeds' runs compile the same programs: compile once
+        jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    results, timings, commands = {}, {}, []
+    t_all = time.perf_counter()
+    for stage in plan(out, seeds, b, family):
+        if isinstance(stage, tuple):
+            s = stage[1]
+            timings[f"seed{s}/upcycle"] = upcycle_stage(out, s, b)
+            o = shown(out)
+            commands.append(f"python -m unijax.upcycle --base {o}/base/model --und {o}/seed{s}/stage1_und/"
+                            f"model --gen {o}/seed{s}/stage1_gen/model --out {o}/seed{s}/upcycled --noise 0.01 "
+                            f"--seed {s}")
+            continue
+        timings[stage.name] = train_stage(stage, out)
+        commands.append(stage.command(out))
+        if stage.evaluate:
+            t0 = time.perf_counter()
+            seed = int(stage.overrides.get("seed", 0))
+            results[stage.name] = evaluate_model(out / stage.name / "model", b, seed)
+            took = out / stage.name / "eval" / "SECONDS"  # the first (complete) evaluation's time, kept on reruns
+            if not took.is_file():
+                took.write_text(f"{time.perf_counter() - t0:.3f}")
+            timings[stage.name + " (eval)"] = float(took.read_text())
+            commands.append(f"python -m unijax.evaluate --ckpt {shown(out / stage.name / 'model')} --suite shapes_pope "
+                            f"--num_images {b.pope_images} --seed {seed}  # and shapes_mc, shapes_geneval")
+            print(f"== {stage.name}: " + " ".join(f"{k}={v:.3f}" for k, v in results[stage.name].items()), flush=True)
+    report = write_report(out, results, timings, commands, seeds, quick, b, argv, family)
+    print(f"\nwrote {report} ({(time.perf_counter() - t_all) / 60:.1f} min)")
+    print(report.read_text())
+    return report

@@ -1,0 +1,143 @@
+"""From a batch (the contract of `unijax.contract`) to the model's call, for every model family.
+
+The train step, held-out evaluation and the analysis tools all run the model through
+`lm_forward`: it reassembles images from their per-token pixels, encodes generated images (and,
+for Emu3, understanding images) with the frozen VQ tokenizer into the code slots, marks the AIA
+key and query spans, and returns both heads' logits with the next-token targets and the aux tree.
+
+AIA spans (paper eq. 1; DESIGN.md): for layer `l` and sample `n`, the intensity `I_l` is the
+attention mass the sample's query tokens put on the other modality's keys, averaged over heads and
+queries:
+- T2I (`gen`): queries are the generated-image tokens, keys the prompt's text tokens (BOS
+  included, the final begin-of-image token not: the official code's span; `include_bos`);
+- MMU (`und`): queries are the answer tokens (`und_queries="answer"`, the official code) or every
+  text token after the image (`"after_image"`), keys the understanding-image tokens.
+Padding and other packed segments never count: the attention mask already keeps every query
+inside its segment, so one key indicator serves both directions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unijax.contract import GEN_IMAGE, MMU, T2I, TEXT, UND_IMAGE
+from unijax.models.config import family_of
+from unijax.models.layers import fill_in_order
+
+Array = jax.Array
+
+AIA_TASKS = ("gen", "und")  # the two AIA directions: generation (T2I) and understanding (MMU)
+UND_QUERIES = ("answer", "after_image")  # aia.und_queries
+
+
+def gather_images(patches: Array, mask: Array, num_images: int, patch: int, grid: int) -> Array:
+    """Reassembles whole images from per-token pixel patches.
+
+    patches `[B, T, P]` uint8, mask `[B, T]` (the image tokens of one kind, `grid^2` per image, in
+    order) -> float images `[B, num_images, grid*patch, grid*patch, 3]` in [-1, 1]. Slots beyond a
+    row's images hold garbage that nothing reads.
+    """
+    b, t, _ = patches.shape
+    n = num_images * grid * grid
+    order = jnp.argsort(~mask, axis=1, stable=True)                     # image tokens first, in order
+    if n > t:
+        order = jnp.pad(order, ((0, 0), (0, n - t)))
+    idx = order[:, :n]
+    p = jnp.take_along_axis(patches, idx[..., None], axis=1)[..., : patch * patch * 3]
+    p = p.reshape(b, num_images, grid, grid, patch, patch, 3).transpose(0, 1, 2, 4, 3, 5, 6)
+    img = p.reshape(b, num_images, grid * patch, grid * patch, 3)
+    return img.astype(jnp.float32) / 127.5 - 1.0
+
+
+def understanding_images(cfg, batch: dict[str, Array], num_images: int) -> Array:
+    """The images under `UND_IMAGE` tokens: `[B, num_images, H, W, 3]` in [-1, 1]."""
+    return gather_images(batch["patches"], batch["modality"] == UND_IMAGE, num_images, cfg.vision.patch_size,
+                         cfg.vision.image_size // cfg.vision.patch_size)
+
+
+def generated_images(cfg, batch: dict[str, Array], num_images: int, kind: int = GEN_IMAGE) -> Array:
+    """The images under `kind` tokens laid out in VQ blocks (`GEN_IMAGE`; for Emu3 also `UND_IMAGE`),
+    flattened: `[B * num_images, H, W, 3]` in [-1, 1]."""
+    imgs = gather_images(batch["patches"], batch["modality"] == kind, num_images,
+                         cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
+    return imgs.reshape(-1, *imgs.shape[2:])
+
+
+def _fill_codes(model, batch: dict[str, Array], tokens: Array, kind: int, num_images: int) -> Array:
+    """`tokens` with the frozen VQ's codes of the images under `kind` slots filled in, in order."""
+    codes = model.vqmodel.encode(generated_images(model.cfg, batch, num_images, kind)).reshape(tokens.shape[0], -1)
+    return fill_in_order(batch["modality"] == kind, jax.lax.stop_gradient(codes), tokens)
+
+
+def prepare_inputs(model, batch: dict[str, Array], images_per_row: tuple[int, int]):
+    """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`).
+
+    Emu3 (one tokenizer both ways): understanding slots get VQ codes too, and there are no pixels."""
+    cfg = model.cfg
+    n_und, n_gen = images_per_row
+    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen)
+    if family_of(cfg) == "emu3":
+        return _fill_codes(model, batch, tokens, UND_IMAGE, n_und), None
+    return tokens, understanding_images(cfg, batch, n_und).astype(cfg.dtype)
+
+
+def spans(batch: dict[str, Array], cfg, *, include_bos: bool = True, und_queries: str = "answer",
+          skip_cfg_blank: bool = True) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+    """-> (keys `[B, T]` bool, queries {task: `[B, T]` bool}, valid {task: `[B]` bool}).
+
+    A row is valid for a task when it has queries of that task and keys for them (and, for T2I
+    with `skip_cfg_blank`, a prompt that was not blanked)."""
+    tokens, modality, task = batch["tokens"], batch["modality"], batch["task"]
+    live = batch["segment_ids"] > 0
+    text = (modality == TEXT) & live
+    if getattr(cfg, "eol_token_id", None) is not None:  # Emu3: end-of-line tokens belong to their image
+        text &= tokens != cfg.eol_token_id
+    bos = tokens == cfg.text.bos_token_id
+    # T2I: the prompt = text before the image, without the begin-of-image token (and blanked pads)
+    prompt = text & (task == T2I) & (tokens != cfg.boi_token_id) & (tokens != cfg.eoi_token_id) & \
+        (tokens != cfg.text.pad_token_id)
+    gen_keys = prompt if include_bos else prompt & ~bos
+    gen_queries = (modality == GEN_IMAGE) & live
+    und_keys = (modality == UND_IMAGE) & live
+    if und_queries == "answer":  # token t is an answer token when the loss at t - 1 predicts it
+        answer = jnp.concatenate([jnp.zeros_like(tokens[:, :1], bool), batch["text_weights"][:, :-1] > 0], axis=1)
+        mmu_queries = answer & text & (task == MMU)
+    elif und_queries == "after_image":  # every text token after its segment's image
+        seen = jnp.cumsum(und_keys, axis=1)
+        start = jnp.arange(tokens.shape[1])[None] - batch["positions"]  # the segment's first index
+        before = jnp.take_along_axis(seen - und_keys, jnp.maximum(start, 0), axis=1)
+        mmu_queries = text & (task == MMU) & (seen - before > 0) & ~und_keys
+    else:
+        raise ValueError(f"aia.und_queries={und_queries!r}: expected one of {UND_QUERIES}")
+    keys = gen_keys | und_keys
+    gen_valid = jnp.any(gen_queries, 1) & jnp.any(gen_keys, 1)
+    if skip_cfg_blank:
+        gen_valid &= jnp.any(prompt & ~bos, 1)
+    und_valid = jnp.any(mmu_queries, 1) & jnp.any(und_keys, 1)
+    return keys, {"gen": gen_queries, "und": mmu_queries}, {"gen": gen_valid, "und": und_valid}
+
+
+def intensities(mass: Array, queries: Array) -> Array:
+    """Per-query masses `[L, B, T]` (head-averaged) and a query mask `[B, T]` -> `I [L, B]`."""
+    q = queries.astype(jnp.float32)
+    return jnp.sum(mass * q[None], axis=-1) / jnp.maximum(jnp.sum(q, axis=-1), 1.0)[None]
+
+
+def lm_forward(model, batch: dict[str, Array], images_per_row: tuple[int, int], aia: dict | None = None):
+    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, aux: the
+    TA-MoE tree, plus `aia [L, B, T]` with `aia` settings (`AIASettings.as_dict`))."""
+    tokens, pixels = prepare_inputs(model, batch, images_per_row)
+    keys = spans(batch, model.cfg, **aia["spans"])[0] if aia else None
+    h, _, aux = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels,
+                      task=batch["task"], return_aux=True, capture_aia=keys,
+                      aia_impl=aia["impl"] if aia else "lean")
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    return model.text_logits(h), model.image_logits(h), targets, aux
+
+
+def router_hits(aux, batch: dict[str, Array]) -> tuple[Array, Array]:
+    """-> (task-router hits per layer and row `[L, B]`, non-padding tokens per row `[B]`)."""
+    valid = batch["segment_ids"] > 0
+    hit = (jnp.argmax(aux["task_logits"], axis=-1) == batch["task"][None]) & valid[None]
+    return jnp.sum(hit, axis=-1).astype(jnp.float32), jnp.sum(valid, axis=-1).astype(jnp.float32)

@@ -1,0 +1,243 @@
+"""The training config: every key with its default (`defaults`), one validation pass (`validate`),
+and the model config a training config stands for (`model_config`).
+
+Every key a stage or a command line may set exists in `defaults` with its type, so a misspelt
+`--config.train.stpes=10` or `--config.train.steps=ten` fails at parse time naming the key.
+Architecture keys (`model.text.*`, `model.vision.*`, `model.vq.*`, `model.image_token_id`, ...) are
+typed placeholders: unset (None) means "the value of `model.preset`". `configs/common.py` is this
+module's `defaults` as a config file; the stage configs in `configs/` build on it.
+
+`validate(config)` is the one check every entry point runs before anything compiles (`train`,
+`plan`, vision pre-training): a typo or an impossible size stops the run naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from unijax.data.tokenizer import DEFAULT_DATA_DIR, DEFAULT_TOKENIZER
+from unijax.models import config as model_cfg
+from unijax.models import lora
+from unijax.models.config import FAMILIES, RUNTIME_KEYS, JanusConfig
+from unijax.models.emu3_config import Emu3VQConfig
+from unijax.models.presets import preset
+from unijax.training import aia, evaluators, vision_pretrain
+from unijax.training.steps import OBJECTIVES
+
+DATA_SOURCES = ("shapes", "files")  # data.source
+ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
+
+
+def _placeholders(cls) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    for f in dataclasses.fields(cls):
+        t = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
+            str(f.type), tuple)
+        d[f.name] = config_dict.placeholder(t)
+    return d
+
+
+def model(preset: str = "tiny") -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.family = "janus"         # janus | emu3 (FAMILIES; model.preset names one of its presets)
+    m.preset = preset
+    m.ffn = "dense"            # dense | ta_moe (the TA-MoE FFN, configured by the top-level moe.* keys)
+    m.lora = ml_collections.ConfigDict()   # LoRA on frozen weights (unijax/models/lora.py)
+    m.lora.rank = 0                        # 0 = off; the paper's stage 2: 16
+    m.lora.alpha = 32.0                    # W + (alpha / rank) * A @ B
+    m.lora.dropout = 0.0
+    m.lora.targets = lora.DEFAULT_TARGETS  # regexes over frozen parameter paths (attention, FFN, experts)
+    m.text = _placeholders(model_cfg.TextConfig)
+    m.vision = _placeholders(model_cfg.VisionConfig)
+    m.vq = _placeholders(model_cfg.VQConfig)
+    for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+        m[key] = config_dict.placeholder(int)
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.scan_layers = False
+    m.remat_policy = "none"      # REMAT_POLICIES (unijax.models.config)
+    m.attention_impl = "xla"     # ATTENTION_IMPLS
+    return m
+
+
+def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
+    """Every training config key with its default value and type (the stage configs start here)."""
+    c = ml_collections.ConfigDict()
+    c.workdir = "workdir/base"
+    c.init_from = ""             # a unijax model checkpoint (convert output or <workdir>/model)
+    c.seed = 0
+    c.objective = "lm"           # lm (next-token, both tasks) | vq (stage 0: the VQ tokenizer): OBJECTIVES
+    c.model = model(preset)
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+
+    # TA-MoE FFN (read when model.ffn = "ta_moe"; unijax/models/moe.py)
+    moe = c.moe = ml_collections.ConfigDict()
+    moe.num_experts_per_group = 4      # SwiGLU experts in the MMU group, and as many in the T2I group
+    moe.num_shared_experts = 1
+    moe.top_k = 2                      # experts per token inside its group (2:1 with one shared expert)
+    moe.expert_intermediate_size = 0   # 0 = model.text.intermediate_size (what upcycling copies)
+    moe.group_assignment = "label"     # label (the batch's task) | router (task-router argmax) | soft
+    moe.impl = "auto"                  # auto | capacity | dropless (auto: capacity on CPU/GPU, dropless on TPU)
+    moe.capacity_factor = 1.25
+    moe.alpha_init = 1.0               # y = h_experts + alpha * shared(x), alpha learnable per layer
+    moe.layers = config_dict.placeholder(tuple)  # decoder layers made TA-MoE; unset = every layer
+
+    # Vision pre-training (unijax/training/vision_pretrain.py): before step 1 of a fresh run, train the
+    # SigLIP tower alone to tag the shapes identities in each image (the stand-in for a pretrained SigLIP)
+    v = c.vision_pretrain = ml_collections.ConfigDict()
+    v.steps = 0                  # 0 = off
+    v.batch_size = 64
+    v.learning_rate = 6e-3       # peak; warmup + cosine decay and the other AdamW settings come from train.*
+    v.warmup_steps = 50
+    v.log_every = 100
+    v.eval_images = 512          # held-out images for the exact-identity-set score
+
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "shapes"          # shapes | files (DATA_SOURCES)
+    d.dir = DEFAULT_DATA_DIR     # cache of built artefacts (the shapes tokenizer)
+    d.tokenizer = DEFAULT_TOKENIZER  # shapes | path to a transformers tokenizer directory
+    d.max_len = 112              # shapes samples are at most 99 tokens (64 image slots + text)
+    d.packing = False
+    d.gen_ratio = 1.0            # Gen:Und mixing ratio of the two task datasets
+    d.und_ratio = 1.0
+    d.cfg_drop_prob = 0.1        # T2I prompts blanked for classifier-free guidance
+    d.question_kinds = ""        # comma-separated shapes question kinds; empty = all
+    d.turns_per_image = 1        # shapes MMU samples: questions (chat turns) about each image
+    d.num_workers = 0            # grain worker processes (0 = in the training process)
+    d.prefetch = 2               # batches a background thread prepares ahead (when num_workers = 0)
+    d.skip_bad_records = False
+    d.mmu_json = ""              # LLaVA-style conversations (data.source=files)
+    d.mmu_image_root = ""
+    d.t2i_jsonl = ""             # {"image": ..., "caption": ...} per line
+    d.t2i_image_root = ""
+    d.mmu_arrayrecord = ""       # comma-separated ArrayRecord files (unijax.data.sources)
+    d.t2i_arrayrecord = ""
+
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 32
+    t.learning_rate = 1e-3
+    t.warmup_steps = 100
+    t.min_lr_ratio = 0.1
+    t.weight_decay = 0.05
+    t.grad_clip = 1.0
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.lr_scales = ()             # ("regex=factor", ...): per-group learning-rate multipliers over param paths
+    t.trainable = (".*",)
+    t.frozen = ("vqmodel/.*",)
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 2
+    t.async_checkpointing = True
+    t.log_every = 10
+    t.eval_every = 200
+    t.eval_batches = 8
+
+    # Evaluators (unijax/training/evaluators.py) the loop runs on their cadence; each declines when it
+    # does not apply (shapes_heldout: data.source != shapes; suites: no eval_suites.names)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.evaluators = ("shapes_heldout", "suites")
+
+    # Benchmark suites (unijax/inference/suites.py) run on the current model during training, logged as
+    # suite/<name>/<metric>; the same suites as `python -m unijax.evaluate`, on smaller held-out sets
+    e = c.eval_suites = ml_collections.ConfigDict()
+    e.names = ()                 # e.g. ("shapes_pope", "shapes_mc", "shapes_geneval"); () = off
+    e.every = 0                  # steps between runs; 0 = train.eval_every
+    e.num_images = 25            # shapes_pope images (up to 4 questions each)
+    e.num_questions = 50         # shapes_mc questions
+    e.per_tag = 2                # shapes_geneval prompts per tag
+    e.samples = 1                # generation suites: images per prompt
+    e.cfg = 5.0                  # generation suites: classifier-free guidance
+    e.batch_size = 16            # rows decoded together
+    e.files = ""                 # pope / mmmu / geneval: comma-separated benchmark files
+    e.image_root = ""
+
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.text_weight = 1.0       # lambda for understanding (text CE on answer tokens)
+    loss.image_weight = 1.0      # lambda for generation (image-code CE)
+    loss.group_weight = 0.1      # gamma: task-router cross-entropy L_group (TA-MoE)
+    loss.balance_weight = 0.01   # beta: Switch load balance inside each expert group (TA-MoE)
+    loss.z_weight = 0.001        # zeta: router z-loss (TA-MoE)
+    loss.aia_weight = 0.0        # lambda of the AIA loss for both tasks (0 = off; the paper: 40)
+    loss.aia_gen_weight = config_dict.placeholder(float)  # per-task lambda; unset = aia_weight
+    loss.aia_und_weight = config_dict.placeholder(float)  # (the official code: 5 for T2I, 10 for MMU)
+    loss.vq_beta = 0.25          # stage 0: commitment weight
+    loss.vq_entropy_weight = 0.0
+
+    # AIA (unijax/training/aia.py): cross-modal attention intensity targets and spans
+    a = c.aia = ml_collections.ConfigDict()
+    a.gen_targets = "janus_pro"  # janus_pro | emu3 | official (layer-range tables) | a curve file
+    a.und_targets = "janus_pro"  # (python -m unijax.analyze intensity --out curve.json)
+    a.curve_delta = 0.05         # Huber threshold for curve-file targets without their own "delta"
+    a.include_bos = True         # T2I keys: BOS counts as prompt (the official code)
+    a.und_queries = "answer"     # MMU queries: answer | after_image (all text after the image)
+    a.skip_cfg_blank = True      # no AIA loss on prompts blanked for classifier-free guidance
+    a.impl = "lean"              # lean (an indicator channel in V) | explicit (sum of probabilities): AIA_IMPLS
+    return c
+
+
+def model_config(config) -> JanusConfig:
+    """`model.preset` of `model.family` with every set (non-None) `model.*` architecture key and the
+    runtime keys on top (an Emu3 model has no `model.vision.*`, and only the `model.vq.*` keys its
+    tokenizer shares with Janus's)."""
+    m = config.model
+    family = m.get("family", "janus")
+    overrides: dict[str, Any] = {}
+    for key in ARCH_KEYS:
+        value = m[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            value = {k: v for k, v in value.to_dict().items() if v is not None}
+            if value and family == "emu3" and key != "text":
+                known = {f.name for f in dataclasses.fields(Emu3VQConfig)} if key == "vq" else set()
+                bad = sorted(set(value) - known)
+                if bad:
+                    raise ValueError(f"model.{key}.{bad[0]}: model.family=emu3 has no such key (Emu3 models have "
+                                     f"no model.vision.*; their model.vq keys are {sorted(known) or 'fixed'})")
+            if value:
+                overrides[key] = value
+        elif value is not None:
+            overrides[key] = value
+    overrides.update({k: m[k] for k in RUNTIME_KEYS})
+    overrides["ffn"] = m.ffn
+    if m.ffn == "ta_moe":
+        moe = config.moe.to_dict()
+        moe["layers"] = tuple(moe["layers"] or ())
+        overrides["moe"] = moe
+    return preset(m.preset, family, **overrides)
+
+
+def validate(config) -> None:
+    """The one check of a training config, run by `train`, `plan` and vision pre-training before
+    anything compiles: everything a typo or an impossible size would break later, named by its key.
+    (Mesh-dependent sizes: `unijax.sharding.check_batch`, once the mesh exists.)"""
+    t = config.train
+    for key in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_every", "keep_checkpoints"):
+        if int(t[key]) <= 0:
+            raise ValueError(f"train.{key}={t[key]} must be positive")
+    if not 0 <= config.data.cfg_drop_prob < 1:
+        raise ValueError(f"data.cfg_drop_prob={config.data.cfg_drop_prob} must be in [0, 1)")
+    if config.data.source not in DATA_SOURCES:
+        raise ValueError(f"data.source={config.data.source!r}: expected one of {DATA_SOURCES}")
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
+    if config.model.family not in FAMILIES:
+        raise ValueError(f"model.family={config.model.family!r}: expected one of {FAMILIES}")
+    lo = config.model.lora
+    if lo.rank < 0 or (lo.rank and not (lo.alpha > 0 and 0 <= lo.dropout < 1)):
+        raise ValueError(f"model.lora: rank={lo.rank} (>= 0), alpha={lo.alpha} (> 0) and dropout={lo.dropout} "
+                         f"(in [0, 1)) are out of range")
+    if config.data.num_workers < 0:
+        raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
+    cfg = model_config(config)
+    # AIA: target tables / curve files and spans; the explicit path needs the explicit attention
+    if aia.settings(config, cfg.text.num_layers) and config.aia.impl == "explicit" and cfg.attention_impl != "xla":
+        raise ValueError(f"aia.impl='explicit' needs model.attention_impl='xla' (got {cfg.attention_impl!r}); "
+                         f"use aia.impl='lean'")
+    vision_pretrain.validate(config)
+    evaluators.validate(config)

@@ -1,0 +1,288 @@
+"""Evaluators: looked up by name from `eval.evaluators`, run by the training loop on their cadence.
+
+Each evaluator owns its data and its metrics (big_vision's `evaluators/`): the loop calls
+`build(context)` once, then, at every step where `evaluator.due(step)`, `evaluator(params, frozen)`
+-> `{metric: float}`, logged under `evaluator.prefix`. An evaluator that does not apply to the run
+(the shapes held-out set when the data are the user's files, suites when none are named) declines
+at build time by returning None, so the loop holds no branch on the data source.
+
+Registered here:
+- `shapes_heldout`: held-out shapes scenes (`eval/`): understanding accuracy by question kind
+  against the image-blind baseline, answer-mode shares, image-code loss, TA-MoE router accuracy
+  and expert loads; for the VQ objective, reconstruction error and detector matches.
+- `suites`: the benchmark suites of `eval_suites.*` (`suite/`), as `python -m unijax.evaluate`
+  runs them, on smaller held-out sets.
+
+A new evaluator is a class with `create(context) -> instance | None` (and optionally
+`validate(config)`) under `@register("name")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from unijax import contract, sharding
+from unijax.data import datasets, pipeline, shapes
+from unijax.distributed import to_host
+from unijax.inference import suites
+from unijax.inference.engine import Engine
+from unijax.models import lora
+from unijax.training import vq_loss
+from unijax.training.steps import merged_model
+
+EVALUATORS: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: makes an evaluator available as `eval.evaluators = (..., name)`."""
+    def add(cls):
+        EVALUATORS[name] = cls
+        cls.name = name
+        return cls
+    return add
+
+
+@dataclasses.dataclass
+class Context:
+    """What the loop hands every evaluator."""
+
+    config: Any
+    graphdef: Any
+    tokenizer: Any
+    layout: pipeline.Layout
+    mesh: Any
+    eval_fn: Callable | None  # the objective's per-row eval function (`steps.objective`)
+    lora_scale: float = 1.0
+
+
+class Evaluator:
+    name = ""
+    label = "eval"     # the console line's first word
+    prefix = "eval/"   # of its metrics in metrics.jsonl / TensorBoard
+    every = 0          # steps between runs (and the last step); 0 = never
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """Config checks that need no compile (run by `unijax.training.config.validate`)."""
+
+    @classmethod
+    def create(cls, ctx: Context) -> Evaluator | None:
+        raise NotImplementedError
+
+    def due(self, step: int, last_step: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or step == last_step)
+
+    def __call__(self, params, frozen) -> dict[str, float]:
+        raise NotImplementedError
+
+    def summary(self, scores: dict[str, float]) -> str:
+        """The console line of one evaluation."""
+        return " ".join(f"{k}={v:.4f}" for k, v in scores.items() if "/" not in k)
+
+
+def validate(config) -> None:
+    names = tuple(config.eval.evaluators)
+    bad = [n for n in names if n not in EVALUATORS]
+    if bad:
+        raise ValueError(f"eval.evaluators={names}: {bad} not among {tuple(EVALUATORS)}")
+    for n in names:
+        EVALUATORS[n].validate(config)
+
+
+def build(ctx: Context) -> list[Evaluator]:
+    """The configured evaluators that apply to this run."""
+    made = (EVALUATORS[n].create(ctx) for n in ctx.config.eval.evaluators)
+    return [e for e in made if e is not None]
+
+
+# -- held-out shapes scenes -------------------------------------------------------------------------
+
+HELD_OUT_SEED_OFFSET = datasets.HELD_OUT_SEED_OFFSET
+
+
+def heldout_batches(config, tokenizer, layout: pipeline.Layout, kinds) -> list[dict]:
+    """`train.eval_batches` host batches of held-out shapes scenes (scene seed `config.seed +
+    HELD_OUT_SEED_OFFSET`, which the training stream never uses), one question per image."""
+    seed = config.seed + HELD_OUT_SEED_OFFSET
+    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, turns=1)
+    ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
+                          seed=seed, packing=False, kinds=kinds)
+    it = iter(ds)
+    return [next(it) for _ in range(config.train.eval_batches)]
+
+
+def answer_mode_share(first_answers: np.ndarray) -> float:
+    """Share of the most frequent predicted first answer token among a kind's questions: 1.0 means
+    one answer for every question (the model reads neither the image nor the question's specifics),
+    whatever its accuracy happens to be on that slice."""
+    _, counts = np.unique(np.asarray(first_answers), return_counts=True)
+    return float(counts.max() / counts.sum())
+
+
+@register("shapes_heldout")
+class ShapesHeldout(Evaluator):
+    """Held-out shapes scenes (a seed the training stream never uses), every `train.eval_every` steps.
+
+    lm: understanding accuracy (exact-match answers, overall and per question kind) next to the
+    image-blind baseline's (`shapes.blind_baseline`: chance for this question mix), per kind the
+    share of its most frequent predicted answer (`answer_mode/<kind>`), and the image-code loss.
+    vq: reconstruction error, and the share of reconstructions on which the detector finds exactly
+    the scene's objects.
+    """
+
+    prefix = "eval/"
+
+    @classmethod
+    def create(cls, ctx: Context):
+        if ctx.config.data.source != "shapes":  # the user's data: its own held-out evaluators
+            return None
+        return cls(ctx)
+
+    def __init__(self, ctx: Context):
+        config, graphdef, layout = ctx.config, ctx.graphdef, ctx.layout
+        self.config, self.mesh, self.kinds = config, ctx.mesh, tuple(shapes.KINDS)
+        self.every = int(config.train.eval_every)
+        self.seed = config.seed + HELD_OUT_SEED_OFFSET
+        n = config.train.eval_batches * config.train.batch_size
+        self.objective = config.objective
+        if self.objective == "lm":
+            self.batches = heldout_batches(config, ctx.tokenizer, layout, self.kinds)
+            # each process feeds its slice of the rows, as in training (`sharding.put_batch`)
+            n_rows, pi, pc = config.train.batch_size, jax.process_index(), jax.process_count()
+            rows = slice(pi * n_rows // pc, (pi + 1) * n_rows // pc)
+            self.device_batches = [{k: b[k][rows] for k in contract.BATCH_KEYS} for b in self.batches]
+            eval_fn, scale = ctx.eval_fn, ctx.lora_scale
+            self._fn = jax.jit(lambda p, f, b: eval_fn(merged_model(graphdef, p, f, scale), b))
+            # the image-blind answerer's accuracy on this question mix: the chance level to beat
+            blind = dict(shapes.blind_baseline(datasets.question_kinds(config.data) or None, seed=self.seed,
+                                               fit=10000, held_out=2000))
+            self.blind = {"blind_accuracy": blind.pop("accuracy")}
+            self.blind.update({f"blind/{k}": v for k, v in blind.items()})
+        else:
+            size = layout.image_size
+            self.scenes = [shapes.scene_at(self.seed, i, size) for i in range(n)]
+            self.images = np.stack([shapes.render(s) for s in self.scenes]).astype(np.float32) / 127.5 - 1
+
+            def recon(p, f, x):
+                vq = merged_model(graphdef, p, f).vqmodel
+                r, _ = vq_loss.vq_forward(vq, x)
+                return r
+
+            self._fn = jax.jit(recon)
+
+    def __call__(self, params, frozen) -> dict[str, float]:
+        if self.objective == "lm":
+            return self._lm(params, frozen)
+        return self._vq(params, frozen)
+
+    def _lm(self, params, frozen) -> dict[str, float]:
+        rows = []
+        for b, host in zip(self.device_batches, self.batches):
+            out = to_host(self._fn(params, frozen, sharding.put_batch(b, self.mesh)))
+            rows.append({**out, "kind": host["kind"]})
+        r = {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
+        answered = r["answered"].astype(bool)
+        scores = {"accuracy": float(r["correct"][answered].mean()) if answered.any() else float("nan"),
+                  "loss_text": float(r["text_ce_sum"].sum() / max(r["text_tokens"].sum(), 1)),
+                  "loss_image": float(r["image_ce_sum"].sum() / max(r["image_tokens"].sum(), 1)),
+                  **self.blind}
+        for i, kind in enumerate(self.kinds):
+            sel = answered & (r["kind"] == i)
+            if sel.any():
+                scores[f"accuracy_{kind}"] = float(r["correct"][sel].mean())
+                scores[f"answer_mode/{kind}"] = answer_mode_share(r["first_answer"][sel])
+        if "router_hits" in r:  # TA-MoE: task-router accuracy per layer, expert load shares per group
+            acc = r["router_hits"].sum(0) / max(r["router_tokens"].sum(), 1)
+            scores["router_acc"] = float(acc.mean())
+            scores.update({f"router_acc/layer{i}": float(a) for i, a in enumerate(acc)})
+            load = r["expert_load"].sum(0)                              # [L, 2N]
+            n = load.shape[1] // 2
+            for i, row in enumerate(load):
+                for g, name in enumerate(contract.TASKS):
+                    share = row[g * n:(g + 1) * n] / max(row[g * n:(g + 1) * n].sum(), 1)
+                    scores.update({f"load/layer{i}/{name}{e}": float(v) for e, v in enumerate(share)})
+        return scores
+
+    def _vq(self, params, frozen) -> dict[str, float]:
+        bs = self.config.train.batch_size
+        recons = [to_host(self._fn(params, frozen, self.images[i:i + bs])) for i in range(0, len(self.images), bs)]
+        recon = np.concatenate(recons)
+        pixels = np.clip(np.round((recon + 1) * 127.5), 0, 255).astype(np.uint8)
+        matched = [shapes.match_scene(s, shapes.detect(p)) for s, p in zip(self.scenes, pixels)]
+        return {"recon_mse": float(np.mean((recon - self.images) ** 2)), "detector_match": float(np.mean(matched))}
+
+
+# -- benchmark suites -----------------------------------------------------------------------------
+
+def suite_options(config, image_size: int) -> suites.Options:
+    """`eval_suites.*` as `unijax.inference.suites.Options` (the training run's seed)."""
+    e = config.eval_suites
+    return suites.Options(seed=config.seed, size=image_size, num_images=e.num_images, num_questions=e.num_questions,
+                          per_tag=e.per_tag, samples=e.samples, cfg=e.cfg,
+                          files=tuple(f for f in e.files.split(",") if f), image_root=e.image_root)
+
+
+def run_suites(config, model, tokenizer, image_size: int) -> dict[str, float]:
+    """Every `eval_suites.names` suite on `model`: {"<suite>/<metric path>": value} (numbers only)."""
+    engine = Engine(model, tokenizer, batch_size=config.eval_suites.batch_size)
+    o = suite_options(config, image_size)
+    out: dict[str, float] = {}
+
+    def put(prefix: str, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                put(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    for name in config.eval_suites.names:
+        put(name, suites.run(name, engine, o, chunk=4 * config.eval_suites.batch_size))
+    return out
+
+
+@register("suites")
+class Suites(Evaluator):
+    """The `eval_suites.names` benchmark suites on the current model (LoRA merged), every
+    `eval_suites.every` steps (0: `train.eval_every`); single-process runs only."""
+
+    label = "suites"
+    prefix = "suite/"
+
+    @classmethod
+    def validate(cls, config) -> None:
+        e = config.eval_suites
+        bad = [n for n in e.names if n not in suites.SUITES]
+        if bad:
+            raise ValueError(f"eval_suites.names={tuple(e.names)}: {bad} not among {suites.SUITES}")
+        for key in ("num_images", "num_questions", "per_tag", "samples", "batch_size"):
+            if e.names and int(e[key]) <= 0:
+                raise ValueError(f"eval_suites.{key}={e[key]} must be positive")
+        if e.every < 0:
+            raise ValueError(f"eval_suites.every={e.every} must be >= 0 (0 = train.eval_every)")
+        if any(not n.startswith("shapes_") for n in e.names) and not e.files:
+            raise ValueError(f"eval_suites.names={tuple(e.names)} includes a file suite: set eval_suites.files")
+        if e.names and jax.process_count() > 1:
+            raise ValueError("eval_suites.names: benchmark suites run in single-process training only; evaluate "
+                             "the checkpoint with python -m unijax.evaluate")
+
+    @classmethod
+    def create(cls, ctx: Context):
+        return cls(ctx) if ctx.config.eval_suites.names else None
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.every = int(ctx.config.eval_suites.every or ctx.config.train.eval_every)
+
+    def __call__(self, params, frozen) -> dict[str, float]:
+        c = self.ctx
+        model = nnx.merge(c.graphdef, *lora.materialize(params, frozen, c.lora_scale))
+        return run_suites(c.config, model, c.tokenizer, c.layout.image_size)
+
+    def summary(self, scores: dict[str, float]) -> str:
+        return " ".join(f"{k}={v:.4f}" for k, v in scores.items() if k.count("/") <= 2 and not k.endswith("/n"))

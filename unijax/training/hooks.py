@@ -1,0 +1,133 @@
+"""The small objects the training loop calls each step: the logging window, preemption, export.
+
+`train()` (`unijax.training.loop`) is setup -> loop -> teardown; what happens between steps lives
+here and in `unijax.training.evaluators`, so the loop itself knows no dataset and no stage.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import threading
+import time
+
+import numpy as np
+from flax import nnx
+
+from unijax import checkpoints as model_ckpt
+from unijax.data import pipeline
+from unijax.distributed import any_process
+from unijax.models import lora
+from unijax.training.checkpointing import TrainCheckpoints
+from unijax.training.logger import MetricLogger
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class MetricsWindow:
+    """Step metrics between two log steps: checked for a finite loss as they arrive, written as one
+    line (and one metrics.jsonl / TensorBoard record) every `train.log_every` steps and at the last."""
+
+    def __init__(self, log: MetricLogger, log_every: int, last_step: int, ckpts: TrainCheckpoints):
+        self.log, self.log_every, self.last_step, self.ckpts = log, int(log_every), int(last_step), ckpts
+        self.skipped = 0
+        self.latest: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.window: list[dict] = []
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add_batch(self, batch: dict[str, np.ndarray]) -> None:
+        """A host batch about to be trained on: its tokens and skipped bad records."""
+        self.skipped += int(np.sum(batch["bad"]))
+        self.tokens += pipeline.tokens_in(batch)
+
+    def add(self, step: int, metrics: dict) -> bool:
+        """One step's host metrics; a non-finite loss stops the run naming the last good checkpoint.
+        Returns whether this step wrote a log line."""
+        if not np.isfinite(metrics["loss"]):
+            last = self.ckpts.latest_step()
+            where = f"{self.ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
+            raise NonFiniteLossError(f"non-finite loss {metrics['loss']} at step {step}; last good checkpoint: "
+                                     f"{where}. Lower train.learning_rate or raise train.warmup_steps")
+        self.window.append(metrics)
+        if step % self.log_every == 0 or step == self.last_step:
+            self.flush(step)
+            return True
+        return False
+
+    def flush(self, step: int) -> None:
+        elapsed = time.perf_counter() - self.t0
+        metrics = window_mean(self.window)
+        metrics["tokens_per_s"] = self.tokens / max(elapsed, 1e-9)
+        metrics["skipped_records"] = self.skipped
+        self.log.write(step, metrics)
+        self.log.progress(step, metrics, metrics["tokens_per_s"])
+        self.latest = metrics
+        self._reset()
+
+
+def window_mean(window: list[dict]) -> dict[str, float]:
+    """Token-weighted task losses, plain means for the rest. A task with no tokens in the window (an
+    understanding-only run has no image tokens) gets no loss entry rather than a nan."""
+    out = {}
+    for key in window[0]:
+        out[key] = float(np.mean([m[key] for m in window]))
+    for task, n in (("loss_text", "text_tokens"), ("loss_image", "image_tokens")):
+        if task in window[0] and n in window[0]:
+            total = sum(float(m[n]) for m in window)
+            if total:
+                out[task] = sum(float(m[task]) * float(m[n]) for m in window) / total
+            else:
+                del out[task]
+    return out
+
+
+class PreemptionFlag:
+    """SIGTERM (a preempted VM, `scancel`, `kill`) sets a flag the loop reads after each step: it
+    finishes the step, writes a checkpoint and returns. With several processes the flag is or-ed
+    over all of them, so every process stops after the same step. The previous handler is restored
+    when training ends."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        return any_process(self.flag)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def export_model(out: pathlib.Path, graphdef, params, frozen, lora_scale: float = 1.0) -> None:
+    """The trained model as plain weights: LoRA adapters are merged into the matrices they adapt;
+    `params` / `frozen` are host copies (`unijax.distributed.to_host`)."""
+    model = nnx.merge(graphdef, *lora.materialize(params, frozen, lora_scale))
+    model_ckpt.save_model(out, model, overwrite=True)
+
+
+def export_adapters(out: pathlib.Path, cfg, config, graphdef, params, frozen) -> None:
+    """The adapters, unmerged, with the fully trained parameters (`unijax.checkpoints.save_adapters`);
+    `params` / `frozen` are host copies."""
+    lcfg = config.model.lora
+    targets = lcfg.targets.split(",") if isinstance(lcfg.targets, str) else list(lcfg.targets)
+    info = {"rank": int(lcfg.rank), "alpha": float(lcfg.alpha), "scale": lora.scale_of(lcfg),
+            "dropout": float(lcfg.dropout), "targets": targets}
+    trained = {k: v for k, v in params.items() if k != "lora"}
+    if config.init_from:
+        model_ckpt.save_adapters(out, cfg, params["lora"], trained, info, base=config.init_from)
+    else:  # a fresh run: its frozen (random) base weights are part of the result
+        base = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, trained, frozen), nnx.Param))
+        model_ckpt.save_adapters(out, cfg, params["lora"], trained, info, base_params=base)
+
