@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -29,6 +28,7 @@ from unijax import cli
 from unijax.inference.engine import Engine, default_out
 from unijax.inference.images import save_grid
 from unijax.inference.sampling import Sampling
+from unijax.io import write_outputs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,16 +76,13 @@ def run_t2i(engine, args) -> pathlib.Path:
     out = pathlib.Path(args.out) if args.out else default_out(args.ckpt, "samples") / "t2i.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     grid = upscale(images, args.min_px).reshape(-1, *upscale(images[:1, :1], args.min_px).shape[2:])
-    tmp = out.with_name(f".{out.name}.partial.png")
-    try:  # written beside the target, renamed into place: an interrupted run leaves no half PNG
-        save_grid(grid, tmp, cols=args.num_images)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {"checkpoint": str(pathlib.Path(args.ckpt).absolute()), "prompts": args.prompt,
             "num_images": args.num_images, "cfg": args.cfg, "temperature": sampling.temperature,
             "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "rows": "one per prompt"}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    # the grid and its metadata, each written beside its target and renamed into place together: an
+    # interrupted run leaves no half PNG
+    write_outputs(out.parent, {out.name: lambda p: save_grid(grid, p, cols=args.num_images),
+                               out.with_suffix(".json").name: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")})
     print(f"wrote {out} ({len(args.prompt)} prompts x {args.num_images} images)")
     return out
 

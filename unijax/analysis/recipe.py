@@ -1,27 +1,10 @@
-"""The UniDecouple experiments end to end on the shapes world: the stages, their budgets, the
-claims and the report (`python -m unijax.reproduce`, `launch/reproduce_shapes.sh`).
+"""The UniDecouple experiments end to end on the shapes world: the stages (`plan`), their budgets
+(`FULL`, `QUICK`), running them (`run`), the paper's claims (`CLAIMS`) and the report
+(`write_report`). The stages, the report and the command line are described in
+`unijax.reproduce` (`python -m unijax.reproduce`, `launch/reproduce_shapes.sh`).
 
-    bash launch/reproduce_shapes.sh [--quick] [--out workdir/reproduce] [--seeds 0,1]
-
-Stages (each the documented command, run in-process; a finished stage is skipped on rerun, an
-interrupted one resumes from its checkpoints):
-  1. stage 0: the VQ tokenizer (`configs/stage0_vq.py`);
-  2. the dense base (`configs/base.py`, `init_from` the stage-0 model): shared by every seed;
-  then per seed, each from the base with the same step budget:
-  3. the paper's TOC validation: understanding only, generation only, both (`configs/base.py` with
-     `data.gen_ratio=0` / `data.und_ratio=0` / neither);
-  4. stage 1 on each task (`configs/stage1_und.py`, `stage1_gen.py`), upcycling, stage 2
-     (`configs/stage2.py`);
-  5. the AIA variants: dense + AIA (`configs/aia.py`) and TA-MoE + AIA (`configs/stage2.py:aia`);
-  6. `unijax.evaluate`'s `shapes_pope`, `shapes_mc` and `shapes_geneval` on held-out scenes.
-The report (`DIR/report.md`, and `report.json` with every number) holds the paper's two tables in
-our terms: (a) Und. / Gen. / Both with deltas, (b) dense joint vs TA-MoE vs dense+AIA vs TA-MoE+AIA,
-as mean +- std over seeds with the per-seed values, the commands, the timings and whether the
-paper's claims hold here. `--quick` runs every stage with a few steps and small evaluation sets
-(a smoke test of the pipeline; its numbers mean nothing).
-
-Paths in the report and its commands are written relative to the repository (or the current
-directory) when they lie below it.
+Paths in the report and its commands are written relative to the current directory (the
+repository, for the documented commands) when they lie below it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Raw samples (from the shapes world or `unijax.data.sources`) are dicts:
 `positions`; packing (`data.packing`) puts several samples in a row with grain's first-fit packer,
 which numbers the segments and restarts positions per sample. Carrying pixels per token is what
 lets images pack like any other feature; the train step reassembles whole images from them
-(`unijax.training.batch.gather_images`).
+(`unijax.models.forward.gather_images`).
 
 A batch is the dict of these arrays stacked to `[batch, max_len(, P)]`, plus `kind [batch]` (the
 question kind index, -1 when unknown) when rows are not packed.
