@@ -101,7 +101,7 @@ def test_stage2_run_trains_adapters_and_routers_only(tmp_path, monkeypatch):
     c.model.lora.rank = 4
     c.moe.update(num_experts_per_group=2, top_k=1)
     seen = {}
-    real_opt, real_init = train_setup.make_optimizer, loop._initial_model
+    real_opt, real_init = train_setup.make_optimizer, loop.initial_model
 
     def spy_optimizer(train_cfg):
         tx = real_opt(train_cfg)
@@ -120,7 +120,7 @@ def test_stage2_run_trains_adapters_and_routers_only(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(train_setup, "make_optimizer", spy_optimizer)
-    monkeypatch.setattr(loop, "_initial_model", spy_model)
+    monkeypatch.setattr(loop, "initial_model", spy_model)
     loop.train(c, devices=jax.devices()[:1])
     assert 2 * seen["params"] <= seen["opt"] <= 2 * seen["params"] + 8  # + the step counters
     assert seen["lora"] > 0.8 * seen["params"]  # adapters dominate the trainable set
