@@ -244,7 +244,8 @@ def test_emu3_layout_rows_end_with_eol_and_images_reassemble(tmp_path):
             predicts_code = np.concatenate([is_img[1:], [False]])
             np.testing.assert_array_equal(x["image_weights"] > 0, predicts_code)
         img = gather_images(jnp.asarray(x["patches"][None]), jnp.asarray(is_img[None]), 1, SIZE // GRID, GRID)
-        want = pipeline.resize(np.asarray(sample["image"], np.uint8), SIZE).astype(np.float32) / 127.5 - 1
+        rule = layout.und_image if kind == UND_IMAGE else layout.gen_image
+        want = rule(np.asarray(sample["image"], np.uint8)).astype(np.float32) / 127.5 - 1
         np.testing.assert_allclose(np.asarray(img[0, 0]), want, atol=1e-6)
         rows.append(pipeline.pad_sample(x, layout.max_len))
     batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in contract.BATCH_KEYS}
@@ -271,9 +272,10 @@ def test_emu3_train_inputs_hold_the_vq_codes_of_both_images(tmp_path):
     tokens, pixels = prepare_inputs(model, batch, (1, 1))
     assert pixels is None
     for i, s in enumerate(samples):
-        img = pipeline.resize(np.asarray(s["image"], np.uint8), SIZE).astype(np.float32) / 127.5 - 1
-        codes = np.asarray(model.vqmodel.encode(jnp.asarray(img[None])))[0].reshape(-1)
         kind = UND_IMAGE if s["task"] == "mmu" else GEN_IMAGE
+        rule = layout.und_image if kind == UND_IMAGE else layout.gen_image
+        img = rule(np.asarray(s["image"], np.uint8)).astype(np.float32) / 127.5 - 1
+        codes = np.asarray(model.vqmodel.encode(jnp.asarray(img[None])))[0].reshape(-1)
         np.testing.assert_array_equal(np.asarray(tokens[i])[np.asarray(batch["modality"][i]) == kind], codes)
 
 

@@ -13,7 +13,7 @@ Raw samples (from the shapes world or `unijax.data.sources`) are dicts:
   text_weights  float32 [n]   1 at position t when token t+1 is an answer token (or the eos ending it)
   image_weights float32 [n]   1 at position t when token t+1 is a generated-image code
   patches       uint8 [n, P]  the pixels under an image token: a `patch x patch x 3` block of the
-                              resized image, row-major (understanding: the vision patch; generation:
+                              preprocessed image (`Layout.und_image` / `gen_image`), row-major (understanding: the vision patch; generation:
                               the VQ downsampling block), zero elsewhere
   bad           int32 [n]     1 on the single token of a skipped bad record
 
@@ -35,9 +35,9 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
 from unijax.contract import BATCH_KEYS, GEN_IMAGE, MMU, SEQ_FEATURES, TASK_IDS, TEXT, UND_IMAGE
+from unijax.data.images import ImageRule
 from unijax.models.config import family_of
 
 
@@ -54,6 +54,7 @@ class Layout:
     bos_id: int = 1
     boi_id: int = 4
     eol_id: int = -1    # >= 0: Emu3's end-of-line id, after every row of image tokens
+    und_rule: str = "janus"  # how an understanding image becomes square (`unijax.data.images`)
 
     @classmethod
     def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0) -> Layout:
@@ -62,13 +63,23 @@ class Layout:
             patch = size // cfg.vq.grid
             return cls(max_len=max_len, image_size=size, und_patch=patch, gen_patch=patch,
                        cfg_drop_prob=cfg_drop_prob, pad_id=cfg.text.pad_token_id, bos_id=cfg.text.bos_token_id,
-                       boi_id=cfg.boi_token_id, eol_id=cfg.eol_token_id)
+                       boi_id=cfg.boi_token_id, eol_id=cfg.eol_token_id, und_rule="emu3")
         size = cfg.vision.image_size
         if cfg.vq.image_size != size:
             raise ValueError(f"model.vision.image_size={size} differs from model.vq.image_size={cfg.vq.image_size}")
         return cls(max_len=max_len, image_size=size, und_patch=cfg.vision.patch_size,
                    gen_patch=size // cfg.vq.grid, cfg_drop_prob=cfg_drop_prob, pad_id=cfg.text.pad_token_id,
                    bos_id=cfg.text.bos_token_id, boi_id=cfg.boi_token_id)
+
+    @property
+    def und_image(self) -> ImageRule:
+        """Understanding images: the family's processor rule (`janus`: resize + pad; `emu3`)."""
+        return ImageRule(self.und_rule, self.image_size, self.und_patch)
+
+    @property
+    def gen_image(self) -> ImageRule:
+        """Generated-image targets: a centre crop for every family (no padding bars to learn)."""
+        return ImageRule("crop", self.image_size, self.gen_patch)
 
     @property
     def und_tokens(self) -> int:
@@ -114,17 +125,6 @@ def batch_spec(layout: Layout, batch_size: int) -> dict[str, tuple[tuple[int, ..
     return out
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 `[H, W, 3]` -> `[size, size, 3]`: centre square crop, then bicubic resize."""
-    if image.shape[:2] == (size, size):
-        return image
-    h, w = image.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = Image.fromarray(image[top:top + s, left:left + s])
-    return np.asarray(crop.resize((size, size), Image.BICUBIC), dtype=np.uint8)
-
-
 def image_patches(image: np.ndarray, patch: int, dim: int) -> np.ndarray:
     """uint8 `[S, S, 3]` -> `[(S/patch)^2, dim]`: row-major patches, each `patch x patch x 3`, zero-padded."""
     s = image.shape[0]
@@ -166,7 +166,7 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
         return bad_sample(layout, TASK_IDS.get(sample.get("task"), MMU))
     task = sample["task"]
     where = f"{sample.get('source', 'sample')}: record {sample.get('index', '?')}"
-    image = resize(np.asarray(sample["image"], np.uint8), layout.image_size)
+    image = np.asarray(sample["image"], np.uint8)
     dim = layout.patch_dim
     if task == "mmu":
         ids, is_image, is_answer = tokenizer.mmu_ids(sample["turns"], layout.und_tokens)
@@ -176,7 +176,7 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
             ids, is_image, is_answer = _insert_row_ends(layout, is_image, ids, is_image, is_answer)
         modality = np.where(is_image, UND_IMAGE, TEXT).astype(np.int32)
         patches = np.zeros((len(ids), dim), np.uint8)
-        patches[is_image] = image_patches(image, layout.und_patch, dim)
+        patches[is_image] = image_patches(layout.und_image(image), layout.und_patch, dim)
         text_w, image_w = _shifted(is_answer), np.zeros(len(ids), np.float32)
     elif task == "t2i":
         prompt = np.asarray(tokenizer.t2i_ids(sample["caption"]), np.int32)
@@ -192,7 +192,7 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
             ids, is_gen = _insert_row_ends(layout, is_gen, ids, is_gen)
         modality = np.where(is_gen, GEN_IMAGE, TEXT).astype(np.int32)
         patches = np.zeros((len(ids), dim), np.uint8)
-        patches[is_gen] = image_patches(image, layout.gen_patch, dim)
+        patches[is_gen] = image_patches(layout.gen_image(image), layout.gen_patch, dim)
         text_w, image_w = np.zeros(len(ids), np.float32), _shifted(is_gen.astype(np.float32))
     else:
         raise ValueError(f"{where}: unknown task {task!r} (expected 'mmu' or 't2i')")

@@ -76,6 +76,7 @@ class Engine:
         self.cfg = self.model.cfg
         check_compatible(self.tokenizer, self.cfg)
         self.generator = decode.Generator(self.model)
+        self.und_image = pipeline.Layout.from_model(self.cfg, max_len=0).und_image  # the family's processor rule
         if family_of(self.cfg) == "emu3":
             # transformers' placeholder layout: rows of codes and end-of-line, filled from the pixels
             # (the same ids the training layout embeds)
@@ -108,7 +109,8 @@ class Engine:
 
     def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 24,
                sampling: Sampling = Sampling(), seed: int = 0) -> list[str]:
-        """One answer per (uint8 `[H, W, 3]` image, question); images are centre-cropped and resized."""
+        """One answer per (uint8 `[H, W, 3]` image, question); each image is preprocessed
+        by the family's processor rule (`unijax.data.images`: Janus resizes and pads to a square)."""
         if len(images) != len(questions):
             raise ValueError(f"answer: {len(images)} images but {len(questions)} questions")
         out: list[str] = []
@@ -118,7 +120,7 @@ class Engine:
                 ids, is_image, _ = self.tokenizer.mmu_ids([(q, None)], self.und_tokens)
                 rows.append(ids)
                 flags.append(is_image)
-                pix.append(pipeline.resize(np.asarray(img, np.uint8), self.image_size))
+                pix.append(self.und_image(np.asarray(img, np.uint8)))
             n, pad = len(rows), self.batch_size - len(rows)  # fixed batch shape: pad with copies of row 0
             rows, flags, pix = rows + [rows[0]] * pad, flags + [flags[0]] * pad, pix + [pix[0]] * pad
             length = _round_up(max(map(len, rows)), PAD_TO)
