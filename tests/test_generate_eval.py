@@ -64,6 +64,17 @@ def test_answers_do_not_depend_on_batching(engine, run):
     assert engine.answer([imgs[0], imgs[1]], [qs[0], qs[2] + " " + qs[2]], max_new_tokens=6)[0] == together[0]
 
 
+def test_multi_image_questions_do_not_depend_on_batching(engine, run):
+    """A question with two `<image>` marks (MMMU's multi-image items) beside one-image questions:
+    the same answers batched as alone, and a one-image row is unchanged by its two-image neighbour."""
+    imgs = scene_images(3)
+    two = "is <image> the same as <image>?"
+    together = engine.answer([[imgs[0], imgs[1]], imgs[2]], [two, "what colour is the circle?"], max_new_tokens=6)
+    alone = Engine.load(run / "model", batch_size=1)
+    assert alone.answer([[imgs[0], imgs[1]]], [two], max_new_tokens=6) == together[:1]
+    assert alone.answer([imgs[2]], ["what colour is the circle?"], max_new_tokens=6) == together[1:]
+
+
 def test_images_per_prompt_keys(engine, run):
     s = Sampling(temperature=1.0, top_k=50)
     both = engine.images(["a red circle", "two blue squares"], num_images=3, sampling=s, seed=4)
@@ -222,6 +233,70 @@ def test_real_file_loaders(tmp_path):
                                 "prompt": "a photo of a circle"}) + "\n{not json\n")
     with pytest.raises(benchmarks.BenchmarkFileError, match="line 2"):
         benchmarks.geneval_items(str(meta))
+
+
+def test_mmmu_layout_open_and_multi_image_questions(tmp_path):
+    """MMMU's layout (a folder per subject with <split>-00000-of-00001.parquet): open questions get
+    the single-phrase instruction and MMMU's open scoring; `<image k>` marks in the question and the
+    options become images at their places, in order; POPE questions get the instruction."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unijax.contract import IMAGE_MARKER
+
+    def png(k):
+        buf = __import__("io").BytesIO()
+        Image.fromarray(scene_images(3)[k]).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    none = {"bytes": None, "path": None}
+    rows = {
+        "Art": dict(id=["validation_Art_1"], question=["Which is bigger, <image 2> or <image 1>?"],
+                    options=[str(["<image 1>", "<image 2>"])], answer=["A"], question_type=["multiple-choice"],
+                    image_1=[png(0)], image_2=[png(1)], subfield=["Painting"]),
+        "Math": dict(id=["validation_Math_1", "validation_Math_2"], question=["<image 1> How many sides?", "Sum?"],
+                     options=["[]", "[]"], answer=["4", "['1,000', '1000.0']"], question_type=["open", "open"],
+                     image_1=[png(2), png(2)], image_2=[none, none], subfield=["Geometry", "Algebra"]),
+    }
+    for subject, cols in rows.items():
+        (tmp_path / "MMMU" / subject).mkdir(parents=True)
+        pq.write_table(pa.table(cols), tmp_path / "MMMU" / subject / "validation-00000-of-00001.parquet")
+        pq.write_table(pa.table(cols), tmp_path / "MMMU" / subject / "dev-00000-of-00001.parquet")
+    items = {it["id"]: it for it in benchmarks.mc_items([str(tmp_path / "MMMU")])}
+    assert sorted(items) == ["validation_Art_1", "validation_Math_1", "validation_Math_2"]
+    art = items["validation_Art_1"]
+    assert art["question"] == (f"Which is bigger, {IMAGE_MARKER} or {IMAGE_MARKER}?\nA. {IMAGE_MARKER}\n"
+                               f"B. {IMAGE_MARKER}\n{benchmarks.MC_INSTRUCTION}")
+    imgs = benchmarks.load_item_image(art)  # in mark order: image 2, image 1, then the options' 1, 2
+    want = scene_images(3)
+    assert [int(np.argmin([np.abs(im.astype(int) - w).sum() for w in want[:2]])) for im in imgs] == [1, 0, 0, 1]
+    m1 = items["validation_Math_1"]
+    assert m1["question_type"] == "open" and m1["question"] == f"How many sides?\n{benchmarks.OPEN_INSTRUCTION}"
+    assert items["validation_Math_2"]["answer"] == ["1,000", "1000.0"]
+    assert benchmarks.load_item_image(m1).shape == (32, 32, 3)
+    with pytest.raises(benchmarks.BenchmarkFileError, match="no test-\\*.parquet"):
+        benchmarks.mc_items([str(tmp_path / "MMMU")], split="test")
+
+    # MMMU's open-answer rules
+    assert suites.parse_open_response("The answer is 4.") == [4.0]
+    assert suites.parse_open_response("x = 3.14159\nso it is pi") == ["pi"]  # "=" counts in the last sentence only
+    assert suites.parse_open_response("so it is about 3.14159") == ["about 3.14159", 3.14]
+    assert suites.open_correct("4", suites.parse_open_response("It has 4 sides, so the answer is 4"))
+    assert not suites.open_correct("4", suites.parse_open_response("five"))
+    assert suites.open_correct(["1,000", "1000.0"], suites.parse_open_response("the sum is 1,000"))
+    assert suites.open_correct("Monet", suites.parse_open_response("I think it is claude monet."))
+    assert not suites.open_correct("a", suites.parse_open_response("banana"))  # one letter: no substring match
+    preds = {"validation_Art_1": {"choice": "A"}, "validation_Math_1": {"choice": None, "correct": True},
+             "validation_Math_2": {"choice": None, "correct": False}}
+    m = suites.metrics("mmmu", list(items.values()), preds)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["open"] == 2 and m["unparsed"] == 0.0
+
+    pope = tmp_path / "coco_pope_random.json"
+    pope.write_text(json.dumps({"question_id": 1, "image": "x.jpg", "text": "Is there a dog?", "label": "no"}) + "\n")
+    (it,) = benchmarks.pope_items([str(pope)], str(tmp_path))
+    assert it["question"] == f"Is there a dog?\n{benchmarks.OPEN_INSTRUCTION}"
+    (it,) = benchmarks.pope_items([str(pope)], str(tmp_path), instruction="")
+    assert it["question"] == "Is there a dog?"
 
 
 # -- LoRA adapter directories ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import base
 from unijax import contract
-from unijax.contract import GEN_IMAGE, UND_IMAGE
+from unijax.contract import GEN_IMAGE, TEXT, UND_IMAGE
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import shapes_tokenizer
 from unijax.models import forward
@@ -148,11 +148,53 @@ def test_worker_processes_give_the_same_batches(tok, cfg):
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_too_long_sample_names_the_record(tok, cfg):
-    layout = pipeline.Layout.from_model(cfg, 70)
+def test_too_long_sample_follows_data_overflow(tok, cfg):
+    """`error` names the record; `skip` (the default) yields one token flagged OVERFLOW; `truncate`
+    keeps the turns that fit (exactly the layout of those turns alone)."""
     s = datasets.ShapesSource("mmu", 0, 32)[0]
-    with pytest.raises(ValueError, match=r"shapes: record 0: .* data.max_len=70"):
-        pipeline.encode_sample(s, tok, layout)
+    with pytest.raises(ValueError, match=r"shapes: record 0: 82 tokens do not fit data.max_len=70"):
+        pipeline.encode_sample(s, tok, pipeline.Layout.from_model(cfg, 70, overflow="error"))
+    x = pipeline.encode_sample(s, tok, pipeline.Layout.from_model(cfg, 70))
+    assert x["bad"].tolist() == [pipeline.OVERFLOW] and x["text_weights"].sum() == 0
+    long = datasets.ShapesSource("mmu", 0, 32, turns=4)[3]
+    full = pipeline.encode_sample(long, tok, pipeline.Layout.from_model(cfg, 1000))
+    two = pipeline.encode_sample({**long, "turns": long["turns"][:2]}, tok, pipeline.Layout.from_model(cfg, 1000))
+    limit = len(two["tokens"]) + 2
+    assert len(full["tokens"]) > limit
+    cut = pipeline.encode_sample(long, tok, pipeline.Layout.from_model(cfg, limit, overflow="truncate"))
+    for k in ("tokens", "modality", "text_weights", "patches"):
+        np.testing.assert_array_equal(cut[k], two[k])
+    with pytest.raises(ValueError, match="data.overflow='cut'"):
+        pipeline.Layout.from_model(cfg, 70, overflow="cut")
+
+
+def test_text_only_and_multi_image_conversations(tok, cfg):
+    """A text-only conversation has no image slots; a two-image one gets an image block at each
+    mark, in order, whose patches are the two preprocessed images; more images than
+    data.max_images are skipped as overflow; the train step's rows hold max_images images."""
+    from unijax.data import images as image_rules
+
+    layout = pipeline.Layout.from_model(cfg, 200, max_images=2)
+    x = pipeline.encode_sample({"task": "mmu", "image": None, "turns": [["what is red?", "a colour"]]}, tok, layout)
+    assert (x["modality"] == TEXT).all() and x["text_weights"].sum() > 0
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, (32, 32, 3), np.uint8), rng.integers(0, 256, (20, 40, 3), np.uint8)
+    turns = [["<image> is left of <image>. which is red?", "the first"]]
+    y = pipeline.encode_sample({"task": "mmu", "images": [a, b], "turns": turns}, tok, layout)
+    und = y["modality"] == UND_IMAGE
+    assert und.sum() == 2 * layout.und_tokens
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], und.astype(int)])) == 1)
+    assert len(starts) == 2 and (y["tokens"][starts - 1] == tok.boi_id).all()
+    text_between = y["tokens"][starts[0] + layout.und_tokens + 1:starts[1] - 1]
+    assert tok.decode(text_between).strip() == "is left of"
+    want = np.concatenate([pipeline.image_patches(layout.und_image(im), layout.und_patch, layout.patch_dim)
+                           for im in (a, image_rules.resize_pad(b, 32))])
+    np.testing.assert_array_equal(y["patches"][und], want)
+    assert layout.images_per_row(False) == (2, 1)
+    three = {"task": "mmu", "images": [a, a, a], "turns": [["<image><image><image> same?", "yes"]]}
+    assert pipeline.encode_sample(three, tok, layout)["bad"].tolist() == [pipeline.OVERFLOW]
+    with pytest.raises(ValueError, match="2 images but 1 '<image>' marks"):
+        tok.mmu_ids([["<image> what?", "x"]], 4, num_images=2)
 
 
 def test_multi_turn_chat_weights_every_answer(tok, cfg):

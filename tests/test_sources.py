@@ -58,6 +58,7 @@ def data(tmp_path):
         {"id": "e", "image": "trunc.png", "conversations": conv(("human", "<image>\nA?"), ("gpt", "B."))},
         {"id": "f", "image": "gray.png", "conversations": conv(("human", "Gray? <image>"), ("gpt", "Yes."))},
         {"id": "g", "conversations": conv(("human", "text only"), ("gpt", "no image"))},
+        {"id": "h", "conversations": conv(("human", "<image>\nwhere is it?"), ("gpt", "no path"))},
     ]
     llava_path = tmp_path / "llava.json"
     llava_path.write_text(json.dumps(llava))
@@ -80,8 +81,9 @@ LLAVA_GOOD = {
     0: ("sub/0.png", [["What is this?", "Noise."]]),
     1: ("sub/1.png", [["Describe it.", "Random pixels."], ["Colour?", "  Many colours.\n"]]),
     5: ("gray.png", [["Gray?", "Yes."]]),
+    6: (None, [["text only", "no image"]]),  # a text-only conversation
 }
-LLAVA_BAD = {2: "not found under", 3: "starting with human", 4: "cannot be decoded", 6: "no 'image'"}
+LLAVA_BAD = {2: "not found under", 3: "starting with human", 4: "cannot be decoded", 7: "mark but no 'image'"}
 CAPS_GOOD = {0: ("sub/2.png", "first caption"), 1: ("rgba.png", "an RGBA image, ünïcödé"),
              4: ("pal.png", "palette"), 5: ("sub/3.png", "last")}
 CAPS_BAD = {2: "not valid JSON", 3: "cannot be decoded"}
@@ -90,7 +92,9 @@ CAPS_BAD = {2: "not valid JSON", 3: "cannot be decoded"}
 def _same(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        if k == "image":
+        if k == "image" and a[k] is None:
+            assert b[k] is None
+        elif k == "image":
             assert a[k].dtype == b[k].dtype == np.uint8 and np.array_equal(a[k], b[k])
         else:
             assert a[k] == b[k], k
@@ -98,16 +102,19 @@ def _same(a, b):
 
 def test_llava_source(data):
     src = LlavaSource(data["llava"], data["root"])
-    assert len(src) == 7 and src.task == "mmu"
+    assert len(src) == 8 and src.task == "mmu"
     for i in [5, 0, 1, -2]:  # any order
         i = i % len(src)
         rel, turns = LLAVA_GOOD[i]
         s = src[i]
         assert set(s) == {"task", "image", "turns", "source", "index"}
         assert s["task"] == "mmu" and s["turns"] == turns and s["source"] == data["llava"] and s["index"] == i
-        assert s["image"].dtype == np.uint8 and np.array_equal(s["image"], data["imgs"][rel])
+        if rel is None:
+            assert s["image"] is None
+        else:
+            assert s["image"].dtype == np.uint8 and np.array_equal(s["image"], data["imgs"][rel])
     with pytest.raises(IndexError):
-        src[7]
+        src[8]
 
 
 def test_caption_source(data):
@@ -223,12 +230,56 @@ def test_grain_single_and_multiprocess(data, tmp_path):
     ar = ArrayRecordSource(ar_path)
     ds = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in (llava, caps, ar)]).map(_summary)
     single = list(ds)
-    assert len(single) == 7 + 6 + 7
-    assert [x[2] for x in single[:13]] == [i in LLAVA_BAD for i in range(7)] + [i in CAPS_BAD for i in range(6)]
-    good = [(t, tx, im) for (t, _, b, tx, im) in single[:13] if not b]
-    assert [(t, tx, im) for (t, _, _, tx, im) in single[13:]] == good
+    assert len(single) == 8 + 6 + 8
+    assert [x[2] for x in single[:14]] == [i in LLAVA_BAD for i in range(8)] + [i in CAPS_BAD for i in range(6)]
+    good = [(t, tx, im) for (t, _, b, tx, im) in single[:14] if not b]
+    assert [(t, tx, im) for (t, _, _, tx, im) in single[14:]] == good
     from absl import flags  # grain's multiprocessing reads absl flags; pytest never parses them
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     multi = list(ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
     assert multi == single
+
+
+def test_jsonl_conversations_and_parquet_captions(data, tmp_path):
+    """The same records read from a .jsonl conversation file and from parquet caption files whose
+    image column holds bytes, paths, or datasets' {"bytes", "path"} struct (several row groups)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unijax.data.sources import ParquetCaptionSource, open_source
+
+    records = json.loads(open(data["llava"]).read())
+    jsonl = tmp_path / "llava.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    a, b = LlavaSource(data["llava"], data["root"]), open_source(str(jsonl), data["root"], "mmu")
+    assert isinstance(b, LlavaSource) and len(a) == len(b) == 8
+    for i in LLAVA_GOOD:
+        _same({**a[i], "source": 0}, {**b[i], "source": 0})
+    with pytest.raises(BadRecordError, match="llava.jsonl: record 7: .*mark but no 'image'"):
+        b[7]
+    root = data["root"]
+    good = [CAPS_GOOD[i] for i in sorted(CAPS_GOOD)]
+    columns = {
+        "bytes": [open(os.path.join(root, rel), "rb").read() for rel, _ in good],
+        "path": [rel for rel, _ in good],
+        "struct": [{"bytes": open(os.path.join(root, rel), "rb").read(), "path": rel} for rel, _ in good],
+    }
+    for kind, images in columns.items():
+        path = tmp_path / f"caps_{kind}.parquet"
+        pq.write_table(pa.table({"image": images, "caption": [c for _, c in good]}), path, row_group_size=3)
+        src = open_source(str(path), root, "t2i")
+        assert isinstance(src, ParquetCaptionSource) and len(src) == len(good)
+        src = pickle.loads(pickle.dumps(src))
+        for j in [3, 0, 2, 1]:
+            s = src[j]
+            assert (s["task"], s["caption"], s["source"], s["index"]) == ("t2i", good[j][1], str(path), j)
+            assert np.array_equal(s["image"], data["imgs"][good[j][0]])
+    pq.write_table(pa.table({"image": ["missing.png"], "caption": [None]}), tmp_path / "bad.parquet")
+    with pytest.raises(BadRecordError, match="bad.parquet: record 0: 'caption' must be a string"):
+        open_source(str(tmp_path / "bad.parquet"), root, "t2i")[0]
+    pq.write_table(pa.table({"img": [b""], "caption": ["x"]}), tmp_path / "cols.parquet")
+    with pytest.raises(ValueError, match="cols.parquet: no column 'image'"):
+        ParquetCaptionSource(tmp_path / "cols.parquet")
+    with pytest.raises(ValueError, match="caption files are .jsonl or .parquet"):
+        open_source(data["llava"], root, "t2i")

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,14 +167,15 @@ def _files_world(root, bad_index=None):
 def _files_config(tmp_path, data_dir, **data):
     c = tiny_config(tmp_path / "run", data_dir, steps=3, checkpoint_every=3)
     c.data.update(source="files", mmu_json=str(tmp_path / "mmu.json"), mmu_image_root=str(tmp_path),
-                  t2i_jsonl=str(tmp_path / "t2i.jsonl"), t2i_image_root=str(tmp_path), **data)
+                  t2i_jsonl=str(tmp_path / "t2i.jsonl"), t2i_image_root=str(tmp_path))
+    c.data.update(**data)
     return c
 
 
 def test_bad_record_stops_the_run_naming_file_and_index(tmp_path, data_dir):
     _files_world(tmp_path, bad_index=2)
     with pytest.raises(ValueError, match=r"mmu\.json: record 2: image 'img/missing.png' not found"):
-        loop.train(_files_config(tmp_path, data_dir), devices=jax.devices()[:1])
+        loop.train(_files_config(tmp_path, data_dir, skip_bad_records=False), devices=jax.devices()[:1])
     assert not (tmp_path / "run" / "checkpoints" / "3").exists()
 
 
@@ -182,6 +184,45 @@ def test_bad_records_are_skipped_and_counted(tmp_path, data_dir):
     m = loop.train(_files_config(tmp_path, data_dir, skip_bad_records=True), devices=jax.devices()[:1])
     # 3 steps x 4 rows of a 1:1 mix = 6 MMU samples: one full epoch of the 6 records, one of them bad
     assert m["skipped_records"] == 1 and np.isfinite(m["loss"])
+
+
+def test_user_data_formats_train_with_overflow_and_text_only_counted(tmp_path, data_dir):
+    """JSONL conversations with text-only records and one conversation too long for max_len (skipped
+    and counted by default; `truncate` keeps its first turn; `error` names it), plus captions from a
+    parquet file mixed with the JSONL by per-file weights, a two-image conversation (data.max_images=2):
+    the run trains on all of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _files_world(tmp_path)
+    convs = json.loads((tmp_path / "mmu.json").read_text())
+    convs[1] = {"id": "text", "conversations": [{"from": "human", "value": "what is a circle?"},
+                                                {"from": "gpt", "value": "a round shape"}]}
+    long_turns = [{"from": f, "value": v} for _ in range(40) for f, v in (("human", "what colour is it?"),
+                                                                          ("gpt", "red"))]
+    convs[3] = {**convs[3], "conversations": convs[3]["conversations"] + long_turns}
+    convs[4] = {"image": ["img/4.png", "img/5.png"], "conversations": [  # two images, at their marks
+        {"from": "human", "value": "<image>\nand\n<image>\nhow many objects in all?"}, {"from": "gpt", "value": "4"}]}
+    (tmp_path / "mmu.jsonl").write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    caps = [json.loads(line) for line in (tmp_path / "t2i.jsonl").read_text().splitlines()]
+    pq.write_table(pa.table({"image": [{"bytes": (tmp_path / c["image"]).read_bytes(), "path": None} for c in caps],
+                             "caption": [c["caption"] for c in caps]}), tmp_path / "t2i.parquet", row_group_size=4)
+
+    def config(**data):
+        c = _files_config(tmp_path, data_dir, mmu_json=str(tmp_path / "mmu.jsonl"), max_images=2,
+                          t2i_jsonl=f"{tmp_path / 't2i.jsonl'},{tmp_path / 't2i.parquet'}", t2i_weights="1,3", **data)
+        c.train.steps = 4  # 8 MMU samples: every record of the 6 once
+        c.data.max_len = 180  # the two-image conversation: 2 x 64 image slots + text
+        return c
+
+    m = loop.train(config(), devices=jax.devices()[:1])
+    assert m["overflow_skipped"] >= 1 and m["skipped_records"] == 0 and np.isfinite(m["loss"])
+    shutil.rmtree(tmp_path / "run")
+    m = loop.train(config(overflow="truncate"), devices=jax.devices()[:1])
+    assert m["overflow_skipped"] == 0 and np.isfinite(m["loss"])
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"mmu\.jsonl: record 3: \d+ tokens do not fit data.max_len=180"):
+        loop.train(config(overflow="error"), devices=jax.devices()[:1])
 
 
 @pytest.mark.slow

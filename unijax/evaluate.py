@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="understanding answers")
     p.add_argument("--files", default="", help="pope / mmmu / geneval: comma-separated benchmark files")
     p.add_argument("--image_root", default="", help="pope / mmmu: the image folder")
+    p.add_argument("--split", default=d.split, help="mmmu: the split read from folders of subjects")
+    p.add_argument("--pope_instruction", default=d.pope_instruction,
+                   help="pope: appended to every question on a new line ('' for the bare question)")
     p.add_argument("--batch_size", type=int, default=16, help="rows decoded together")
     p.add_argument("--group", choices=("router", "label"), default="router", help="TA-MoE expert group choice")
     p.add_argument("--tokenizer", default=None)
@@ -81,7 +84,8 @@ def main(argv=None) -> dict:
     o = suites.Options(seed=args.seed, num_images=args.num_images, num_questions=args.num_questions,
                        per_tag=args.per_tag, samples=args.samples, cfg=args.cfg, temperature=args.temperature,
                        top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                       files=tuple(f for f in args.files.split(",") if f), image_root=args.image_root)
+                       files=tuple(f for f in args.files.split(",") if f), image_root=args.image_root,
+                       split=args.split, pope_instruction=args.pope_instruction)
     for key in ("num_images", "num_questions", "per_tag", "samples", "batch_size", "max_new_tokens"):
         if getattr(args, key) < 1:
             parser().error(f"--{key} must be >= 1")

@@ -124,7 +124,7 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
         devices = devices[:wanted]
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch("train.batch_size", config.train.batch_size, mesh)
-    layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
+    layout = pipeline.Layout.for_data(cfg, config.data)
     if config.data.max_len < layout.und_tokens + 2 or config.data.max_len < layout.gen_tokens + 2:
         raise ValueError(f"data.max_len={config.data.max_len} cannot hold one image ({layout.und_tokens} "
                          f"understanding / {layout.gen_tokens} generation tokens at {layout.image_size}px); raise it")

@@ -56,6 +56,6 @@ def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, d
         config.data["gen_ratio" if only == "und" else "und_ratio"] = 0.0
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.dir)
     check_compatible(tokenizer, cfg)
-    layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
+    layout = pipeline.Layout.for_data(cfg, config.data)
     batches = evaluator_batches(config, tokenizer, layout, tuple(shapes.KINDS))
     return batches, layout.images_per_row(False), seed + HELD_OUT_SEED_OFFSET

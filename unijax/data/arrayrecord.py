@@ -88,14 +88,14 @@ class ArrayRecordSource:
         task = rec.get("task")
         if task not in TASKS:
             raise BadRecordError(name, i, f"unknown task {task!r}; expected one of {TASKS}")
-        if "image" not in rec:
+        if "image" not in rec and task == "t2i":
             raise BadRecordError(name, i, "record has no 'image' bytes", task)
-        if task == "mmu":
+        if task == "mmu":  # no "image" (or None): a text-only conversation
             try:
                 turns = _check_turns(rec.get("turns"))
             except ValueError as e:
                 raise BadRecordError(name, i, str(e), task) from None
-            image = _decode_image_bytes(rec["image"], name, i, task)
+            image = None if rec.get("image") is None else _decode_image_bytes(rec["image"], name, i, task)
             return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
         caption = rec.get("caption")
         if not isinstance(caption, str):
@@ -114,7 +114,8 @@ def encode_record(sample: dict) -> bytes:
         raise ValueError(f"cannot write a bad-record marker ({sample.get('source')}: record {sample.get('index')})")
     task = sample.get("task")
     if task == "mmu":
-        rec = {"task": "mmu", "image": encode_png(sample["image"]), "turns": _check_turns(sample.get("turns"))}
+        image = None if sample.get("image") is None else encode_png(sample["image"])
+        rec = {"task": "mmu", "image": image, "turns": _check_turns(sample.get("turns"))}
     elif task == "t2i":
         caption = sample.get("caption")
         if not isinstance(caption, str):

@@ -9,11 +9,16 @@ Real-file formats:
   JSON object per line: `{"question_id": 1, "image": "COCO_val2014_000000016631.jpg",
   "text": "Is there a person in the image?", "label": "yes"}`; images under `image_root`. The split
   is the file name's last `_` word (`random`, `popular`, `adversarial`).
-- Multiple choice (`mc_items`): MMMU-style records in a `.parquet`, `.json` (a list) or `.jsonl`
-  file: `id`, `question`, `options` (a list, or its Python-literal string as MMMU's parquet stores
-  it), `answer` (a letter) and the image as `image` / `image_1` (a path under `image_root`, or
-  parquet's `{"bytes": ...}`); optional `subfield` / `category`. `<image 1>` markers are removed
-  from the question (one image per question).
+- MMMU (`mc_items`): MMMU's records in `.parquet` (its layout: one folder per subject holding
+  `<split>-00000-of-00001.parquet`; pass the folder of subjects, a subject's folder or files),
+  `.json` (a list) or `.jsonl`: `id`, `question`, `options` (a list, or its Python-literal string
+  as MMMU stores it; empty for open questions), `answer` (a letter; for open questions the answer
+  text or a list of accepted answers), `question_type` (`multiple-choice` / `open`), the images as
+  `image_1` ... `image_7` (a path under `image_root`, or parquet's `{"bytes": ...}`; `image` for
+  one); optional `subfield` / `category`. Each `<image k>` mark of the question or options becomes
+  an image at that place, in order of appearance; a question with one image gets it first (and
+  the mark removed), as the Janus chat places it. Prompts end with MMMU's instructions
+  (`MC_INSTRUCTION`, `OPEN_INSTRUCTION`).
 - GenEval (`geneval_items`): GenEval's `evaluation_metadata.jsonl`, one prompt's metadata per line
   (`{"tag": "two_object", "include": [{"class": "bench", "count": 1}, ...], "prompt": "..."}`).
 """
@@ -24,14 +29,19 @@ import ast
 import io
 import json
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from unijax.contract import IMAGE_MARKER
 from unijax.data import shapes
 
 LETTERS_UPPER = "ABCDEFGHIJ"
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # MMMU's prompts
+OPEN_INSTRUCTION = "Answer the question using a single word or phrase."  # MMMU's open / LLaVA's POPE prompt
+_IMAGE_MARK = re.compile(r"<image (\d+)>")
 
 
 class BenchmarkFileError(ValueError):
@@ -145,7 +155,9 @@ def _read_records(path: pathlib.Path) -> list[dict]:
     return records
 
 
-def pope_items(files: list[str], image_root: str) -> list[dict]:
+def pope_items(files: list[str], image_root: str, instruction: str = OPEN_INSTRUCTION) -> list[dict]:
+    """POPE's question files; `instruction` is appended to each question on a new line (LLaVA's and
+    Janus's POPE evaluation ask for a single word; "" asks the bare question)."""
     items = []
     for f in files:
         path = pathlib.Path(f)
@@ -153,8 +165,9 @@ def pope_items(files: list[str], image_root: str) -> list[dict]:
         for n, r in enumerate(_read_records(path)):
             try:
                 label = str(r["label"]).strip().lower()
+                question = str(r["text"]) + (f"\n{instruction}" if instruction else "")
                 item = {"id": f"{split}/{r['question_id']}", "image": str(pathlib.Path(image_root) / r["image"]),
-                        "question": str(r["text"]), "answer": label, "splits": [split]}
+                        "question": question, "answer": label, "splits": [split]}
             except KeyError as e:
                 raise BenchmarkFileError(f"{path}: record {n} has no {e} (POPE records need question_id, "
                                          f"image, text, label)") from None
@@ -165,48 +178,107 @@ def pope_items(files: list[str], image_root: str) -> list[dict]:
 
 
 def _options(value, where: str) -> list[str]:
+    """The options list (empty for an open question)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
     if isinstance(value, str):
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError) as e:
             raise BenchmarkFileError(f"{where}: options {value[:60]!r} is not a list") from e
-    if not isinstance(value, (list, tuple)) or not 2 <= len(value) <= len(LETTERS_UPPER):
-        raise BenchmarkFileError(f"{where}: options must be a list of 2-{len(LETTERS_UPPER)} strings")
+    if not isinstance(value, (list, tuple)) or len(value) == 1 or len(value) > len(LETTERS_UPPER):
+        raise BenchmarkFileError(f"{where}: options must be a list of 2-{len(LETTERS_UPPER)} strings "
+                                 f"(or empty: an open question)")
     return [str(v) for v in value]
 
 
-def mc_prompt(question: str, options: list[str]) -> str:
-    """MMMU's multiple-choice prompt: the question, `A. option` lines, then the instruction."""
-    lines = [question.strip()] + [f"{LETTERS_UPPER[i]}. {o}" for i, o in enumerate(options)]
-    return "\n".join(lines + ["Answer with the option's letter from the given choices directly."])
-
-
-def mc_items(file: str, image_root: str = "") -> list[dict]:
-    path = pathlib.Path(file)
-    items = []
-    for n, r in enumerate(_read_records(path)):
-        where = f"{path}: record {n}"
+def _open_answer(value) -> str | list[str]:
+    """An open question's gold answer: a string, or the accepted answers (MMMU stores a list as its
+    Python-literal string)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
         try:
-            options = _options(r["options"], where)
-            question = str(r["question"])
-            answer = str(r["answer"]).strip().upper()
-        except KeyError as e:
-            raise BenchmarkFileError(f"{where} has no {e} (multiple-choice records need question, options, "
-                                     f"answer)") from None
-        if answer not in LETTERS_UPPER[:len(options)]:
-            raise BenchmarkFileError(f"{where}: answer {answer!r} is not one of the option letters")
-        image = r.get("image", r.get("image_1"))
-        if isinstance(image, dict):
-            image = image.get("bytes") or image.get("path")
-        if image is None:
-            raise BenchmarkFileError(f"{where} has no image (image or image_1)")
-        if isinstance(image, str):
-            image = str(pathlib.Path(image_root) / image)
-        for k in range(1, 8):
-            question = question.replace(f"<image {k}>", "").strip()
-        items.append({"id": str(r.get("id", n)), "image": image, "question": mc_prompt(question, options),
-                      "answer": answer, "options": options,
-                      "category": str(r.get("subfield") or r.get("category") or "all"), "source": where})
+            parsed = ast.literal_eval(text)
+            if isinstance(parsed, (list, tuple)):
+                return [str(v) for v in parsed]
+        except (ValueError, SyntaxError):
+            pass
+    return text
+
+
+def _item_images(r: dict, prompt: str, where: str) -> tuple[str, Any]:
+    """(prompt with `<image k>` marks placed, the image or the images in mark order)."""
+    def image(k: int):
+        value = r.get(f"image_{k}", r.get("image") if k == 1 else None)
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if value is None:
+            raise BenchmarkFileError(f"{where}: the question refers to <image {k}> but image_{k} is empty")
+        return value
+
+    order = [int(k) for k in _IMAGE_MARK.findall(prompt)]
+    if len(order) <= 1:
+        return _IMAGE_MARK.sub("", prompt).strip(), image(order[0] if order else 1)
+    return _IMAGE_MARK.sub(IMAGE_MARKER, prompt), [image(k) for k in order]
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    """MMMU's multiple-choice prompt: the question, `A. option` lines, then the instruction; an open
+    question (no options) ends with the single-word-or-phrase instruction."""
+    if not options:
+        return f"{question.strip()}\n{OPEN_INSTRUCTION}"
+    lines = [question.strip()] + [f"{LETTERS_UPPER[i]}. {o}" for i, o in enumerate(options)]
+    return "\n".join(lines + [MC_INSTRUCTION])
+
+
+def mmmu_files(paths: list[str], split: str = "validation") -> list[pathlib.Path]:
+    """Files of `paths`: a file is itself; a folder gives its `<split>-*.parquet` files at any depth
+    (MMMU's per-subject layout), sorted."""
+    out = []
+    for p in map(pathlib.Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob(f"{split}-*.parquet"))
+            if not found:
+                raise BenchmarkFileError(f"{p}: no {split}-*.parquet file below this folder (MMMU's layout: "
+                                         f"<subject>/{split}-00000-of-00001.parquet)")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def mc_items(files: str | list[str], image_root: str = "", split: str = "validation") -> list[dict]:
+    """MMMU items (multiple-choice and open) from files or folders (`mmmu_files`)."""
+    items = []
+    for path in mmmu_files([files] if isinstance(files, str) else list(files), split):
+        for n, r in enumerate(_read_records(path)):
+            where = f"{path}: record {n}"
+            try:
+                options = _options(r["options"] if "options" in r else None, where)
+                question, raw_answer = str(r["question"]), r["answer"]
+            except KeyError as e:
+                raise BenchmarkFileError(f"{where} has no {e} (MMMU records need question, options, answer)") from None
+            kind = str(r.get("question_type") or ("multiple-choice" if options else "open"))
+            if kind == "multiple-choice":
+                answer = str(raw_answer).strip().upper()
+                if answer not in LETTERS_UPPER[:len(options)]:
+                    raise BenchmarkFileError(f"{where}: answer {answer!r} is not one of the option letters")
+            elif kind == "open":
+                answer = _open_answer(raw_answer)
+            else:
+                raise BenchmarkFileError(f"{where}: question_type {kind!r} is not multiple-choice / open")
+            prompt, image = _item_images(r, mc_prompt(question, options), where)
+            image = [str(pathlib.Path(image_root) / i) if isinstance(i, str) else i for i in image] \
+                if isinstance(image, list) else (str(pathlib.Path(image_root) / image) if isinstance(image, str) else image)
+            items.append({"id": str(r.get("id", f"{path.parent.name}/{n}")), "image": image, "question": prompt,
+                          "answer": answer, "options": options, "question_type": kind,
+                          "category": str(r.get("subfield") or r.get("category") or "all"), "source": where})
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise BenchmarkFileError(f"MMMU items: id {dup!r} appears twice (two files of the same subject and split?)")
     return items
 
 
@@ -222,12 +294,14 @@ def geneval_items(file: str) -> list[dict]:
     return items
 
 
-def load_item_image(item: dict) -> np.ndarray:
+def load_item_image(item: dict):
     """The item's image as uint8 `[H, W, 3]`: a shapes scene (`seed`, `scene`, `size`), an array,
-    encoded bytes or a path (named on failure)."""
+    encoded bytes or a path (named on failure); a list of them for a multi-image item."""
     if "scene" in item:
         return shapes.render(shapes.scene_at(item["seed"], item["scene"], item["size"]))
     image = item["image"]
+    if isinstance(image, list):
+        return [load_item_image({**item, "image": im}) for im in image]
     if isinstance(image, np.ndarray):
         return image
     try:

@@ -81,11 +81,9 @@ def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
             ds = grain.MapDataset.source(ShapesSource(task, seed, image_size, question_kinds(data_cfg),
                                                          turns or int(data_cfg.turns_per_image)))
         elif data_cfg.source == "files":
-            src = _file_source(data_cfg, task)
-            if src is None:
+            ds = _file_dataset(data_cfg, task, seed + (0 if task == "mmu" else 1))
+            if ds is None:
                 continue
-            ds = repeat_epochs(grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))),
-                               seed=seed + (0 if task == "mmu" else 1))
         else:
             raise ValueError(f"data.source={data_cfg.source!r}: expected 'shapes' or 'files'")
         out.append(ds)
@@ -96,17 +94,42 @@ def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
     return out, ws
 
 
-# per task: (JSON config key, its image-root key, the source reading it, the ArrayRecord key)
-_FILE_KEYS = {"mmu": ("mmu_json", "mmu_image_root", sources.LlavaSource, "mmu_arrayrecord"),
-              "t2i": ("t2i_jsonl", "t2i_image_root", sources.CaptionSource, "t2i_arrayrecord")}
+# per task: (files key, image-root key, weights key, ArrayRecord key)
+_FILE_KEYS = {"mmu": ("mmu_json", "mmu_image_root", "mmu_weights", "mmu_arrayrecord"),
+              "t2i": ("t2i_jsonl", "t2i_image_root", "t2i_weights", "t2i_arrayrecord")}
 
 
-def _file_source(data_cfg, task: str):
-    json_key, root_key, source_cls, arrayrecord_key = _FILE_KEYS[task]
-    if data_cfg[json_key] and data_cfg[arrayrecord_key]:
-        raise ValueError(f"set data.{json_key} or data.{arrayrecord_key}, not both")
-    if data_cfg[json_key]:
-        return source_cls(data_cfg[json_key], data_cfg[root_key])
-    if data_cfg[arrayrecord_key]:
-        return arrayrecord.ArrayRecordSource(_files(data_cfg[arrayrecord_key]))
-    return None
+def _weights(data_cfg, key: str, n: int) -> list[float] | None:
+    if not data_cfg[key]:
+        return None
+    try:
+        ws = [float(w) for w in str(data_cfg[key]).split(",")]
+    except ValueError:
+        raise ValueError(f"data.{key}={data_cfg[key]!r}: expected comma-separated numbers") from None
+    if len(ws) != n or any(w < 0 for w in ws) or not any(w > 0 for w in ws):
+        raise ValueError(f"data.{key}={data_cfg[key]!r}: one weight >= 0 per file ({n} files), at least one > 0")
+    return ws
+
+
+def _file_dataset(data_cfg, task: str, seed: int) -> grain.MapDataset | None:
+    """A task's files on disk as one endless shuffled dataset: each file a source (bad records
+    skipped and counted when `data.skip_bad_records`), the files concatenated (sampled by size) or,
+    with `data.<task>_weights`, mixed by those weights, each file reshuffled every epoch."""
+    files_key, root_key, weights_key, arrayrecord_key = _FILE_KEYS[task]
+    if data_cfg[files_key] and data_cfg[arrayrecord_key]:
+        raise ValueError(f"set data.{files_key} or data.{arrayrecord_key}, not both")
+    if data_cfg[files_key]:
+        srcs = [sources.open_source(f, data_cfg[root_key], task) for f in _files(data_cfg[files_key])]
+    elif data_cfg[arrayrecord_key]:
+        srcs = [arrayrecord.ArrayRecordSource(_files(data_cfg[arrayrecord_key]))]
+    else:
+        return None
+    for src, name in zip(srcs, _files(data_cfg[files_key] or data_cfg[arrayrecord_key])):
+        if len(src) == 0:
+            raise ValueError(f"data.{files_key or arrayrecord_key}: {name} holds no records")
+    dsets = [grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))) for src in srcs]
+    weights = _weights(data_cfg, weights_key, len(dsets))
+    if weights is None or len(dsets) == 1:
+        return repeat_epochs(grain.MapDataset.concatenate(dsets) if len(dsets) > 1 else dsets[0], seed=seed)
+    kept = [(repeat_epochs(d, seed=seed + 7919 * i), w) for i, (d, w) in enumerate(zip(dsets, weights)) if w > 0]
+    return grain.MapDataset.mix([d for d, _ in kept], [w for _, w in kept])

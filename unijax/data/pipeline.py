@@ -30,6 +30,7 @@ question kind index, -1 when unknown) when rows are not packed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,21 @@ import numpy as np
 from unijax.contract import BATCH_KEYS, GEN_IMAGE, MMU, SEQ_FEATURES, TASK_IDS, TEXT, UND_IMAGE
 from unijax.data.images import ImageRule
 from unijax.models.config import family_of
+
+log = logging.getLogger(__name__)
+
+
+OVERFLOW_POLICIES = ("skip", "truncate", "error")
+BAD_RECORD, OVERFLOW = 1, 2  # values of a skipped sample's `bad` flag: a bad record, a sample too long
+_REASONS_LOGGED = 5  # the first reasons for skipped samples go to the log (per process)
+_logged = {"n": 0}
+
+
+def _log_skip(where: str, reason: str):
+    if _logged["n"] < _REASONS_LOGGED:
+        _logged["n"] += 1
+        log.warning("skipped %s: %s%s", where, reason,
+                    " (further skips are only counted)" if _logged["n"] == _REASONS_LOGGED else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +71,26 @@ class Layout:
     boi_id: int = 4
     eol_id: int = -1    # >= 0: Emu3's end-of-line id, after every row of image tokens
     und_rule: str = "janus"  # how an understanding image becomes square (`unijax.data.images`)
+    overflow: str = "skip"   # a sample longer than max_len: OVERFLOW_POLICIES
+    max_images: int = 1      # understanding images per conversation (more: data.overflow)
 
     @classmethod
-    def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0) -> Layout:
+    def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0, overflow: str = "skip",
+                   max_images: int = 1) -> Layout:
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"data.overflow={overflow!r}: expected one of {OVERFLOW_POLICIES}")
+        if max_images < 1:
+            raise ValueError(f"data.max_images={max_images} must be >= 1")
+        return dataclasses.replace(cls._from_model(cfg, max_len, cfg_drop_prob), overflow=overflow,
+                                   max_images=int(max_images))
+
+    @classmethod
+    def for_data(cls, cfg, data) -> Layout:
+        """The layout of model config `cfg` for the `data.*` config group."""
+        return cls.from_model(cfg, data.max_len, data.cfg_drop_prob, data.overflow, data.max_images)
+
+    @classmethod
+    def _from_model(cls, cfg, max_len: int, cfg_drop_prob: float) -> Layout:
         if family_of(cfg) == "emu3":  # both directions: VQ codes, rows ended by end-of-line
             size = cfg.vq.image_size
             patch = size // cfg.vq.grid
@@ -104,10 +137,10 @@ class Layout:
 
     def images_per_row(self, packing: bool) -> tuple[int, int]:
         """Static (understanding, generated) image slots per row the train step reassembles."""
+        fit = max(1, self.max_len // (self.image_slots(self.und_tokens) + 2))
         if not packing:
-            return 1, 1
-        return (max(1, self.max_len // (self.image_slots(self.und_tokens) + 2)),
-                max(1, self.max_len // (self.image_slots(self.gen_tokens) + 2)))
+            return min(self.max_images, fit), 1
+        return fit, max(1, self.max_len // (self.image_slots(self.gen_tokens) + 2))
 
 
 _DTYPES = {"tokens": np.int32, "modality": np.int32, "task": np.int32, "text_weights": np.float32,
@@ -144,39 +177,78 @@ def _insert_row_ends(layout: Layout, is_image: np.ndarray, *arrays: np.ndarray) 
     """Emu3 layout: after every row (`sqrt(n)` consecutive image tokens) an end-of-line token, a
     TEXT token with no loss; `arrays` get the end-of-line id (the first, the ids) or zero."""
     where = np.flatnonzero(is_image)
-    grid = int(round(len(where) ** 0.5))
+    grid = int(round(layout.gen_tokens ** 0.5))  # Emu3: one VQ grid for every image, both directions
     after = where[grid - 1::grid] + 1
     ids, *rest = arrays
     return (np.insert(ids, after, layout.eol_id).astype(ids.dtype),
             *(np.insert(a, after, 0).astype(a.dtype) for a in rest))
 
 
-def bad_sample(layout: Layout, task: int = MMU) -> dict[str, np.ndarray]:
-    """The stand-in for a skipped bad record: one padding token flagged `bad`, no loss."""
+def bad_sample(layout: Layout, task: int = MMU, why: int = BAD_RECORD) -> dict[str, np.ndarray]:
+    """The stand-in for a skipped sample: one padding token flagged `bad` (= `why`: BAD_RECORD or
+    OVERFLOW, counted apart in the metrics), no loss."""
     return {"tokens": np.array([layout.pad_id], np.int32), "modality": np.zeros(1, np.int32),
             "task": np.full(1, task, np.int32), "text_weights": np.zeros(1, np.float32),
             "image_weights": np.zeros(1, np.float32), "patches": np.zeros((1, layout.patch_dim), np.uint8),
-            "bad": np.ones(1, np.int32), "kind": np.int32(-1)}
+            "bad": np.full(1, why, np.int32), "kind": np.int32(-1)}
 
 
 def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.random.Generator | None = None,
                   kinds: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """One raw sample -> per-token arrays (see the module docstring)."""
-    if sample.get("bad"):
-        return bad_sample(layout, TASK_IDS.get(sample.get("task"), MMU))
-    task = sample["task"]
+    """One raw sample -> per-token arrays (see the module docstring). A sample longer than
+    `layout.max_len` follows `layout.overflow`: `skip` (a bad sample flagged OVERFLOW), `truncate`
+    (a conversation drops its last turns until it fits; skipped when even the first does not;
+    a caption is skipped) or `error`."""
     where = f"{sample.get('source', 'sample')}: record {sample.get('index', '?')}"
-    image = np.asarray(sample["image"], np.uint8)
+    if sample.get("bad"):
+        _log_skip(where, sample.get("reason", "bad record"))
+        return bad_sample(layout, TASK_IDS.get(sample.get("task"), MMU))
+    n_images = len(sample.get("images") or ())
+    if n_images > layout.max_images:
+        if layout.overflow == "error":
+            raise ValueError(f"{where}: {n_images} images, more than data.max_images={layout.max_images}; raise "
+                             f"data.max_images or set data.overflow=skip")
+        _log_skip(where, f"{n_images} images, more than data.max_images={layout.max_images}")
+        return bad_sample(layout, MMU, OVERFLOW)
+    x = _encode(sample, tokenizer, layout, rng, kinds, where)
+    if len(x["tokens"]) <= layout.max_len:
+        return x
+    n, task = len(x["tokens"]), sample["task"]
+    if layout.overflow == "error":
+        raise ValueError(f"{where}: {n} tokens do not fit data.max_len={layout.max_len}; raise data.max_len, "
+                         f"shorten the text, or set data.overflow=skip / truncate")
+    if layout.overflow == "truncate" and task == "mmu":
+        turns = list(sample["turns"])
+        while len(turns) > 1:
+            turns.pop()
+            x = _encode({**sample, "turns": turns}, tokenizer, layout, rng, kinds, where)
+            if len(x["tokens"]) <= layout.max_len:
+                return x
+    _log_skip(where, f"{n} tokens do not fit data.max_len={layout.max_len} (data.overflow={layout.overflow})")
+    return bad_sample(layout, TASK_IDS[task], OVERFLOW)
+
+
+def _encode(sample, tokenizer, layout: Layout, rng, kinds, where: str) -> dict[str, np.ndarray]:
+    task = sample["task"]
+    images = [np.asarray(a, np.uint8) for a in sample.get("images") or ()]
+    if not images and sample.get("image") is not None:
+        images = [np.asarray(sample["image"], np.uint8)]
+    image = images[0] if images else None
+    if image is None and task != "mmu":
+        raise ValueError(f"{where}: a {task} sample needs an image")
     dim = layout.patch_dim
-    if task == "mmu":
-        ids, is_image, is_answer = tokenizer.mmu_ids(sample["turns"], layout.und_tokens)
+    if task == "mmu":  # a text-only conversation has no image slots; several images sit at their marks
+        ids, is_image, is_answer = tokenizer.mmu_ids(sample["turns"], layout.und_tokens if images else 0,
+                                                     num_images=len(images))
         ids, is_image, is_answer = (np.asarray(ids, np.int32), np.asarray(is_image, bool),
                                     np.asarray(is_answer, np.float32))
         if layout.row_ends:
             ids, is_image, is_answer = _insert_row_ends(layout, is_image, ids, is_image, is_answer)
         modality = np.where(is_image, UND_IMAGE, TEXT).astype(np.int32)
         patches = np.zeros((len(ids), dim), np.uint8)
-        patches[is_image] = image_patches(layout.und_image(image), layout.und_patch, dim)
+        if images:
+            patches[is_image] = np.concatenate([image_patches(layout.und_image(a), layout.und_patch, dim)
+                                                for a in images])
         text_w, image_w = _shifted(is_answer), np.zeros(len(ids), np.float32)
     elif task == "t2i":
         prompt = np.asarray(tokenizer.t2i_ids(sample["caption"]), np.int32)
@@ -196,9 +268,6 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
         text_w, image_w = np.zeros(len(ids), np.float32), _shifted(is_gen.astype(np.float32))
     else:
         raise ValueError(f"{where}: unknown task {task!r} (expected 'mmu' or 't2i')")
-    if len(ids) > layout.max_len:
-        raise ValueError(f"{where}: {len(ids)} tokens do not fit data.max_len={layout.max_len}; "
-                         f"raise data.max_len or shorten the text")
     kind = sample.get("kind")
     return {"tokens": ids, "modality": modality, "task": np.full(len(ids), TASK_IDS[task], np.int32),
             "text_weights": text_w, "image_weights": image_w, "patches": patches,

@@ -9,7 +9,8 @@ are the pipeline's job.
 
 Raw sample contract
 -------------------
-Understanding (MMU); the image belongs to the first user turn::
+Understanding (MMU); the image belongs to the first user turn (``"image": None`` for a
+text-only conversation)::
 
     {"task": "mmu",
      "image": np.ndarray uint8 [H, W, 3] RGB at the file's native size,
@@ -31,8 +32,8 @@ palette and 16-bit images are converted; alpha is dropped).
 
 On-disk formats
 ---------------
-``LlavaSource(json_path, image_root)``: a LLaVA conversation JSON file, i.e. a
-JSON list of records like::
+``LlavaSource(json_path, image_root)``: a LLaVA conversation file, a JSON list of records
+(``.json``, parsed once) or one record per line (``.jsonl``, read line by line), records like::
 
     {"id": "000000033471",
      "image": "coco/train2017/000000033471.jpg",      # relative to image_root
@@ -46,12 +47,19 @@ Turns must alternate human/gpt starting with human and end with gpt ("user"
 and "assistant" are accepted as aliases). Like LLaVA's own preprocessing, the
 ``<image>`` marker is removed from the user text and the text is stripped of
 surrounding whitespace (so ``"<image>\\nWhat ...?"`` becomes ``"What ...?"``).
-Text-only records (no "image" key) are bad records for this source.
+A record without "image" is a text-only conversation (its sample's ``"image"`` is
+None). More than one ``<image>`` marker is a bad record: one image per conversation.
 
 ``CaptionSource(jsonl_path, image_root)``: JSON Lines, one object per line
 (blank lines are ignored)::
 
     {"image": "imgs/00001.png", "caption": "a red square on a white background"}
+
+``ParquetCaptionSource(parquet_path, image_root)``: a parquet file with a ``caption`` column
+and an ``image`` column holding encoded image bytes, a path relative to ``image_root``, or the
+Hugging Face ``datasets`` struct ``{"bytes": ..., "path": ...}``. Row groups are read on demand.
+
+``open_source(path, image_root, task)`` picks the reader from the file's suffix.
 
 ``ArrayRecordSource(paths)`` (in ``unijax.data.arrayrecord``): one or more ArrayRecord files whose records are
 msgpack-encoded dicts, the image as encoded PNG/JPEG bytes::
@@ -88,9 +96,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from unijax.contract import IMAGE_MARKER
+
 log = logging.getLogger(__name__)
 
-IMAGE_MARKER = "<image>"
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
 
@@ -219,12 +228,13 @@ def _strip_marker(text: str) -> str:
     return text.replace(IMAGE_MARKER, "").strip() if IMAGE_MARKER in text else text
 
 
-def llava_turns(conversations: Any) -> list[list[str]]:
+def llava_turns(conversations: Any, images: int = 1) -> list[list[str]]:
     """Converts a LLaVA ``conversations`` list to ``[[user, assistant], ...]``.
 
-    Raises ``ValueError`` (with the reason) if the list does not alternate
-    human/gpt starting with human and ending with gpt, or more than one
-    ``<image>`` marker occurs.
+    With at most one image the ``<image>`` marker is removed (the image goes first, as LLaVA
+    and Janus place it); with ``images > 1`` the markers stay where they are, one per image.
+    Raises ``ValueError`` (with the reason) if the list does not alternate human/gpt starting
+    with human and ending with gpt, or the markers do not match the images.
     """
     if not isinstance(conversations, list) or not conversations:
         raise ValueError(f"'conversations' must be a non-empty list, got {type(conversations).__name__}")
@@ -249,15 +259,18 @@ def llava_turns(conversations: Any) -> list[list[str]]:
                 raise ValueError(f"message {j} 'value' must be a string, got {type(msg['value']).__name__}")
             pair.append(msg["value"])
         markers += pair[0].count(IMAGE_MARKER)
-        turns.append([_strip_marker(pair[0]), pair[1]])
-    if markers > 1:
-        raise ValueError(f"{markers} '{IMAGE_MARKER}' markers; only single-image records are supported")
+        turns.append([_strip_marker(pair[0]) if images <= 1 else pair[0].strip(), pair[1]])
+    if images > 1 and markers != images:
+        raise ValueError(f"{images} images but {markers} '{IMAGE_MARKER}' markers; put one marker where each image goes")
+    if images <= 1 and markers > 1:
+        raise ValueError(f"{markers} '{IMAGE_MARKER}' markers but {images} image")
     return turns
 
 
 def _check_files(data_path, image_root, what: str) -> tuple[str, str]:
     """-> (data_path, image_root) as strings, after checking the file and the folder exist."""
-    data_path, image_root = os.fspath(data_path), os.fspath(image_root)
+    data_path = os.fspath(data_path)
+    image_root = os.fspath(image_root) if image_root else os.path.dirname(os.path.abspath(data_path))
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"{what} {data_path!r} not found")
     if not os.path.isdir(image_root):
@@ -266,26 +279,31 @@ def _check_files(data_path, image_root, what: str) -> tuple[str, str]:
 
 
 class LlavaSource:
-    """MMU raw samples from a LLaVA-style conversation JSON file.
+    """MMU raw samples from a LLaVA-style conversation file (`.json` list or `.jsonl` lines).
 
     Args:
-      json_path: the JSON file (a list of records, see the module docstring).
+      json_path: the file (see the module docstring).
       image_root: the folder the records' "image" paths are relative to.
 
-    The JSON is parsed once at construction and kept as one compact buffer of
-    per-record JSON strings (about the file's size, cheap to pickle to grain
-    workers); each ``__getitem__`` parses one record and reads its image.
+    A `.json` list is parsed once at construction and kept as one compact buffer of per-record
+    JSON strings (about the file's size, cheap to pickle to grain workers); a `.jsonl` file is
+    indexed by line offsets and read one line per record. Each ``__getitem__`` parses one record
+    and reads its image.
     """
 
     task = "mmu"
 
     def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike):
         self.json_path, self.image_root = _check_files(json_path, image_root, "LLaVA JSON file")
+        self._lines = JsonLines(self.json_path, "mmu") if self.json_path.endswith(".jsonl") else None
+        if self._lines is not None:
+            return
         try:
             with open(self.json_path, "rb") as f:
                 records = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{self.json_path}: not valid JSON ({e}); expected a list of LLaVA records") from None
+            raise ValueError(f"{self.json_path}: not valid JSON ({e}); expected a list of LLaVA records "
+                             f"(name the file .jsonl for one record per line)") from None
         if not isinstance(records, list):
             raise ValueError(
                 f"{self.json_path}: top level is a JSON {type(records).__name__}, expected a list of LLaVA records"
@@ -297,13 +315,15 @@ class LlavaSource:
         self._buf = b"".join(blobs)
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return len(self._lines) if self._lines is not None else len(self._offsets) - 1
 
     def __repr__(self) -> str:
         return f"LlavaSource(json_path={self.json_path!r}, image_root={self.image_root!r}, len={len(self)})"
 
     def record(self, index: int) -> Any:
         """The raw JSON record at ``index`` (parsed, not validated)."""
+        if self._lines is not None:
+            return self._lines.record(index)
         i = _normalise_index(index, len(self), self.json_path)
         return json.loads(self._buf[self._offsets[i] : self._offsets[i + 1]])
 
@@ -313,15 +333,21 @@ class LlavaSource:
         name = self.json_path
         if not isinstance(rec, dict):
             raise BadRecordError(name, i, f"record is a JSON {type(rec).__name__}, expected an object", "mmu")
-        if "image" not in rec:
-            raise BadRecordError(
-                name, i, "record has no 'image'; text-only records are not supported by LlavaSource (filter them out)",
-                "mmu",
-            )
+        paths = rec.get("image")
+        many = isinstance(paths, list)
         try:
-            turns = llava_turns(rec.get("conversations"))
+            turns = llava_turns(rec.get("conversations"), len(paths) if many else int(paths is not None))
         except ValueError as e:
             raise BadRecordError(name, i, f"malformed conversation: {e}", "mmu") from None
+        if many and len(paths) > 1:  # a multi-image conversation: the images in the order of their marks
+            images = [_load_image_file(self.image_root, p, name, i, "mmu") for p in paths]
+            return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
+        if many:
+            rec["image"] = paths[0] if paths else None
+        if rec.get("image") is None:
+            if any(IMAGE_MARKER in str(m.get("value", "")) for m in rec["conversations"] if isinstance(m, dict)):
+                raise BadRecordError(name, i, f"a '{IMAGE_MARKER}' mark but no 'image' path", "mmu")
+            return {"task": "mmu", "image": None, "turns": turns, "source": name, "index": i}
         image = _load_image_file(self.image_root, rec["image"], name, i, "mmu")
         return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
 
@@ -347,24 +373,16 @@ def _line_offsets(path: str) -> np.ndarray:
     )
 
 
-class CaptionSource:
-    """T2I raw samples from a JSON Lines caption file.
+class JsonLines:
+    """Random access to the non-blank lines of a JSON Lines file, one parsed object per line.
 
-    Args:
-      jsonl_path: one ``{"image": "rel/path.png", "caption": "..."}`` per line
-        (blank lines are skipped and not counted as records).
-      image_root: the folder the "image" paths are relative to.
-
-    Line byte offsets are indexed at construction; each ``__getitem__`` reads
-    one line with ``os.pread`` (thread-safe) from a file descriptor opened
-    lazily in each process.
+    Line byte offsets are indexed at construction; each read is one ``os.pread`` (thread-safe)
+    from a file descriptor opened lazily in each process (picklable for grain workers).
     """
 
-    task = "t2i"
-
-    def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike):
-        self.jsonl_path, self.image_root = _check_files(jsonl_path, image_root, "caption JSONL file")
-        self._offsets = _line_offsets(self.jsonl_path)
+    def __init__(self, path: str, task: str):
+        self.path, self.task = path, task
+        self._offsets = _line_offsets(path)
         self._fd: int | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
@@ -391,46 +409,159 @@ class CaptionSource:
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __repr__(self) -> str:
-        return f"CaptionSource(jsonl_path={self.jsonl_path!r}, image_root={self.image_root!r}, len={len(self)})"
-
     def _file(self) -> int:
         pid = os.getpid()
         if self._fd is None or self._pid != pid:  # first use in this process (or after a fork)
             with self._lock:
                 if self._fd is None or self._pid != pid:
-                    self._fd = os.open(self.jsonl_path, os.O_RDONLY)
+                    self._fd = os.open(self.path, os.O_RDONLY)
                     self._pid = pid
         return self._fd
 
     def line(self, index: int) -> bytes:
         """The raw bytes of record ``index``'s line."""
-        i = _normalise_index(index, len(self), self.jsonl_path)
+        i = _normalise_index(index, len(self), self.path)
         start, end = (int(x) for x in self._offsets[i])
         data = os.pread(self._file(), end - start, start)
         if len(data) != end - start:
             raise BadRecordError(
-                self.jsonl_path, i, "file is shorter than when it was indexed (it changed on disk; rebuild the source)",
-                "t2i",
+                self.path, i, "file is shorter than when it was indexed (it changed on disk; rebuild the source)",
+                self.task,
             )
         return data
 
+    def record(self, index: int) -> Any:
+        """Line ``index`` parsed as JSON (a :class:`BadRecordError` when it is not JSON)."""
+        i = _normalise_index(index, len(self), self.path)
+        try:
+            return json.loads(self.line(i))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRecordError(self.path, i, f"line is not valid JSON ({e}); fix or delete that line",
+                                 self.task) from None
+
+
+def _caption_sample(rec: Any, name: str, i: int, image_of) -> dict:
+    if not isinstance(rec, dict):
+        raise BadRecordError(name, i, f"record is a {type(rec).__name__}, expected an object", "t2i")
+    caption = rec.get("caption")
+    if not isinstance(caption, str):
+        raise BadRecordError(name, i, f"'caption' must be a string, got {caption!r:.80}", "t2i")
+    if rec.get("image") is None:
+        raise BadRecordError(name, i, "record has no 'image'", "t2i")
+    return {"task": "t2i", "image": image_of(rec["image"]), "caption": caption, "source": name, "index": i}
+
+
+class CaptionSource:
+    """T2I raw samples from a JSON Lines caption file.
+
+    Args:
+      jsonl_path: one ``{"image": "rel/path.png", "caption": "..."}`` per line
+        (blank lines are skipped and not counted as records).
+      image_root: the folder the "image" paths are relative to.
+    """
+
+    task = "t2i"
+
+    def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike):
+        self.jsonl_path, self.image_root = _check_files(jsonl_path, image_root, "caption JSONL file")
+        self._lines = JsonLines(self.jsonl_path, "t2i")
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __repr__(self) -> str:
+        return f"CaptionSource(jsonl_path={self.jsonl_path!r}, image_root={self.image_root!r}, len={len(self)})"
+
+    def line(self, index: int) -> bytes:
+        """The raw bytes of record ``index``'s line."""
+        return self._lines.line(index)
+
     def __getitem__(self, index: int) -> dict:
         i = _normalise_index(index, len(self), self.jsonl_path)
-        name = self.jsonl_path
+        rec = self._lines.record(i)
+        return _caption_sample(rec, self.jsonl_path, i,
+                               lambda image: _load_image_file(self.image_root, image, self.jsonl_path, i, "t2i"))
+
+
+class ParquetCaptionSource:
+    """T2I raw samples from a parquet file: a ``caption`` column and an ``image`` column (encoded
+    bytes, a path under ``image_root``, or ``{"bytes", "path"}`` as Hugging Face datasets write).
+
+    Row-group boundaries are read at construction; a record reads its row group's two columns
+    (the last group read is cached per process), so the file is never loaded whole.
+    """
+
+    task = "t2i"
+
+    def __init__(self, parquet_path: str | os.PathLike, image_root: str | os.PathLike = ""):
+        import pyarrow.parquet as pq  # deferred: only parquet users need it
+
+        self.parquet_path = os.fspath(parquet_path)
+        self.image_root = os.fspath(image_root) if image_root else os.path.dirname(self.parquet_path)
+        if not os.path.isfile(self.parquet_path):
+            raise FileNotFoundError(f"caption parquet file {self.parquet_path!r} not found")
         try:
-            rec = json.loads(self.line(i))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRecordError(name, i, f"line is not valid JSON ({e}); fix or delete that line", "t2i") from None
-        if not isinstance(rec, dict):
-            raise BadRecordError(name, i, f"line is a JSON {type(rec).__name__}, expected an object", "t2i")
-        caption = rec.get("caption")
-        if not isinstance(caption, str):
-            raise BadRecordError(name, i, f"'caption' must be a string, got {caption!r:.80}", "t2i")
-        if "image" not in rec:
-            raise BadRecordError(name, i, "record has no 'image' path", "t2i")
-        image = _load_image_file(self.image_root, rec["image"], name, i, "t2i")
-        return {"task": "t2i", "image": image, "caption": caption, "source": name, "index": i}
+            meta = pq.ParquetFile(self.parquet_path).metadata
+        except Exception as e:
+            raise ValueError(f"{self.parquet_path}: not a parquet file ({e})") from None
+        names = set(meta.schema.names) | {meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)}
+        missing = [c for c in ("image", "caption") if c not in names]
+        if missing:
+            raise ValueError(f"{self.parquet_path}: no column {missing[0]!r} (columns: {sorted(names)}); "
+                             f"expected 'image' and 'caption'")
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self._cache: tuple[int, Any] | None = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return f"ParquetCaptionSource(parquet_path={self.parquet_path!r}, len={len(self)})"
+
+    def _group(self, g: int):
+        if self._cache is None or self._cache[0] != g:
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(self.parquet_path).read_row_group(g, columns=["image", "caption"])
+            self._cache = (g, table.to_pydict())
+        return self._cache[1]
+
+    def _image(self, value: Any, i: int) -> np.ndarray:
+        name = self.parquet_path
+        if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return _decode_image_bytes(value, name, i, "t2i")
+        return _load_image_file(self.image_root, value, name, i, "t2i")
+
+    def __getitem__(self, index: int) -> dict:
+        i = _normalise_index(index, len(self), self.parquet_path)
+        g = int(np.searchsorted(self._starts, i, side="right") - 1)
+        cols = self._group(g)
+        j = i - int(self._starts[g])
+        rec = {"image": cols["image"][j], "caption": cols["caption"][j]}
+        return _caption_sample(rec, self.parquet_path, i, lambda image: self._image(image, i))
+
+
+def open_source(path: str, image_root: str, task: str):
+    """The source reading `path` for `task` ("mmu": `.json` / `.jsonl` conversations; "t2i": `.jsonl`
+    or `.parquet` captions), chosen by the file's suffix."""
+    path = os.fspath(path)
+    if task == "mmu":
+        if not path.endswith((".json", ".jsonl")):
+            raise ValueError(f"{path}: conversation files are .json (a list) or .jsonl (one record per line)")
+        return LlavaSource(path, image_root)
+    if path.endswith(".parquet"):
+        return ParquetCaptionSource(path, image_root)
+    if path.endswith(".jsonl"):
+        return CaptionSource(path, image_root)
+    raise ValueError(f"{path}: caption files are .jsonl or .parquet")
 
 
 # ----------------------------------------------------------------------------

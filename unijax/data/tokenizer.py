@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from unijax.contract import IMAGE_MARKER
 from unijax.data import shapes
 from unijax.io import atomic_file
 
@@ -122,7 +123,7 @@ class Tokenizer:
 
     # -- chat layouts --------------------------------------------------------------------------
     def mmu_ids(self, turns: Sequence[Sequence[str | None]], num_image_tokens: int,
-                system_prompt: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                system_prompt: str | None = None, num_images: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """An understanding conversation -> `(ids int32 [n], is_image bool [n], is_answer bool [n])`.
 
         `turns` are `(user, assistant)` pairs; the first user turn carries the image
@@ -132,6 +133,9 @@ class Tokenizer:
         assistant may be `None`: the layout then ends with the generation prompt
         `<|Assistant|>:` (what a generation CLI feeds the model). Texts are stripped, as the
         Janus chat template does. `system_prompt` overrides the tokenizer's default.
+
+        `num_images > 1`: the user texts hold exactly that many `<image>` marks and each becomes an
+        image block in place (as Janus's processor replaces `<image_placeholder>`).
         """
         if not turns:
             raise ValueError("mmu_ids: a conversation needs at least one (user, assistant) turn")
@@ -147,12 +151,26 @@ class Tokenizer:
             image.extend([is_image] * len(tokens))
             answer.extend([is_answer] * len(tokens))
 
+        if num_images > 1:
+            marks = sum((t[0] or "").count(IMAGE_MARKER) for t in turns)
+            if marks != num_images:
+                raise ValueError(f"mmu_ids: {num_images} images but {marks} '{IMAGE_MARKER}' marks in the user turns")
+
         for k, turn in enumerate(turns):
             if len(turn) != 2:
                 raise ValueError(f"mmu_ids: turn {k} is {turn!r}, expected a (user, assistant) pair")
             user, assistant = turn
             user = (user or "").strip()
-            if k == 0 and num_image_tokens > 0:
+            if num_images > 1:
+                first, *rest = user.split(IMAGE_MARKER)
+                add(self.encode((system if k == 0 else "") + USER_PREFIX + first))
+                for piece in rest:
+                    add([self.boi_id])
+                    add([self.image_id] * num_image_tokens, is_image=True)
+                    add([self.eoi_id])
+                    add(self.encode(piece))
+                add(self.encode(USER_SUFFIX + ASSISTANT_PREFIX))
+            elif k == 0 and num_image_tokens > 0:
                 add(self.encode(system + USER_PREFIX))
                 add([self.boi_id])
                 add([self.image_id] * num_image_tokens, is_image=True)

@@ -107,26 +107,30 @@ class Engine:
         for start in range(0, n, self.batch_size):
             yield start, min(start + self.batch_size, n)
 
-    def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 24,
+    def answer(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 24,
                sampling: Sampling = Sampling(), seed: int = 0) -> list[str]:
-        """One answer per (uint8 `[H, W, 3]` image, question); each image is preprocessed
-        by the family's processor rule (`unijax.data.images`: Janus resizes and pads to a square)."""
+        """One answer per (image, question). An image is uint8 `[H, W, 3]`, or a list of them for a
+        question whose text holds one `<image>` mark per image (in order); each is preprocessed by
+        the family's processor rule (`unijax.data.images`: Janus resizes and pads to a square)."""
         if len(images) != len(questions):
             raise ValueError(f"answer: {len(images)} images but {len(questions)} questions")
         out: list[str] = []
         for lo, hi in self._chunks(len(questions)):
             rows, pix, flags = [], [], []
             for img, q in zip(images[lo:hi], questions[lo:hi]):
-                ids, is_image, _ = self.tokenizer.mmu_ids([(q, None)], self.und_tokens)
+                imgs = list(img) if isinstance(img, (list, tuple)) else [img]
+                ids, is_image, _ = self.tokenizer.mmu_ids([(q, None)], self.und_tokens, num_images=len(imgs))
                 rows.append(ids)
                 flags.append(is_image)
-                pix.append(self.und_image(np.asarray(img, np.uint8)))
+                pix.append([self.und_image(np.asarray(a, np.uint8)) for a in imgs])
             n, pad = len(rows), self.batch_size - len(rows)  # fixed batch shape: pad with copies of row 0
             rows, flags, pix = rows + [rows[0]] * pad, flags + [flags[0]] * pad, pix + [pix[0]] * pad
             length = _round_up(max(map(len, rows)), PAD_TO)
             tokens, mask = left_pad(rows, length, self.cfg.text.pad_token_id)
             modality, _ = left_pad([np.where(f, UND_IMAGE, TEXT) for f in flags], length, TEXT)
-            pixels = np.stack(pix).astype(np.float32)[:, None] / 127.5 - 1.0
+            per_row = max(map(len, pix))  # rows with fewer images repeat their last (never read)
+            pixels = np.stack([np.stack(p + [p[-1]] * (per_row - len(p))) for p in pix]).astype(np.float32)
+            pixels = pixels / 127.5 - 1.0
             ids = self.generator.text(jnp.asarray(tokens), jnp.asarray(modality), jnp.asarray(mask),
                                       jnp.asarray(pixels), max_new_tokens=max_new_tokens, sampling=sampling,
                                       rng=jax.random.key(seed + lo))

@@ -4,9 +4,10 @@ Three kinds, each computed the way its benchmark reports it:
 - `pope` (yes/no): per split accuracy, precision, recall, F1 and yes-ratio with "yes" the positive
   class; the answer is "no" when its first sentence holds the word no / not (POPE's rule,
   `shapes.answer_is_yes`); `average` is the mean over splits.
-- `mc` (multiple choice): accuracy, overall and per category; the letter is extracted from the
-  response MMMU-style (`extract_choice`); a response with no letter counts as wrong (MMMU draws a
-  random letter instead) and is reported as `unparsed`.
+- `mc` (MMMU: multiple choice and open questions): accuracy, overall and per category; the
+  letter is extracted from the response MMMU-style (`extract_choice`); a response with no letter
+  counts as wrong (MMMU draws a random letter instead) and is reported as `unparsed`; an open
+  question is scored by MMMU's open-answer rules (`parse_open_response`, `open_correct`).
 - `geneval` (generation): every sample is written in GenEval's folder layout
   (`<out>/images/<k:05d>/metadata.jsonl`, `samples/<j:04d>.png`, `grid.png`) and, when the prompt only
   names shapes and colours, scored by the shapes detector with GenEval's rule: accuracy per tag over
@@ -22,6 +23,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -51,8 +53,10 @@ class Options:
     temperature: float = 1.0   # generation; answers are greedy
     top_k: int = 0
     max_new_tokens: int = 16
-    files: tuple[str, ...] = ()  # pope: question files; mmmu / geneval: one file
+    files: tuple[str, ...] = ()  # pope: question files; mmmu: files or folders; geneval: one file
     image_root: str = ""
+    split: str = "validation"    # mmmu: the split read from a folder of subjects
+    pope_instruction: str = benchmarks.OPEN_INSTRUCTION  # pope: appended to each question ("" for none)
 
 
 def build_items(suite: str, o: Options) -> list[dict]:
@@ -68,11 +72,11 @@ def build_items(suite: str, o: Options) -> list[dict]:
     if not o.files:
         raise ValueError(f"suite {suite!r} reads a benchmark file: pass --files")
     if suite == "pope":
-        return benchmarks.pope_items(list(o.files), o.image_root)
+        return benchmarks.pope_items(list(o.files), o.image_root, o.pope_instruction)
+    if suite == "mmmu":
+        return benchmarks.mc_items(list(o.files), o.image_root, o.split)
     if len(o.files) != 1:
         raise ValueError(f"suite {suite!r} reads one file, got {len(o.files)}")
-    if suite == "mmmu":
-        return benchmarks.mc_items(o.files[0], o.image_root)
     return benchmarks.geneval_items(o.files[0])
 
 
@@ -102,6 +106,64 @@ def extract_choice(response: str, options: Sequence[str]) -> str | None:
     return max(found, key=lambda c: max(r.rfind(f"({c})"), r.rfind(f" {c} ")))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def _normalise(text: str) -> list:
+    """MMMU's `normalize_str`: a number becomes a float rounded to 2 decimals; other text is lower-cased,
+    and a one-character answer gets a space on one side (no trivial substring matches)."""
+    text = text.strip()
+    if _is_number(text):
+        return [round(float(text.replace(",", "")), 2)]
+    text = text.lower()
+    return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+_NUMBERS = (re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b"), re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+"),
+            re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])"))
+_KEY_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+
+
+def parse_open_response(response: str) -> list:
+    """MMMU's open-answer parsing: the tail after the last key phrase ("is ", "so ", "answer ", ...;
+    also "=" in the last sentence) of each sentence, the numbers in them, normalised (`_normalise`)."""
+    text = response.strip().strip(".").lower()
+    sentences = re.split(r"\.\s(?=[A-Z])|\n", text)  # (lower-cased first, as MMMU does)
+    keys = []
+    for i, sentence in enumerate(sentences):
+        indicators = _KEY_INDICATORS + (("=",) if i == len(sentences) - 1 else ())
+        tails = [sentence.split(ind)[-1].strip() for ind in indicators if ind in sentence]
+        if tails:
+            shortest = min(tails, key=len)
+            if shortest not in (":", ",", ".", "!", "?", ";", "'"):
+                keys.append(shortest)
+    keys = keys or [text]
+    candidates = keys + [n for k in keys for pattern in _NUMBERS for n in pattern.findall(k)]
+    out = []
+    for c in candidates:
+        for v in _normalise(c):
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def open_correct(answer, predictions: list) -> bool:
+    """MMMU's `eval_open`: a predicted number equals a gold one, or a gold text lies inside a predicted text."""
+    gold = [v for a in (answer if isinstance(answer, list) else [answer]) for v in _normalise(str(a))]
+    for p in predictions:
+        if isinstance(p, str):
+            if any(isinstance(g, str) and g in p for g in gold):
+                return True
+        elif p in gold:
+            return True
+    return False
+
+
 def pope_scores(truth_yes: np.ndarray, pred_yes: np.ndarray) -> dict[str, float]:
     """POPE's metrics with "yes" as the positive class."""
     t, p = np.asarray(truth_yes, bool), np.asarray(pred_yes, bool)
@@ -127,9 +189,11 @@ def metrics(suite: str, items: list[dict], preds: dict[str, dict]) -> dict:
         out["average"] = {k: float(np.mean([out[s][k] for s in list(out)])) for k in keys}
         return out
     if kind == "mc":
-        hits = {it["id"]: preds[it["id"]]["choice"] == it["answer"] for it in items}
-        out = {"accuracy": float(np.mean(list(hits.values()))), "n": len(items),
-               "unparsed": float(np.mean([preds[it["id"]]["choice"] is None for it in items]))}
+        hits = {it["id"]: preds[it["id"]]["correct"] if it.get("question_type") == "open"
+                else preds[it["id"]]["choice"] == it["answer"] for it in items}
+        closed = [it for it in items if it.get("question_type") != "open"]
+        out = {"accuracy": float(np.mean(list(hits.values()))), "n": len(items), "open": len(items) - len(closed),
+               "unparsed": float(np.mean([preds[it["id"]]["choice"] is None for it in closed])) if closed else 0.0}
         cats = sorted({it.get("category", "all") for it in items})
         if len(cats) > 1:
             out["per_category"] = {c: float(np.mean([hits[it["id"]] for it in items if it.get("category") == c]))
@@ -155,7 +219,8 @@ def markdown(suite: str, m: dict) -> str:
                                                                       "yes_ratio")) + " |" for s, v in m.items()]
         return "\n".join(rows) + "\n"
     if kind == "mc":
-        rows = ["| category | accuracy |", "|---|---|", f"| all ({m['n']} questions) | {m['accuracy']:.3f} |"]
+        rows = ["| category | accuracy |", "|---|---|",
+                f"| all ({m['n']} questions, {m.get('open', 0)} open) | {m['accuracy']:.3f} |"]
         rows += [f"| {c} | {a:.3f} |" for c, a in m.get("per_category", {}).items()]
         return "\n".join(rows) + f"\n\nunparsed responses: {m['unparsed']:.3f}\n"
     if "overall" not in m:
@@ -176,8 +241,15 @@ def predict(suite: str, engine, items: list[dict], o: Options, out_dir: pathlib.
         responses = engine.answer(images, [it["question"] for it in items], max_new_tokens=o.max_new_tokens)
         if kind == "pope":
             return [{"id": it["id"], "response": r, "yes": shapes.answer_is_yes(r)} for it, r in zip(items, responses)]
-        return [{"id": it["id"], "response": r, "choice": extract_choice(r, it["options"])}
-                for it, r in zip(items, responses)]
+        out = []
+        for it, r in zip(items, responses):
+            if it.get("question_type") == "open":
+                parsed = parse_open_response(r)
+                out.append({"id": it["id"], "response": r, "choice": None, "parsed": parsed,
+                            "correct": open_correct(it["answer"], parsed)})
+            else:
+                out.append({"id": it["id"], "response": r, "choice": extract_choice(r, it["options"])})
+        return out
     images = engine.images([it["prompt"] for it in items], num_images=o.samples, guidance=o.cfg,
                            sampling=Sampling(temperature=o.temperature, top_k=o.top_k), seed=o.seed,
                            prompt_ids=[int(it["id"]) for it in items])

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from unijax.data.pipeline import OVERFLOW_POLICIES
 from unijax.data.tokenizer import DEFAULT_DATA_DIR, DEFAULT_TOKENIZER
 from unijax.models import config as model_cfg
 from unijax.models import lora
@@ -110,11 +111,15 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.turns_per_image = 1        # shapes MMU samples: questions (chat turns) about each image
     d.num_workers = 0            # grain worker processes (0 = in the training process)
     d.prefetch = 2               # batches a background thread prepares ahead (when num_workers = 0)
-    d.skip_bad_records = False
-    d.mmu_json = ""              # LLaVA-style conversations (data.source=files)
-    d.mmu_image_root = ""
-    d.t2i_jsonl = ""             # {"image": ..., "caption": ...} per line
+    d.skip_bad_records = True    # a bad record (missing image, bad JSON, ...) is skipped and counted; False: stop
+    d.max_images = 1             # understanding images per conversation (multi-image records; more: overflow)
+    d.overflow = "skip"          # a sample longer than max_len: skip (counted) | truncate (last turns) | error
+    d.mmu_json = ""              # comma-separated LLaVA-style conversation files, .json or .jsonl (source=files)
+    d.mmu_image_root = ""        # their images' folder (empty: each file's own folder)
+    d.mmu_weights = ""           # comma-separated mixture weight per mmu_json file; empty: by size
+    d.t2i_jsonl = ""             # comma-separated caption files, .jsonl ({"image", "caption"}) or .parquet
     d.t2i_image_root = ""
+    d.t2i_weights = ""           # mixture weight per t2i_jsonl file; empty: by size
     d.mmu_arrayrecord = ""       # comma-separated ArrayRecord files (unijax.data.sources)
     d.t2i_arrayrecord = ""
 
@@ -222,6 +227,8 @@ def validate(config) -> None:
             raise ValueError(f"train.{key}={t[key]} must be positive")
     if not 0 <= config.data.cfg_drop_prob < 1:
         raise ValueError(f"data.cfg_drop_prob={config.data.cfg_drop_prob} must be in [0, 1)")
+    if config.data.overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"data.overflow={config.data.overflow!r}: expected one of {OVERFLOW_POLICIES}")
     if config.data.source not in DATA_SOURCES:
         raise ValueError(f"data.source={config.data.source!r}: expected one of {DATA_SOURCES}")
     if config.objective not in OBJECTIVES:

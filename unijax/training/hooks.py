@@ -32,7 +32,7 @@ class MetricsWindow:
 
     def __init__(self, log: MetricLogger, log_every: int, last_step: int, ckpts: TrainCheckpoints):
         self.log, self.log_every, self.last_step, self.ckpts = log, int(log_every), int(last_step), ckpts
-        self.skipped = 0
+        self.skipped = self.overflow = 0
         self.latest: dict[str, float] = {}
         self._reset()
 
@@ -42,7 +42,8 @@ class MetricsWindow:
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> None:
         """A host batch about to be trained on: its tokens and skipped bad records."""
-        self.skipped += int(np.sum(batch["bad"]))
+        self.skipped += int(np.sum(batch["bad"] == pipeline.BAD_RECORD))
+        self.overflow += int(np.sum(batch["bad"] == pipeline.OVERFLOW))
         self.tokens += pipeline.tokens_in(batch)
 
     def add(self, step: int, metrics: dict) -> bool:
@@ -64,6 +65,7 @@ class MetricsWindow:
         metrics = window_mean(self.window)
         metrics["tokens_per_s"] = self.tokens / max(elapsed, 1e-9)
         metrics["skipped_records"] = self.skipped
+        metrics["overflow_skipped"] = self.overflow
         self.log.write(step, metrics)
         self.log.progress(step, metrics, metrics["tokens_per_s"])
         self.latest = metrics

@@ -101,7 +101,7 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.dir)
     check_compatible(tokenizer, cfg)
-    layout = pipeline.Layout.from_model(cfg, config.data.max_len, config.data.cfg_drop_prob)
+    layout = pipeline.Layout.for_data(cfg, config.data)
     images_per_row = layout.images_per_row(config.data.packing)
 
     # -- model, trainable split, shardings ------------------------------------------------------
