@@ -7,7 +7,7 @@ from transformers import JanusForConditionalGeneration
 
 from unijax import checkpoints
 from unijax.models.config import JanusConfig
-from unijax.models.presets import preset
+from unijax.models.presets import FAMILY_PRESETS, preset
 
 
 @pytest.mark.parametrize("name,approx", [("janus_pro_1b", 2.09e9), ("janus_pro_7b", 7.42e9)])
@@ -19,6 +19,14 @@ def test_parameter_count_matches_transformers(name, approx):
     theirs = sum(p.numel() for p in hf.parameters())
     assert ours == theirs
     assert abs(ours - approx) / approx < 0.02
+
+
+@pytest.mark.parametrize("family,name", [(f, n) for f, names in FAMILY_PRESETS.items() for n in names])
+def test_every_preset_builds_and_validates(family, name):
+    """Real presets included: their ids lie in the vocabulary, specials outside Emu3's visual range."""
+    cfg = preset(name, family)
+    assert cfg.validate() is cfg or cfg.validate() == cfg
+    checkpoints.abstract_model(cfg)
 
 
 def test_hf_config_round_trip():

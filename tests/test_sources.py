@@ -283,3 +283,55 @@ def test_jsonl_conversations_and_parquet_captions(data, tmp_path):
         ParquetCaptionSource(tmp_path / "cols.parquet")
     with pytest.raises(ValueError, match="caption files are .jsonl or .parquet"):
         open_source(data["llava"], root, "t2i")
+
+
+def test_pack_keeps_original_bytes_counts_and_resumes(data, tmp_path):
+    """`unijax.pack`: per-task shards of `records_per_shard` inputs with the images' original bytes
+    (a JPEG stays the same JPEG), bad records skipped and counted per shard in index.json, a rerun
+    writes only the shards that are missing, other inputs need --overwrite; the shards train."""
+    import msgpack
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from unijax import pack as pack_cli
+    from unijax.data import datasets
+    from unijax.data.arrayrecord import PACK_INDEX
+
+    jpeg = tmp_path / "images" / "photo.jpg"
+    Image.fromarray(_img(3, 20, 30)).save(jpeg, quality=80)
+    caps = tmp_path / "more.jsonl"
+    caps.write_text(json.dumps({"image": "photo.jpg", "caption": "a jpeg"}) + "\n")
+    out = tmp_path / "packed"
+    argv = ["--mmu", data["llava"], "--mmu_image_root", data["root"], "--t2i", f"{data['caps']},{caps}",
+            "--t2i_image_root", data["root"], "--out", str(out), "--records_per_shard", "3"]
+    index = pack_cli.main(argv)
+    shards = index["shards"]
+    assert sorted(shards) == ["mmu-00000-of-00003.arrayrecord", "mmu-00001-of-00003.arrayrecord",
+                              "mmu-00002-of-00003.arrayrecord", "t2i-00000-of-00003.arrayrecord",
+                              "t2i-00001-of-00003.arrayrecord", "t2i-00002-of-00003.arrayrecord"]
+    assert sum(v["records"] for k, v in shards.items() if k.startswith("mmu")) == len(LLAVA_GOOD)
+    assert sum(v["skipped"] for k, v in shards.items() if k.startswith("mmu")) == len(LLAVA_BAD)
+    assert sum(v["records"] for k, v in shards.items() if k.startswith("t2i")) == len(CAPS_GOOD) + 1
+    reader = ArrayRecordReader(str(out / "t2i-00002-of-00003.arrayrecord"))
+    last = msgpack.unpackb(reader.read_all()[-1], raw=False)
+    reader.close()
+    assert last["caption"] == "a jpeg" and last["image"] == jpeg.read_bytes()  # the original JPEG bytes
+    ar = ArrayRecordSource(sorted(str(p) for p in out.glob("mmu-*.arrayrecord")))
+    text_only = [ar[i] for i in range(len(ar)) if ar[i]["image"] is None]
+    assert len(ar) == len(LLAVA_GOOD) and [s["turns"] for s in text_only] == [LLAVA_GOOD[6][1]]
+
+    # resume: a missing shard (and its index entry) is written again, the others are not touched
+    (out / "mmu-00001-of-00003.arrayrecord").unlink()
+    idx = json.loads((out / PACK_INDEX).read_text())
+    del idx["shards"]["mmu-00001-of-00003.arrayrecord"]
+    (out / PACK_INDEX).write_text(json.dumps(idx))
+    before = (out / "t2i-00000-of-00003.arrayrecord").stat().st_mtime_ns
+    assert pack_cli.main(argv)["shards"] == shards
+    assert (out / "t2i-00000-of-00003.arrayrecord").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="other inputs or another shard size"):
+        pack_cli.main(argv[:-1] + ["4"])
+
+    cfg = __import__("configs.base", fromlist=["x"]).get_config()
+    cfg.data.update(source="files", mmu_arrayrecord=str(out / "mmu-*.arrayrecord"),
+                    t2i_arrayrecord=str(out / "t2i-*.arrayrecord"))
+    dsets, _ = datasets.task_datasets(cfg.data, 32, 0)
+    assert dsets[1][0]["task"] == "t2i" and dsets[0][0]["task"] == "mmu"

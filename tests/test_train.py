@@ -218,6 +218,21 @@ def test_user_data_formats_train_with_overflow_and_text_only_counted(tmp_path, d
     m = loop.train(config(), devices=jax.devices()[:1])
     assert m["overflow_skipped"] >= 1 and m["skipped_records"] == 0 and np.isfinite(m["loss"])
     shutil.rmtree(tmp_path / "run")
+    # the files_heldout evaluator on the held-out end of each file (which training then leaves out)
+    from unijax.data import datasets
+
+    c = config(eval_split=0.34)
+    train_sets, _ = datasets.task_datasets(c.data, 32, 0)
+    held, _ = datasets.task_datasets(c.data, 32, 0, part="heldout")
+    trained = {train_sets[0][i]["index"] for i in range(40) if "index" in train_sets[0][i]}
+    assert trained == {0, 1, 2, 3} and held[0][0]["index"] in (4, 5)  # 2 of 6 conversations held out
+    c.train.eval_every = 2
+    loop.train(c, devices=jax.devices()[:1])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    held_rows = [r for r in rows if "heldout/accuracy" in r]
+    assert [r["step"] for r in held_rows] == [2, 4]
+    assert all(np.isfinite(r["heldout/loss_text"]) and np.isfinite(r["heldout/loss_image"]) for r in held_rows)
+    shutil.rmtree(tmp_path / "run")
     m = loop.train(config(overflow="truncate"), devices=jax.devices()[:1])
     assert m["overflow_skipped"] == 0 and np.isfinite(m["loss"])
     shutil.rmtree(tmp_path / "run")

@@ -50,7 +50,7 @@ def abstract_model(cfg: JanusConfig) -> Janus:
     return nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0)))
 
 
-def save_params(out, params: dict, cfg: JanusConfig, extra_files: dict[str, str] | None = None,
+def save_params(out, params: dict, cfg: JanusConfig, extra_files: dict[str, str | bytes] | None = None,
                 overwrite: bool = False):
     """Writes a model checkpoint directory from a pure dict of parameters (arrays) and its config."""
     with atomic_directory(out, overwrite) as tmp:
@@ -58,9 +58,12 @@ def save_params(out, params: dict, cfg: JanusConfig, extra_files: dict[str, str]
         ckptr.save(tmp / "params", params)
         ckptr.wait_until_finished()
         (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        for name, text in (extra_files or {}).items():
+        for name, content in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(text)
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
 
 
 def _local_checkpointer() -> ocp.StandardCheckpointer:

@@ -3,13 +3,18 @@
     python -m unijax.convert --hf_dir DIR --out CKPT [--dtype bfloat16] [--scan_layers] [--image_size 512]
     python -m unijax.convert --to_hf --ckpt CKPT --out DIR
 
-The family is read from DIR/config.json (`janus` or `emu3`).
+The family is read from DIR/config.json (`janus` or `emu3`). A Janus directory's tokenizer files
+(tokenizer.json, tokenizer_config.json, ...) are copied to CKPT/tokenizer after its special ids
+were checked against the checkpoint's config (a mismatch names both values and writes nothing);
+`data.tokenizer=checkpoint`, `unijax.generate` and `unijax.evaluate` read it from there.
 """
 
 from absl import app, flags
 
 from unijax import cli
+from unijax.data.tokenizer import CHECKPOINT_TOKENIZER, check_compatible, hf_tokenizer, tokenizer_files
 from unijax.hf.convert import checkpoint_to_hf, hf_to_checkpoint
+from unijax.models.config import family_of
 
 flags.DEFINE_string("hf_dir", None, "transformers model directory (config.json + safetensors)")
 flags.DEFINE_string("ckpt", None, "unijax model checkpoint directory (with --to_hf)")
@@ -20,6 +25,19 @@ flags.DEFINE_bool("scan_layers", False, "store decoder layers stacked for a scan
 flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
 flags.DEFINE_integer("image_size", 0, "Emu3 only: the square image size unijax batches use (0: a 64 x 64 code grid)")
 FLAGS = flags.FLAGS
+
+
+def checked_tokenizer(hf_dir, cfg) -> dict[str, bytes]:
+    """`hf_dir`'s tokenizer files as `tokenizer/<name>`, after checking its special ids against `cfg`
+    (Janus: pad / bos / eos / image / boi / eoi); none when the directory has no tokenizer."""
+    files = tokenizer_files(hf_dir)
+    if not files or family_of(cfg) != "janus":
+        return {}
+    try:
+        check_compatible(hf_tokenizer(hf_dir), cfg)
+    except ValueError as e:
+        raise ValueError(f"{hf_dir}: the checkpoint's config.json and its tokenizer disagree: {e}") from None
+    return {f"{CHECKPOINT_TOKENIZER}/{name}": data for name, data in files.items()}
 
 
 def main(argv):
@@ -35,9 +53,10 @@ def main(argv):
         if not FLAGS.hf_dir:
             raise app.UsageError("--hf_dir DIR is required (or --to_hf --ckpt CKPT)")
         cfg = hf_to_checkpoint(FLAGS.hf_dir, FLAGS.out, dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers,
-                               overwrite=FLAGS.overwrite, image_size=FLAGS.image_size)
+                               overwrite=FLAGS.overwrite, image_size=FLAGS.image_size,
+                               extra_files=lambda cfg: checked_tokenizer(FLAGS.hf_dir, cfg))
     t = cfg.text
-    print(f"wrote {FLAGS.out}: {getattr(cfg, 'family', 'janus')}, {t.num_layers} layers, hidden {t.hidden_size}, params {cfg.param_dtype}")
+    print(f"wrote {FLAGS.out}: {family_of(cfg)}, {t.num_layers} layers, hidden {t.hidden_size}, params {cfg.param_dtype}")
 
 
 if __name__ == "__main__":

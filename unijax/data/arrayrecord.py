@@ -7,6 +7,7 @@ described in `unijax.data.sources`): `{"task": "mmu", "image": <bytes>, "turns":
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -17,7 +18,16 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from unijax.contract import TASKS
-from unijax.data.sources import BadRecordError, _decode_image_bytes, _normalise_index, encode_png, is_bad, log, skip_bad
+from unijax.data.sources import (
+    BadRecordError,
+    _decode_image_bytes,
+    _normalise_index,
+    encode_png,
+    is_bad,
+    log,
+    open_source,
+    skip_bad,
+)
 from unijax.io import atomic_file
 
 
@@ -90,11 +100,14 @@ class ArrayRecordSource:
             raise BadRecordError(name, i, f"unknown task {task!r}; expected one of {TASKS}")
         if "image" not in rec and task == "t2i":
             raise BadRecordError(name, i, "record has no 'image' bytes", task)
-        if task == "mmu":  # no "image" (or None): a text-only conversation
+        if task == "mmu":  # no "image" (or None): a text-only conversation; "images": several
             try:
                 turns = _check_turns(rec.get("turns"))
             except ValueError as e:
                 raise BadRecordError(name, i, str(e), task) from None
+            if isinstance(rec.get("images"), list) and len(rec["images"]) > 1:
+                images = [_decode_image_bytes(b, name, i, task) for b in rec["images"]]
+                return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
             image = None if rec.get("image") is None else _decode_image_bytes(rec["image"], name, i, task)
             return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
         caption = rec.get("caption")
@@ -104,8 +117,14 @@ class ArrayRecordSource:
         return {"task": "t2i", "image": image, "caption": caption, "source": name, "index": i}
 
 
+def _image_bytes(image) -> bytes:
+    """Encoded bytes as they are (a source read with `keep_bytes`), an array as PNG (lossless)."""
+    return bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else encode_png(image)
+
+
 def encode_record(sample: dict) -> bytes:
-    """msgpack-encodes one raw sample for an ArrayRecord file (image as PNG).
+    """msgpack-encodes one raw sample for an ArrayRecord file (images as their original bytes, or
+    arrays as PNG).
 
     Only the task, image and text are stored; ``source``/``index`` are not.
     Raises ``ValueError`` for bad-record markers and malformed samples.
@@ -113,14 +132,17 @@ def encode_record(sample: dict) -> bytes:
     if is_bad(sample):
         raise ValueError(f"cannot write a bad-record marker ({sample.get('source')}: record {sample.get('index')})")
     task = sample.get("task")
-    if task == "mmu":
-        image = None if sample.get("image") is None else encode_png(sample["image"])
+    if task == "mmu" and sample.get("images"):
+        rec = {"task": "mmu", "images": [_image_bytes(a) for a in sample["images"]],
+               "turns": _check_turns(sample.get("turns"))}
+    elif task == "mmu":
+        image = None if sample.get("image") is None else _image_bytes(sample["image"])
         rec = {"task": "mmu", "image": image, "turns": _check_turns(sample.get("turns"))}
     elif task == "t2i":
         caption = sample.get("caption")
         if not isinstance(caption, str):
             raise ValueError(f"t2i sample 'caption' must be a string, got {caption!r:.80}")
-        rec = {"task": "t2i", "image": encode_png(sample["image"]), "caption": caption}
+        rec = {"task": "t2i", "image": _image_bytes(sample["image"]), "caption": caption}
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return msgpack.packb(rec, use_bin_type=True)
@@ -173,3 +195,81 @@ def convert_to_arrayrecord(source: Any, path: str | os.PathLike, *, skip_bad_rec
         log.warning("convert_to_arrayrecord: skipped %d bad records of %r (first: %s: record %d: %s)",
                     len(skipped), source, skipped[0]["source"], skipped[0]["index"], skipped[0]["reason"])
     return n
+
+
+# -- packing user data into shards ------------------------------------------------------------------
+
+PACK_INDEX = "index.json"
+
+
+def _fingerprint(files: dict[str, list[str]], records_per_shard: int) -> dict:
+    """What a pack depends on: every input file's path, size and mtime, and the shard size."""
+    out = {"records_per_shard": int(records_per_shard), "files": {}}
+    for task, paths in files.items():
+        out["files"][task] = [[os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))] for p in paths]
+    return out
+
+
+def pack(files: dict[str, list[str]], image_roots: dict[str, str], out: str | os.PathLike, *,
+         records_per_shard: int = 10000, skip_bad_records: bool = True, overwrite: bool = False,
+         progress=None) -> dict:
+    """Writes each task's files (`{"mmu": [.json / .jsonl], "t2i": [.jsonl / .parquet]}`) as ArrayRecord
+    shards `<out>/<task>-SSSSS-of-NNNNN.arrayrecord` of `records_per_shard` input records each, the
+    images' original encoded bytes kept (no re-encoding), bad records skipped (counted, the first
+    reasons logged) unless `skip_bad_records=False`.
+
+    `<out>/index.json` lists every finished shard with its record count and skips, rewritten after
+    each shard: a rerun of the same command resumes at the first unfinished shard (a shard is
+    written whole or not at all); other inputs or shard size than the index's need `overwrite`.
+    `progress(done, total)` is called with input records. Returns the index.
+    """
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    files = {t: list(p) for t, p in files.items() if p}
+    for task in files:
+        if task not in TASKS:
+            raise ValueError(f"pack: unknown task {task!r}; expected one of {TASKS}")
+    fingerprint = _fingerprint(files, records_per_shard)
+    index_path = os.path.join(out, PACK_INDEX)
+    index = {"fingerprint": fingerprint, "shards": {}}
+    if os.path.exists(index_path) and not overwrite:
+        with open(index_path) as f:
+            old = json.load(f)
+        if old.get("fingerprint") != fingerprint:
+            raise ValueError(f"{index_path}: packed from other inputs or another shard size; pass --overwrite "
+                             f"(or another --out) to pack these")
+        index = old
+    srcs = {t: [skip_bad(open_source(p, image_roots.get(t, ""), t, keep_bytes=True), skip_bad_records)
+                for p in paths] for t, paths in files.items()}
+    total = sum(len(s) for ss in srcs.values() for s in ss)
+    done = sum(v["inputs"] for v in index["shards"].values())
+    skipped_reasons = []
+    for task, task_srcs in srcs.items():
+        records = [(s, i) for s in task_srcs for i in range(len(s))]
+        n_shards = max(1, -(-len(records) // records_per_shard))
+        for k in range(n_shards):
+            name = f"{task}-{k:05d}-of-{n_shards:05d}.arrayrecord"
+            if name in index["shards"]:
+                continue
+            chunk = records[k * records_per_shard:(k + 1) * records_per_shard]
+            skipped = []
+
+            def good(chunk=chunk, skipped=skipped):
+                for s, i in chunk:
+                    sample = s[i]
+                    if is_bad(sample):
+                        skipped.append(sample)
+                        continue
+                    yield sample
+            n = write_arrayrecord(os.path.join(out, name), good())
+            for b in skipped[:max(0, 5 - len(skipped_reasons))]:
+                skipped_reasons.append(f"{b['source']}: record {b['index']}: {b['reason']}")
+                log.warning("pack: skipped %s", skipped_reasons[-1])
+            index["shards"][name] = {"task": task, "records": n, "skipped": len(skipped), "inputs": len(chunk)}
+            with atomic_file(index_path) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(index, f, indent=2)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    return index

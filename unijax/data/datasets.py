@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 
 import grain
@@ -62,13 +63,26 @@ def question_kinds(data_cfg) -> tuple[str, ...]:
 
 
 def _files(spec: str) -> list[str]:
-    return [p for p in str(spec).split(",") if p]
+    """Comma-separated paths; a glob pattern (`packed/mmu-*.arrayrecord`) expands, sorted."""
+    out = []
+    for p in (p for p in str(spec).split(",") if p):
+        if any(ch in p for ch in "*?["):
+            found = sorted(glob.glob(p))
+            if not found:
+                raise FileNotFoundError(f"{p}: no file matches this pattern")
+            out += found
+        else:
+            out.append(p)
+    return out
 
 
-def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
+def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None, part: str = "train"
                   ) -> tuple[list[grain.MapDataset], list[float]]:
     """-> ([understanding dataset, generation dataset], [und_ratio, gen_ratio]); a task with no data
-    (or ratio 0) is left out. `turns` overrides `data.turns_per_image` (evaluation asks one question)."""
+    (or ratio 0) is left out. `turns` overrides `data.turns_per_image` (evaluation asks one question).
+    `part="heldout"` (files only): the held-out files (`data.eval_mmu_json` / `data.eval_t2i_jsonl`)
+    or the held-out end of each training file (`data.eval_split`), which `part="train"` leaves out;
+    ([], []) when there is none."""
     weights = {"mmu": float(data_cfg.und_ratio), "t2i": float(data_cfg.gen_ratio)}
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         raise ValueError(f"data.und_ratio={weights['mmu']} and data.gen_ratio={weights['t2i']}: "
@@ -81,22 +95,33 @@ def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
             ds = grain.MapDataset.source(ShapesSource(task, seed, image_size, question_kinds(data_cfg),
                                                          turns or int(data_cfg.turns_per_image)))
         elif data_cfg.source == "files":
-            ds = _file_dataset(data_cfg, task, seed + (0 if task == "mmu" else 1))
+            ds = _file_dataset(data_cfg, task, seed + (0 if task == "mmu" else 1), part)
             if ds is None:
                 continue
         else:
             raise ValueError(f"data.source={data_cfg.source!r}: expected 'shapes' or 'files'")
         out.append(ds)
         ws.append(weights[task])
+    if not out and part == "heldout":
+        return [], []
     if not out:
         raise ValueError("data.source=files but no data is configured: set data.mmu_json (+ data.mmu_image_root), "
                          "data.t2i_jsonl (+ data.t2i_image_root), data.mmu_arrayrecord or data.t2i_arrayrecord")
     return out, ws
 
 
-# per task: (files key, image-root key, weights key, ArrayRecord key)
-_FILE_KEYS = {"mmu": ("mmu_json", "mmu_image_root", "mmu_weights", "mmu_arrayrecord"),
-              "t2i": ("t2i_jsonl", "t2i_image_root", "t2i_weights", "t2i_arrayrecord")}
+# per task: (files key, image-root key, weights key, ArrayRecord key, held-out files key)
+_FILE_KEYS = {"mmu": ("mmu_json", "mmu_image_root", "mmu_weights", "mmu_arrayrecord", "eval_mmu_json"),
+              "t2i": ("t2i_jsonl", "t2i_image_root", "t2i_weights", "t2i_arrayrecord", "eval_t2i_jsonl")}
+
+
+def _split(ds: grain.MapDataset, fraction: float, part: str) -> grain.MapDataset:
+    """The training part of a file's records, or its held-out end (`fraction` of them, at least one)."""
+    if fraction <= 0:
+        return ds
+    n = len(ds)
+    k = min(n - 1, max(1, round(n * fraction)))
+    return ds.slice(slice(0, n - k)) if part == "train" else ds.slice(slice(n - k, n))
 
 
 def _weights(data_cfg, key: str, n: int) -> list[float] | None:
@@ -111,13 +136,22 @@ def _weights(data_cfg, key: str, n: int) -> list[float] | None:
     return ws
 
 
-def _file_dataset(data_cfg, task: str, seed: int) -> grain.MapDataset | None:
+def _file_dataset(data_cfg, task: str, seed: int, part: str = "train") -> grain.MapDataset | None:
     """A task's files on disk as one endless shuffled dataset: each file a source (bad records
     skipped and counted when `data.skip_bad_records`), the files concatenated (sampled by size) or,
     with `data.<task>_weights`, mixed by those weights, each file reshuffled every epoch."""
-    files_key, root_key, weights_key, arrayrecord_key = _FILE_KEYS[task]
+    files_key, root_key, weights_key, arrayrecord_key, eval_key = _FILE_KEYS[task]
     if data_cfg[files_key] and data_cfg[arrayrecord_key]:
         raise ValueError(f"set data.{files_key} or data.{arrayrecord_key}, not both")
+    fraction = float(data_cfg.eval_split)
+    if part == "heldout" and data_cfg[eval_key]:  # held-out files: read whole, same formats
+        srcs = [sources.open_source(f, data_cfg[root_key], task) for f in _files(data_cfg[eval_key])]
+        dsets = [grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))) for src in srcs]
+        return repeat_epochs(grain.MapDataset.concatenate(dsets) if len(dsets) > 1 else dsets[0], seed=seed)
+    if part == "heldout" and fraction <= 0:
+        return None
+    if part == "train" and data_cfg[eval_key]:
+        fraction = 0.0  # held-out files are separate: train on every record
     if data_cfg[files_key]:
         srcs = [sources.open_source(f, data_cfg[root_key], task) for f in _files(data_cfg[files_key])]
     elif data_cfg[arrayrecord_key]:
@@ -127,7 +161,8 @@ def _file_dataset(data_cfg, task: str, seed: int) -> grain.MapDataset | None:
     for src, name in zip(srcs, _files(data_cfg[files_key] or data_cfg[arrayrecord_key])):
         if len(src) == 0:
             raise ValueError(f"data.{files_key or arrayrecord_key}: {name} holds no records")
-    dsets = [grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))) for src in srcs]
+    dsets = [_split(grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))), fraction, part)
+             for src in srcs]
     weights = _weights(data_cfg, weights_key, len(dsets))
     if weights is None or len(dsets) == 1:
         return repeat_epochs(grain.MapDataset.concatenate(dsets) if len(dsets) > 1 else dsets[0], seed=seed)

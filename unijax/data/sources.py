@@ -188,7 +188,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _load_image_file(image_root: str, rel: Any, name: str, index: int, task: str) -> np.ndarray:
+def _load_image_file(image_root: str, rel: Any, name: str, index: int, task: str, keep_bytes: bool = False):
     if not isinstance(rel, str) or not rel:
         raise BadRecordError(name, index, f"'image' must be a non-empty relative path string, got {rel!r}", task)
     path = os.path.join(image_root, rel)
@@ -202,17 +202,19 @@ def _load_image_file(image_root: str, rel: Any, name: str, index: int, task: str
     except OSError as e:
         raise BadRecordError(name, index, f"cannot read image {path!r}: {e}", task) from None
     try:
-        return decode_image(data)
+        image = decode_image(data)  # decoded even when the bytes are kept: a corrupt file is a bad record now
     except Exception as e:  # PIL raises many types for bad data
         reason = f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt or not an image"
         raise BadRecordError(name, index, reason, task) from None
+    return data if keep_bytes else image
 
 
-def _decode_image_bytes(data: Any, name: str, index: int, task: str) -> np.ndarray:
+def _decode_image_bytes(data: Any, name: str, index: int, task: str, keep_bytes: bool = False):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadRecordError(name, index, f"'image' must be encoded image bytes, got {type(data).__name__}", task)
     try:
-        return decode_image(bytes(data))
+        image = decode_image(bytes(data))
+        return bytes(data) if keep_bytes else image
     except Exception as e:
         reason = f"image bytes cannot be decoded ({type(e).__name__}: {e}); rewrite the file with write_arrayrecord"
         raise BadRecordError(name, index, reason, task) from None
@@ -293,8 +295,9 @@ class LlavaSource:
 
     task = "mmu"
 
-    def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike):
+    def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike, keep_bytes: bool = False):
         self.json_path, self.image_root = _check_files(json_path, image_root, "LLaVA JSON file")
+        self.keep_bytes = keep_bytes  # samples hold the images' original encoded bytes (`unijax.pack`)
         self._lines = JsonLines(self.json_path, "mmu") if self.json_path.endswith(".jsonl") else None
         if self._lines is not None:
             return
@@ -340,7 +343,7 @@ class LlavaSource:
         except ValueError as e:
             raise BadRecordError(name, i, f"malformed conversation: {e}", "mmu") from None
         if many and len(paths) > 1:  # a multi-image conversation: the images in the order of their marks
-            images = [_load_image_file(self.image_root, p, name, i, "mmu") for p in paths]
+            images = [_load_image_file(self.image_root, p, name, i, "mmu", self.keep_bytes) for p in paths]
             return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
         if many:
             rec["image"] = paths[0] if paths else None
@@ -348,7 +351,7 @@ class LlavaSource:
             if any(IMAGE_MARKER in str(m.get("value", "")) for m in rec["conversations"] if isinstance(m, dict)):
                 raise BadRecordError(name, i, f"a '{IMAGE_MARKER}' mark but no 'image' path", "mmu")
             return {"task": "mmu", "image": None, "turns": turns, "source": name, "index": i}
-        image = _load_image_file(self.image_root, rec["image"], name, i, "mmu")
+        image = _load_image_file(self.image_root, rec["image"], name, i, "mmu", self.keep_bytes)
         return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
 
 
@@ -462,8 +465,9 @@ class CaptionSource:
 
     task = "t2i"
 
-    def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike):
+    def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike, keep_bytes: bool = False):
         self.jsonl_path, self.image_root = _check_files(jsonl_path, image_root, "caption JSONL file")
+        self.keep_bytes = keep_bytes
         self._lines = JsonLines(self.jsonl_path, "t2i")
 
     def __len__(self) -> int:
@@ -480,7 +484,8 @@ class CaptionSource:
         i = _normalise_index(index, len(self), self.jsonl_path)
         rec = self._lines.record(i)
         return _caption_sample(rec, self.jsonl_path, i,
-                               lambda image: _load_image_file(self.image_root, image, self.jsonl_path, i, "t2i"))
+                               lambda image: _load_image_file(self.image_root, image, self.jsonl_path, i, "t2i",
+                                                              self.keep_bytes))
 
 
 class ParquetCaptionSource:
@@ -493,9 +498,10 @@ class ParquetCaptionSource:
 
     task = "t2i"
 
-    def __init__(self, parquet_path: str | os.PathLike, image_root: str | os.PathLike = ""):
+    def __init__(self, parquet_path: str | os.PathLike, image_root: str | os.PathLike = "", keep_bytes: bool = False):
         import pyarrow.parquet as pq  # deferred: only parquet users need it
 
+        self.keep_bytes = keep_bytes
         self.parquet_path = os.fspath(parquet_path)
         self.image_root = os.fspath(image_root) if image_root else os.path.dirname(self.parquet_path)
         if not os.path.isfile(self.parquet_path):
@@ -537,8 +543,8 @@ class ParquetCaptionSource:
         if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
             value = value.get("bytes") or value.get("path")
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return _decode_image_bytes(value, name, i, "t2i")
-        return _load_image_file(self.image_root, value, name, i, "t2i")
+            return _decode_image_bytes(value, name, i, "t2i", self.keep_bytes)
+        return _load_image_file(self.image_root, value, name, i, "t2i", self.keep_bytes)
 
     def __getitem__(self, index: int) -> dict:
         i = _normalise_index(index, len(self), self.parquet_path)
@@ -549,18 +555,19 @@ class ParquetCaptionSource:
         return _caption_sample(rec, self.parquet_path, i, lambda image: self._image(image, i))
 
 
-def open_source(path: str, image_root: str, task: str):
+def open_source(path: str, image_root: str, task: str, keep_bytes: bool = False):
     """The source reading `path` for `task` ("mmu": `.json` / `.jsonl` conversations; "t2i": `.jsonl`
-    or `.parquet` captions), chosen by the file's suffix."""
+    or `.parquet` captions), chosen by the file's suffix; `keep_bytes`: samples hold the images'
+    original encoded bytes instead of pixels."""
     path = os.fspath(path)
     if task == "mmu":
         if not path.endswith((".json", ".jsonl")):
             raise ValueError(f"{path}: conversation files are .json (a list) or .jsonl (one record per line)")
-        return LlavaSource(path, image_root)
+        return LlavaSource(path, image_root, keep_bytes)
     if path.endswith(".parquet"):
-        return ParquetCaptionSource(path, image_root)
+        return ParquetCaptionSource(path, image_root, keep_bytes)
     if path.endswith(".jsonl"):
-        return CaptionSource(path, image_root)
+        return CaptionSource(path, image_root, keep_bytes)
     raise ValueError(f"{path}: caption files are .jsonl or .parquet")
 
 

@@ -360,8 +360,37 @@ def hf_tokenizer(path: str | os.PathLike, system_prompt: str = JANUS_SYSTEM_PROM
 
 # -- selection and checks --------------------------------------------------------------------
 
+# the files of a transformers tokenizer / processor directory a model checkpoint carries (`<ckpt>/tokenizer`)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
+                   "preprocessor_config.json")
+CHECKPOINT_TOKENIZER = "tokenizer"  # its folder inside a model checkpoint
+
+
+def tokenizer_files(directory: str | os.PathLike) -> dict[str, bytes]:
+    """The `TOKENIZER_FILES` present in `directory`, by name (empty when it holds no tokenizer)."""
+    d = pathlib.Path(directory)
+    files = {name: (d / name).read_bytes() for name in TOKENIZER_FILES if (d / name).is_file()}
+    return files if any(n in files for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")) else {}
+
+
 DEFAULT_TOKENIZER = "shapes"  # data.tokenizer's default: the shapes world's sentencepiece model
 DEFAULT_DATA_DIR = "data"      # data.dir's default: where built artefacts (that model) are cached
+
+
+def resolve_spec(spec: str, init_from: str = "") -> str:
+    """`data.tokenizer` with `"checkpoint"` resolved to the tokenizer the `init_from` checkpoint
+    carries (`<init_from>/tokenizer`, copied there by `unijax.convert` and by every export)."""
+    if spec != "checkpoint":
+        return spec
+    if not init_from:
+        raise ValueError("data.tokenizer=checkpoint reads <init_from>/tokenizer, but init_from is empty")
+    path = pathlib.Path(init_from) / CHECKPOINT_TOKENIZER
+    if not tokenizer_files(path):
+        raise ValueError(f"data.tokenizer=checkpoint: {path} holds no tokenizer (convert the checkpoint with "
+                         f"python -m unijax.convert from a directory with tokenizer files, or set data.tokenizer "
+                         f"to a tokenizer directory)")
+    return str(path)
 
 
 def load_tokenizer(spec: str, data_dir: str | os.PathLike) -> Tokenizer:

@@ -57,13 +57,15 @@ def _renames(cfg):
 
 
 def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = False, overwrite: bool = False,
-                     image_size: int = 0):
+                     image_size: int = 0, extra_files=None):
     """Converts a transformers `JanusForConditionalGeneration` or `Emu3ForConditionalGeneration`
     directory into a model checkpoint (`image_size`: Emu3 only, the square image size unijax batches
     will use; 0 = a 64 x 64 code grid).
 
     Every HF tensor must be consumed and every parameter found with the right shape; otherwise
     a `ConversionError` lists the missing, unknown and mis-shaped tensors and nothing is written.
+    `extra_files(cfg) -> {relative path: str | bytes}` adds files to the checkpoint (the CLI's
+    tokenizer copy, checked against `cfg` first); an error it raises leaves nothing written.
     """
     wd = WeightDir(hf_dir)
     hf, gen = _hf_configs(wd)
@@ -119,6 +121,12 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     extra = {"hf/config.json": json.dumps(hf, indent=2)}
     if gen is not None:
         extra["hf/generation_config.json"] = json.dumps(gen, indent=2)
+    if extra_files is not None:
+        try:
+            extra.update(extra_files(cfg))
+        except Exception:
+            wd.close()
+            raise
     checkpoints.save_params(out, state, cfg, extra, overwrite)
     wd.close()
     return cfg

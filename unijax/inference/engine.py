@@ -27,7 +27,16 @@ import numpy as np
 from unijax import checkpoints
 from unijax.contract import TEXT, UND_IMAGE
 from unijax.data import pipeline
-from unijax.data.tokenizer import DEFAULT_DATA_DIR, DEFAULT_TOKENIZER, Tokenizer, check_compatible, load_tokenizer
+from unijax.data.tokenizer import (
+    CHECKPOINT_TOKENIZER,
+    DEFAULT_DATA_DIR,
+    DEFAULT_TOKENIZER,
+    Tokenizer,
+    check_compatible,
+    load_tokenizer,
+    resolve_spec,
+    tokenizer_files,
+)
 from unijax.inference import decode
 from unijax.inference.images import to_uint8
 from unijax.inference.sampling import Sampling
@@ -51,18 +60,26 @@ def left_pad(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.n
 
 
 def run_tokenizer_spec(ckpt) -> tuple[str, str]:
-    """(`data.tokenizer`, `data.dir`) of the run that wrote `ckpt` (`<ckpt>/../config.json`, the
-    training config the loop writes into its workdir), or their defaults: the tokenizer a checkpoint
-    was trained with."""
+    """(`data.tokenizer`, `data.dir`) a checkpoint was trained with: the tokenizer it carries
+    (`<ckpt>/tokenizer`: converted and exported checkpoints of transformers tokenizers), else that of
+    the run that wrote it (`<ckpt>/../config.json`, the training config the loop writes into its
+    workdir), else the defaults."""
+    own = pathlib.Path(ckpt) / CHECKPOINT_TOKENIZER
+    if tokenizer_files(own):
+        return str(own), DEFAULT_DATA_DIR
     path = pathlib.Path(ckpt).absolute().parent / "config.json"
-    data = {}
+    config = {}
     if path.is_file():
         try:
-            data = json.loads(path.read_text()).get("data", {})
+            config = json.loads(path.read_text())
+            data = config.get("data", {})
         except (ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not a readable unijax training config ({e}); move it away to use the "
                              f"default tokenizer") from e
-    return data.get("tokenizer", DEFAULT_TOKENIZER), data.get("dir", DEFAULT_DATA_DIR)
+    else:
+        data = {}
+    spec = resolve_spec(data.get("tokenizer", DEFAULT_TOKENIZER), config.get("init_from", ""))
+    return spec, data.get("dir", DEFAULT_DATA_DIR)
 
 
 @dataclasses.dataclass

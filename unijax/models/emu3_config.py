@@ -62,7 +62,10 @@ class Emu3Config:
         eos_token_id=151850, pad_token_id=151643))
     vq: Emu3VQConfig = dataclasses.field(default_factory=Emu3VQConfig)
     visual_token_offset: int = 151854
-    image_token_id: int = 184621          # "<image>": understanding placeholder, filled with the image's tokens
+    # "<image>": the understanding placeholder, filled with the image's tokens. A converted checkpoint
+    # takes it from its vocabulary_map; this default is "<|extra_202|>", unused by Emu3 and outside
+    # the visual-token range (transformers' Emu3Config has no vocabulary_map to read one from).
+    image_token_id: int = 151848
     eol_token_id: int = 151846            # "<|extra_200|>": ends each row of image tokens
     eof_token_id: int = 151847            # "<|extra_201|>": ends an image's rows
     boi_token_id: int = 151852            # "<|image start|>"

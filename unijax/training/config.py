@@ -120,6 +120,9 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.t2i_jsonl = ""             # comma-separated caption files, .jsonl ({"image", "caption"}) or .parquet
     d.t2i_image_root = ""
     d.t2i_weights = ""           # mixture weight per t2i_jsonl file; empty: by size
+    d.eval_split = 0.0           # held out from the end of every file for `files_heldout` (e.g. 0.01); 0: none
+    d.eval_mmu_json = ""         # or held-out files (same formats and image roots); then nothing is split off
+    d.eval_t2i_jsonl = ""
     d.mmu_arrayrecord = ""       # comma-separated ArrayRecord files (unijax.data.sources)
     d.t2i_arrayrecord = ""
 
@@ -147,7 +150,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     # Evaluators (unijax/training/evaluators.py) the loop runs on their cadence; each declines when it
     # does not apply (shapes_heldout: data.source != shapes; suites: no eval_suites.names)
     c.eval = ml_collections.ConfigDict()
-    c.eval.evaluators = ("shapes_heldout", "suites")
+    c.eval.evaluators = ("shapes_heldout", "files_heldout", "suites")
 
     # Benchmark suites (unijax/inference/suites.py) run on the current model during training, logged as
     # suite/<name>/<metric>; the same suites as `python -m unijax.evaluate`, on smaller held-out sets
@@ -217,6 +220,27 @@ def model_config(config) -> JanusConfig:
     return preset(m.preset, family, **overrides)
 
 
+# the special token ids a model config holds: (sub-config or None, attribute)
+SPECIAL_ID_KEYS = (("text", "pad_token_id"), ("text", "bos_token_id"), ("text", "eos_token_id"),
+                   (None, "image_token_id"), (None, "boi_token_id"), (None, "eoi_token_id"))
+
+
+def with_checkpoint_ids(config, cfg, saved):
+    """`cfg` with the special token ids of the `init_from` checkpoint's config `saved` (a converted
+    checkpoint's are the release's own: Janus-Pro-1B pads with 100002, -7B with 100015), never a
+    preset's defaults. An id set explicitly under `model.*` that differs is an error naming both."""
+    text, top = {}, {}
+    for sub, name in SPECIAL_ID_KEYS:
+        want = getattr(saved.text if sub else saved, name)
+        explicit = config.model.text[name] if sub else config.model.get(name)
+        if explicit is not None and explicit != want:
+            key = f"model.{sub + '.' if sub else ''}{name}"
+            raise ValueError(f"{key}={explicit} but the init_from checkpoint {config.init_from} has {want}; "
+                             f"drop {key} (ids come from the checkpoint) or convert the matching checkpoint")
+        (text if sub else top)[name] = want
+    return cfg.replace(text=dataclasses.replace(cfg.text, **text), **top)
+
+
 def validate(config) -> None:
     """The one check of a training config, run by `train`, `plan` and vision pre-training before
     anything compiles: everything a typo or an impossible size would break later, named by its key.
@@ -227,6 +251,8 @@ def validate(config) -> None:
             raise ValueError(f"train.{key}={t[key]} must be positive")
     if not 0 <= config.data.cfg_drop_prob < 1:
         raise ValueError(f"data.cfg_drop_prob={config.data.cfg_drop_prob} must be in [0, 1)")
+    if not 0 <= config.data.eval_split < 1:
+        raise ValueError(f"data.eval_split={config.data.eval_split} must be in [0, 1)")
     if config.data.overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"data.overflow={config.data.overflow!r}: expected one of {OVERFLOW_POLICIES}")
     if config.data.source not in DATA_SOURCES:

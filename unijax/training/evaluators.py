@@ -10,6 +10,8 @@ Registered here:
 - `shapes_heldout`: held-out shapes scenes (`eval/`): understanding accuracy by question kind
   against the image-blind baseline, answer-mode shares, image-code loss, TA-MoE router accuracy
   and expert loads; for the VQ objective, reconstruction error and detector matches.
+- `files_heldout`: the user's held-out data (`heldout/`): understanding accuracy, text and
+  image-code losses, TA-MoE router accuracy and expert loads (`data.eval_split` or `data.eval_*`).
 - `suites`: the benchmark suites of `eval_suites.*` (`suite/`), as `python -m unijax.evaluate`
   runs them, on smaller held-out sets.
 
@@ -117,6 +119,49 @@ def heldout_batches(config, tokenizer, layout: pipeline.Layout, kinds) -> list[d
     return [next(it) for _ in range(config.train.eval_batches)]
 
 
+def device_rows(config, batches: list[dict]) -> list[dict]:
+    """Each process feeds its slice of every held-out batch's rows, as in training (`sharding.put_batch`)."""
+    n_rows, pi, pc = config.train.batch_size, jax.process_index(), jax.process_count()
+    rows = slice(pi * n_rows // pc, (pi + 1) * n_rows // pc)
+    return [{k: b[k][rows] for k in contract.BATCH_KEYS} for b in batches]
+
+
+def run_lm_eval(ev, params, frozen) -> dict[str, np.ndarray]:
+    """`ev._fn` (the jitted per-row `lm_eval`) over `ev.device_batches`: per-row results of every
+    held-out batch, gathered to the host, with each row's question kind."""
+    rows = []
+    for b, host in zip(ev.device_batches, ev.batches):
+        out = to_host(ev._fn(params, frozen, sharding.put_batch(b, ev.mesh)))
+        rows.append({**out, "kind": host["kind"]})
+    return {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
+
+
+def lm_scores(r: dict[str, np.ndarray], kinds=()) -> dict[str, float]:
+    """Held-out scores from per-row `lm_eval` results: understanding exact-match accuracy (overall and
+    per question kind, with the answer-mode share), text and image-code losses, and for TA-MoE the
+    task-router accuracy per layer and expert load shares per group."""
+    answered = r["answered"].astype(bool)
+    scores = {"accuracy": float(r["correct"][answered].mean()) if answered.any() else float("nan"),
+              "loss_text": float(r["text_ce_sum"].sum() / max(r["text_tokens"].sum(), 1)),
+              "loss_image": float(r["image_ce_sum"].sum() / max(r["image_tokens"].sum(), 1))}
+    for i, kind in enumerate(kinds):
+        sel = answered & (r["kind"] == i)
+        if sel.any():
+            scores[f"accuracy_{kind}"] = float(r["correct"][sel].mean())
+            scores[f"answer_mode/{kind}"] = answer_mode_share(r["first_answer"][sel])
+    if "router_hits" in r:  # TA-MoE: task-router accuracy per layer, expert load shares per group
+        acc = r["router_hits"].sum(0) / max(r["router_tokens"].sum(), 1)
+        scores["router_acc"] = float(acc.mean())
+        scores.update({f"router_acc/layer{i}": float(a) for i, a in enumerate(acc)})
+        load = r["expert_load"].sum(0)                              # [L, 2N]
+        n = load.shape[1] // 2
+        for i, row in enumerate(load):
+            for g, name in enumerate(contract.TASKS):
+                share = row[g * n:(g + 1) * n] / max(row[g * n:(g + 1) * n].sum(), 1)
+                scores.update({f"load/layer{i}/{name}{e}": float(v) for e, v in enumerate(share)})
+    return scores
+
+
 def answer_mode_share(first_answers: np.ndarray) -> float:
     """Share of the most frequent predicted first answer token among a kind's questions: 1.0 means
     one answer for every question (the model reads neither the image nor the question's specifics),
@@ -153,10 +198,7 @@ class ShapesHeldout(Evaluator):
         self.objective = config.objective
         if self.objective == "lm":
             self.batches = heldout_batches(config, ctx.tokenizer, layout, self.kinds)
-            # each process feeds its slice of the rows, as in training (`sharding.put_batch`)
-            n_rows, pi, pc = config.train.batch_size, jax.process_index(), jax.process_count()
-            rows = slice(pi * n_rows // pc, (pi + 1) * n_rows // pc)
-            self.device_batches = [{k: b[k][rows] for k in contract.BATCH_KEYS} for b in self.batches]
+            self.device_batches = device_rows(config, self.batches)
             eval_fn, scale = ctx.eval_fn, ctx.lora_scale
             self._fn = jax.jit(lambda p, f, b: eval_fn(merged_model(graphdef, p, f, scale), b))
             # the image-blind answerer's accuracy on this question mix: the chance level to beat
@@ -182,32 +224,7 @@ class ShapesHeldout(Evaluator):
         return self._vq(params, frozen)
 
     def _lm(self, params, frozen) -> dict[str, float]:
-        rows = []
-        for b, host in zip(self.device_batches, self.batches):
-            out = to_host(self._fn(params, frozen, sharding.put_batch(b, self.mesh)))
-            rows.append({**out, "kind": host["kind"]})
-        r = {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
-        answered = r["answered"].astype(bool)
-        scores = {"accuracy": float(r["correct"][answered].mean()) if answered.any() else float("nan"),
-                  "loss_text": float(r["text_ce_sum"].sum() / max(r["text_tokens"].sum(), 1)),
-                  "loss_image": float(r["image_ce_sum"].sum() / max(r["image_tokens"].sum(), 1)),
-                  **self.blind}
-        for i, kind in enumerate(self.kinds):
-            sel = answered & (r["kind"] == i)
-            if sel.any():
-                scores[f"accuracy_{kind}"] = float(r["correct"][sel].mean())
-                scores[f"answer_mode/{kind}"] = answer_mode_share(r["first_answer"][sel])
-        if "router_hits" in r:  # TA-MoE: task-router accuracy per layer, expert load shares per group
-            acc = r["router_hits"].sum(0) / max(r["router_tokens"].sum(), 1)
-            scores["router_acc"] = float(acc.mean())
-            scores.update({f"router_acc/layer{i}": float(a) for i, a in enumerate(acc)})
-            load = r["expert_load"].sum(0)                              # [L, 2N]
-            n = load.shape[1] // 2
-            for i, row in enumerate(load):
-                for g, name in enumerate(contract.TASKS):
-                    share = row[g * n:(g + 1) * n] / max(row[g * n:(g + 1) * n].sum(), 1)
-                    scores.update({f"load/layer{i}/{name}{e}": float(v) for e, v in enumerate(share)})
-        return scores
+        return {**lm_scores(run_lm_eval(self, params, frozen), self.kinds), **self.blind}
 
     def _vq(self, params, frozen) -> dict[str, float]:
         bs = self.config.train.batch_size
@@ -216,6 +233,49 @@ class ShapesHeldout(Evaluator):
         pixels = np.clip(np.round((recon + 1) * 127.5), 0, 255).astype(np.uint8)
         matched = [shapes.match_scene(s, shapes.detect(p)) for s, p in zip(self.scenes, pixels)]
         return {"recon_mse": float(np.mean((recon - self.images) ** 2)), "detector_match": float(np.mean(matched))}
+
+
+# -- held-out user data -------------------------------------------------------------------------------
+
+def files_heldout_batches(config, tokenizer, layout: pipeline.Layout) -> list[dict]:
+    """`train.eval_batches` host batches of the user's held-out data (`data.eval_mmu_json` /
+    `data.eval_t2i_jsonl`, or the `data.eval_split` end of each training file), both tasks mixed by
+    the run's ratios, one sample per row; [] when none is configured."""
+    seed = config.seed + HELD_OUT_SEED_OFFSET
+    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, part="heldout")
+    if not dsets:
+        return []
+    ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
+                          seed=seed, packing=False)
+    it = iter(ds)
+    return [next(it) for _ in range(config.train.eval_batches)]
+
+
+@register("files_heldout")
+class FilesHeldout(Evaluator):
+    """The user's held-out data (`data.source=files`), every `train.eval_every` steps: understanding
+    exact-match accuracy under teacher forcing, the held-out text (answer) and image-code losses,
+    and for TA-MoE the task-router accuracy and expert loads (`heldout/`). Declines without
+    held-out data (`data.eval_split` = 0 and no `data.eval_*` files) or with another objective."""
+
+    label = "heldout"
+    prefix = "heldout/"
+
+    @classmethod
+    def create(cls, ctx: Context):
+        if ctx.config.data.source != "files" or ctx.config.objective != "lm":
+            return None
+        batches = files_heldout_batches(ctx.config, ctx.tokenizer, ctx.layout)
+        return cls(ctx, batches) if batches else None
+
+    def __init__(self, ctx: Context, batches: list[dict]):
+        self.config, self.mesh, self.every = ctx.config, ctx.mesh, int(ctx.config.train.eval_every)
+        self.batches, self.device_batches = batches, device_rows(ctx.config, batches)
+        graphdef, eval_fn, scale = ctx.graphdef, ctx.eval_fn, ctx.lora_scale
+        self._fn = jax.jit(lambda p, f, b: eval_fn(merged_model(graphdef, p, f, scale), b))
+
+    def __call__(self, params, frozen) -> dict[str, float]:
+        return lm_scores(run_lm_eval(self, params, frozen))
 
 
 # -- benchmark suites -----------------------------------------------------------------------------

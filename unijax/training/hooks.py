@@ -112,11 +112,13 @@ class PreemptionFlag:
             self.previous = None
 
 
-def export_model(out: pathlib.Path, graphdef, params, frozen, lora_scale: float = 1.0) -> None:
+def export_model(out: pathlib.Path, graphdef, params, frozen, lora_scale: float = 1.0,
+                 extra_files: dict[str, bytes] | None = None) -> None:
     """The trained model as plain weights: LoRA adapters are merged into the matrices they adapt;
-    `params` / `frozen` are host copies (`unijax.distributed.to_host`)."""
+    `params` / `frozen` are host copies (`unijax.distributed.to_host`); `extra_files` (the tokenizer)
+    go in with them."""
     model = nnx.merge(graphdef, *lora.materialize(params, frozen, lora_scale))
-    model_ckpt.save_model(out, model, overwrite=True)
+    model_ckpt.save_model(out, model, extra_files, overwrite=True)
 
 
 def export_adapters(out: pathlib.Path, cfg, config, graphdef, params, frozen) -> None:

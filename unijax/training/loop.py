@@ -26,14 +26,14 @@ from flax import nnx
 from unijax import checkpoints as model_ckpt
 from unijax import contract, sharding
 from unijax.data import datasets, pipeline
-from unijax.data.tokenizer import check_compatible, load_tokenizer
+from unijax.data.tokenizer import check_compatible, load_tokenizer, resolve_spec, tokenizer_files
 from unijax.distributed import to_host
 from unijax.models import family, lora
 from unijax.models.config import runtime_overrides
 from unijax.training import evaluators, steps, vision_pretrain
 from unijax.training import setup as train_setup
 from unijax.training.checkpointing import TrainCheckpoints
-from unijax.training.config import model_config, validate
+from unijax.training.config import model_config, validate, with_checkpoint_ids
 from unijax.training.hooks import MetricsWindow, NonFiniteLossError, PreemptionFlag, export_adapters, export_model
 from unijax.training.logger import MetricLogger
 from unijax.training.params import count
@@ -56,6 +56,7 @@ class Run:
     train_step: Any
     evaluators: list
     start: int
+    tokenizer: Any = None                     # exported with the model when it is a transformers one
 
 
 def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
@@ -93,13 +94,15 @@ def initial_model(cfg, config, log: MetricLogger):
 def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Run:
     validate(config)
     cfg = model_config(config)
+    if config.init_from:  # special ids come from the checkpoint (and are checked against the tokenizer)
+        cfg = with_checkpoint_ids(config, cfg, model_ckpt.read_config(config.init_from))
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch("train.batch_size", config.train.batch_size, mesh)
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = MetricLogger(workdir, config.train.steps)
 
-    tokenizer = load_tokenizer(config.data.tokenizer, config.data.dir)
+    tokenizer = load_tokenizer(resolve_spec(config.data.tokenizer, config.init_from), config.data.dir)
     check_compatible(tokenizer, cfg)
     layout = pipeline.Layout.for_data(cfg, config.data)
     images_per_row = layout.images_per_row(config.data.packing)
@@ -138,7 +141,8 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     loss_fn, eval_fn = steps.objective(config, images_per_row, cfg.text.num_layers)
     train_step = train_setup.jit_train_step(built, config, mesh, loss_fn)
     context = evaluators.Context(config, built.graphdef, tokenizer, layout, mesh, eval_fn, built.lora_scale)
-    return Run(config, cfg, mesh, workdir, log, built, ckpts, data_iter, train_step, evaluators.build(context), start)
+    return Run(config, cfg, mesh, workdir, log, built, ckpts, data_iter, train_step, evaluators.build(context), start,
+               tokenizer)
 
 
 def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
@@ -174,12 +178,21 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
     return dict(window.latest, **scores), None
 
 
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """A transformers tokenizer's files, carried by the exported model (`<model>/tokenizer`)."""
+    source = getattr(tokenizer, "source", "")
+    if not source or not pathlib.Path(source).is_dir():
+        return {}
+    return {f"tokenizer/{name}": data for name, data in tokenizer_files(source).items()}
+
+
 def export(run: Run) -> None:
     """`<workdir>/model` (LoRA merged) and, with LoRA, `<workdir>/adapters`, from process 0."""
     s = run.setup
     host_params, host_frozen = to_host(s.state["params"]), to_host(s.frozen)  # every process gathers
     if jax.process_index() == 0:
-        export_model(run.workdir / "model", s.graphdef, host_params, host_frozen, s.lora_scale)
+        export_model(run.workdir / "model", s.graphdef, host_params, host_frozen, s.lora_scale,
+                     _tokenizer_files(run.tokenizer))
     run.log.info(f"model written to {run.workdir / 'model'}")
     if run.config.model.lora.rank and jax.process_index() == 0:
         export_adapters(run.workdir / "adapters", run.cfg, run.config, s.graphdef, host_params, host_frozen)

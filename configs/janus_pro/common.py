@@ -1,0 +1,58 @@
+"""Janus-Pro recipe on your own data: what every stage of `configs/janus_pro/` shares.
+
+`get_config("1b")` / `get_config("7b")` (the `:1b` / `:7b` of `--config configs/janus_pro/<stage>.py:7b`):
+the converted checkpoint `ckpt/janus_pro_<size>` (`python -m unijax.convert`), its tokenizer
+(`data.tokenizer=checkpoint`: the copy `unijax.convert` puts in the checkpoint, special ids checked
+against the checkpoint's config), bf16 compute over float32 parameters, scanned and fully
+rematerialised layers, an fsdp mesh over every device, 1024-token rows (576 image tokens + the
+conversation), images preprocessed as Janus-Pro's processor does, your files as data
+(`data.mmu_json`, `data.t2i_jsonl`, ... : set them on the command line), no shapes-only phase.
+The step counts and learning rates are starting points for post-training a released model (the
+AIA paper fine-tunes Janus-Pro-7B on 8 nodes x 8 GPUs with FSDP for about a day); scale
+`train.steps` to your data. The guide: docs/finetune_janus_pro.md.
+"""
+
+from configs import common
+
+SIZES = {"1b": "janus_pro_1b", "7b": "janus_pro_7b"}
+
+
+def parse(arg) -> tuple[str, bool]:
+    """`"7b"`, `"7b+aia"` -> ("7b", aia?)."""
+    text = (arg or "1b").lower()
+    aia = text.endswith("aia")
+    size = text.removesuffix("aia").rstrip("+,") or "1b"
+    if size not in SIZES:
+        raise ValueError(f"configs/janus_pro: size {size!r} is not one of {sorted(SIZES)} (e.g. :7b or :7b+aia)")
+    return size, aia
+
+
+def recipe(size: str, stage: str):
+    c = common.get_config(preset=SIZES[size])
+    c.workdir = f"workdir/janus_pro_{size}/{stage}"
+    c.init_from = f"ckpt/janus_pro_{size}"
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = True
+    c.model.remat_policy = "full"
+    c.mesh.data = 1
+    c.mesh.fsdp = -1                  # every device: parameters, gradients and optimizer state sharded
+    c.data.source = "files"
+    c.data.tokenizer = "checkpoint"
+    c.data.max_len = 1024             # 576 understanding / generation image tokens + the text
+    c.data.turns_per_image = 1
+    c.data.num_workers = 4
+    c.data.overflow = "skip"
+    c.vision_pretrain.steps = 0       # the released SigLIP tower is trained
+    c.eval.evaluators = ("files_heldout", "suites")
+    c.train.batch_size = 128
+    c.train.steps = 4000
+    c.train.learning_rate = 2e-5
+    c.train.warmup_steps = 100
+    c.train.min_lr_ratio = 0.1
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+    c.train.eval_every = 500
+    c.train.eval_batches = 16
+    c.train.frozen = ("vqmodel/.*", "vision_model/.*")
+    return c

@@ -1,0 +1,17 @@
+"""Janus-Pro stage 1 (generation): the decoder FFNs trained on your caption data with attention and
+everything else frozen.
+
+    python -m unijax.train --config configs/janus_pro/stage1_gen.py:7b \
+        --config.data.t2i_jsonl=data/captions.jsonl --config.data.t2i_image_root=data/images
+"""
+
+from configs.janus_pro import common
+
+
+def get_config(arg=None):
+    size, _ = common.parse(arg)
+    c = common.recipe(size, "stage1_gen")
+    c.data.und_ratio = 0.0
+    c.train.trainable = (r"language_model/layers/(.*/)?mlp/.*",)
+    c.train.frozen = ()
+    return c

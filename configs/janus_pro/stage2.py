@@ -1,0 +1,30 @@
+"""Janus-Pro stage 2: the upcycled TA-MoE model (MMU experts from stage1_und, T2I experts from
+stage1_gen, the base FFN as the shared expert) fine-tuned jointly with LoRA r=16 on both tasks;
+`:7b+aia` adds the AIA loss with the official weights (5 for T2I, 10 for MMU).
+
+    python -m unijax.upcycle --base ckpt/janus_pro_7b --und workdir/janus_pro_7b/stage1_und/model \
+        --gen workdir/janus_pro_7b/stage1_gen/model --out workdir/janus_pro_7b/upcycled
+    python -m unijax.train --config configs/janus_pro/stage2.py:7b+aia \
+        --config.data.mmu_json=data/llava.json --config.data.mmu_image_root=data/images \
+        --config.data.t2i_jsonl=data/captions.jsonl --config.data.t2i_image_root=data/images
+"""
+
+from configs.janus_pro import common
+
+
+def get_config(arg=None):
+    size, aia = common.parse(arg)
+    c = common.recipe(size, "stage2" + ("_aia" if aia else ""))
+    c.init_from = f"workdir/janus_pro_{size}/upcycled"
+    c.model.ffn = "ta_moe"
+    c.model.lora.rank = 16
+    c.model.lora.alpha = 32.0
+    c.train.trainable = (r"language_model/layers/(.*/)?mlp/(task_router|router)/.*",
+                         r"language_model/layers/(.*/)?mlp/alpha")
+    c.train.frozen = ()               # the rest is frozen and LoRA-adapted (model.lora.targets)
+    c.train.learning_rate = 1e-4
+    if aia:
+        c.loss.aia_weight, c.loss.aia_gen_weight, c.loss.aia_und_weight = 10.0, 5.0, 10.0
+        c.aia.gen_targets = "janus_pro"
+        c.aia.und_targets = "janus_pro"
+    return c
