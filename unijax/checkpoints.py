@@ -81,6 +81,7 @@ def save_model(out, model: Janus, extra_files: dict[str, str] | None = None, ove
     save_params(out, nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg, extra_files, overwrite)
 
 
+TOKENIZER_DIR = "tokenizer"  # a checkpoint's own copy of its transformers tokenizer (convert, exports)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from unijax.checkpoints import TOKENIZER_DIR
 from unijax.contract import IMAGE_MARKER
 from unijax.data import shapes
 from unijax.io import atomic_file
@@ -364,7 +365,7 @@ def hf_tokenizer(path: str | os.PathLike, system_prompt: str = JANUS_SYSTEM_PROM
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
                    "preprocessor_config.json")
-CHECKPOINT_TOKENIZER = "tokenizer"  # its folder inside a model checkpoint
+CHECKPOINT_TOKENIZER = TOKENIZER_DIR  # its folder inside a model checkpoint
 
 
 def tokenizer_files(directory: str | os.PathLike) -> dict[str, bytes]:

@@ -143,7 +143,8 @@ def generation_config(cfg) -> dict:
 
 def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 4 << 30):
     """Writes a directory that `JanusForConditionalGeneration.from_pretrained` (or, for an Emu3
-    checkpoint, `Emu3ForConditionalGeneration.from_pretrained`) loads."""
+    checkpoint, `Emu3ForConditionalGeneration.from_pretrained`) loads, with the checkpoint's own
+    tokenizer files (`<ckpt>/tokenizer`) beside the weights when it carries them."""
     ckpt = pathlib.Path(ckpt)
     model = checkpoints.load_model(ckpt)
     cfg = model.cfg
@@ -163,5 +164,9 @@ def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 
     with atomic_directory(out, overwrite) as tmp:
         write_weights(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        tokenizer = ckpt / checkpoints.TOKENIZER_DIR
+        for f in sorted(tokenizer.iterdir()) if tokenizer.is_dir() else ():
+            if f.is_file():
+                (tmp / f.name).write_bytes(f.read_bytes())
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return cfg

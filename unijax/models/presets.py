@@ -96,7 +96,13 @@ def preset(name: str, family: str = "janus", **overrides):
     presets = FAMILY_PRESETS[family]
     if name not in presets:
         raise KeyError(f"model.preset={name!r} is not a {family} preset; choose one of {sorted(presets)}")
-    d = presets[name]()
-    for key, value in overrides.items():  # sub-configs merge key by key
+    return with_overrides(presets[name](), family, **overrides)
+
+
+def with_overrides(d: Mapping[str, Any], family: str = "janus", **overrides):
+    """A config mapping (a preset's, or a checkpoint's `model.json`) with `overrides` on top,
+    sub-configs merged key by key, as a validated config."""
+    d = dict(d)
+    for key, value in overrides.items():
         d[key] = {**d.get(key, {}), **value} if isinstance(value, Mapping) else value
     return config_from_dict(dict(d, family=family)).validate()

@@ -19,13 +19,14 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from unijax import checkpoints
 from unijax.data.pipeline import OVERFLOW_POLICIES
 from unijax.data.tokenizer import DEFAULT_DATA_DIR, DEFAULT_TOKENIZER
 from unijax.models import config as model_cfg
 from unijax.models import lora
-from unijax.models.config import FAMILIES, RUNTIME_KEYS, JanusConfig
+from unijax.models.config import FAMILIES, MOE_RUNTIME_KEYS, RUNTIME_KEYS, JanusConfig, family_of
 from unijax.models.emu3_config import Emu3VQConfig
-from unijax.models.presets import preset
+from unijax.models.presets import preset, with_overrides
 from unijax.training import aia, evaluators, vision_pretrain
 from unijax.training.steps import OBJECTIVES
 
@@ -190,10 +191,14 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     return c
 
 
+CHECKPOINT_PRESET = "checkpoint"  # model.preset: the architecture of the init_from checkpoint
+
+
 def model_config(config) -> JanusConfig:
     """`model.preset` of `model.family` with every set (non-None) `model.*` architecture key and the
     runtime keys on top (an Emu3 model has no `model.vision.*`, and only the `model.vq.*` keys its
-    tokenizer shares with Janus's)."""
+    tokenizer shares with Janus's). `model.preset=checkpoint` starts from the `init_from`
+    checkpoint's own config instead (a converted model of any size: nothing to restate)."""
     m = config.model
     family = m.get("family", "janus")
     overrides: dict[str, Any] = {}
@@ -213,6 +218,21 @@ def model_config(config) -> JanusConfig:
             overrides[key] = value
     overrides.update({k: m[k] for k in RUNTIME_KEYS})
     overrides["ffn"] = m.ffn
+    if m.preset == CHECKPOINT_PRESET:
+        if not config.init_from:
+            raise ValueError("model.preset=checkpoint takes the architecture of init_from, but init_from is empty")
+        saved = checkpoints.read_config(config.init_from)
+        if family_of(saved) != family:
+            raise ValueError(f"model.family={family} but init_from={config.init_from} holds a "
+                             f"{family_of(saved)} model")
+        if m.ffn == "ta_moe" and saved.ffn == "ta_moe":  # its experts as upcycled; only runtime moe keys apply
+            moe = config.moe.to_dict()
+            overrides["moe"] = {k: moe[k] for k in MOE_RUNTIME_KEYS}
+        elif m.ffn == "ta_moe":
+            raise ValueError(f"model.ffn=ta_moe but init_from={config.init_from} is dense: upcycle it first "
+                             f"(python -m unijax.upcycle)")
+        saved_dict = {k: v for k, v in saved.to_dict().items() if k != "family"}
+        return with_overrides(saved_dict, family, **overrides)
     if m.ffn == "ta_moe":
         moe = config.moe.to_dict()
         moe["layers"] = tuple(moe["layers"] or ())
