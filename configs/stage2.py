@@ -21,6 +21,9 @@ The recipe, from a base checkpoint:
 
 from configs import base
 
+# stage 2 trains the routers and alpha fully; everything else is frozen and LoRA-adapted
+TRAINABLE = (r"language_model/layers/(.*/)?mlp/(task_router|router)/.*", r"language_model/layers/(.*/)?mlp/alpha")
+
 
 def get_config(arg=None):
     variant = None
@@ -31,8 +34,7 @@ def get_config(arg=None):
     c.model.ffn = "ta_moe"
     c.model.lora.rank = 16
     c.model.lora.alpha = 32.0
-    c.train.trainable = (r"language_model/layers/(.*/)?mlp/(task_router|router)/.*",
-                         r"language_model/layers/(.*/)?mlp/alpha")
+    c.train.trainable = TRAINABLE
     c.train.frozen = ()                # the rest is frozen and LoRA-adapted (model.lora.targets)
     c.vision_pretrain.steps = 0        # the vision tower is frozen here (and comes from init_from in the recipe)
     c.train.steps = 300

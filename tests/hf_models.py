@@ -54,6 +54,29 @@ def make_tiny_janus(directory, gqa: bool, seed: int = 0):
     return model
 
 
+def save_janus_tokenizer(path, corpus, *, roles=None, vocab_size: int = 400, declare: bool = False):
+    """A tiny byte-level BPE tokenizer trained on `corpus` with Janus-Pro's special tokens of `roles`
+    (all by default) in DeepSeek's order (bos, eos, pad, image, boi, eoi: ids 0-5) and its chat
+    roles, saved locally; `declare` also names bos / eos / pad in the tokenizer's config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from unijax.data import tokenizer as T
+
+    order = ("bos", "eos", "pad", "image", "boi", "eoi")
+    specials = [T.JANUS_SPECIAL_TOKENS[r] for r in order if roles is None or r in roles] + [T.USER_TAG,
+                                                                                           T.ASSISTANT_TAG]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(list(corpus) + [T.JANUS_SYSTEM_PROMPT], trainer)
+    named = {f"{r}_token": T.JANUS_SPECIAL_TOKENS[r] for r in ("bos", "eos", "pad")} if declare else {}
+    PreTrainedTokenizerFast(tokenizer_object=tk, **named).save_pretrained(str(path))
+    return path
+
+
 # -- Emu3 -----------------------------------------------------------------------------------------
 EMU3_VOCAB, EMU3_OFFSET, EMU3_CODES = 400, 300, 64
 EMU3_SPECIALS = {"<image>": 399, "<|extra_200|>": 398, "<|extra_201|>": 397, "<|image start|>": 396,

@@ -24,26 +24,9 @@ import numpy as np
 from PIL import Image
 
 from unijax.data import shapes
-from unijax.data import tokenizer as T
 
 ORDER = ("bos", "eos", "pad", "image", "boi", "eoi")  # DeepSeek's tokenizer order of the specials
 SIZES = [(32, 32), (48, 64), (64, 48), (40, 100), (90, 30), (57, 57), (120, 80), (24, 36), (200, 150)]
-
-
-def _tokenizer(directory: pathlib.Path, corpus: list[str]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [T.JANUS_SPECIAL_TOKENS[r] for r in ORDER] + [T.USER_TAG, T.ASSISTANT_TAG]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus + [T.JANUS_SYSTEM_PROMPT], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=T.JANUS_SPECIAL_TOKENS["bos"],
-                                   eos_token=T.JANUS_SPECIAL_TOKENS["eos"], pad_token=T.JANUS_SPECIAL_TOKENS["pad"])
-    fast.save_pretrained(str(directory))
 
 
 def _model(directory: pathlib.Path, vocab: int) -> None:
@@ -154,7 +137,7 @@ def build(root) -> dict[str, pathlib.Path]:
         pq.write_table(pa.table(cols), root / "MMMU" / subject / "validation-00000-of-00001.parquet")
 
     hf = root / "Janus-Pro-tiny"
-    _tokenizer(hf, corpus)
+    hf_models.save_janus_tokenizer(hf, corpus, vocab_size=600, declare=True)
     vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(str(hf), local_files_only=True))
     _model(hf, max(vocab, 64))
     return {"hf": hf, "data": data, "pope": pope, "mmmu": root / "MMMU"}

@@ -3,8 +3,8 @@
 Every step is the CLI a user runs (docs/finetune_janus_pro.md) with the recipe configs of
 `configs/janus_pro/`, changing only paths, `model.preset=checkpoint` (the tiny converted model's
 own architecture instead of the 1B's) and sizes (steps, batch): convert -> pack -> stage 1 x 2 ->
-upcycle -> stage 2 + AIA -> evaluate POPE and MMMU in their official layouts -> generate ->
-export to transformers.
+upcycle -> stage 2 + AIA -> expert loads and attention intensity on the same data -> evaluate POPE
+and MMMU in their official layouts -> generate -> export to transformers.
 """
 
 import json
@@ -19,7 +19,7 @@ import replica
 CONFIGS = replica.pathlib.Path(__file__).resolve().parents[1] / "configs" / "janus_pro"
 SMALL = ["--config.model.preset=checkpoint", "--config.train.steps=4", "--config.train.batch_size=4",
          "--config.train.eval_every=2", "--config.train.eval_batches=1", "--config.train.log_every=2",
-         "--config.data.num_workers=0", "--config.data.eval_split=0.1"]
+         "--config.data.num_workers=0", "--config.data.eval_split=0.1", "--config.mesh.fsdp=2"]
 
 
 def cli(cwd, *args, ok=True):
@@ -71,6 +71,14 @@ def test_finetune_janus_pro_on_your_data_replica(tmp_path):
     assert all(k in last for k in ("aia_loss_gen", "aia_loss_und", "loss_group", "heldout/router_acc")), sorted(last)
     model = tmp_path / "workdir/stage2_aia/model"
     assert (model / "tokenizer/tokenizer.json").is_file() and (tmp_path / "workdir/stage2_aia/adapters").is_dir()
+
+    # the methods' diagnostics on the same data (the run's held-out split of the packed files)
+    r = cli(tmp_path, "unijax.analyze", "experts", "--ckpt", str(model), "--num_batches", "1")
+    assert (model.parent / "analysis/experts.json").is_file()
+    cli(tmp_path, "unijax.analyze", "intensity", "--ckpt", str(model), "--task", "und", "--samples", "4",
+        "--out", "und_curve.json")
+    curve = json.loads((tmp_path / "und_curve.json").read_text())
+    assert curve["task"] == "und" and len(curve["mean"]) == 2 and curve["samples"] == 4
 
     cli(tmp_path, "unijax.evaluate", "--ckpt", str(model), "--suite", "pope", "--files",
         "pope/coco_pope_random.json,pope/coco_pope_popular.json,pope/coco_pope_adversarial.json",

@@ -5,6 +5,7 @@ import pickle
 import sys
 import types
 
+import hf_models
 import numpy as np
 import pytest
 
@@ -201,20 +202,7 @@ def test_t2i_layout(tok):
 
 def _save_hf_tokenizer(path, *, roles=T.ROLES):
     """A tiny byte-level BPE tokenizer with the Janus special tokens of `roles`, saved locally."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    order = ("bos", "eos", "pad", "image", "boi", "eoi")  # DeepSeek's order: ids differ from the tiny preset's
-    specials = [T.JANUS_SPECIAL_TOKENS[r] for r in order if r in roles] + [T.USER_TAG, T.ASSISTANT_TAG]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(INLINE_CORPUS + [T.JANUS_SYSTEM_PROMPT], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk)
-    fast.save_pretrained(str(path))
-    return path
+    return hf_models.save_janus_tokenizer(path, INLINE_CORPUS, roles=roles)
 
 
 def test_hf_tokenizer(tmp_path):

@@ -1,12 +1,15 @@
 """Janus-Pro recipe on your own data: what every stage of `configs/janus_pro/` shares.
 
 `get_config("1b")` / `get_config("7b")` (the `:1b` / `:7b` of `--config configs/janus_pro/<stage>.py:7b`):
-the converted checkpoint `ckpt/janus_pro_<size>` (`python -m unijax.convert`), its tokenizer
-(`data.tokenizer=checkpoint`: the copy `unijax.convert` puts in the checkpoint, special ids checked
-against the checkpoint's config), bf16 compute over float32 parameters, scanned and fully
-rematerialised layers, an fsdp mesh over every device, 1024-token rows (576 image tokens + the
-conversation), images preprocessed as Janus-Pro's processor does, your files as data
-(`data.mmu_json`, `data.t2i_jsonl`, ... : set them on the command line), no shapes-only phase.
+- the converted checkpoint `ckpt/janus_pro_<size>` (`python -m unijax.convert --scan_layers`) and
+  its tokenizer (`data.tokenizer=checkpoint`: the copy `unijax.convert` puts in the checkpoint,
+  its special ids checked against the checkpoint's config);
+- bf16 compute over float32 parameters, scanned and fully rematerialised layers;
+- fsdp within a node of 8 devices, data parallel across nodes;
+- 1024-token rows (576 image tokens + the conversation), images preprocessed as Janus-Pro's
+  processor does, your files as data (`data.mmu_json`, `data.t2i_jsonl`, `data.*_arrayrecord`:
+  set them on the command line), a held-out split for the `files_heldout` evaluator;
+- no shapes-only phase.
 The step counts and learning rates are starting points for post-training a released model (the
 AIA paper fine-tunes Janus-Pro-7B on 8 nodes x 8 GPUs with FSDP for about a day); scale
 `train.steps` to your data. The guide: docs/finetune_janus_pro.md.
@@ -35,14 +38,18 @@ def recipe(size: str, stage: str):
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     c.model.remat_policy = "full"
-    c.mesh.data = 1
-    c.mesh.fsdp = -1                  # every device: parameters, gradients and optimizer state sharded
+    # fsdp over 8 devices (a node), data parallel across nodes: on 64 devices 8 x 8. A 64-way fsdp
+    # mesh plans 5-6x larger activations on the CPU compiler (no activation sharding constraints
+    # yet: issue "training throughput"), so the recipe keeps fsdp within the node.
+    c.mesh.data = -1
+    c.mesh.fsdp = 8
     c.data.source = "files"
     c.data.tokenizer = "checkpoint"
     c.data.max_len = 1024             # 576 understanding / generation image tokens + the text
     c.data.turns_per_image = 1
     c.data.num_workers = 4
     c.data.overflow = "skip"
+    c.data.eval_split = 0.005          # the end of every file is held out for files_heldout
     c.vision_pretrain.steps = 0       # the released SigLIP tower is trained
     c.eval.evaluators = ("files_heldout", "suites")
     c.train.batch_size = 128
@@ -55,4 +62,15 @@ def recipe(size: str, stage: str):
     c.train.eval_every = 500
     c.train.eval_batches = 16
     c.train.frozen = ("vqmodel/.*", "vision_model/.*")
+    return c
+
+
+def stage1(arg, task: str):
+    """Stage 1 on one task ("und" / "gen"): the decoder FFNs train on that task's data alone with
+    attention and everything else frozen (UniDecouple's task-specific FFNs)."""
+    size, _ = parse(arg)
+    c = recipe(size, f"stage1_{task}")
+    c.data["gen_ratio" if task == "und" else "und_ratio"] = 0.0
+    c.train.trainable = (r"language_model/layers/(.*/)?mlp/.*",)
+    c.train.frozen = ()               # everything not trainable is frozen
     return c

@@ -9,9 +9,4 @@ from configs.janus_pro import common
 
 
 def get_config(arg=None):
-    size, _ = common.parse(arg)
-    c = common.recipe(size, "stage1_gen")
-    c.data.und_ratio = 0.0
-    c.train.trainable = (r"language_model/layers/(.*/)?mlp/.*",)
-    c.train.frozen = ()
-    return c
+    return common.stage1(arg, "gen")

@@ -9,9 +9,4 @@ from configs.janus_pro import common
 
 
 def get_config(arg=None):
-    size, _ = common.parse(arg)
-    c = common.recipe(size, "stage1_und")
-    c.data.gen_ratio = 0.0
-    c.train.trainable = (r"language_model/layers/(.*/)?mlp/.*",)
-    c.train.frozen = ()               # everything not trainable is frozen
-    return c
+    return common.stage1(arg, "und")

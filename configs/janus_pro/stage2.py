@@ -9,6 +9,7 @@ stage1_gen, the base FFN as the shared expert) fine-tuned jointly with LoRA r=16
         --config.data.t2i_jsonl=data/captions.jsonl --config.data.t2i_image_root=data/images
 """
 
+from configs import stage2
 from configs.janus_pro import common
 
 
@@ -19,8 +20,7 @@ def get_config(arg=None):
     c.model.ffn = "ta_moe"
     c.model.lora.rank = 16
     c.model.lora.alpha = 32.0
-    c.train.trainable = (r"language_model/layers/(.*/)?mlp/(task_router|router)/.*",
-                         r"language_model/layers/(.*/)?mlp/alpha")
+    c.train.trainable = stage2.TRAINABLE
     c.train.frozen = ()               # the rest is frozen and LoRA-adapted (model.lora.targets)
     c.train.learning_rate = 1e-4
     if aia:
