@@ -103,3 +103,22 @@ def test_cli_creates_its_fake_devices_and_writes_json(tmp_path):
     assert r["mesh"] == dict(data=3, fsdp=1, expert=1, tensor=2) and r["devices"].startswith("6 x cpu")
     assert r["memory_gb"] == planner.MEMORY_GB["tpu_v5p"]
     assert "fits in 95 GB per device: yes" in proc.stdout and "model FLOPs per step" in proc.stdout
+
+
+@pytest.mark.parametrize("stage,arg", [("stage1_und", "1b"), ("stage1_gen", "7b"), ("stage2", "7b+aia")])
+def test_janus_pro_recipe_configs_plan(stage, arg):
+    """The recipe configs (configs/janus_pro) build for 1B and 7B, validate, and their train step
+    compiles on a fsdp mesh; here at the tiny preset's size (the 64-device plans of the real sizes
+    are the table in docs/finetune_janus_pro.md)."""
+    import importlib
+
+    module = importlib.import_module(f"configs.janus_pro.{stage}")
+    c = module.get_config(arg)
+    assert c.model.preset == {"1b": "janus_pro_1b", "7b": "janus_pro_7b"}[arg[:2]] and c.data.tokenizer == "checkpoint"
+    assert c.model.scan_layers and c.model.dtype == "bfloat16" and c.vision_pretrain.steps == 0
+    assert (c.loss.aia_weight > 0) == arg.endswith("aia")
+    c.model.preset = "tiny"
+    c.train.batch_size = 4
+    c.data.max_len = 160
+    r = planner.plan(c, dict(fsdp=4))
+    assert r["per_device_bytes"]["peak"] > 0 and r["flops_per_step"] > 0
