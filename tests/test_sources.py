@@ -10,13 +10,8 @@ import pytest
 from PIL import Image
 
 from unijax.data.arrayrecord import ArrayRecordSource, convert_to_arrayrecord, write_arrayrecord
-from unijax.data.sources import (
-    BadRecordError,
-    CaptionSource,
-    LlavaSource,
-    is_bad,
-    skip_bad,
-)
+from unijax.data.records import BadRecordError, is_bad, skip_bad
+from unijax.data.sources import CaptionSource, LlavaSource
 
 
 def _img(seed, h, w):

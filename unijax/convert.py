@@ -12,7 +12,7 @@ were checked against the checkpoint's config (a mismatch names both values and w
 from absl import app, flags
 
 from unijax import cli
-from unijax.data.tokenizer import CHECKPOINT_TOKENIZER, check_compatible, hf_tokenizer, tokenizer_files
+from unijax.data.tokenizer import carried_tokenizer, check_compatible, hf_tokenizer
 from unijax.hf.convert import checkpoint_to_hf, hf_to_checkpoint
 from unijax.models.config import family_of
 
@@ -30,14 +30,14 @@ FLAGS = flags.FLAGS
 def checked_tokenizer(hf_dir, cfg) -> dict[str, bytes]:
     """`hf_dir`'s tokenizer files as `tokenizer/<name>`, after checking its special ids against `cfg`
     (Janus: pad / bos / eos / image / boi / eoi); none when the directory has no tokenizer."""
-    files = tokenizer_files(hf_dir)
+    files = carried_tokenizer(hf_dir)
     if not files or family_of(cfg) != "janus":
         return {}
     try:
         check_compatible(hf_tokenizer(hf_dir), cfg)
     except ValueError as e:
         raise ValueError(f"{hf_dir}: the checkpoint's config.json and its tokenizer disagree: {e}") from None
-    return {f"{CHECKPOINT_TOKENIZER}/{name}": data for name, data in files.items()}
+    return files
 
 
 def main(argv):

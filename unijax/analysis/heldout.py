@@ -12,10 +12,10 @@ import pathlib
 
 import ml_collections
 
-from unijax.data import datasets, pipeline, shapes
+from unijax.data import pipeline, shapes
 from unijax.data.tokenizer import check_compatible, load_tokenizer, resolve_spec
 from unijax.training.config import defaults
-from unijax.training.evaluators import HELD_OUT_SEED_OFFSET, files_heldout_batches
+from unijax.training.evaluators import HELD_OUT_SEED_OFFSET, files_heldout_batches, first_batches
 from unijax.training.evaluators import heldout_batches as evaluator_batches
 
 
@@ -65,13 +65,6 @@ def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, d
     if not files:
         batches = evaluator_batches(config, tokenizer, layout, tuple(shapes.KINDS))
     else:
-        batches = files_heldout_batches(config, tokenizer, layout) or _training_file_batches(config, tokenizer, layout)
+        # its held-out part, else (a run that held nothing out) its own training files
+        batches = files_heldout_batches(config, tokenizer, layout) or first_batches(config, tokenizer, layout)
     return batches, layout.images_per_row(False), seed + HELD_OUT_SEED_OFFSET
-
-
-def _training_file_batches(config, tokenizer, layout) -> list[dict]:
-    """`train.eval_batches` batches of the run's own training files (a run that held nothing out)."""
-    dsets, weights = datasets.task_datasets(config.data, layout.image_size, config.seed + HELD_OUT_SEED_OFFSET)
-    it = iter(pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
-                               seed=config.seed + HELD_OUT_SEED_OFFSET, packing=False))
-    return [next(it) for _ in range(config.train.eval_batches)]

@@ -8,6 +8,7 @@ described in `unijax.data.sources`): `{"task": "mmu", "image": <bytes>, "turns":
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,17 +19,11 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from unijax.contract import TASKS
-from unijax.data.sources import (
-    BadRecordError,
-    _decode_image_bytes,
-    _normalise_index,
-    encode_png,
-    is_bad,
-    log,
-    open_source,
-    skip_bad,
-)
+from unijax.data.records import BadRecordError, decode_image_bytes, encode_png, is_bad, normalise_index, skip_bad
+from unijax.data.sources import open_source
 from unijax.io import atomic_file
+
+log = logging.getLogger(__name__)
 
 
 def _check_turns(turns: Any) -> list[list[str]]:
@@ -82,7 +77,7 @@ class ArrayRecordSource:
         return f"ArrayRecordSource(paths={self.paths!r}, len={len(self)})"
 
     def _locate(self, index: int) -> tuple[int, int]:
-        i = _normalise_index(index, len(self), ", ".join(self.paths))
+        i = normalise_index(index, len(self), ", ".join(self.paths))
         f = int(np.searchsorted(self._ends, i, side="right"))
         return f, i - (int(self._ends[f - 1]) if f else 0)
 
@@ -106,14 +101,14 @@ class ArrayRecordSource:
             except ValueError as e:
                 raise BadRecordError(name, i, str(e), task) from None
             if isinstance(rec.get("images"), list) and len(rec["images"]) > 1:
-                images = [_decode_image_bytes(b, name, i, task) for b in rec["images"]]
+                images = [decode_image_bytes(b, name, i, task) for b in rec["images"]]
                 return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
-            image = None if rec.get("image") is None else _decode_image_bytes(rec["image"], name, i, task)
+            image = None if rec.get("image") is None else decode_image_bytes(rec["image"], name, i, task)
             return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
         caption = rec.get("caption")
         if not isinstance(caption, str):
             raise BadRecordError(name, i, f"'caption' must be a string, got {caption!r:.80}", task)
-        image = _decode_image_bytes(rec["image"], name, i, task)
+        image = decode_image_bytes(rec["image"], name, i, task)
         return {"task": "t2i", "image": image, "caption": caption, "source": name, "index": i}
 
 
@@ -172,6 +167,21 @@ def write_arrayrecord(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     return n
 
 
+def _write_good(path: str | os.PathLike, samples: Iterable[dict]) -> tuple[int, list[dict]]:
+    """Writes the samples that are not bad-record markers to one ArrayRecord file ->
+    (records written, the markers left out)."""
+    skipped: list[dict] = []
+
+    def good():
+        for s in samples:
+            if is_bad(s):
+                skipped.append(s)
+                continue
+            yield s
+
+    return write_arrayrecord(path, good()), skipped
+
+
 def convert_to_arrayrecord(source: Any, path: str | os.PathLike, *, skip_bad_records: bool = False) -> int:
     """Writes every sample of ``source`` (any source here) into one ArrayRecord file.
 
@@ -180,17 +190,7 @@ def convert_to_arrayrecord(source: Any, path: str | os.PathLike, *, skip_bad_rec
     raising :class:`BadRecordError`. Returns the number of records written.
     """
     src = skip_bad(source, skip_bad_records)
-    skipped = []
-
-    def good():
-        for k in range(len(src)):
-            s = src[k]
-            if is_bad(s):
-                skipped.append(s)
-                continue
-            yield s
-
-    n = write_arrayrecord(path, good())
+    n, skipped = _write_good(path, (src[k] for k in range(len(src))))
     if skipped:
         log.warning("convert_to_arrayrecord: skipped %d bad records of %r (first: %s: record %d: %s)",
                     len(skipped), source, skipped[0]["source"], skipped[0]["index"], skipped[0]["reason"])
@@ -239,29 +239,21 @@ def pack(files: dict[str, list[str]], image_roots: dict[str, str], out: str | os
             raise ValueError(f"{index_path}: packed from other inputs or another shard size; pass --overwrite "
                              f"(or another --out) to pack these")
         index = old
-    srcs = {t: [skip_bad(open_source(p, image_roots.get(t, ""), t, keep_bytes=True), skip_bad_records)
-                for p in paths] for t, paths in files.items()}
-    total = sum(len(s) for ss in srcs.values() for s in ss)
+    # per task, its files' records in order (one random-access dataset over all of them)
+    records = {t: grain.MapDataset.concatenate([
+        grain.MapDataset.source(skip_bad(open_source(p, image_roots.get(t, ""), t, keep_bytes=True), skip_bad_records))
+        for p in paths]) for t, paths in files.items()}
+    total = sum(len(r) for r in records.values())
     done = sum(v["inputs"] for v in index["shards"].values())
     skipped_reasons = []
-    for task, task_srcs in srcs.items():
-        records = [(s, i) for s in task_srcs for i in range(len(s))]
-        n_shards = max(1, -(-len(records) // records_per_shard))
+    for task, task_records in records.items():
+        n_shards = max(1, -(-len(task_records) // records_per_shard))
         for k in range(n_shards):
             name = f"{task}-{k:05d}-of-{n_shards:05d}.arrayrecord"
             if name in index["shards"]:
                 continue
-            chunk = records[k * records_per_shard:(k + 1) * records_per_shard]
-            skipped = []
-
-            def good(chunk=chunk, skipped=skipped):
-                for s, i in chunk:
-                    sample = s[i]
-                    if is_bad(sample):
-                        skipped.append(sample)
-                        continue
-                    yield sample
-            n = write_arrayrecord(os.path.join(out, name), good())
+            chunk = range(k * records_per_shard, min((k + 1) * records_per_shard, len(task_records)))
+            n, skipped = _write_good(os.path.join(out, name), (task_records[i] for i in chunk))
             for b in skipped[:max(0, 5 - len(skipped_reasons))]:
                 skipped_reasons.append(f"{b['source']}: record {b['index']}: {b['reason']}")
                 log.warning("pack: skipped %s", skipped_reasons[-1])

@@ -9,7 +9,7 @@ import grain
 import numpy as np
 
 from unijax.contract import TASKS
-from unijax.data import arrayrecord, shapes, sources
+from unijax.data import arrayrecord, records, shapes, sources
 from unijax.data.pipeline import repeat_epochs
 
 WORLD_SIZE = 2 ** 31 - 1  # the shapes world is a function of (seed, task, index): effectively infinite
@@ -139,31 +139,29 @@ def _weights(data_cfg, key: str, n: int) -> list[float] | None:
 def _file_dataset(data_cfg, task: str, seed: int, part: str = "train") -> grain.MapDataset | None:
     """A task's files on disk as one endless shuffled dataset: each file a source (bad records
     skipped and counted when `data.skip_bad_records`), the files concatenated (sampled by size) or,
-    with `data.<task>_weights`, mixed by those weights, each file reshuffled every epoch."""
+    with `data.<task>_weights`, mixed by those weights, each file reshuffled every epoch. `part`:
+    `task_datasets`'s (held-out files are read whole and concatenated)."""
     files_key, root_key, weights_key, arrayrecord_key, eval_key = _FILE_KEYS[task]
     if data_cfg[files_key] and data_cfg[arrayrecord_key]:
         raise ValueError(f"set data.{files_key} or data.{arrayrecord_key}, not both")
-    fraction = float(data_cfg.eval_split)
-    if part == "heldout" and data_cfg[eval_key]:  # held-out files: read whole, same formats
-        srcs = [sources.open_source(f, data_cfg[root_key], task) for f in _files(data_cfg[eval_key])]
-        dsets = [grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))) for src in srcs]
-        return repeat_epochs(grain.MapDataset.concatenate(dsets) if len(dsets) > 1 else dsets[0], seed=seed)
-    if part == "heldout" and fraction <= 0:
+    fraction = 0.0 if data_cfg[eval_key] else float(data_cfg.eval_split)  # held-out files: nothing split off
+    key = eval_key if part == "heldout" and data_cfg[eval_key] else files_key
+    if part == "heldout" and not data_cfg[eval_key] and fraction <= 0:
         return None
-    if part == "train" and data_cfg[eval_key]:
-        fraction = 0.0  # held-out files are separate: train on every record
-    if data_cfg[files_key]:
-        srcs = [sources.open_source(f, data_cfg[root_key], task) for f in _files(data_cfg[files_key])]
+    if data_cfg[key]:
+        names = _files(data_cfg[key])
+        srcs = [sources.open_source(f, data_cfg[root_key], task) for f in names]
     elif data_cfg[arrayrecord_key]:
-        srcs = [arrayrecord.ArrayRecordSource(_files(data_cfg[arrayrecord_key]))]
+        key, names = arrayrecord_key, _files(data_cfg[arrayrecord_key])
+        srcs = [arrayrecord.ArrayRecordSource(names)]
     else:
         return None
-    for src, name in zip(srcs, _files(data_cfg[files_key] or data_cfg[arrayrecord_key])):
+    for src, name in zip(srcs, names):
         if len(src) == 0:
-            raise ValueError(f"data.{files_key or arrayrecord_key}: {name} holds no records")
-    dsets = [_split(grain.MapDataset.source(sources.skip_bad(src, bool(data_cfg.skip_bad_records))), fraction, part)
+            raise ValueError(f"data.{key}: {name} holds no records")
+    dsets = [_split(grain.MapDataset.source(records.skip_bad(src, bool(data_cfg.skip_bad_records))), fraction, part)
              for src in srcs]
-    weights = _weights(data_cfg, weights_key, len(dsets))
+    weights = None if key == eval_key else _weights(data_cfg, weights_key, len(dsets))
     if weights is None or len(dsets) == 1:
         return repeat_epochs(grain.MapDataset.concatenate(dsets) if len(dsets) > 1 else dsets[0], seed=seed)
     kept = [(repeat_epochs(d, seed=seed + 7919 * i), w) for i, (d, w) in enumerate(zip(dsets, weights)) if w > 0]

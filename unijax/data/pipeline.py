@@ -205,18 +205,12 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
         return bad_sample(layout, TASK_IDS.get(sample.get("task"), MMU))
     n_images = len(sample.get("images") or ())
     if n_images > layout.max_images:
-        if layout.overflow == "error":
-            raise ValueError(f"{where}: {n_images} images, more than data.max_images={layout.max_images}; raise "
-                             f"data.max_images or set data.overflow=skip")
-        _log_skip(where, f"{n_images} images, more than data.max_images={layout.max_images}")
-        return bad_sample(layout, MMU, OVERFLOW)
+        return _overflowed(layout, where, "mmu", f"{n_images} images, more than data.max_images={layout.max_images}",
+                           "raise data.max_images or set data.overflow=skip")
     x = _encode(sample, tokenizer, layout, rng, kinds, where)
     if len(x["tokens"]) <= layout.max_len:
         return x
     n, task = len(x["tokens"]), sample["task"]
-    if layout.overflow == "error":
-        raise ValueError(f"{where}: {n} tokens do not fit data.max_len={layout.max_len}; raise data.max_len, "
-                         f"shorten the text, or set data.overflow=skip / truncate")
     if layout.overflow == "truncate" and task == "mmu":
         turns = list(sample["turns"])
         while len(turns) > 1:
@@ -224,7 +218,15 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
             x = _encode({**sample, "turns": turns}, tokenizer, layout, rng, kinds, where)
             if len(x["tokens"]) <= layout.max_len:
                 return x
-    _log_skip(where, f"{n} tokens do not fit data.max_len={layout.max_len} (data.overflow={layout.overflow})")
+    return _overflowed(layout, where, task, f"{n} tokens do not fit data.max_len={layout.max_len}",
+                       "raise data.max_len, shorten the text, or set data.overflow=skip / truncate")
+
+
+def _overflowed(layout: Layout, where: str, task: str, reason: str, fix: str) -> dict[str, np.ndarray]:
+    """A sample that does not fit: an error naming it (`data.overflow=error`), else skipped and counted."""
+    if layout.overflow == "error":
+        raise ValueError(f"{where}: {reason}; {fix}")
+    _log_skip(where, f"{reason} (data.overflow={layout.overflow})")
     return bad_sample(layout, TASK_IDS[task], OVERFLOW)
 
 

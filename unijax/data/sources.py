@@ -78,7 +78,7 @@ Errors
 A problem with one record (missing image file, undecodable image, bad JSON
 line, malformed conversation, unknown task) raises :class:`BadRecordError`
 (a ``ValueError``) whose message names the file, the record index and the
-reason. Wrap a source with :func:`skip_bad` to turn those errors into
+reason. Wrap a source with :func:`unijax.data.records.skip_bad` to turn those errors into
 *bad-record markers* (test with :func:`is_bad`) that the pipeline drops and
 counts. Problems with a whole file (missing, not a JSON list) raise
 ``FileNotFoundError`` / ``ValueError`` at construction.
@@ -86,7 +86,6 @@ counts. Problems with a whole file (missing, not a JSON list) raise
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -94,130 +93,14 @@ import threading
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from unijax.contract import IMAGE_MARKER
+from unijax.data.records import BadRecordError, decode_image_bytes, load_image_file, normalise_index
 
 log = logging.getLogger(__name__)
 
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
-
-
-# ----------------------------------------------------------------------------
-# errors and bad-record markers
-# ----------------------------------------------------------------------------
-
-
-class BadRecordError(ValueError):
-    """One record of a source cannot be turned into a raw sample.
-
-    Attributes:
-      source: the file the record came from.
-      index: the record's index inside that file.
-      reason: what is wrong (and, where useful, how to fix it).
-      task: the record's task when it could be determined, else None.
-    """
-
-    def __init__(self, source: str, index: int, reason: str, task: str | None = None):
-        self.source = str(source)
-        self.index = int(index)
-        self.reason = reason
-        self.task = task
-        super().__init__(f"{self.source}: record {self.index}: {reason}")
-
-    def __reduce__(self):  # keep the attributes when sent between processes
-        return (type(self), (self.source, self.index, self.reason, self.task))
-
-
-def is_bad(sample: Any) -> bool:
-    """True if ``sample`` is a bad-record marker produced by :func:`skip_bad`."""
-    return isinstance(sample, dict) and sample.get("bad") is True
-
-
-def _normalise_index(index: Any, length: int, name: str) -> int:
-    i = index.__index__()  # accepts int and numpy integers
-    if i < 0:
-        i += length
-    if not 0 <= i < length:
-        raise IndexError(f"{name}: index {int(index)} out of range for {length} records")
-    return i
-
-
-# ----------------------------------------------------------------------------
-# image decoding / encoding
-# ----------------------------------------------------------------------------
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Decodes encoded image bytes (PNG, JPEG, ...) to an RGB uint8 [H, W, 3] array.
-
-    Raises whatever PIL raises for undecodable or truncated data; callers wrap
-    that into a :class:`BadRecordError`.
-    """
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # decode fully here so truncated files fail now
-        return _to_rgb_array(img)
-
-
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit / 32-bit grayscale: PIL's convert("RGB") clips instead of
-        # scaling, so scale to 8 bits by hand.
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        a = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids PIL's palette-transparency warning
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"decoded image has shape {arr.shape}, expected [H, W, 3]")
-    return np.ascontiguousarray(arr)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG-encodes an RGB uint8 [H, W, 3] array (lossless)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _load_image_file(image_root: str, rel: Any, name: str, index: int, task: str, keep_bytes: bool = False):
-    if not isinstance(rel, str) or not rel:
-        raise BadRecordError(name, index, f"'image' must be a non-empty relative path string, got {rel!r}", task)
-    path = os.path.join(image_root, rel)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise BadRecordError(
-            name, index, f"image {rel!r} not found under {image_root} (check image_root or the record's path)", task
-        ) from None
-    except OSError as e:
-        raise BadRecordError(name, index, f"cannot read image {path!r}: {e}", task) from None
-    try:
-        image = decode_image(data)  # decoded even when the bytes are kept: a corrupt file is a bad record now
-    except Exception as e:  # PIL raises many types for bad data
-        reason = f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt or not an image"
-        raise BadRecordError(name, index, reason, task) from None
-    return data if keep_bytes else image
-
-
-def _decode_image_bytes(data: Any, name: str, index: int, task: str, keep_bytes: bool = False):
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise BadRecordError(name, index, f"'image' must be encoded image bytes, got {type(data).__name__}", task)
-    try:
-        image = decode_image(bytes(data))
-        return bytes(data) if keep_bytes else image
-    except Exception as e:
-        reason = f"image bytes cannot be decoded ({type(e).__name__}: {e}); rewrite the file with write_arrayrecord"
-        raise BadRecordError(name, index, reason, task) from None
 
 
 # ----------------------------------------------------------------------------
@@ -327,11 +210,11 @@ class LlavaSource:
         """The raw JSON record at ``index`` (parsed, not validated)."""
         if self._lines is not None:
             return self._lines.record(index)
-        i = _normalise_index(index, len(self), self.json_path)
+        i = normalise_index(index, len(self), self.json_path)
         return json.loads(self._buf[self._offsets[i] : self._offsets[i + 1]])
 
     def __getitem__(self, index: int) -> dict:
-        i = _normalise_index(index, len(self), self.json_path)
+        i = normalise_index(index, len(self), self.json_path)
         rec = self.record(i)
         name = self.json_path
         if not isinstance(rec, dict):
@@ -343,7 +226,7 @@ class LlavaSource:
         except ValueError as e:
             raise BadRecordError(name, i, f"malformed conversation: {e}", "mmu") from None
         if many and len(paths) > 1:  # a multi-image conversation: the images in the order of their marks
-            images = [_load_image_file(self.image_root, p, name, i, "mmu", self.keep_bytes) for p in paths]
+            images = [load_image_file(self.image_root, p, name, i, "mmu", self.keep_bytes) for p in paths]
             return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
         if many:
             rec["image"] = paths[0] if paths else None
@@ -351,7 +234,7 @@ class LlavaSource:
             if any(IMAGE_MARKER in str(m.get("value", "")) for m in rec["conversations"] if isinstance(m, dict)):
                 raise BadRecordError(name, i, f"a '{IMAGE_MARKER}' mark but no 'image' path", "mmu")
             return {"task": "mmu", "image": None, "turns": turns, "source": name, "index": i}
-        image = _load_image_file(self.image_root, rec["image"], name, i, "mmu", self.keep_bytes)
+        image = load_image_file(self.image_root, rec["image"], name, i, "mmu", self.keep_bytes)
         return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
 
 
@@ -423,7 +306,7 @@ class JsonLines:
 
     def line(self, index: int) -> bytes:
         """The raw bytes of record ``index``'s line."""
-        i = _normalise_index(index, len(self), self.path)
+        i = normalise_index(index, len(self), self.path)
         start, end = (int(x) for x in self._offsets[i])
         data = os.pread(self._file(), end - start, start)
         if len(data) != end - start:
@@ -435,7 +318,7 @@ class JsonLines:
 
     def record(self, index: int) -> Any:
         """Line ``index`` parsed as JSON (a :class:`BadRecordError` when it is not JSON)."""
-        i = _normalise_index(index, len(self), self.path)
+        i = normalise_index(index, len(self), self.path)
         try:
             return json.loads(self.line(i))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -481,10 +364,10 @@ class CaptionSource:
         return self._lines.line(index)
 
     def __getitem__(self, index: int) -> dict:
-        i = _normalise_index(index, len(self), self.jsonl_path)
+        i = normalise_index(index, len(self), self.jsonl_path)
         rec = self._lines.record(i)
         return _caption_sample(rec, self.jsonl_path, i,
-                               lambda image: _load_image_file(self.image_root, image, self.jsonl_path, i, "t2i",
+                               lambda image: load_image_file(self.image_root, image, self.jsonl_path, i, "t2i",
                                                               self.keep_bytes))
 
 
@@ -543,11 +426,11 @@ class ParquetCaptionSource:
         if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
             value = value.get("bytes") or value.get("path")
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return _decode_image_bytes(value, name, i, "t2i", self.keep_bytes)
-        return _load_image_file(self.image_root, value, name, i, "t2i", self.keep_bytes)
+            return decode_image_bytes(value, name, i, "t2i", self.keep_bytes)
+        return load_image_file(self.image_root, value, name, i, "t2i", self.keep_bytes)
 
     def __getitem__(self, index: int) -> dict:
-        i = _normalise_index(index, len(self), self.parquet_path)
+        i = normalise_index(index, len(self), self.parquet_path)
         g = int(np.searchsorted(self._starts, i, side="right") - 1)
         cols = self._group(g)
         j = i - int(self._starts[g])
@@ -569,51 +452,3 @@ def open_source(path: str, image_root: str, task: str, keep_bytes: bool = False)
     if path.endswith(".jsonl"):
         return CaptionSource(path, image_root, keep_bytes)
     raise ValueError(f"{path}: caption files are .jsonl or .parquet")
-
-
-# ----------------------------------------------------------------------------
-# skipping bad records
-# ----------------------------------------------------------------------------
-
-
-class SkipBad:
-    """Wraps a source; when ``enabled``, bad records become bad-record markers.
-
-    A marker is ``{"task": <record's task, else the source's task, else "bad">,
-    "bad": True, "source": file, "index": record index, "reason": str}``. When
-    not enabled, :class:`BadRecordError` propagates unchanged. Other errors
-    (e.g. ``IndexError``) always propagate.
-    """
-
-    def __init__(self, source: Any, enabled: bool):
-        self.source = source
-        self.enabled = bool(enabled)
-
-    @property
-    def task(self) -> str | None:
-        return getattr(self.source, "task", None)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __repr__(self) -> str:
-        return f"SkipBad({self.source!r}, enabled={self.enabled})"
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return self.source[index]
-        except BadRecordError as e:
-            if not self.enabled:
-                raise
-            return {
-                "task": e.task or self.task or "bad",
-                "bad": True,
-                "source": e.source,
-                "index": e.index,
-                "reason": e.reason,
-            }
-
-
-def skip_bad(source: Any, enabled: bool) -> SkipBad:
-    """Returns ``source`` wrapped so that, if ``enabled``, bad records yield markers (see :class:`SkipBad`)."""
-    return SkipBad(source, enabled)

@@ -152,6 +152,11 @@ class Tokenizer:
             image.extend([is_image] * len(tokens))
             answer.extend([is_answer] * len(tokens))
 
+        def add_image():
+            add([self.boi_id])
+            add([self.image_id] * num_image_tokens, is_image=True)
+            add([self.eoi_id])
+
         if num_images > 1:
             marks = sum((t[0] or "").count(IMAGE_MARKER) for t in turns)
             if marks != num_images:
@@ -166,16 +171,12 @@ class Tokenizer:
                 first, *rest = user.split(IMAGE_MARKER)
                 add(self.encode((system if k == 0 else "") + USER_PREFIX + first))
                 for piece in rest:
-                    add([self.boi_id])
-                    add([self.image_id] * num_image_tokens, is_image=True)
-                    add([self.eoi_id])
+                    add_image()
                     add(self.encode(piece))
                 add(self.encode(USER_SUFFIX + ASSISTANT_PREFIX))
             elif k == 0 and num_image_tokens > 0:
                 add(self.encode(system + USER_PREFIX))
-                add([self.boi_id])
-                add([self.image_id] * num_image_tokens, is_image=True)
-                add([self.eoi_id])
+                add_image()
                 add(self.encode(IMAGE_SEP + user + USER_SUFFIX + ASSISTANT_PREFIX))
             else:
                 add(self.encode((system if k == 0 else "") + USER_PREFIX + user + USER_SUFFIX + ASSISTANT_PREFIX))
@@ -365,14 +366,21 @@ def hf_tokenizer(path: str | os.PathLike, system_prompt: str = JANUS_SYSTEM_PROM
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
                    "preprocessor_config.json")
-CHECKPOINT_TOKENIZER = TOKENIZER_DIR  # its folder inside a model checkpoint
 
 
-def tokenizer_files(directory: str | os.PathLike) -> dict[str, bytes]:
-    """The `TOKENIZER_FILES` present in `directory`, by name (empty when it holds no tokenizer)."""
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a transformers tokenizer (its files are not read)."""
     d = pathlib.Path(directory)
-    files = {name: (d / name).read_bytes() for name in TOKENIZER_FILES if (d / name).is_file()}
-    return files if any(n in files for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")) else {}
+    return any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def carried_tokenizer(directory: str | os.PathLike) -> dict[str, bytes]:
+    """The `TOKENIZER_FILES` of `directory` as a checkpoint carries them, `{"tokenizer/<name>": bytes}`
+    (the `extra_files` of a checkpoint writer); empty when it holds no tokenizer."""
+    d = pathlib.Path(directory)
+    if not has_tokenizer(d):
+        return {}
+    return {f"{TOKENIZER_DIR}/{n}": (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
 
 
 DEFAULT_TOKENIZER = "shapes"  # data.tokenizer's default: the shapes world's sentencepiece model
@@ -386,8 +394,8 @@ def resolve_spec(spec: str, init_from: str = "") -> str:
         return spec
     if not init_from:
         raise ValueError("data.tokenizer=checkpoint reads <init_from>/tokenizer, but init_from is empty")
-    path = pathlib.Path(init_from) / CHECKPOINT_TOKENIZER
-    if not tokenizer_files(path):
+    path = pathlib.Path(init_from) / TOKENIZER_DIR
+    if not has_tokenizer(path):
         raise ValueError(f"data.tokenizer=checkpoint: {path} holds no tokenizer (convert the checkpoint with "
                          f"python -m unijax.convert from a directory with tokenizer files, or set data.tokenizer "
                          f"to a tokenizer directory)")

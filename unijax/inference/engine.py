@@ -28,14 +28,13 @@ from unijax import checkpoints
 from unijax.contract import TEXT, UND_IMAGE
 from unijax.data import pipeline
 from unijax.data.tokenizer import (
-    CHECKPOINT_TOKENIZER,
     DEFAULT_DATA_DIR,
     DEFAULT_TOKENIZER,
     Tokenizer,
     check_compatible,
+    has_tokenizer,
     load_tokenizer,
     resolve_spec,
-    tokenizer_files,
 )
 from unijax.inference import decode
 from unijax.inference.images import to_uint8
@@ -64,11 +63,11 @@ def run_tokenizer_spec(ckpt) -> tuple[str, str]:
     (`<ckpt>/tokenizer`: converted and exported checkpoints of transformers tokenizers), else that of
     the run that wrote it (`<ckpt>/../config.json`, the training config the loop writes into its
     workdir), else the defaults."""
-    own = pathlib.Path(ckpt) / CHECKPOINT_TOKENIZER
-    if tokenizer_files(own):
+    own = pathlib.Path(ckpt) / checkpoints.TOKENIZER_DIR
+    if has_tokenizer(own):
         return str(own), DEFAULT_DATA_DIR
     path = pathlib.Path(ckpt).absolute().parent / "config.json"
-    config = {}
+    config, data = {}, {}
     if path.is_file():
         try:
             config = json.loads(path.read_text())
@@ -76,8 +75,6 @@ def run_tokenizer_spec(ckpt) -> tuple[str, str]:
         except (ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not a readable unijax training config ({e}); move it away to use the "
                              f"default tokenizer") from e
-    else:
-        data = {}
     spec = resolve_spec(data.get("tokenizer", DEFAULT_TOKENIZER), config.get("init_from", ""))
     return spec, data.get("dir", DEFAULT_DATA_DIR)
 
@@ -93,15 +90,11 @@ class Engine:
         self.cfg = self.model.cfg
         check_compatible(self.tokenizer, self.cfg)
         self.generator = decode.Generator(self.model)
-        self.und_image = pipeline.Layout.from_model(self.cfg, max_len=0).und_image  # the family's processor rule
-        if family_of(self.cfg) == "emu3":
-            # transformers' placeholder layout: rows of codes and end-of-line, filled from the pixels
-            # (the same ids the training layout embeds)
-            self.image_size = self.cfg.vq.image_size
-            self.und_tokens = self.cfg.vq.num_tokens
-        else:
-            self.image_size = self.cfg.vision.image_size
-            self.und_tokens = (self.image_size // self.cfg.vision.patch_size) ** 2
+        layout = pipeline.Layout.from_model(self.cfg, max_len=0)
+        self.image_size, self.und_image = layout.image_size, layout.und_image  # the family's processor rule
+        # Emu3: transformers' placeholder layout, rows of codes and end-of-line, filled from the pixels
+        # (the same ids the training layout embeds)
+        self.und_tokens = self.cfg.vq.num_tokens if family_of(self.cfg) == "emu3" else layout.und_tokens
 
     @classmethod
     def load(cls, ckpt, *, tokenizer: str | None = None, data_dir: str | None = None, group: str = "router",

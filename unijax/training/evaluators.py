@@ -108,15 +108,24 @@ def build(ctx: Context) -> list[Evaluator]:
 HELD_OUT_SEED_OFFSET = datasets.HELD_OUT_SEED_OFFSET
 
 
+def first_batches(config, tokenizer, layout: pipeline.Layout, *, part: str = "train", turns: int | None = None,
+                  kinds=()) -> list[dict]:
+    """The first `train.eval_batches` unpacked host batches of the configured data (`part`, `turns`:
+    `datasets.task_datasets`'s), drawn with seed `config.seed + HELD_OUT_SEED_OFFSET` (a seed the
+    training stream never uses); [] when that part has no data."""
+    seed = config.seed + HELD_OUT_SEED_OFFSET
+    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, turns=turns, part=part)
+    if not dsets:
+        return []
+    it = iter(pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
+                               seed=seed, packing=False, kinds=kinds))
+    return [next(it) for _ in range(config.train.eval_batches)]
+
+
 def heldout_batches(config, tokenizer, layout: pipeline.Layout, kinds) -> list[dict]:
     """`train.eval_batches` host batches of held-out shapes scenes (scene seed `config.seed +
     HELD_OUT_SEED_OFFSET`, which the training stream never uses), one question per image."""
-    seed = config.seed + HELD_OUT_SEED_OFFSET
-    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, turns=1)
-    ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
-                          seed=seed, packing=False, kinds=kinds)
-    it = iter(ds)
-    return [next(it) for _ in range(config.train.eval_batches)]
+    return first_batches(config, tokenizer, layout, turns=1, kinds=kinds)
 
 
 def device_rows(config, batches: list[dict]) -> list[dict]:
@@ -241,14 +250,7 @@ def files_heldout_batches(config, tokenizer, layout: pipeline.Layout) -> list[di
     """`train.eval_batches` host batches of the user's held-out data (`data.eval_mmu_json` /
     `data.eval_t2i_jsonl`, or the `data.eval_split` end of each training file), both tasks mixed by
     the run's ratios, one sample per row; [] when none is configured."""
-    seed = config.seed + HELD_OUT_SEED_OFFSET
-    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, part="heldout")
-    if not dsets:
-        return []
-    ds = pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
-                          seed=seed, packing=False)
-    it = iter(ds)
-    return [next(it) for _ in range(config.train.eval_batches)]
+    return first_batches(config, tokenizer, layout, part="heldout")
 
 
 @register("files_heldout")

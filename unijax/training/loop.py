@@ -26,7 +26,7 @@ from flax import nnx
 from unijax import checkpoints as model_ckpt
 from unijax import contract, sharding
 from unijax.data import datasets, pipeline
-from unijax.data.tokenizer import check_compatible, load_tokenizer, resolve_spec, tokenizer_files
+from unijax.data.tokenizer import HFTokenizer, carried_tokenizer, check_compatible, load_tokenizer, resolve_spec
 from unijax.distributed import to_host
 from unijax.models import family, lora
 from unijax.models.config import runtime_overrides
@@ -56,7 +56,7 @@ class Run:
     train_step: Any
     evaluators: list
     start: int
-    tokenizer: Any = None                     # exported with the model when it is a transformers one
+    tokenizer: Any = None                     # a transformers one is exported with the model
 
 
 def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
@@ -178,21 +178,13 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
     return dict(window.latest, **scores), None
 
 
-def _tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """A transformers tokenizer's files, carried by the exported model (`<model>/tokenizer`)."""
-    source = getattr(tokenizer, "source", "")
-    if not source or not pathlib.Path(source).is_dir():
-        return {}
-    return {f"tokenizer/{name}": data for name, data in tokenizer_files(source).items()}
-
-
 def export(run: Run) -> None:
     """`<workdir>/model` (LoRA merged) and, with LoRA, `<workdir>/adapters`, from process 0."""
     s = run.setup
     host_params, host_frozen = to_host(s.state["params"]), to_host(s.frozen)  # every process gathers
     if jax.process_index() == 0:
         export_model(run.workdir / "model", s.graphdef, host_params, host_frozen, s.lora_scale,
-                     _tokenizer_files(run.tokenizer))
+                     carried_tokenizer(run.tokenizer.source) if isinstance(run.tokenizer, HFTokenizer) else {})
     run.log.info(f"model written to {run.workdir / 'model'}")
     if run.config.model.lora.rank and jax.process_index() == 0:
         export_adapters(run.workdir / "adapters", run.cfg, run.config, s.graphdef, host_params, host_frozen)

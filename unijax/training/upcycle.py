@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from unijax import checkpoints
-from unijax.data.tokenizer import CHECKPOINT_TOKENIZER, tokenizer_files
+from unijax.data.tokenizer import carried_tokenizer
 from unijax.models import family
 from unijax.models.config import RUNTIME_KEYS, JanusConfig, MoEConfig
 from unijax.models.janus import Janus
@@ -257,8 +257,7 @@ def upcycle_checkpoint(base_dir, out, und_dir=None, gen_dir=None, moe: MoEConfig
                 f"takes those parameters from --base, so its {name} outputs will not equal {d}'s")
     und, gen = (None if d is None else models[pathlib.Path(d).resolve()] for d in (und_dir, gen_dir))
     model = upcycle(base, und, gen, moe, noise=noise, router_std=router_std, seed=seed)
-    tok = pathlib.Path(base_dir) / CHECKPOINT_TOKENIZER  # the base's tokenizer travels with it
-    carried = {f"{CHECKPOINT_TOKENIZER}/{name}": data for name, data in tokenizer_files(tok).items()}
+    carried = carried_tokenizer(pathlib.Path(base_dir) / checkpoints.TOKENIZER_DIR)  # the base's tokenizer
     checkpoints.save_model(out, model, carried, overwrite=overwrite)
     layers = [i for i in range(model.cfg.text.num_layers) if moe.is_moe_layer(i)]
     log(f"wrote {out}: {count_params(model):,} params (dense base {count_params(base):,}); upcycled "
