@@ -140,3 +140,146 @@ def test_stage2_run_trains_adapters_and_routers_only(tmp_path, monkeypatch):
     unmerged = flat(nnx.to_pure_dict(nnx.state(checkpoints.load_model(tmp_path / "run" / "adapters"), nnx.Param)))
     for k, v in out.items():
         np.testing.assert_allclose(unmerged[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+# -- the activation form (what training computes) --------------------------------------------------
+def _random_adapters(frozen, rank=4, seed=0, targets=lora.DEFAULT_TARGETS):
+    adapters, _ = lora.init(frozen, targets, rank, jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype), adapters)
+
+
+def _lm_value(graphdef, params, frozen, tokens, task, activation: bool, dropout=0.0, rng=None):
+    from unijax.training.steps import merged_model
+
+    if activation:
+        model = merged_model(graphdef, params, frozen, 2.0, dropout, rng)
+    else:
+        model = nnx.merge(graphdef, *lora.materialize(params, frozen, 2.0))
+    b, t = tokens.shape
+    h, _ = model(tokens, jnp.zeros_like(tokens), jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.ones_like(tokens),
+                 task=task)
+    return jnp.mean(model.text_logits(h) ** 2)
+
+
+@pytest.mark.parametrize("impl,scan", [("capacity", False), ("dropless", True)])
+def test_activation_form_equals_merged_weights_and_their_gradients(impl, scan):
+    """x W + s (x A) B through Linear (attention, shared expert) and Experts (per-expert adapters,
+    batched and ragged dispatch; looped and scanned layers) == the forward of the merged weights
+    W + s A B, value and gradients w.r.t. every A and B within rtol 1e-5 (float32)."""
+    cfg = preset("tiny", text={"num_layers": 2}, ffn="ta_moe", scan_layers=scan,
+                 moe={"num_experts_per_group": 2, "top_k": 1, "impl": impl, "capacity_factor": 4.0})
+    graphdef, params, frozen = split_trainable(quick_model(cfg), ("lm_head/.*",), ())
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    params["lora"] = _random_adapters(frozen)
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(3, 500, (2, 12)), jnp.int32)
+    task = jnp.asarray([[0] * 12, [1] * 12], jnp.int32)
+    grad = jax.value_and_grad(_lm_value, argnums=1)
+    v_act, g_act = grad(graphdef, params, frozen, tokens, task, True)
+    v_ref, g_ref = grad(graphdef, params, frozen, tokens, task, False)
+    np.testing.assert_allclose(float(v_act), float(v_ref), rtol=1e-5)
+    g_act, g_ref = flat(g_act["lora"]), flat(g_ref["lora"])
+    assert set(g_act) == set(g_ref) and any("experts" in k for k in g_act)
+    for k, v in g_ref.items():
+        np.testing.assert_allclose(g_act[k], v, rtol=1e-5, atol=1e-5 * np.abs(v).max(), err_msg=k)
+
+
+def _dot_shapes(jaxpr) -> set:
+    """Output shapes of every dot_general in a jaxpr and its sub-jaxprs (remat, scan, pjit)."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out |= {tuple(v.aval.shape) for v in eqn.outvars}
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out |= _dot_shapes(inner)
+    return out
+
+
+def test_activation_form_has_no_weight_sized_product_and_drops_per_token():
+    """The step's jaxpr has no [in, out] product for an adapted matrix (the weight-level form has
+    one per matrix: A @ B and its gradient); dropout masks single tokens (PEFT's lora_dropout):
+    two equal tokens at different positions get different adapter outputs, reproducibly per rng."""
+    cfg = preset("tiny", text={"num_layers": 1})
+    graphdef, params, frozen = split_trainable(quick_model(cfg), ("lm_head/.*",), ())
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    params["lora"] = _random_adapters(frozen, targets=lora.DEFAULT_TARGETS[:2])
+    tokens = jnp.full((1, 8), 7, jnp.int32)
+    d, f = cfg.text.hidden_size, cfg.text.intermediate_size
+    for activation, expect in ((True, False), (False, True)):
+        jaxpr = jax.make_jaxpr(jax.grad(_lm_value, argnums=1), static_argnums=(0, 5))(
+            graphdef, params, frozen, tokens, None, activation)
+        shapes = _dot_shapes(jaxpr.jaxpr)
+        assert len(shapes) > 5
+        assert ((d, f) in shapes or (f, d) in shapes) == expect, (activation, sorted(shapes))
+
+    from unijax.training.steps import merged_model
+
+    def up_out(rng):
+        model = merged_model(graphdef, params, frozen, 2.0, 0.5, rng)
+        x = jnp.ones((1, 8, d))
+        return np.asarray(model.language_model.layers[0].mlp.up_proj(x))
+
+    base = np.ones((1, 8, d)) @ np.asarray(frozen["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"])
+    delta = up_out(jax.random.PRNGKey(3)) - base
+    np.testing.assert_array_equal(up_out(jax.random.PRNGKey(3)) - base, delta)
+    assert not np.allclose(delta[0, 0], delta[0, 1])  # same input, different tokens: different masks
+    assert not np.allclose(up_out(jax.random.PRNGKey(4)) - base, delta)
+
+
+def test_adapters_equal_peft_with_dropout_off(tmp_path):
+    """A converted tiny transformers Janus with PEFT LoRA (r 4, alpha 8, q/k/v/o/gate/up/down) and
+    unijax with the same adapters: text logits within 1e-4 x max |ref|, and the gradients of one
+    loss w.r.t. every lora_A / lora_B within 1e-4 x max |ref| (float32)."""
+    import torch
+    from hf_models import make_tiny_janus
+    from peft import LoraConfig, get_peft_model
+
+    from unijax.hf.convert import hf_to_checkpoint
+    from unijax.training.steps import merged_model
+
+    hf = make_tiny_janus(tmp_path / "hf", gqa=True, seed=3)
+    hf_to_checkpoint(tmp_path / "hf", tmp_path / "ckpt")
+    ours = checkpoints.load_model(tmp_path / "ckpt")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    gen = torch.Generator().manual_seed(0)
+    adapters = {}
+    for name, module in peft.named_modules():
+        if hasattr(module, "lora_A") and "language_model" in name:
+            with torch.no_grad():
+                module.lora_A["default"].weight.copy_(0.3 * torch.randn(module.lora_A["default"].weight.shape, generator=gen))
+                module.lora_B["default"].weight.copy_(0.3 * torch.randn(module.lora_B["default"].weight.shape, generator=gen))
+            layer, kind, proj = name.split("layers.")[1].split(".")
+            adapters.setdefault("language_model", {}).setdefault("layers", {}).setdefault(int(layer), {}).setdefault(
+                kind, {})[proj] = {"kernel": {"a": jnp.asarray(module.lora_A["default"].weight.detach().numpy().T),
+                                              "b": jnp.asarray(module.lora_B["default"].weight.detach().numpy().T)}}
+    assert len(flat(adapters)) == 2 * 2 * len(targets)
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7, 100, 3, 8, 11]])
+    logits = peft(input_ids=ids).logits
+    weight = torch.randn(logits.shape, generator=gen)
+    (logits * weight).sum().backward()
+
+    graphdef, params, frozen = split_trainable(ours, ("lm_head/.*",), ())
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    tok = jnp.asarray(ids.numpy())
+
+    def value(ad):
+        model = merged_model(graphdef, dict(params, lora=ad), frozen, 8 / 4)
+        h, _ = model(tok, jnp.zeros_like(tok), jnp.arange(tok.shape[1])[None], jnp.ones_like(tok))
+        out = model.text_logits(h)
+        return jnp.sum(out * jnp.asarray(weight.numpy())), out
+
+    (_, out), grads = jax.value_and_grad(value, has_aux=True)(adapters)
+    ref = logits.detach().numpy()
+    assert np.abs(np.asarray(out) - ref).max() <= 1e-4 * np.abs(ref).max()
+    for name, module in peft.named_modules():
+        if hasattr(module, "lora_A") and "language_model" in name:
+            layer, kind, proj = name.split("layers.")[1].split(".")
+            g = grads["language_model"]["layers"][int(layer)][kind][proj]["kernel"]
+            for ours_g, ref_g in ((g["a"], module.lora_A["default"].weight.grad.numpy().T),
+                                  (g["b"], module.lora_B["default"].weight.grad.numpy().T)):
+                assert np.abs(np.asarray(ours_g) - ref_g).max() <= 1e-4 * np.abs(ref_g).max(), name

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unijax.models import lora
 from unijax.models.config import AIA_IMPLS
 
 Array = jax.Array
@@ -25,13 +26,29 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
+class Linear(nnx.Module):
+    """`x @ kernel (+ bias)` in `dtype`, kernel `[din, dout]` and bias carrying logical axis names;
+    the parameters, their initialisation and random streams are `nnx.Linear`'s. Adapter-aware: a
+    kernel holding a `lora.Adapted` adds its LoRA path in activation form (`unijax.models.lora`)."""
+
+    lora_weights = ("kernel",)
+
+    def __init__(self, din: int, dout: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, bias: bool = False,
+                 dtype="float32", param_dtype="float32"):
+        pd = dtype_of(param_dtype)
+        self.dtype = dtype_of(dtype)
+        self.kernel = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (din, dout), pd), out_sharding=tuple(axes))
+        self.bias = (nnx.Param(nnx.initializers.zeros(rngs.params(), (dout,), pd), out_sharding=(axes[-1],)) if bias
+                     else nnx.data(None))
+
+    def __call__(self, x: Array) -> Array:
+        y = lora.matmul(x, self.kernel.get_value(), self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
 def linear(din: int, dout: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, bias: bool = False,
-           dtype="float32", param_dtype="float32") -> nnx.Linear:
-    """`nnx.Linear` (kernel `[din, dout]`) whose kernel and bias carry logical axis names."""
-    return nnx.Linear(
-        din, dout, use_bias=bias, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype), rngs=rngs,
-        kernel_init=nnx.initializers.normal(0.02),
-        kernel_metadata={"out_sharding": tuple(axes)}, bias_metadata={"out_sharding": (axes[-1],)})
+           dtype="float32", param_dtype="float32") -> Linear:
+    return Linear(din, dout, axes, rngs=rngs, bias=bias, dtype=dtype, param_dtype=param_dtype)
 
 
 def embed(num: int, features: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, dtype="float32",

@@ -1,4 +1,4 @@
-"""LoRA as a reparametrisation of selected weight matrices: `W' = W + (alpha / r) * A @ B`.
+"""LoRA adapters on selected weight matrices: `y = x W + (alpha / r) * (dropout(x) A) B`.
 
 Adapters live beside the model, as a pure-dict tree that mirrors the parameter tree
 (`{"language_model": {"layers": {0: {"self_attn": {"q_proj": {"kernel": {"a": .., "b": ..}}}}}}}`),
@@ -8,19 +8,22 @@ of `model.lora.targets` (regexes, `re.fullmatch`). The last two axes of a select
 get one adapter each, so every expert has its own. `a [..., in, r]` starts N(0, 1/in) and
 `b [..., r, out]` at zero, so a fresh adapter changes nothing.
 
-Applied at the parameter level (`apply`), the same code adapts attention projections, dense FFNs,
-the stacked expert weights and the shared expert of TA-MoE layers alike, and `merge` is the same
-function: the merged weights are what the training step computes with. The cost is one `A @ B`
-per adapted matrix per step and a dense gradient for it in the backward pass (the base weights
-themselves get neither optimizer state nor updates).
+Training uses the *activation form* (`attach`): the frozen weight's value in the merged model
+becomes an `Adapted(w, a, b, ...)`, and the layers that own adaptable weights (`Linear` for the
+attention projections, dense FFNs and the shared expert; `Experts` for the stacked experts, in
+both dispatches) compute `x W + s (dropout(x) A) B` through `matmul` / `einsum` / `ragged_dot`:
+no `[in, out]` product, gradient or merged copy exists in the step, only rank-r activations.
+Dropout is PEFT's `lora_dropout`: an element-wise mask on the adapter's input, per token. A
+weight that no such layer consumes (an embedding table, a convolution) falls back to the
+weight-level form `W + s A B` (`apply`, dropout then masks rows of `A`: one mask per step).
 
-`dropout` (PEFT's `lora_dropout`) drops input features of the adapter path: one mask per step and
-per adapted matrix (rows of `a`, scaled by 1 / (1 - p)), shared by all the tokens of the batch,
-which is what a weight-level reparametrisation can express (PEFT draws one mask per token).
+`merge` (= `apply`) folds the adapters into the weights for export.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import zlib
 from collections.abc import Sequence
@@ -28,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -122,25 +126,34 @@ def adapter_shardings(params, targets: Sequence[str], shardings) -> dict:
     return out
 
 
+def flat_adapters(adapters: dict) -> dict[str, dict]:
+    """`{path: {"a": .., "b": ..}}` of an adapter tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, dict) and set(x) == {"a", "b"})
+    return {path_str(path): leaf for path, leaf in leaves[0]}
+
+
+def _path_key(rng: jax.Array, path: str) -> jax.Array:
+    return jax.random.fold_in(rng, zlib.crc32(path.encode()) % (2 ** 31))
+
+
+def _merged_one(path: str, w, ad: dict, scale: float, dropout: float, rng):
+    a = ad["a"].astype(jnp.float32)
+    if dropout > 0 and rng is not None:
+        keep = jax.random.bernoulli(_path_key(rng, path), 1 - dropout, a.shape[:-1] + (1,))
+        a = jnp.where(keep, a / (1 - dropout), 0.0)
+    delta = jnp.einsum("...ir,...ro->...io", a, ad["b"].astype(jnp.float32))
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
 def apply(params, adapters: dict, scale: float, *, dropout: float = 0.0, rng: jax.Array | None = None):
-    """`params` with every adapted matrix replaced by `W + scale * A @ B` (in W's dtype); with
-    `dropout > 0` and an `rng`, rows of `A` are dropped (see the module docstring)."""
-    flat_ad = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, dict) and
-                                                           set(x) == {"a", "b"})[0]:
-        flat_ad[path_str(path)] = leaf
+    """`params` with every adapted matrix replaced by `W + scale * A @ B` (in W's dtype): the
+    weight-level form (export, and weights no adapter-aware layer consumes); with `dropout > 0`
+    and an `rng`, rows of `A` are dropped (one mask per step)."""
+    flat_ad = flat_adapters(adapters)
 
     def one(path, w):
-        ad = flat_ad.get(path_str(path))
-        if ad is None:
-            return w
-        a = ad["a"].astype(jnp.float32)
-        if dropout > 0 and rng is not None:
-            key = jax.random.fold_in(rng, zlib.crc32(path_str(path).encode()) % (2 ** 31))
-            keep = jax.random.bernoulli(key, 1 - dropout, a.shape[:-1] + (1,))
-            a = jnp.where(keep, a / (1 - dropout), 0.0)
-        delta = jnp.einsum("...ir,...ro->...io", a, ad["b"].astype(jnp.float32))
-        return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        s = path_str(path)
+        return w if s not in flat_ad else _merged_one(s, w, flat_ad[s], scale, dropout, rng)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -149,12 +162,113 @@ merge = apply  # folding adapters into the base weights for export is the same c
 
 
 def materialize(params: dict, frozen: dict, scale: float, dropout: float = 0.0, rng: jax.Array | None = None):
-    """Training-state split -> model split: `(params without "lora", frozen with the adapters
-    applied)`. Without a "lora" entry both pass through unchanged."""
+    """Training-state split -> model split in the weight-level form: `(params without "lora", frozen
+    with the adapters merged)` (export). Without a "lora" entry both pass through unchanged."""
     if "lora" not in params:
         return params, frozen
     rest = {k: v for k, v in params.items() if k != "lora"}
     return rest, apply(frozen, params["lora"], scale, dropout=dropout, rng=rng)
+
+
+# -- the activation form ---------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A frozen matrix `w [..., in, out]` with its adapter `a [..., in, r]`, `b [..., r, out]`, as an
+    adapter-aware layer receives it; `key [..., 2]` (uint32, one per leading index; None = no
+    dropout) draws the per-token dropout mask. Leading axes are sliced like the weight's (a
+    scanned layer sees its own slice)."""
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    key: jax.Array | None
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def __getitem__(self, index):
+        """`param[...]` from a layer that is not adapter-aware: the merged weight (weight-level form)."""
+        delta = jnp.einsum("...ir,...ro->...io", self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+        return (self.w.astype(jnp.float32) + self.scale * delta).astype(self.w.dtype)[index]
+
+
+def _dropped(x: jax.Array, w: Adapted) -> jax.Array:
+    """PEFT's `lora_dropout` on the adapter's input: an element-wise mask, scaled by 1 / (1 - p)."""
+    if w.dropout <= 0 or w.key is None:
+        return x
+    keep = jax.random.bernoulli(w.key.reshape(-1, 2)[0], 1 - w.dropout, x.shape)
+    return jnp.where(keep, x / (1 - w.dropout), 0).astype(x.dtype)
+
+
+def matmul(x: jax.Array, w, dtype) -> jax.Array:
+    """`x [..., in] @ w [in, out]` in `dtype`, plus the adapter path when `w` is `Adapted`."""
+    x = x.astype(dtype)
+    if not isinstance(w, Adapted):
+        return x @ w.astype(dtype)
+    h = (_dropped(x, w) @ w.a.astype(dtype)) * jnp.asarray(w.scale, dtype)
+    return x @ w.w.astype(dtype) + h @ w.b.astype(dtype)
+
+
+def einsum(spec: str, x: jax.Array, w, dtype) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` in `dtype` for a two-operand `spec` whose second operand ends in its
+    (in, out) axes (`"gxce,xem->gxcm"`), plus the adapter path when `w` is `Adapted`: `a` contracts
+    the `in` axis into a rank axis, `b` maps it to `out`, each leading index (expert) its own pair."""
+    x = x.astype(dtype)
+    if not isinstance(w, Adapted):
+        return jnp.einsum(spec, x, w.astype(dtype))
+    ins, out = spec.split("->")
+    lhs, rhs = ins.split(",")
+    r = next(c for c in "rzyqjklnopuvw" if c not in spec)
+    mid = out.replace(rhs[-1], r)
+    h = jnp.einsum(f"{lhs},{rhs[:-1]}{r}->{mid}", _dropped(x, w), w.a.astype(dtype)) * jnp.asarray(w.scale, dtype)
+    return jnp.einsum(spec, x, w.w.astype(dtype)) + jnp.einsum(f"{mid},{rhs[:-2]}{r}{rhs[-1]}->{out}", h,
+                                                                w.b.astype(dtype))
+
+
+def ragged_dot(x: jax.Array, w, group_sizes: jax.Array, dtype) -> jax.Array:
+    """`jax.lax.ragged_dot(x, w, group_sizes)` (rows grouped by expert) plus, for `Adapted`, each
+    group's own adapter through the same grouped matmul."""
+    x = x.astype(dtype)
+    if not isinstance(w, Adapted):
+        return jax.lax.ragged_dot(x, w.astype(dtype), group_sizes)
+    h = jax.lax.ragged_dot(_dropped(x, w), w.a.astype(dtype), group_sizes) * jnp.asarray(w.scale, dtype)
+    return jax.lax.ragged_dot(x, w.w.astype(dtype), group_sizes) + jax.lax.ragged_dot(h, w.b.astype(dtype),
+                                                                                       group_sizes)
+
+
+def attach(model: nnx.Module, adapters: dict, scale: float, dropout: float = 0.0,
+           rng: jax.Array | None = None) -> nnx.Module:
+    """Puts the adapters into a merged training model, in place: a module that declares adapter-aware
+    weights (class attribute `lora_weights`, names of its Params) gets `Adapted` values for them;
+    any other adapted weight is merged at the weight level (`apply`). Returns `model`."""
+    flat_ad = flat_adapters(adapters)
+    done = set()
+    for path, node in nnx.iter_graph(model):
+        for name in getattr(type(node), "lora_weights", ()):
+            s = path_str((*path, name))
+            if s not in flat_ad:
+                continue
+            param = getattr(node, name)
+            w = param.get_value()
+            key = None
+            if dropout > 0 and rng is not None:
+                lead = w.shape[:-2]
+                key = jax.random.split(_path_key(rng, s), math.prod(lead)).reshape(*lead, 2)
+            param.set_value(Adapted(w, flat_ad[s]["a"], flat_ad[s]["b"], key, float(scale), float(dropout)))
+            done.add(s)
+    for path, node in nnx.iter_graph(model):
+        s = path_str(path)
+        if isinstance(node, nnx.Variable) and s in flat_ad and s not in done:
+            node.set_value(_merged_one(s, node.get_value(), flat_ad[s], scale, dropout, rng))
+    return model
 
 
 def count(adapters: dict) -> int:

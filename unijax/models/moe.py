@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unijax.models import lora
 from unijax.models.config import MoEConfig
 from unijax.models.layers import SwiGLU, dtype_of, linear
 from unijax.sharding import BATCH_AXES
@@ -79,7 +80,10 @@ def _constrain(x: Array, spec) -> Array:
 
 
 class Experts(nnx.Module):
-    """`num` SwiGLU experts stacked on a leading `experts` axis."""
+    """`num` SwiGLU experts stacked on a leading `experts` axis. Adapter-aware: each expert's LoRA
+    adapter (`lora.Adapted` weights) runs through the same dispatch, batched or ragged."""
+
+    lora_weights = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, num: int, hidden: int, inner: int, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
         init = nnx.initializers.normal(0.02)
@@ -90,23 +94,22 @@ class Experts(nnx.Module):
         self.down_proj = nnx.Param(init(rngs.params(), (num, inner, hidden), pd), out_sharding=("experts", "mlp", "embed"))
 
     def weights(self):
-        return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        """The three stacked weights as stored (arrays, or `lora.Adapted` while training with LoRA)."""
+        return tuple(p.get_value() for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def batched(self, buf: Array) -> Array:
         """buf `[G, X, C, E]` (expert x's tokens in `buf[:, x]`) -> `[G, X, C, E]`."""
         g, u, d = self.weights()
-        buf = buf.astype(self.dtype)
-        a = jnp.einsum("gxce,xem->gxcm", buf, g)
-        b = jnp.einsum("gxce,xem->gxcm", buf, u)
-        return jnp.einsum("gxcm,xme->gxce", jax.nn.silu(a) * b, d)
+        a = lora.einsum("gxce,xem->gxcm", buf, g, self.dtype)
+        b = lora.einsum("gxce,xem->gxcm", buf, u, self.dtype)
+        return lora.einsum("gxcm,xme->gxce", jax.nn.silu(a) * b, d, self.dtype)
 
     def ragged(self, xs: Array, group_sizes: Array) -> Array:
         """xs `[A, E]` sorted by expert, `group_sizes [X]` -> `[A, E]` (rows past the groups are 0)."""
         g, u, d = self.weights()
-        xs = xs.astype(self.dtype)
-        a = jax.lax.ragged_dot(xs, g, group_sizes)
-        b = jax.lax.ragged_dot(xs, u, group_sizes)
-        return jax.lax.ragged_dot(jax.nn.silu(a) * b, d, group_sizes)
+        a = lora.ragged_dot(xs, g, group_sizes, self.dtype)
+        b = lora.ragged_dot(xs, u, group_sizes, self.dtype)
+        return lora.ragged_dot(jax.nn.silu(a) * b, d, group_sizes, self.dtype)
 
 
 class TAMoE(nnx.Module):

@@ -46,9 +46,12 @@ def objective(config, images_per_row: tuple[int, int], num_layers: int = 0):
 
 def merged_model(graphdef, params, frozen, lora_scale: float = 1.0, lora_dropout: float = 0.0, rng=None):
     """The model a training state stands for: LoRA adapters (a "lora" entry of `params`;
-    `unijax.models.lora`) applied to the frozen weights they adapt."""
-    params, frozen = lora.materialize(params, frozen, lora_scale, lora_dropout, rng)
-    return nnx.merge(graphdef, params, frozen)
+    `unijax.models.lora`) attached in activation form to the frozen weights they adapt."""
+    rest = {k: v for k, v in params.items() if k != "lora"}
+    model = nnx.merge(graphdef, rest, frozen)
+    if "lora" in params:
+        lora.attach(model, params["lora"], lora_scale, lora_dropout, rng)
+    return model
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule,
