@@ -7,7 +7,7 @@ The step is the decoder's language-modelling step on `--batch` x `--seq` text to
 over every position, AdamW), the compute every training stage spends its time in, on the same
 LLaMA config in both frameworks:
 - unijax: the `Janus` decoder and text head through the training machinery (`split_trainable`
-  from the stage's trainable / frozen regexes, optax AdamW, `lora.apply` for LoRA), one jitted
+  from the stage's trainable / frozen regexes, optax AdamW, LoRA attached in activation form by `steps.merged_model`), one jitted
   step with donated state;
 - transformers: `LlamaForCausalLM` (the architecture of Janus-Pro's language model) with
   `torch.optim.AdamW` on the trainable parameters; stage 2 through PEFT's `get_peft_model`.
@@ -92,6 +92,7 @@ def run_unijax(c: dict, step: str, batch: int, seq: int, warmup: int, steps: int
     from unijax.models.janus import Janus
     from unijax.models.presets import preset
     from unijax.training.params import split_trainable
+    from unijax.training.steps import merged_model
 
     text = dict(c, max_position_embeddings=max(512, seq), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = preset("tiny", text=text, vision={"projection_dim": c["hidden_size"]},
@@ -109,8 +110,7 @@ def run_unijax(c: dict, step: str, batch: int, seq: int, warmup: int, steps: int
     scale = ALPHA / RANK
 
     def loss_fn(p, frozen, tokens):
-        p, f = lora.materialize(p, frozen, scale)
-        m = nnx.merge(graphdef, p, f)
+        m = merged_model(graphdef, p, frozen, scale)  # LoRA in activation form, as training runs it
         b, t = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
         h, _ = m(tokens, jnp.zeros_like(tokens), pos, jnp.ones_like(tokens))

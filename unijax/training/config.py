@@ -129,7 +129,8 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = 1000
-    t.batch_size = 32
+    t.batch_size = 32            # global batch per update (every process's rows together)
+    t.grad_accum_steps = 1       # the update's batch runs as this many micro-batches (activations of one)
     t.learning_rate = 1e-3
     t.warmup_steps = 100
     t.min_lr_ratio = 0.1
@@ -145,6 +146,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     t.keep_checkpoints = 2
     t.async_checkpointing = True
     t.log_every = 10
+    t.peak_tflops = 0.0          # per device, for the logged MFU; 0 = the device kind's dense bf16 peak
     t.eval_every = 200
     t.eval_batches = 8
 
@@ -266,9 +268,15 @@ def validate(config) -> None:
     anything compiles: everything a typo or an impossible size would break later, named by its key.
     (Mesh-dependent sizes: `unijax.sharding.check_batch`, once the mesh exists.)"""
     t = config.train
-    for key in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_every", "keep_checkpoints"):
+    for key in ("steps", "batch_size", "grad_accum_steps", "checkpoint_every", "log_every", "eval_every",
+                "keep_checkpoints"):
         if int(t[key]) <= 0:
             raise ValueError(f"train.{key}={t[key]} must be positive")
+    if t.batch_size % t.grad_accum_steps:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
+                         f"{t.grad_accum_steps} (each update runs batch_size / grad_accum_steps rows at a time)")
+    if float(t.peak_tflops) < 0:
+        raise ValueError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: the device kind's known peak)")
     if not 0 <= config.data.cfg_drop_prob < 1:
         raise ValueError(f"data.cfg_drop_prob={config.data.cfg_drop_prob} must be in [0, 1)")
     if not 0 <= config.data.eval_split < 1:

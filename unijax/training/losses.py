@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unijax.models.forward import AIA_TASKS, lm_forward, router_hits
+from unijax.models.forward import AIA_TASKS, lm_forward, router_hits, spans
 from unijax.models.janus import Janus
 from unijax.training import aia as aia_lib
 
@@ -40,44 +40,73 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def moe_losses(aux, batch: dict[str, Array], *, top_k: int) -> dict[str, Array]:
-    """The TA-MoE router losses and statistics from the layer-stacked aux tree (module docstring)."""
+def moe_losses(aux, batch: dict[str, Array], *, top_k: int, total: Array | None = None) -> dict[str, Array]:
+    """The TA-MoE router losses and statistics from the layer-stacked aux tree (module docstring).
+    `total`: the update's valid tokens when `batch` is one micro-batch of it (see `lm_loss`)."""
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(valid), 1.0)
+    local = jnp.sum(valid)
+    n = jnp.maximum(local if total is None else total, 1.0)
+    share = local / n  # batch statistics (balance, z) are weighted by the micro-batch's share of tokens
     ce = cross_entropy(aux["task_logits"], jnp.broadcast_to(batch["task"], aux["task_logits"].shape[:-1]))
     hits, _ = router_hits(aux, batch)
     layers = aux["balance"].shape[0]
     return {"loss_group": jnp.mean(jnp.sum(ce * valid[None], axis=(1, 2)) / n),
-            "loss_balance": jnp.mean(aux["balance"]), "loss_z": jnp.mean(aux["z"]),
+            "loss_balance": jnp.mean(aux["balance"]) * share, "loss_z": jnp.mean(aux["z"]) * share,
             "router_acc": jnp.sum(hits) / (n * layers),
             "dropped_frac": jnp.sum(aux["dropped"]) / (n * top_k * layers), "alpha": jnp.mean(aux["alpha"])}
 
 
-def _masked_mean(x: Array, w: Array) -> tuple[Array, Array]:
-    total = jnp.sum(w)
-    return jnp.sum(x * w) / jnp.maximum(total, 1.0), total
+def _masked_mean(x: Array, w: Array, total: Array | None = None) -> tuple[Array, Array]:
+    local = jnp.sum(w)
+    return jnp.sum(x * w) / jnp.maximum(local if total is None else total, 1.0), local
+
+
+def totals(batch: dict[str, Array]) -> dict[str, Array]:
+    """The denominators of `lm_loss`'s token means over a whole update's batch: answer tokens,
+    image-code tokens, valid tokens."""
+    return {"text_tokens": jnp.sum(batch["text_weights"]), "image_tokens": jnp.sum(batch["image_weights"]),
+            "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
+
+
+# metrics of a micro-batch that add up to the update's value (the rest are averaged over micro-batches)
+def additive(key: str) -> bool:
+    return key.startswith(("loss", "aia_loss", "aia_samples")) or key in (
+        "text_tokens", "image_tokens", "tokens", "router_acc", "dropped_frac")
 
 
 def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int], text_weight: float = 1.0,
             image_weight: float = 1.0, group_weight: float = 0.0, balance_weight: float = 0.0,
-            z_weight: float = 0.0, aia: dict | None = None):
+            z_weight: float = 0.0, aia: dict | None = None, whole: dict[str, Array] | None = None):
     """Returns (loss, metrics) for a mixed understanding + generation batch (module docstring).
     `aia`: None (off) or {"targets": {task: Targets}, "weights": {task: lambda}, "spans": span
-    options, "impl": "lean" | "explicit"}."""
+    options, "impl": "lean" | "explicit"}.
+
+    `whole`: the update's batch when `batch` is one micro-batch of it (gradient accumulation). Every
+    mean then divides by the whole batch's count, so the micro-batches' losses (and gradients) add
+    up to the whole batch's: exactly for the cross-entropies, the task-router loss, the router
+    z-loss and accuracy and the AIA terms (means over valid samples); the Switch balance loss, a
+    product of two batch means, is taken per micro-batch and weighted by its share of the tokens
+    (as MaxText and Megatron do)."""
     text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row, aia)
     k = model.cfg.vq.num_embeddings
-    ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"])
+    totals = {} if whole is None else globals()["totals"](whole)
+    ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"], totals.get("text_tokens"))
     ce_image, n_image = _masked_mean(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)),
-                                     batch["image_weights"])
+                                     batch["image_weights"], totals.get("image_tokens"))
     loss = text_weight * ce_text + image_weight * ce_image
-    metrics = {"loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text,
-               "image_tokens": n_image, "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
+    tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+    metrics = {"loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text, "image_tokens": n_image,
+               "tokens": tokens}
     if "task_logits" in aux:
-        m = moe_losses(aux, batch, top_k=model.cfg.moe.top_k)
+        m = moe_losses(aux, batch, top_k=model.cfg.moe.top_k, total=totals.get("tokens"))
         loss = loss + group_weight * m["loss_group"] + balance_weight * m["loss_balance"] + z_weight * m["loss_z"]
         metrics.update(m)
     if aia:
         m = aia_lib.aia_terms(aux["aia"], batch, model.cfg, aia["targets"], **aia["spans"])
+        if whole is not None:  # each task's Huber mean over the whole batch's valid samples
+            _, _, valid = spans(whole, model.cfg, **aia["spans"])
+            m.update({f"aia_loss_{t}": m[f"aia_loss_{t}"] * m[f"aia_samples_{t}"] /
+                      jnp.maximum(jnp.sum(valid[t]), 1.0) for t in AIA_TASKS})
         loss = loss + sum(aia["weights"][t] * m[f"aia_loss_{t}"] for t in AIA_TASKS)
         metrics.update(m)
     metrics["loss"] = loss

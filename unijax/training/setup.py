@@ -84,7 +84,10 @@ def jit_train_step(setup: Setup, config, mesh: Mesh, loss_fn, batch_keys: Sequen
     """The jitted `(state, frozen, batch) -> (state, metrics)` with explicit shardings (`batch`: the
     arrays `batch_keys`, split over the batch axes); `state` is donated."""
     batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+    accum = int(config.train.get("grad_accum_steps", 1))
+    if accum > 1:
+        sharding.check_batch("train.batch_size / train.grad_accum_steps", config.train.batch_size // accum, mesh)
     step = steps.make_train_step(setup.graphdef, setup.tx, loss_fn, learning_rate(config.train), setup.lora_scale,
-                                 setup.lora_dropout)
+                                 setup.lora_dropout, accum)
     return jax.jit(step, in_shardings=(setup.state_sh, setup.frozen_sh, batch_sh),
                    out_shardings=(setup.state_sh, sharding.replicated(mesh)), donate_argnums=(0,))

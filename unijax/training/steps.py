@@ -15,15 +15,18 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from unijax.models import forward, lora
+from unijax.sharding import BATCH_AXES
 from unijax.training import aia, losses, vq_loss
 
 OBJECTIVES = ("lm", "vq")  # objective: next-token on both tasks | stage 0 (the VQ tokenizer)
 
 
 def objective(config, images_per_row: tuple[int, int], num_layers: int = 0):
-    """-> (loss_fn(model, batch) -> (loss, metrics), eval_fn(model, batch) -> per-row metrics)."""
+    """-> (loss_fn(model, batch, whole=None) -> (loss, metrics), eval_fn(model, batch) -> per-row
+    metrics). `whole`: the update's batch when `batch` is one micro-batch of it."""
     if config.objective == "lm":
         loss_fn = functools.partial(losses.lm_loss, images_per_row=images_per_row,
                                     text_weight=config.loss.text_weight, image_weight=config.loss.image_weight,
@@ -32,11 +35,15 @@ def objective(config, images_per_row: tuple[int, int], num_layers: int = 0):
                                     aia=aia.settings(config, num_layers))
         return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row)
     if config.objective == "vq":
-        def vq_fn(model, batch):
+        def vq_fn(model, batch, whole=None):
             images = forward.generated_images(model.cfg, batch, images_per_row[1])
             loss, metrics = vq_loss.vq_losses(model.vqmodel, images, beta=config.loss.vq_beta,
                                               entropy_weight=config.loss.vq_entropy_weight)
             metrics = dict(metrics)
+            if whole is not None:  # a micro-batch: its share of the update's rows (the terms are means over images)
+                share = batch["segment_ids"].shape[0] / whole["segment_ids"].shape[0]
+                loss = loss * share
+                metrics.update({k: v * share for k, v in metrics.items() if k.startswith("loss")})
             metrics["loss"] = loss
             metrics["tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
             return loss, metrics
@@ -54,13 +61,49 @@ def merged_model(graphdef, params, frozen, lora_scale: float = 1.0, lora_dropout
     return model
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule,
-                    lora_scale: float = 1.0, lora_dropout: float = 0.0):
-    def train_step(state, frozen, batch):
-        def f(params):
-            return loss_fn(merged_model(graphdef, params, frozen, lora_scale, lora_dropout, state["rng"]), batch)
+def micro_batches(batch: dict, k: int) -> dict:
+    """`[B, ...]` -> `[k, B / k, ...]`: micro-batch i holds rows i, i + k, ... so that, with the rows
+    split over the batch mesh axes, every micro-batch spans every device (no data moves)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+        axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+        return jax.lax.with_sharding_constraint(x, P(None, axes or None))
+    return jax.tree.map(split, batch)
 
-        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
+
+def accumulated(f: Callable, params, batch: dict, k: int):
+    """`jax.value_and_grad(f, has_aux=True)` over `k` micro-batches of `batch`, one after another
+    (`f(params, micro, whole, i) -> (loss, metrics)`, `whole` = `batch`): gradients
+    summed in float32, additive metrics (`losses.additive`) summed, the others averaged. With
+    k = 1 it is the plain value_and_grad of the whole batch."""
+    if k == 1:
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params, batch, None, 0)
+        return metrics, grads
+    def body(acc, xs):
+        i, micro = xs
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params, micro, batch, i)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, stacked = jax.lax.scan(body, zeros, (jnp.arange(k), micro_batches(batch, k)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    metrics = {key: jnp.sum(v, 0) if losses.additive(key) else jnp.mean(v, 0) for key, v in stacked.items()}
+    return metrics, grads
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule,
+                    lora_scale: float = 1.0, lora_dropout: float = 0.0, grad_accum_steps: int = 1):
+    """`grad_accum_steps = k`: the batch runs as k micro-batches whose gradients sum to the whole
+    batch's (`accumulated`), one optimizer update; activations are those of one micro-batch."""
+    def train_step(state, frozen, batch):
+        def f(params, micro, whole, i):
+            rng = jax.random.fold_in(state["rng"], i) if grad_accum_steps > 1 else state["rng"]
+            return loss_fn(merged_model(graphdef, params, frozen, lora_scale, lora_dropout, rng), micro, whole=whole)
+
+        metrics, grads = accumulated(f, state["params"], batch, grad_accum_steps)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))

@@ -122,7 +122,8 @@ def _optimizer_config(config) -> ml_collections.ConfigDict:
     """`train.*` AdamW settings with the phase's own steps, batch, peak learning rate and warmup."""
     t = ml_collections.ConfigDict(config.train.to_dict())
     v = config.vision_pretrain
-    t.update(steps=int(v.steps), learning_rate=float(v.learning_rate), warmup_steps=int(v.warmup_steps), lr_scales=())
+    t.update(steps=int(v.steps), learning_rate=float(v.learning_rate), warmup_steps=int(v.warmup_steps), lr_scales=(),
+             grad_accum_steps=1)
     return t
 
 
