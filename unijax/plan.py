@@ -34,20 +34,16 @@ from absl import app, flags, logging
 from jax._src import xla_bridge
 from ml_collections import config_flags
 
-from unijax import checkpoints, cli, sharding
+from unijax import cli, sharding
 from unijax.data import pipeline
 from unijax.io import write_outputs
 from unijax.sharding import MESH_AXES
-from unijax.training import setup as train_setup
-from unijax.training import steps
+from unijax.training import throughput
 from unijax.training.config import model_config, validate
 from unijax.training.params import count
+from unijax.training.throughput import PEAK_TFLOPS
 
-PEAK_TFLOPS = {  # dense bf16 per chip, from the vendors' data sheets
-    "h100": 989.0, "h200": 989.0, "a100": 312.0, "b200": 2250.0, "l40s": 362.0,
-    "tpu_v4": 275.0, "tpu_v5e": 197.0, "tpu_v5p": 459.0, "tpu_v6e": 918.0,
-}
-MEMORY_GB = {"h100": 80, "h200": 141, "a100": 80, "b200": 192, "l40s": 48,
+MEMORY_GB = {"h100": 80, "h100_pcie": 80, "h200": 141, "a100": 80, "b200": 192, "l40s": 48,
              "tpu_v4": 32, "tpu_v5e": 16, "tpu_v5p": 95, "tpu_v6e": 32}
 
 
@@ -95,13 +91,6 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
-
-
 def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", step_time: float = 0.0,
          memory_gb: float = 0.0) -> dict:
     """Lowers and compiles the configured train step; returns the numbers `main` prints."""
@@ -129,33 +118,21 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
         raise ValueError(f"data.max_len={config.data.max_len} cannot hold one image ({layout.und_tokens} "
                          f"understanding / {layout.gen_tokens} generation tokens at {layout.image_size}px); raise it")
 
-    batch_sh = sharding.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-             for k, (shape, dtype) in pipeline.batch_spec(layout, config.train.batch_size).items()}
-
-    def lower(cfg):
-        setup = train_setup.build(checkpoints.abstract_model(cfg), config, mesh, abstract=True)
-        loss_fn, _ = steps.objective(config, layout.images_per_row(config.data.packing), cfg.text.num_layers)
-        step = train_setup.jit_train_step(setup, config, mesh, loss_fn)
-        with jax.set_mesh(mesh):
-            return setup, step.lower(setup.state, setup.frozen, batch)
-
+    batch = throughput.abstract_batch(layout, config.train.batch_size, mesh)
     t0 = time.perf_counter()
-    setup, lowered = lower(cfg)
+    setup, lowered = throughput.lower_step(config, cfg, mesh, batch)
     t1 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = lowered.compile()
     t2 = time.perf_counter()
     # Model FLOPs: XLA's count of the whole (unpartitioned) step as the math needs it. Its cost
     # analysis counts a while loop's body once, so a scanned decoder is counted unscanned, and
-    # without remat (recomputation is not model work).
-    plain = cfg.replace(scan_layers=False, remat_policy="none")
-    model_flops = float(_cost(lowered if plain == cfg else lower(plain)[1]).get("flops", 0.0))
+    # without remat (recomputation is not model work); the training log's MFU uses the same number.
+    model_flops = throughput.model_flops(config, cfg, mesh, batch, lambda: lowered)
 
     params = setup.state["params"]
     adapters = params.get("lora", {})
     mem = compiled.memory_analysis()
-    cost = _cost(compiled)
     n_dev = mesh.size
     per_dev = {
         "trainable_params": per_device_bytes({k: v for k, v in params.items() if k != "lora"}),
@@ -193,7 +170,7 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
         "fits": per_dev["peak"] <= memory_gb * 1e9,
         "flops_per_step_per_device": flops,
         "flops_per_step": model_flops,
-        "compiled_flops_per_device": float(cost.get("flops", 0.0)),  # scanned layers counted once; remat included
+        "compiled_flops_per_device": throughput.flops_of(compiled),  # scanned layers counted once; remat included
         "tokens_per_step": tokens,
         "chip": chip,
         "peak_tflops_per_chip": PEAK_TFLOPS[chip],

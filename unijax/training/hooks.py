@@ -6,6 +6,7 @@ here and in `unijax.training.evaluators`, so the loop itself knows no dataset an
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import signal
 import threading
@@ -16,8 +17,9 @@ from flax import nnx
 
 from unijax import checkpoints as model_ckpt
 from unijax.data import pipeline
-from unijax.distributed import any_process
+from unijax.distributed import any_process, to_host
 from unijax.models import lora
+from unijax.training import throughput
 from unijax.training.checkpointing import TrainCheckpoints
 from unijax.training.logger import MetricLogger
 
@@ -27,18 +29,25 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class MetricsWindow:
-    """Step metrics between two log steps: checked for a finite loss as they arrive, written as one
-    line (and one metrics.jsonl / TensorBoard record) every `train.log_every` steps and at the last."""
+    """Step metrics between two log steps. They stay on the device as the steps run (the loop never
+    waits on the host between log steps) and come to the host in one transfer (`fetch`) at a log
+    step, before a checkpoint or an evaluation, and at the end; each fetched step's loss is checked
+    then, in step order. Every `train.log_every` steps and at the last, the window is written as one
+    line (and one metrics.jsonl / TensorBoard record) with its speed (`unijax.training.throughput`)."""
 
-    def __init__(self, log: MetricLogger, log_every: int, last_step: int, ckpts: TrainCheckpoints):
+    def __init__(self, log: MetricLogger, log_every: int, last_step: int, ckpts: TrainCheckpoints,
+                 flops_per_device: float = 0.0, peak_tflops: float | None = None, local_devices: int = 1):
         self.log, self.log_every, self.last_step, self.ckpts = log, int(log_every), int(last_step), ckpts
+        self.flops_per_device, self.peak_tflops = float(flops_per_device), peak_tflops
+        self.local_devices = int(local_devices)  # the devices this process's batch rows go to
         self.skipped = self.overflow = 0
         self.latest: dict[str, float] = {}
+        self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
         self._reset()
 
     def _reset(self) -> None:
         self.window: list[dict] = []
-        self.t0, self.tokens = time.perf_counter(), 0
+        self.t0, self.tokens, self.paused_s = time.perf_counter(), 0, 0.0
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> None:
         """A host batch about to be trained on: its tokens and skipped bad records."""
@@ -47,27 +56,52 @@ class MetricsWindow:
         self.tokens += pipeline.tokens_in(batch)
 
     def add(self, step: int, metrics: dict) -> bool:
-        """One step's host metrics; a non-finite loss stops the run naming the last good checkpoint.
-        Returns whether this step wrote a log line."""
-        if not np.isfinite(metrics["loss"]):
-            last = self.ckpts.latest_step()
-            where = f"{self.ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
-            raise NonFiniteLossError(f"non-finite loss {metrics['loss']} at step {step}; last good checkpoint: "
-                                     f"{where}. Lower train.learning_rate or raise train.warmup_steps")
-        self.window.append(metrics)
+        """One step's metrics (device arrays, left where they are until a fetch). Returns whether this
+        step wrote a log line (after fetching and checking every pending step)."""
+        self.pending.append((step, metrics))
         if step % self.log_every == 0 or step == self.last_step:
+            self.fetch()
             self.flush(step)
             return True
         return False
 
+    def fetch(self) -> None:
+        """The pending steps' metrics to the host in one `to_host`, losses checked in step order: the
+        first non-finite one stops the run naming its step and the last good checkpoint (the loop
+        fetches before every save, so that checkpoint is from before the bad step)."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        host = to_host([m for _, m in self.pending])
+        self.pending = []
+        for step, metrics in zip(steps, host):
+            if not np.isfinite(metrics["loss"]):
+                last = self.ckpts.latest_step()
+                where = f"{self.ckpts.path_of(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
+                raise NonFiniteLossError(f"non-finite loss {metrics['loss']} at step {step}; last good checkpoint: "
+                                         f"{where}. Lower train.learning_rate or raise train.warmup_steps")
+            self.window.append(metrics)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time that is not training (compiling the step, evaluations, checkpoint saves): left out of
+        the window's step time and tokens/s."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
     def flush(self, step: int) -> None:
-        elapsed = time.perf_counter() - self.t0
+        elapsed = max(time.perf_counter() - self.t0 - self.paused_s, 1e-9)
         metrics = window_mean(self.window)
-        metrics["tokens_per_s"] = self.tokens / max(elapsed, 1e-9)
+        metrics["tokens_per_s"] = self.tokens / elapsed
+        metrics.update(throughput.rates(self.tokens, elapsed, len(self.window), self.flops_per_device,
+                                        self.peak_tflops, self.local_devices))
         metrics["skipped_records"] = self.skipped
         metrics["overflow_skipped"] = self.overflow
         self.log.write(step, metrics)
-        self.log.progress(step, metrics, metrics["tokens_per_s"])
+        self.log.progress(step, metrics)
         self.latest = metrics
         self._reset()
 

@@ -43,7 +43,8 @@ class MetricLogger:
             if k != "step" and math.isfinite(v):
                 self._tb.add_scalar(k, v, int(step))
 
-    def progress(self, step: int, scalars: Mapping[str, float], tokens_per_s: float) -> None:
+    def progress(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One console line: step, the losses, tokens/s (this process, and per device), MFU when known."""
         if not self.primary:
             return
         elapsed = time.perf_counter() - self.t0
@@ -51,8 +52,13 @@ class MetricLogger:
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
         parts = " ".join(f"{k}={v:.4f}" for k, v in scalars.items()
                          if k.startswith(("loss", "aia_loss")) or k in ("aia_gen", "aia_und"))
-        print(f"step {step}/{self.total} {parts} tokens/s={tokens_per_s:,.0f} "
-              f"elapsed={_fmt_duration(elapsed)} eta={_fmt_duration(eta)}", flush=True)
+        speed = f"tokens/s={scalars.get('tokens_per_s', float('nan')):,.0f}"
+        if "tokens_per_s_per_device" in scalars:
+            speed += f" tokens/s/device={scalars['tokens_per_s_per_device']:,.0f}"
+        if "mfu" in scalars:
+            speed += f" mfu={100 * scalars['mfu']:.1f}%"
+        print(f"step {step}/{self.total} {parts} {speed} elapsed={_fmt_duration(elapsed)} eta={_fmt_duration(eta)}",
+              flush=True)
 
     def info(self, msg: str) -> None:
         if self.primary:

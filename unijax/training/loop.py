@@ -14,6 +14,7 @@ writes the trained model to `<workdir>/model` (a unijax model checkpoint that `i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from unijax.data.tokenizer import HFTokenizer, carried_tokenizer, check_compatib
 from unijax.distributed import to_host
 from unijax.models import family, lora
 from unijax.models.config import runtime_overrides
-from unijax.training import evaluators, steps, vision_pretrain
+from unijax.training import evaluators, steps, throughput, vision_pretrain
 from unijax.training import setup as train_setup
 from unijax.training.checkpointing import TrainCheckpoints
 from unijax.training.config import model_config, validate, with_checkpoint_ids
@@ -57,6 +58,8 @@ class Run:
     evaluators: list
     start: int
     tokenizer: Any = None                     # a transformers one is exported with the model
+    flops_per_step: float = 0.0               # model FLOPs of one step, all devices (unijax.training.throughput)
+    peak_tflops: float | None = None          # per device; None: MFU is not logged
 
 
 def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
@@ -141,34 +144,54 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     loss_fn, eval_fn = steps.objective(config, images_per_row, cfg.text.num_layers)
     train_step = train_setup.jit_train_step(built, config, mesh, loss_fn)
     context = evaluators.Context(config, built.graphdef, tokenizer, layout, mesh, eval_fn, built.lora_scale)
+    flops, peak = step_flops(config, cfg, mesh, layout, built, train_step, log)
     return Run(config, cfg, mesh, workdir, log, built, ckpts, data_iter, train_step, evaluators.build(context), start,
-               tokenizer)
+               tokenizer, flops, peak)
+
+
+def step_flops(config, cfg, mesh, layout, built, train_step, log: MetricLogger) -> tuple[float, float | None]:
+    """(model FLOPs of one step over all devices, the peak TFLOP/s per device or None), logged once."""
+    batch = throughput.abstract_batch(layout, config.train.batch_size, mesh)
+    flops = throughput.model_flops(config, cfg, mesh, batch, lambda: train_step.lower(built.state, built.frozen, batch))
+    peak = throughput.peak_tflops(config, mesh.devices.flat[0])
+    where = (f"peak {peak:g} TFLOP/s per device" if peak else
+             f"MFU not logged: no known peak for {mesh.devices.flat[0].device_kind!r} (set train.peak_tflops)")
+    log.info(f"model FLOPs per step: {flops / 1e12:.4g} TFLOP ({flops / mesh.size / 1e12:.4g} per device); {where}")
+    return flops, peak
 
 
 def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
     """Steps `start + 1 .. train.steps`. -> (the last logged metrics and evaluations, the step a
-    SIGTERM stopped the run after, or None)."""
+    SIGTERM stopped the run after, or None). Step metrics stay on the device until the window fetches
+    them: at a log step and before anything a bad step must not reach (an evaluation, a checkpoint)."""
     config, state, frozen = run.config, run.setup.state, run.setup.frozen
     last = int(config.train.steps)
-    window = MetricsWindow(run.log, config.train.log_every, last, run.ckpts)
+    window = MetricsWindow(run.log, config.train.log_every, last, run.ckpts, run.flops_per_step / run.mesh.size,
+                           run.peak_tflops, len(run.mesh.local_devices))
     scores: dict[str, float] = {}
     for step in range(run.start + 1, last + 1):
         batch = next(run.data_iter)
         window.add_batch(batch)
-        state, step_metrics = run.train_step(state, frozen, sharding.put_batch(
-            {k: batch[k] for k in contract.BATCH_KEYS}, run.mesh))
+        device_batch = sharding.put_batch({k: batch[k] for k in contract.BATCH_KEYS}, run.mesh)
+        # the first call traces and compiles the step: not step time
+        with window.paused() if step == run.start + 1 else contextlib.nullcontext():
+            state, step_metrics = run.train_step(state, frozen, device_batch)
         run.setup.state = state
-        if window.add(step, to_host(step_metrics)):
+        if window.add(step, step_metrics):
             scores = {}  # the returned metrics: the last log line's and the evaluations after it
         for ev in run.evaluators:
             if ev.due(step, last):
-                result = ev(state["params"], frozen)
+                window.fetch()  # a non-finite loss stops the run before it is evaluated
+                with window.paused():
+                    result = ev(state["params"], frozen)
                 run.log.write(step, result, prefix=ev.prefix)
                 run.log.info(f"{ev.label} {ev.summary(result)}")
                 scores.update({ev.prefix + k: v for k, v in result.items()})
         preempted = stop.requested()
         if step % config.train.checkpoint_every == 0 or step == last or preempted:
-            run.ckpts.save(step, state, run.data_iter)
+            window.fetch()  # ... or checkpointed: the last checkpoint is always a good one
+            with window.paused():
+                run.ckpts.save(step, state, run.data_iter)
         if preempted:  # SIGTERM (preemption): this step is done and checkpointed; stop cleanly
             run.ckpts.wait()
             run.log.info(f"SIGTERM: stopped after step {step}; checkpoint {run.ckpts.path_of(step)} written. "
