@@ -1,7 +1,7 @@
 """Train-step time, peak memory and matmul utilisation: unijax against transformers (+ PEFT).
 
-    python bench/train_step.py                         # tiny and 100m, dense / stage1 / stage2, 5 timed steps
-    python bench/train_step.py --sizes tiny --steps 3
+    python bench/train_step.py                         # tiny and 100m, dense / stage1 / stage2, 3 interleaved repeats
+    python bench/train_step.py --sizes tiny --steps 3 --repeats 1
 
 The step is the decoder's language-modelling step on `--batch` x `--seq` text tokens (cross-entropy
 over every position, AdamW), the compute every training stage spends its time in, on the same
@@ -17,7 +17,9 @@ the FFN matrices, as `configs/stage2.py` does on the dense base).
 
 Each (framework, size, step) runs in its own process (`--one`): warm-up steps, then the median of
 `--steps` timed steps, and the process's peak resident memory (`ru_maxrss`, model + optimizer +
-activations + runtime). Model FLOPs per step: `2 N T` forward plus `2 N T` for activation
+activations + runtime). The whole set runs `--repeats` times, transformers and unijax alternating
+row by row, and the table reports each case's median over the repeats (the ratio moves with the
+machine's load; interleaving exposes both frameworks to the same load). Model FLOPs per step: `2 N T` forward plus `2 N T` for activation
 gradients plus `2 N_trained T` for weight gradients over the matmul parameters N (embeddings
 excluded, the LM head included), plus causal attention `(2 + 4) T^2 d` per layer; utilisation is
 that over the time, against the float32 matmul rate measured here (2048^3 jnp.dot). Results: a
@@ -200,6 +202,7 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=str(REPO_ROOT / "bench" / "results" / "train_step.json"))
     p.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -210,36 +213,52 @@ def main():
 
     rate = matmul_rate()
     tokens = args.batch * args.seq
+    runs = []
+    for repeat in range(args.repeats):
+        for size in args.sizes.split(","):
+            for step in args.step_kinds.split(","):
+                for framework in ("transformers", "unijax"):
+                    cmd = [sys.executable, __file__, "--one", f"{framework},{size},{step}", "--batch", str(args.batch),
+                           "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                    out = subprocess.run(cmd, capture_output=True, text=True,
+                                         env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+                    if out.returncode or not line:
+                        raise RuntimeError(f"{framework} {size} {step} failed:\n{out.stderr[-3000:]}")
+                    r = json.loads(line[0][7:])
+                    r["repeat"] = repeat
+                    runs.append(r)
+                    print(f"[{repeat + 1}/{args.repeats}] {size:5} {step:7} {framework:12} {r['seconds'] * 1e3:9.1f} ms  "
+                          f"{tokens / r['seconds']:9.0f} tok/s  {r['peak_rss_mib']:7.0f} MiB", flush=True)
     rows = []
     for size in args.sizes.split(","):
         for step in args.step_kinds.split(","):
             for framework in ("transformers", "unijax"):
-                cmd = [sys.executable, __file__, "--one", f"{framework},{size},{step}", "--batch", str(args.batch),
-                       "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-                line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-                if out.returncode or not line:
-                    raise RuntimeError(f"{framework} {size} {step} failed:\n{out.stderr[-3000:]}")
-                r = json.loads(line[0][7:])
+                mine = [r for r in runs if (r["framework"], r["size"], r["step"]) == (framework, size, step)]
+                seconds = statistics.median(r["seconds"] for r in mine)
                 flops = model_flops(SIZES[size], step, tokens, args.seq, args.batch)
-                r.update(tokens_per_s=tokens / r["seconds"], model_gflops=flops / 1e9,
-                         matmul_utilisation=flops / r["seconds"] / rate)
-                rows.append(r)
-                print(f"{size:5} {step:7} {framework:12} {r['seconds'] * 1e3:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
-                      f"{r['peak_rss_mib']:7.0f} MiB  {100 * r['matmul_utilisation']:5.1f} % of matmul", flush=True)
-    print(f"\nfloat32 matmul rate (2048^3 jnp.dot): {rate / 1e9:.0f} GFLOP/s; batch {args.batch} x {args.seq} tokens\n")
-    print("| size | step | transformers tok/s | unijax tok/s | speed-up | unijax % of matmul rate | "
-          "peak RSS transformers / unijax (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+                rows.append({"framework": framework, "size": size, "step": step, "seconds": seconds,
+                             "seconds_per_repeat": [r["seconds"] for r in mine],
+                             "peak_rss_mib": max(r["peak_rss_mib"] for r in mine), "tokens_per_s": tokens / seconds,
+                             "model_gflops": flops / 1e9, "matmul_utilisation": flops / seconds / rate})
+    print(f"\nfloat32 matmul rate (2048^3 jnp.dot): {rate / 1e9:.0f} GFLOP/s; batch {args.batch} x {args.seq} tokens; "
+          f"median of {args.repeats} interleaved repeats\n")
+    print("| size | step | transformers tok/s | unijax tok/s | speed-up | unijax % of matmul rate | step / stage-1 step "
+          "(transformers, unijax) | peak RSS transformers / unijax (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    get = {(r["framework"], r["size"], r["step"]): r for r in rows}
     for size in args.sizes.split(","):
         for step in args.step_kinds.split(","):
-            t, u = (next(r for r in rows if r["size"] == size and r["step"] == step and r["framework"] == f)
-                    for f in ("transformers", "unijax"))
+            t, u = get[("transformers", size, step)], get[("unijax", size, step)]
+            rel = "-"
+            if ("unijax", size, "stage1") in get:
+                rel = (f"{t['seconds'] / get[('transformers', size, 'stage1')]['seconds']:.2f}x, "
+                       f"{u['seconds'] / get[('unijax', size, 'stage1')]['seconds']:.2f}x")
             print(f"| {size} | {step} | {t['tokens_per_s']:,.0f} | {u['tokens_per_s']:,.0f} | "
-                  f"{u['tokens_per_s'] / t['tokens_per_s']:.2f}x | {100 * u['matmul_utilisation']:.0f} % | "
+                  f"{u['tokens_per_s'] / t['tokens_per_s']:.2f}x | {100 * u['matmul_utilisation']:.0f} % | {rel} | "
                   f"{t['peak_rss_mib']:,.0f} / {u['peak_rss_mib']:,.0f} |")
     write_json(args.json, {"meta": machine_meta(matmul_gflops=rate / 1e9, batch=args.batch, seq=args.seq,
-                                                steps=args.steps), "rows": rows})
+                                                steps=args.steps, repeats=args.repeats), "rows": rows})
 
 
 if __name__ == "__main__":
