@@ -125,8 +125,9 @@ def window_mean(window: list[dict]) -> dict[str, float]:
 class PreemptionFlag:
     """SIGTERM (a preempted VM, `scancel`, `kill`) sets a flag the loop reads after each step: it
     finishes the step, writes a checkpoint and returns. With several processes the flag is or-ed
-    over all of them, so every process stops after the same step. The previous handler is restored
-    when training ends."""
+    over all of them, so every process stops after the same step; that collective waits for the
+    device, so the loop reads it only at log and checkpoint steps (a SIGTERM then stops the run
+    within `train.log_every` steps). The previous handler is restored when training ends."""
 
     def __init__(self):
         self.flag = False

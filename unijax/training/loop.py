@@ -187,7 +187,10 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
                 run.log.write(step, result, prefix=ev.prefix)
                 run.log.info(f"{ev.label} {ev.summary(result)}")
                 scores.update({ev.prefix + k: v for k, v in result.items()})
-        preempted = stop.requested()
+        # several processes or the flag with a collective, which waits for the device: only where the loop
+        # syncs anyway (log and checkpoint steps); one process reads it every step
+        synced = step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or step == last
+        preempted = stop.requested() if jax.process_count() == 1 or synced else False
         if step % config.train.checkpoint_every == 0 or step == last or preempted:
             window.fetch()  # ... or checkpointed: the last checkpoint is always a good one
             with window.paused():
