@@ -5,6 +5,11 @@ metadata; one rules table maps each name onto mesh axes `data, fsdp, expert, ten
 of parallelism changes the table, not the model. Batches are split over `data`, `fsdp` and
 `expert` together (outside TA-MoE layers the expert axis is data parallelism; inside, tokens move to
 their experts' devices). Every mesh size defaults to 1, so the same code runs on one CPU and on a pod.
+
+Activations carry MaxText's `activation_*` names in the same table: `constrain(x, axes)` pins an
+activation to them under the context mesh (`jax.set_mesh`), so the partitioner never has to guess
+from the weights (an fsdp mesh shards the weights' `embed` axis, which XLA may otherwise copy onto
+the residual stream instead of splitting its batch).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -40,7 +45,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("conv_out", None),
     ("layers", None),
+    # activations: rows over the batch axes; the residual stream's embed replicated (the tensor
+    # axis splits heads, the FFN's inner dim and the vocab, Megatron-style)
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
+
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # `[batch, seq, embed]`
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -73,10 +89,11 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh | AbstractMesh,
                     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
     """Logical axis names of one array -> PartitionSpec. A mesh axis is used at most once per array,
-    and a dimension its mesh axes do not divide stays replicated (tiny models on big meshes)."""
+    and a dimension its mesh axes do not divide stays replicated (tiny models on big meshes); a mesh
+    axis the mesh does not have counts as size 1."""
     table = dict(rules)
     if axes is None:
         return P()
@@ -85,7 +102,7 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
     for name, dim in zip(axes, shape):
         target = table.get(name) if name is not None else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape.get(a, 1) > 1)
         if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
             used.update(mesh_axes)
             out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -100,6 +117,15 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any
         axes = v.get_metadata().get("out_sharding")
         return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh, rules))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """`x` pinned to the sharding its logical `axes` (e.g. `RESIDUAL`) get from `rules` on the context
+    mesh (`jax.set_mesh`); `x` itself without one (single-device inference, tests)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
 def num_batch_shards(mesh: Mesh) -> int:

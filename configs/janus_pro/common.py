@@ -38,9 +38,9 @@ def recipe(size: str, stage: str):
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     c.model.remat_policy = "full"
-    # fsdp over 8 devices (a node), data parallel across nodes: on 64 devices 8 x 8. A 64-way fsdp
-    # mesh plans 5-6x larger activations on the CPU compiler (no activation sharding constraints
-    # yet: issue "training throughput"), so the recipe keeps fsdp within the node.
+    # fsdp over 8 devices (a node), data parallel across nodes: on 64 devices 8 x 8, so the
+    # per-layer weight all-gathers stay on the node's links (a 64-way fsdp mesh plans about the
+    # same memory: docs/multihost.md, activation sharding).
     c.mesh.data = -1
     c.mesh.fsdp = 8
     c.data.source = "files"

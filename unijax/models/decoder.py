@@ -1,4 +1,9 @@
-"""LLaMA decoder stack with an optional layer scan, remat, and a static-shape KV cache."""
+"""LLaMA decoder stack with an optional layer scan, remat, and a static-shape KV cache.
+
+Under a mesh the residual stream, and the attention and FFN outputs added to it, are pinned to
+`unijax.sharding.RESIDUAL` (rows over the batch axes, embed replicated): the partitioner does not
+infer the activations' layout from the fsdp-sharded weights.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from flax import nnx
 from unijax.models.config import REMAT_POLICIES
 from unijax.models.layers import Attention, RMSNorm, SwiGLU, attention_mask, embed
 from unijax.models.moe import TAMoE
+from unijax.sharding import RESIDUAL, constrain
 
 Array = jax.Array
 
@@ -71,9 +77,10 @@ class DecoderLayer(nnx.Module):
                  aia_impl="lean"):
         """-> (x, (k, v), aux): aux is the TA-MoE's dict ({} for a dense FFN), plus `aia` (`[batch,
         seq]`: each query's attention mass on `aia_keys`, averaged over heads) when `aia_keys` is given."""
+        x = constrain(x, RESIDUAL)
         out = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index, aia_keys, aia_impl)
         h, kv = out[:2]
-        x = x + h
+        x = constrain(x + constrain(h, RESIDUAL), RESIDUAL)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, TAMoE):
             h, aux = self.mlp(h, task, valid, exact=cache is not None)
@@ -81,7 +88,7 @@ class DecoderLayer(nnx.Module):
             h, aux = self.mlp(h), {}
         if aia_keys is not None:
             aux = dict(aux, aia=jnp.mean(out[2], axis=-1))
-        return x + h, kv, aux
+        return constrain(x + constrain(h, RESIDUAL), RESIDUAL), kv, aux
 
 
 class Decoder(nnx.Module):
@@ -138,7 +145,7 @@ class Decoder(nnx.Module):
         if self.cfg.remat_policy != "none":
             run = nnx.remat(run, policy=_CHECKPOINT_POLICIES[self.cfg.remat_policy])
 
-        x = x.astype(jnp.dtype(self.cfg.dtype))
+        x = constrain(x.astype(jnp.dtype(self.cfg.dtype)), RESIDUAL)
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
@@ -164,4 +171,4 @@ class Decoder(nnx.Module):
                 aux["aia"] = jnp.stack(masses)  # every layer
         if cache is not None:
             cache = KVCache(k=new_k, v=new_v, segment=segment, index=index + seq)
-        return self.norm(x), cache, aux
+        return constrain(self.norm(x), RESIDUAL), cache, aux

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from unijax.contract import GEN_IMAGE, MMU, T2I, TEXT, UND_IMAGE
 from unijax.models.config import family_of
 from unijax.models.layers import fill_in_order
+from unijax.sharding import constrain
 
 Array = jax.Array
 
@@ -126,14 +127,17 @@ def intensities(mass: Array, queries: Array) -> Array:
 
 def lm_forward(model, batch: dict[str, Array], images_per_row: tuple[int, int], aia: dict | None = None):
     """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, aux: the
-    TA-MoE tree, plus `aia [L, B, T]` with `aia` settings (`AIASettings.as_dict`))."""
+    TA-MoE tree, plus `aia [L, B, T]` with `aia` settings (`AIASettings.as_dict`)). Under a mesh the
+    logits keep their rows split over the batch axes and the text vocab over `tensor`."""
     tokens, pixels = prepare_inputs(model, batch, images_per_row)
     keys = spans(batch, model.cfg, **aia["spans"])[0] if aia else None
     h, _, aux = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels,
                       task=batch["task"], return_aux=True, capture_aia=keys,
                       aia_impl=aia["impl"] if aia else "lean")
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    return model.text_logits(h), model.image_logits(h), targets, aux
+    text = constrain(model.text_logits(h), ("activation_batch", "activation_length", "activation_vocab"))
+    image = constrain(model.image_logits(h), ("activation_batch", "activation_length", None))
+    return text, image, targets, aux
 
 
 def router_hits(aux, batch: dict[str, Array]) -> tuple[Array, Array]:
