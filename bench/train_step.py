@@ -83,7 +83,8 @@ def model_flops(c: dict, step: str, tokens: int, seq: int, batch: int) -> float:
 
 
 # -- one measurement per process -------------------------------------------------------------------
-def run_unijax(c: dict, step: str, batch: int, seq: int, warmup: int, steps: int) -> list[float]:
+def build_unijax(c: dict, step: str, batch: int, seq: int):
+    """-> (the jitted step `(state, frozen, tokens) -> (state, loss)`, state, frozen, tokens)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -124,8 +125,12 @@ def run_unijax(c: dict, step: str, batch: int, seq: int, warmup: int, steps: int
         upd, opt = tx.update(g, state["opt"], state["params"])
         return {"params": optax.apply_updates(state["params"], upd), "opt": opt}, loss
 
-    train_step = jax.jit(step_fn, donate_argnums=(0,))
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, c["vocab_size"], (batch, seq)), jnp.int32)
+    return jax.jit(step_fn, donate_argnums=(0,)), state, frozen, tokens
+
+
+def run_unijax(c: dict, step: str, batch: int, seq: int, warmup: int, steps: int) -> list[float]:
+    train_step, state, frozen, tokens = build_unijax(c, step, batch, seq)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
