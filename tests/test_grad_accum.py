@@ -75,6 +75,7 @@ def test_micro_batches_equal_one_large_batch(tmp_path, data_dir):
     run.ckpts.close()
 
 
+@pytest.mark.slow
 def test_accumulating_run_resumes_mid_run(tmp_path, data_dir):
     """A 4-step stage-2 + AIA run with grad_accum_steps=2, stopped after its step-2 checkpoint and
     resumed: the same losses as the uninterrupted run (rtol 1e-5); micro-batches that do not split

@@ -101,7 +101,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
     def train_step(state, frozen, batch):
         def f(params, micro, whole, i):
             rng = jax.random.fold_in(state["rng"], i) if grad_accum_steps > 1 else state["rng"]
-            return loss_fn(merged_model(graphdef, params, frozen, lora_scale, lora_dropout, rng), micro, whole=whole)
+            model = merged_model(graphdef, params, frozen, lora_scale, lora_dropout, rng)
+            return loss_fn(model, micro) if whole is None else loss_fn(model, micro, whole=whole)
 
         metrics, grads = accumulated(f, state["params"], batch, grad_accum_steps)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
