@@ -89,16 +89,16 @@ def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     (as MaxText and Megatron do)."""
     text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row, aia)
     k = model.cfg.vq.num_embeddings
-    totals = {} if whole is None else globals()["totals"](whole)
-    ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"], totals.get("text_tokens"))
+    counts = {} if whole is None else totals(whole)
+    ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"], counts.get("text_tokens"))
     ce_image, n_image = _masked_mean(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)),
-                                     batch["image_weights"], totals.get("image_tokens"))
+                                     batch["image_weights"], counts.get("image_tokens"))
     loss = text_weight * ce_text + image_weight * ce_image
     tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
     metrics = {"loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text, "image_tokens": n_image,
                "tokens": tokens}
     if "task_logits" in aux:
-        m = moe_losses(aux, batch, top_k=model.cfg.moe.top_k, total=totals.get("tokens"))
+        m = moe_losses(aux, batch, top_k=model.cfg.moe.top_k, total=counts.get("tokens"))
         loss = loss + group_weight * m["loss_group"] + balance_weight * m["loss_balance"] + z_weight * m["loss_z"]
         metrics.update(m)
     if aia:

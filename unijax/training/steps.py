@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from unijax.models import forward, lora
-from unijax.sharding import BATCH_AXES
+from unijax.sharding import constrain
 from unijax.training import aia, losses, vq_loss
 
 OBJECTIVES = ("lm", "vq")  # objective: next-token on both tasks | stage 0 (the VQ tokenizer)
@@ -66,11 +65,7 @@ def micro_batches(batch: dict, k: int) -> dict:
     split over the batch mesh axes, every micro-batch spans every device (no data moves)."""
     def split(x):
         x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            return x
-        axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-        return jax.lax.with_sharding_constraint(x, P(None, axes or None))
+        return constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
     return jax.tree.map(split, batch)
 
 
