@@ -19,12 +19,12 @@ def get_config(arg=None):
     c.data.cfg_drop_prob = 0.0
     c.train.trainable = ("vqmodel/.*",)
     c.train.frozen = ()
-    c.train.steps = 800
+    c.train.steps = 250
     c.train.batch_size = 32
     c.train.learning_rate = 2e-3
-    c.train.warmup_steps = 50
+    c.train.warmup_steps = 25
     c.train.weight_decay = 0.0
-    c.train.checkpoint_every = 400
-    c.train.eval_every = 400
+    c.train.checkpoint_every = 250
+    c.train.eval_every = 250
     c.train.eval_batches = 4
     return c

@@ -32,16 +32,20 @@ def get_config(arg=None):
     c = base.get_config(arg)
     c.workdir = "workdir/stage2" + ("_aia" if variant else "")
     c.model.ffn = "ta_moe"
+    # without init_from: stage 0, the base, stage 1 on each task and upcycling are built first, each cached in
+    # <workdir>/prerequisites/ (a rerun reuses them); the run then starts from the upcycled model
+    c.init_recipe = "upcycled"
     c.model.lora.rank = 16
     c.model.lora.alpha = 32.0
     c.train.trainable = TRAINABLE
     c.train.frozen = ()                # the rest is frozen and LoRA-adapted (model.lora.targets)
     c.vision_pretrain.steps = 0        # the vision tower is frozen here (and comes from init_from in the recipe)
-    c.train.steps = 300
+    c.train.steps = 200
     c.train.learning_rate = 1e-3
-    c.train.warmup_steps = 30
+    c.train.warmup_steps = 20
     c.train.checkpoint_every = 100
     c.train.eval_every = 100
+    c.train.eval_at_start = True       # the run ends with held-out scores at its start and at its end
     if variant == "aia":
         c.loss.aia_weight, c.loss.aia_gen_weight, c.loss.aia_und_weight = 10.0, 5.0, 10.0
     return c

@@ -41,7 +41,7 @@ def _cmd(workdir, data_dir, steps):
             "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
             "--config.train.eval_every=1000", "--config.train.eval_batches=1", "--config.train.warmup_steps=1",
             "--config.train.min_lr_ratio=1.0",  # constant after warm-up: the schedule does not depend on steps
-            "--config.train.async_checkpointing=False", "--config.model.text.num_layers=2",
+            "--config.train.async_checkpointing=False", "--config.model.text.num_layers=2", "--config.init_recipe=",
             "--config.moe.num_experts_per_group=2", "--config.moe.capacity_factor=8",  # no drops: per-group
             "--config.mesh.data=2", "--config.mesh.expert=2",
             *envs.SHORT_ROWS_FLAGS, "--config.vision_pretrain.steps=0"]

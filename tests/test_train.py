@@ -76,7 +76,8 @@ def _cli(args, workdir, data_dir, **popen):
     cmd = [sys.executable, "-m", "unijax.train", "--config", str(REPO / "configs/base.py"),
            f"--config.workdir={workdir}", f"--config.data.dir={data_dir}", "--config.train.batch_size=4",
            "--config.train.log_every=1", "--config.train.eval_every=1000", "--config.train.warmup_steps=2",
-           *envs.SHORT_ROWS_FLAGS, "--config.vision_pretrain.steps=0", *args]
+           *envs.SHORT_ROWS_FLAGS, "--config.vision_pretrain.steps=0",
+           "--config.init_recipe=", *args]  # a fresh model: no stage-0 prerequisite
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
 
@@ -238,20 +239,6 @@ def test_user_data_formats_train_with_overflow_and_text_only_counted(tmp_path, d
     shutil.rmtree(tmp_path / "run")
     with pytest.raises(ValueError, match=r"mmu\.jsonl: record 3: \d+ tokens do not fit data.max_len=180"):
         loop.train(config(overflow="error"), devices=jax.devices()[:1])
-
-
-@pytest.mark.slow
-def test_base_run_lowers_both_task_losses(tmp_path, data_dir):
-    """configs/base.py at batch 16 for 150 steps: each task's loss falls well below its start."""
-    c = tiny_config(tmp_path, data_dir, steps=150, batch_size=16, log_every=10, checkpoint_every=150,
-                    warmup_steps=20)
-    loop.train(c, devices=jax.devices()[:1])
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]  # training rows (eval rows hold eval/*)
-    first, last = rows[0], rows[-1]
-    print({k: (first[k], last[k]) for k in ("loss_text", "loss_image")})
-    assert last["loss_text"] < 0.25 * first["loss_text"]
-    assert last["loss_image"] < 0.85 * first["loss_image"]
 
 
 @pytest.mark.slow

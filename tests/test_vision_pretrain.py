@@ -47,6 +47,24 @@ def test_tags_are_the_scene_identities():
         assert got == want and item["tags"].sum() == len(want)
 
 
+def test_patch_labels_name_the_object_covering_each_patch():
+    """Against a pixel-by-pixel reference: each patch's label is the identity of the object whose own
+    rendering covers most of its pixels when that share is >= 1/4, else background."""
+    for index in range(30):
+        scene = shapes.scene_at(5, index)
+        got = vision_pretrain.patch_labels(scene, 4)
+        masks = [shapes.render(shapes.Scene((o,), 32)).any(-1) for o in scene.objects]
+        for p in range(64):
+            r, c = divmod(p, 8)
+            shares = [m[4 * r:4 * r + 4, 4 * c:4 * c + 4].sum() / 16 for m in masks]
+            k = int(np.argmax(shares))
+            want = (vision_pretrain.IDENTITY_INDEX[scene.objects[k].shape, scene.objects[k].colour]
+                    if shares[k] >= 0.25 else vision_pretrain.BACKGROUND_LABEL)
+            assert got[p] == want, (index, p, shares)
+        assert (got != vision_pretrain.BACKGROUND_LABEL).any()
+    assert vision_pretrain.TagSource(5, 32, 8)[0]["patches"].shape == (16,)
+
+
 def test_tagger_matches_numpy():
     tagger = vision_pretrain.IdentityTagger(16, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).normal(size=(3, 10, 16))

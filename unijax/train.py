@@ -11,6 +11,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unijax import cli, distributed
+from unijax.analysis import recipe
+from unijax.training.config import validate
 from unijax.training.loop import NonFiniteLossError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/base.py.",
@@ -26,8 +28,12 @@ def main(argv):
 
     distributed.maybe_initialize()  # multi-host / multi-process launches (unijax/distributed.py)
 
+    config = _CONFIG.value
     try:
-        train(_CONFIG.value)
+        if config.init_recipe and not config.init_from:  # build what the run starts from (cached in the workdir)
+            validate(config)  # a typo stops the run before the prerequisites are built
+            recipe.start_from_prerequisites(config)
+        train(config)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import time
 
@@ -113,7 +114,8 @@ class Stage:
 def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") -> list[Stage | tuple]:
     """The ordered stages; tuples are upcycling steps ("upcycle", seed). `family="emu3"` runs every
     stage, stage 0 (its VQ-VAE) included, on the tiny Emu3-style model (`model.family=emu3`)."""
-    common = {"train.batch_size": b.batch_size, **dict(o.split("=", 1) for o in b.overrides)}
+    common = {"train.batch_size": b.batch_size, "eval_suites.names": (),  # evaluate_model runs the suites
+              **dict(o.split("=", 1) for o in b.overrides)}
     if family != "janus":
         common["model.family"] = family
     base_model = out / "base" / "model"
@@ -125,7 +127,7 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
         Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
                                          "train.eval_every": b.vq_steps,
                                          "train.warmup_steps": max(1, b.vq_steps // 8)}, evaluate=False),
-        Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model"}),
+        Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model", "vision_pretrain.with_init_from": True}),
     ]
     for s in seeds:
         run = {**common, **per_run, "seed": s}
@@ -141,6 +143,90 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
             Stage(f"seed{s}/stage2_aia", "stage2:aia", {**run, "init_from": out / f"seed{s}" / "upcycled"}),
         ]
     return stages
+
+
+# -- a run's prerequisites (init_recipe) ---------------------------------------------------------------
+# The recipe's models: name -> (its stage config in configs/, or None for upcycling; the models it starts
+# from). A stage trains from the first model it names (`init_from`); upcycling combines all three.
+RECIPE = {
+    "stage0_vq": ("stage0_vq", ()),
+    "base": ("base", ("stage0_vq",)),
+    "stage1_und": ("stage1_und", ("base",)),
+    "stage1_gen": ("stage1_gen", ("base",)),
+    "upcycled": (None, ("base", "stage1_und", "stage1_gen")),
+}
+# what a prerequisite takes over from the run that needs it (the architecture, where the data lives, the seed)
+INHERITED = ("model.family", "model.preset", "model.text", "model.vision", "model.vq", "model.dtype",
+             "model.param_dtype", "model.attention_impl", "data.dir", "data.tokenizer", "seed", "mesh")
+
+
+def _order(name: str, seen: list[str]) -> list[str]:
+    for dep in RECIPE[name][1]:
+        _order(dep, seen)
+    if name not in seen:
+        seen.append(name)
+    return seen
+
+
+def build_prerequisites(config, log=print) -> pathlib.Path:
+    """Builds `config.init_recipe`'s model and every model it needs under `<workdir>/prerequisites/<name>`
+    with the stage configs' own budgets (a finished one is reused, an interrupted one resumes from its
+    checkpoints), and returns the model directory to start from. Each stage prints its command and
+    its progress; the architecture, data directory, seed and mesh come from `config`."""
+    name = config.init_recipe
+    if name not in RECIPE:
+        raise ValueError(f"init_recipe={name!r}: expected one of {sorted(RECIPE)} (or '' for none)")
+    root = pathlib.Path(config.workdir).absolute() / "prerequisites"
+    todo = _order(name, [])
+    t0 = time.perf_counter()
+    for k, step in enumerate(todo, 1):
+        workdir = root / step
+        done = (workdir / "DONE").is_file()
+        log(f"== prerequisite {k}/{len(todo)}: {step} ({'built, reused' if done else 'building'}; "
+            f"{(time.perf_counter() - t0) / 60:.1f} min so far) -> {shown(workdir / 'model')}")
+        if done:
+            continue
+        t_stage = time.perf_counter()
+        stage, deps = RECIPE[step]
+        if stage is None:
+            moe = config.moe.to_dict()
+            moe = MoEConfig(**{k: (tuple(v) if k == "layers" else v) for k, v in moe.items() if v is not None})
+            dst = workdir / "model"
+            if dst.exists():  # the upcycled model is written atomically: an existing one is complete
+                shutil.rmtree(dst)
+            base, und, gen = (root / d / "model" for d in deps)
+            upcycle_checkpoint(base, dst, und, gen, moe, noise=0.01, seed=int(config.seed))
+        else:
+            c = load_config(stage)
+            for key in INHERITED:
+                set_key(c, key, _get(config, key))
+            c.workdir, c.init_recipe = str(workdir), ""
+            c.init_from = str(root / deps[0] / "model") if deps else ""
+            if deps and deps[0] in UNTRAINED_TOWER:  # a stage-0 model's vision tower is untrained: pre-train it
+                c.vision_pretrain.with_init_from = True
+            loop.train(c)
+        (workdir / "DONE").write_text(json.dumps({"seconds": time.perf_counter() - t_stage}))
+    log(f"== prerequisites ready in {(time.perf_counter() - t0) / 60:.1f} min: starting from "
+        f"{shown(root / name / 'model')}")
+    return root / name / "model"
+
+
+UNTRAINED_TOWER = ("stage0_vq",)  # recipe models whose vision tower is untrained (only the VQ trained)
+
+
+def start_from_prerequisites(config, log=print) -> None:
+    """`config.init_from` := the `init_recipe` model, built first when needed (`build_prerequisites`);
+    a stage-0 model's tower gets the run's vision pre-training (`vision_pretrain.with_init_from`)."""
+    config.init_from = str(build_prerequisites(config, log))
+    if config.init_recipe in UNTRAINED_TOWER:
+        config.vision_pretrain.with_init_from = True
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node.copy_and_resolve_references() if hasattr(node, "copy_and_resolve_references") else node
 
 
 def train_stage(stage: Stage, out: pathlib.Path) -> float:

@@ -31,6 +31,7 @@ from unijax.training import aia, evaluators, vision_pretrain
 from unijax.training.steps import OBJECTIVES
 
 DATA_SOURCES = ("shapes", "files")  # data.source
+INIT_RECIPES = ("", "stage0_vq", "base", "stage1_und", "stage1_gen", "upcycled")  # init_recipe (unijax.analysis.recipe)
 ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
 
 
@@ -71,6 +72,10 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "workdir/base"
     c.init_from = ""             # a unijax model checkpoint (convert output or <workdir>/model)
+    # with init_from empty, `python -m unijax.train` first builds this recipe model (and what it needs) under
+    # <workdir>/prerequisites and starts from it: stage0_vq | base | stage1_und | stage1_gen | upcycled
+    # (unijax.analysis.recipe.RECIPE); "" = none (a fresh model)
+    c.init_recipe = ""
     c.seed = 0
     c.objective = "lm"           # lm (next-token, both tasks) | vq (stage 0: the VQ tokenizer): OBJECTIVES
     c.model = model(preset)
@@ -98,6 +103,8 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     v.warmup_steps = 50
     v.log_every = 100
     v.eval_images = 512          # held-out images for the exact-identity-set score
+    v.with_init_from = False     # also when init_from is set (its tower untrained: a stage-0 model); else skipped
+    v.dense_weight = 1.0         # weight of the per-patch identity loss (each patch: its object's identity or none)
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "shapes"          # shapes | files (DATA_SOURCES)
@@ -149,6 +156,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     t.peak_tflops = 0.0          # per device, for the logged MFU; 0 = the device kind's dense bf16 peak
     t.eval_every = 200
     t.eval_batches = 8
+    t.eval_at_start = False      # evaluate before step 1 too; the run ends with a "start -> end" line of the scores
 
     # Evaluators (unijax/training/evaluators.py) the loop runs on their cadence; each declines when it
     # does not apply (shapes_heldout: data.source != shapes; suites: no eval_suites.names)
@@ -283,6 +291,8 @@ def validate(config) -> None:
         raise ValueError(f"data.eval_split={config.data.eval_split} must be in [0, 1)")
     if config.data.overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"data.overflow={config.data.overflow!r}: expected one of {OVERFLOW_POLICIES}")
+    if config.init_recipe not in INIT_RECIPES:
+        raise ValueError(f"init_recipe={config.init_recipe!r}: expected one of {INIT_RECIPES}")
     if config.data.source not in DATA_SOURCES:
         raise ValueError(f"data.source={config.data.source!r}: expected one of {DATA_SOURCES}")
     if config.objective not in OBJECTIVES:

@@ -61,6 +61,7 @@ class Context:
     mesh: Any
     eval_fn: Callable | None  # the objective's per-row eval function (`steps.objective`)
     lora_scale: float = 1.0
+    model_cfg: Any = None     # the model's config (JanusConfig / Emu3Config)
 
 
 class Evaluator:
@@ -171,6 +172,18 @@ def lm_scores(r: dict[str, np.ndarray], kinds=()) -> dict[str, float]:
     return scores
 
 
+def code_prior_loss(fit: np.ndarray, held_out: np.ndarray, num_codes: int) -> float:
+    """Image-code cross-entropy (nats per code) of the best prompt-blind generator: each image slot's
+    code frequencies over the `fit` images' codes `[N, slots]` (add-half smoothing over `num_codes`),
+    scored on `held_out` `[M, slots]`. It knows where the background and objects usually are, but not
+    what the prompt asks for: a T2I model must beat it to show it reads the prompt."""
+    slots = fit.shape[1]
+    counts = np.full((slots, num_codes), 0.5)
+    np.add.at(counts, (np.broadcast_to(np.arange(slots), fit.shape), fit), 1.0)
+    logp = np.log(counts / counts.sum(1, keepdims=True))
+    return float(-logp[np.arange(slots)[None], held_out].mean())
+
+
 def answer_mode_share(first_answers: np.ndarray) -> float:
     """Share of the most frequent predicted first answer token among a kind's questions: 1.0 means
     one answer for every question (the model reads neither the image nor the question's specifics),
@@ -215,6 +228,14 @@ class ShapesHeldout(Evaluator):
                                                fit=10000, held_out=2000))
             self.blind = {"blind_accuracy": blind.pop("accuracy")}
             self.blind.update({f"blind/{k}": v for k, v in blind.items()})
+            # the prompt-blind generator's image-code loss (`code_prior_loss`): chance for the T2I task
+            self.fit_images, self.blind_images = (
+                np.stack([shapes.render(shapes.sample_scene(np.random.default_rng([seed, i]), layout.image_size))
+                          for i in range(n_img)]).astype(np.float32) / 127.5 - 1
+                for seed, n_img in ((config.seed + 11, 1024), (self.seed + 11, 256)))
+            self._codes = jax.jit(lambda p, f, x: merged_model(graphdef, p, f).vqmodel.encode(x).reshape(x.shape[0], -1))
+            vq = ctx.model_cfg.vq
+            self.num_codes = int(getattr(vq, "num_embeddings", 0) or vq.codebook_size)
         else:
             size = layout.image_size
             self.scenes = [shapes.scene_at(self.seed, i, size) for i in range(n)]
@@ -233,7 +254,12 @@ class ShapesHeldout(Evaluator):
         return self._vq(params, frozen)
 
     def _lm(self, params, frozen) -> dict[str, float]:
-        return {**lm_scores(run_lm_eval(self, params, frozen), self.kinds), **self.blind}
+        scores = {**lm_scores(run_lm_eval(self, params, frozen), self.kinds), **self.blind}
+        if self.config.data.gen_ratio > 0:
+            fit, held = (np.concatenate([to_host(self._codes(params, frozen, x[i:i + 256]))
+                                         for i in range(0, len(x), 256)]) for x in (self.fit_images, self.blind_images))
+            scores["blind_loss_image"] = code_prior_loss(fit, held, self.num_codes)
+        return scores
 
     def _vq(self, params, frozen) -> dict[str, float]:
         bs = self.config.train.batch_size

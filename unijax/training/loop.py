@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from unijax import contract, sharding
 from unijax.data import datasets, pipeline
 from unijax.data.tokenizer import HFTokenizer, carried_tokenizer, check_compatible, load_tokenizer, resolve_spec
 from unijax.distributed import to_host
+from unijax.io import write_outputs
 from unijax.models import family, lora
 from unijax.models.config import runtime_overrides
 from unijax.training import evaluators, steps, throughput, vision_pretrain
@@ -143,7 +145,7 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     # -- step and evaluators ---------------------------------------------------------------------
     loss_fn, eval_fn = steps.objective(config, images_per_row, cfg.text.num_layers)
     train_step = train_setup.jit_train_step(built, config, mesh, loss_fn)
-    context = evaluators.Context(config, built.graphdef, tokenizer, layout, mesh, eval_fn, built.lora_scale)
+    context = evaluators.Context(config, built.graphdef, tokenizer, layout, mesh, eval_fn, built.lora_scale, cfg)
     flops, peak = step_flops(config, cfg, mesh, layout, built, train_step, log)
     return Run(config, cfg, mesh, workdir, log, built, ckpts, data_iter, train_step, evaluators.build(context), start,
                tokenizer, flops, peak)
@@ -169,6 +171,7 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
     window = MetricsWindow(run.log, config.train.log_every, last, run.ckpts, run.flops_per_step / run.mesh.size,
                            run.peak_tflops, len(run.mesh.local_devices))
     scores: dict[str, float] = {}
+    start_scores = evaluate_at_start(run, state, frozen)
     for step in range(run.start + 1, last + 1):
         batch = next(run.data_iter)
         window.add_batch(batch)
@@ -201,7 +204,44 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
                          f"Rerun the same command to resume")
             return dict(window.latest, **scores), step
     run.ckpts.wait()
+    if start_scores:
+        run.log.info(start_to_end(start_scores, scores))
     return dict(window.latest, **scores), None
+
+
+START_FILE = "eval_start.json"  # the evaluations before step 1 (train.eval_at_start), kept for a resumed run
+
+
+def evaluate_at_start(run: Run, state, frozen) -> dict[str, float]:
+    """With `train.eval_at_start`: every evaluator on the starting model (logged at step 0), saved to
+    `<workdir>/eval_start.json`; a resumed run reads them back. -> {prefixed name: score}."""
+    if not run.config.train.eval_at_start:
+        return {}
+    path = run.workdir / START_FILE
+    if run.start > 0 and path.is_file():
+        return json.loads(path.read_text())
+    out: dict[str, float] = {}
+    for ev in run.evaluators:
+        result = ev(state["params"], frozen)
+        run.log.write(0, result, prefix=ev.prefix)
+        run.log.info(f"{ev.label} (start) {ev.summary(result)}")
+        out.update({ev.prefix + k: float(v) for k, v in result.items()})
+    if jax.process_index() == 0:
+        write_outputs(run.workdir, {START_FILE: lambda p: p.write_text(json.dumps(out, indent=1) + "\n")})
+    return out
+
+
+HEADLINE = ("accuracy", "loss_text", "loss_image", "router_acc")  # of each evaluator, when it reports them
+
+
+def start_to_end(start: dict[str, float], end: dict[str, float]) -> str:
+    """The run's last line with `train.eval_at_start`: each headline score at the start and at the end."""
+    parts = []
+    for key, value in start.items():
+        name = key.rsplit("/", 1)[-1]
+        if key in end and (name in HEADLINE or key.startswith("suite/") and key.count("/") == 2):
+            parts.append(f"{key} {value:.4f} -> {end[key]:.4f} ({end[key] - value:+.4f})")
+    return "held-out, start -> end: " + ("; ".join(parts) or "no score evaluated at both ends")
 
 
 def export(run: Run) -> None:

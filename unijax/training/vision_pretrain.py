@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -48,11 +49,30 @@ IDENTITY_INDEX = {identity: i for i, identity in enumerate(shapes.IDENTITIES)}
 EVAL_SEED_OFFSET = 7_000_003  # held-out images: a scene stream the training phase never draws
 
 
-class TagSource:
-    """index -> {"image": uint8 [S, S, 3], "tags": float32 [len(IDENTITIES)] multi-hot}."""
+BACKGROUND_LABEL = len(shapes.IDENTITIES)  # a patch label: no object covers the patch
 
-    def __init__(self, seed: int, image_size: int):
-        self.seed, self.image_size = int(seed), int(image_size)
+
+def patch_labels(scene: shapes.Scene, patch_size: int) -> np.ndarray:
+    """int32 `[P]` (row-major patches of `patch_size` pixels): the identity index of the object that
+    covers most of each patch's pixels, or BACKGROUND_LABEL when objects cover under a quarter of it."""
+    g = scene.size // patch_size
+    labels = np.full(g * g, BACKGROUND_LABEL, np.int32)
+    if not scene.objects:
+        return labels
+    cover = np.stack([  # [objects, P]: the share of each patch's pixels the object covers
+        shapes.render(shapes.Scene((o,), scene.size)).any(-1)[: g * patch_size, : g * patch_size]
+        .reshape(g, patch_size, g, patch_size).mean((1, 3)).ravel() for o in scene.objects])
+    ids = np.array([IDENTITY_INDEX[(o.shape, o.colour)] for o in scene.objects], np.int32)
+    owner = cover.argmax(0)
+    return np.where(cover.max(0) >= 0.25, ids[owner], labels).astype(np.int32)
+
+
+class TagSource:
+    """index -> {"image": uint8 [S, S, 3], "tags": float32 [len(IDENTITIES)] multi-hot, "patches": int32
+    [P] per-patch identity (`patch_labels`; BACKGROUND_LABEL where no object is)}."""
+
+    def __init__(self, seed: int, image_size: int, patch_size: int = 4):
+        self.seed, self.image_size, self.patch_size = int(seed), int(image_size), int(patch_size)
 
     def __len__(self) -> int:
         return datasets.WORLD_SIZE
@@ -62,7 +82,7 @@ class TagSource:
         tags = np.zeros(len(shapes.IDENTITIES), np.float32)
         for o in scene.objects:
             tags[IDENTITY_INDEX[(o.shape, o.colour)]] = 1.0
-        return {"image": shapes.render(scene), "tags": tags}
+        return {"image": shapes.render(scene), "tags": tags, "patches": patch_labels(scene, self.patch_size)}
 
 
 class IdentityTagger(nnx.Module):
@@ -79,12 +99,17 @@ class IdentityTagger(nnx.Module):
 
 
 class _Tagged(nnx.Module):
+    """The tower with both heads: the pooled identity-set tagger and a linear per-patch classifier
+    (identity or background) that makes each patch feature say, linearly, what lies under it."""
+
     def __init__(self, vision_model, width: int, *, rngs: nnx.Rngs):
         self.vision_model = vision_model
         self.tagger = IdentityTagger(width, rngs=rngs)
+        self.patch_head = nnx.Linear(width, BACKGROUND_LABEL + 1, rngs=rngs)
 
-    def __call__(self, pixels: jax.Array) -> jax.Array:
-        return self.tagger(self.vision_model(pixels))
+    def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        features = self.vision_model(pixels)
+        return self.tagger(features), self.patch_head(features)
 
 
 def _pixels(images: jax.Array) -> jax.Array:
@@ -136,10 +161,12 @@ def _settings(model, config) -> dict:
 
 def maybe_pretrain(model, config, mesh, log, cache_dir: str | pathlib.Path | None = None) -> dict[str, float] | None:
     """The phase when `vision_pretrain.steps` asks for it and the model needs it: a loaded tower
-    (`init_from`) is already trained, and Emu3 has no understanding encoder."""
+    (`init_from`) is already trained unless `vision_pretrain.with_init_from` says otherwise (a stage-0
+    model: only its VQ trained), and Emu3 has no understanding encoder."""
     if not config.vision_pretrain.steps:
         return None
-    skip = "init_from is set" if config.init_from else ("model.family=emu3" if family_of(model.cfg) == "emu3" else "")
+    skip = ("model.family=emu3" if family_of(model.cfg) == "emu3" else
+            "init_from is set" if config.init_from and not config.vision_pretrain.with_init_from else "")
     if skip:
         log.info(f"vision pre-training skipped: {skip}")
         return None
@@ -196,9 +223,13 @@ def _phase_config(config) -> ml_collections.ConfigDict:
     return c
 
 
-def _tagging_loss(model: _Tagged, batch: dict) -> tuple[jax.Array, dict]:
-    loss = optax.sigmoid_binary_cross_entropy(model(_pixels(batch["image"])), batch["tags"]).sum(-1).mean()
-    return loss, {"loss": loss}
+def _tagging_loss(model: _Tagged, batch: dict, dense_weight: float = 1.0) -> tuple[jax.Array, dict]:
+    """Identity-set sigmoid cross-entropy (summed over identities) + `dense_weight` x the per-patch
+    identity cross-entropy (mean over patches)."""
+    tag_logits, patch_logits = model(_pixels(batch["image"]))
+    tagging = optax.sigmoid_binary_cross_entropy(tag_logits, batch["tags"]).sum(-1).mean()
+    dense = optax.softmax_cross_entropy_with_integer_labels(patch_logits, batch["patches"]).mean()
+    return tagging + dense_weight * dense, {"loss": tagging + dense_weight * dense, "tagging": tagging, "dense": dense}
 
 
 def _train(model, config, mesh, log) -> dict[str, float]:
@@ -208,16 +239,18 @@ def _train(model, config, mesh, log) -> dict[str, float]:
     image_size = model.cfg.vision.image_size
     sharding.check_batch("vision_pretrain.batch_size", v.batch_size, mesh)
     per_process = v.batch_size // jax.process_count()
-    train_ds = (grain.MapDataset.source(TagSource(config.seed, image_size))[jax.process_index()::jax.process_count()]
+    patch = model.cfg.vision.patch_size
+    train_ds = (grain.MapDataset.source(TagSource(config.seed, image_size, patch))[jax.process_index()::jax.process_count()]
                 .batch(per_process, drop_remainder=True)
                 .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
-    held_out = grain.MapDataset.source(TagSource(config.seed + EVAL_SEED_OFFSET, image_size))
+    held_out = grain.MapDataset.source(TagSource(config.seed + EVAL_SEED_OFFSET, image_size, patch))
     held_out = held_out.batch(int(v.eval_images))[0]
 
     phase = _phase_config(config)
     tagged = _Tagged(model.vision_model, model.cfg.vision.hidden_size, rngs=nnx.Rngs(config.seed + 1))
     built = train_setup.build(tagged, phase, mesh)
-    step = train_setup.jit_train_step(built, phase, mesh, _tagging_loss, batch_keys=("image", "tags"))
+    loss_fn = functools.partial(_tagging_loss, dense_weight=float(v.dense_weight))
+    step = train_setup.jit_train_step(built, phase, mesh, loss_fn, batch_keys=("image", "tags", "patches"))
     state, frozen, graphdef = built.state, built.frozen, built.graphdef
     predict = jax.jit(lambda p, f, images: nnx.merge(graphdef, p, f)(_pixels(images)))
 
@@ -239,11 +272,13 @@ def _train(model, config, mesh, log) -> dict[str, float]:
                 log.write(i, {"loss": mean}, prefix="vision_pretrain/")
         if hasattr(it, "close"):
             it.close()
-        logits = np.asarray(to_host(predict(state["params"], frozen, held_out["image"])), np.float64)
-    scores = tagging_scores(logits, held_out["tags"])
+        logits, patch_logits = to_host(predict(state["params"], frozen, held_out["image"]))
+    scores = tagging_scores(np.asarray(logits, np.float64), held_out["tags"])
+    scores["patch_accuracy"] = float((np.asarray(patch_logits).argmax(-1) == held_out["patches"]).mean())
     log.write(steps, scores, prefix="vision_pretrain/")
     log.info(f"vision pre-training done: held-out exact identity set {scores['exact_set']:.3f}, tag accuracy "
-             f"{scores['tag_accuracy']:.4f}, loss {scores['loss']:.3f} (image-blind {scores['blind_loss']:.3f}; "
+             f"{scores['tag_accuracy']:.4f}, patch identity accuracy {scores['patch_accuracy']:.3f}, loss "
+             f"{scores['loss']:.3f} (image-blind {scores['blind_loss']:.3f}; "
              f"{v.eval_images} images)")
     trained = nnx.merge(graphdef, to_host(state["params"]), to_host(frozen))
     nnx.update(model.vision_model, nnx.state(trained.vision_model))  # the trained tower, back into `model`
