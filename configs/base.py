@@ -27,10 +27,6 @@ def get_config(arg=None):
     c.data.turns_per_image = 3
     c.data.max_len = 160
     c.train.eval_batches = 16  # 256 held-out questions: per-kind accuracies of ~35 questions, not ~18
-    # the benchmark suites on held-out scenes at the end of the run (and of every stage built on this config)
-    c.eval_suites.names = ("shapes_pope", "shapes_mc", "shapes_geneval")
-    c.eval_suites.every = 10_000       # > steps: the last step only
-    c.eval_suites.update(num_images=50, num_questions=100, per_tag=4)
     c.train.frozen = ("vqmodel/.*",)  # the VQ tokenizer is fixed (stage 0 trains it)
     # without init_from, stage 0 (configs/stage0_vq.py) is built first, in <workdir>/prerequisites/stage0_vq,
     # and the run starts from its VQ (its vision tower untrained: pre-trained here)

@@ -37,13 +37,15 @@ def test_code_prior_loss_against_float64_counts():
 
 def test_start_to_end_line_lists_headline_scores():
     start = {"eval/accuracy": 0.4, "eval/loss_image": 3.0, "eval/answer_mode/exist_positive": 1.0,
-             "suite/shapes_pope/accuracy": 0.5, "suite/shapes_pope/random/f1": 0.1}
+             "suite/shapes_pope/random/accuracy": 0.5, "suite/shapes_pope/random/f1": 0.1, "suite/shapes_mc/n": 100,
+             "suite/shapes_geneval/overall": 0.1, "suite/shapes_geneval/per_tag/counting": 0.0}
     end = {"eval/accuracy": 0.5, "eval/loss_image": 2.5, "eval/answer_mode/exist_positive": 0.5,
-           "suite/shapes_pope/accuracy": 0.6, "suite/shapes_pope/random/f1": 0.2}
+           "suite/shapes_pope/random/accuracy": 0.6, "suite/shapes_pope/random/f1": 0.2, "suite/shapes_mc/n": 100,
+           "suite/shapes_geneval/overall": 0.2, "suite/shapes_geneval/per_tag/counting": 0.1}
     line = loop.start_to_end(start, end)
     assert "eval/accuracy 0.4000 -> 0.5000 (+0.1000)" in line and "eval/loss_image 3.0000 -> 2.5000 (-0.5000)" in line
-    assert "suite/shapes_pope/accuracy 0.5000 -> 0.6000" in line
-    assert "answer_mode" not in line and "random/f1" not in line
+    assert "suite/shapes_pope/random/accuracy 0.5000 -> 0.6000" in line and "shapes_geneval/overall 0.1000" in line
+    assert not any(k in line for k in ("answer_mode", "random/f1", "mc/n", "per_tag"))
 
 
 def test_eval_at_start_logs_step_0_and_survives_a_resume(tmp_path, data_dir):
@@ -82,20 +84,29 @@ def test_train_cli_rejects_a_bad_config_before_building_prerequisites(tmp_path):
 
 @pytest.mark.slow
 def test_short_base_learns_both_tasks_well_above_blind(tmp_path, data_dir):
-    """The base recipe shortened (stage 0, vision pre-training, then the joint run, at a fraction of
-    their steps): on held-out scenes the understanding accuracy clears the image-blind answerer's by
-    0.08 and the image-code loss is below the prompt-blind generator's (`code_prior_loss`) by 0.3 nats."""
-    vq = tiny_config(tmp_path / "vq", data_dir, steps=150, batch_size=16, warmup_steps=15, log_every=50,
-                     checkpoint_every=150, eval_every=1000, learning_rate=3e-3, weight_decay=0.0)
-    vq.update(objective="vq", init_recipe="")
-    vq.data.update(und_ratio=0.0, cfg_drop_prob=0.0)
-    vq.train.update(trainable=("vqmodel/.*",), frozen=())
-    loop.train(vq, devices=jax.devices()[:1])
-    c = tiny_config(tmp_path / "base", data_dir, steps=250, batch_size=16, warmup_steps=25, log_every=50,
-                    checkpoint_every=250, eval_every=250, eval_batches=8, learning_rate=2e-3)
-    c.init_from = str(tmp_path / "vq" / "model")
-    c.vision_pretrain.update(steps=400, with_init_from=True)
-    final = loop.train(c, devices=jax.devices()[:1])
-    print({k: v for k, v in final.items() if "/" not in k or k.count("/") == 1})
-    assert final["eval/accuracy"] > final["eval/blind_accuracy"] + 0.08
+    """The base recipe shortened, through the CLI: stage 0 (120 x 16), then `configs/base.py` from it
+    with vision pre-training (300 steps) and 300 joint steps at batch 32 (the base's rows: three
+    questions per image). On 512 held-out rows the understanding accuracy clears the image-blind
+    answerer's by 0.06 (about two standard errors) and the image-code loss is below the
+    prompt-blind generator's (`code_prior_loss`) by 0.3 nats. The runs use XLA's default
+    optimisation, as a user's do: the suite's `-O0` flag would double their step time."""
+    env = dict(envs.cli_env(), XLA_FLAGS="")
+    common = [f"--config.data.dir={data_dir}", "--config.train.log_every=50"]
+
+    def train(cfg, name, *flags):
+        cmd = [sys.executable, "-m", "unijax.train", "--config", str(REPO / "configs" / cfg),
+               f"--config.workdir={tmp_path / name}", *common, *flags]
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    train("stage0_vq.py", "vq", "--config.train.steps=120", "--config.train.batch_size=16",
+          "--config.train.warmup_steps=12", "--config.train.learning_rate=3e-3", "--config.eval.evaluators=()")
+    rows = train("base.py", "base", f"--config.init_from={tmp_path / 'vq' / 'model'}",
+                 "--config.vision_pretrain.with_init_from=True", "--config.vision_pretrain.steps=300",
+                 "--config.train.steps=300", "--config.train.warmup_steps=30", "--config.train.eval_every=300",
+                 "--config.train.checkpoint_every=300")
+    final = [r for r in rows if "eval/accuracy" in r][-1]
+    print({k: v for k, v in final.items() if k.startswith("eval/") and "/" not in k[5:]})
+    assert final["eval/accuracy"] > final["eval/blind_accuracy"] + 0.06
     assert final["eval/loss_image"] < final["eval/blind_loss_image"] - 0.3

@@ -6,6 +6,12 @@
     python -m unijax.analyze intensity --ckpt CKPT --task und|gen [--samples 100] [--out curve.json]
         [--targets janus_pro|emu3|official|FILE] [--include_bos 1] [--und_queries answer|after_image]
 
+    python -m unijax.analyze curves --workdir workdir/base [--out DIR]
+
+`curves`: a run's held-out learning curves from its `metrics.jsonl` (accuracy per question kind
+against the image-blind answerer, image-code loss against the prompt-blind generator), as
+`DIR/curves.json`, `DIR/curves.png` and a printed table.
+
 `intensity`: the per-layer cross-modal attention intensity (`unijax.training.aia`) of any
 checkpoint unijax loads, over `--samples` held-out shapes samples of each task (prompts never
 blanked). Writes the chosen task's mean curve with its standard deviation over samples
@@ -37,10 +43,10 @@ from __future__ import annotations
 
 import argparse
 
-from unijax.analysis.commands import conflict, experts, intensity
+from unijax.analysis.commands import conflict, curves, experts, intensity
 from unijax.cli import run_argparse
 
-COMMANDS = ("experts", "intensity", "conflict")
+COMMANDS = ("experts", "intensity", "conflict", "curves")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +82,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None, help="training seed S (default: the run's seed)")
     c.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
     c.set_defaults(run=conflict)
+    k = sub.add_parser("curves", help="a run's held-out learning curves (per question kind, against the blind baselines)")
+    k.add_argument("--workdir", required=True, help="a training run's workdir (its metrics.jsonl)")
+    k.add_argument("--out", default=None, help="output directory (default: <workdir>/analysis)")
+    k.set_defaults(run=curves)
     return p
 
 

@@ -1,5 +1,6 @@
-"""The three analyses of `python -m unijax.analyze` on a checkpoint: `experts`, `intensity` and
-`conflict` (each returns its result and writes JSON + PNG atomically; usage in `unijax.analyze`)."""
+"""The analyses of `python -m unijax.analyze`: `experts`, `intensity` and `conflict` on a checkpoint,
+`curves` on a run's workdir (each returns its result and writes JSON + PNG atomically; usage in
+`unijax.analyze`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from unijax.analysis.conflict import conflict_stats
 from unijax.analysis.experts import expert_stats
 from unijax.analysis.heldout import heldout_batches, run_config
 from unijax.analysis.intensity import intensity_curves
-from unijax.analysis.plots import plot_conflict, plot_experts, plot_intensity
+from unijax.analysis.plots import plot_conflict, plot_curves, plot_experts, plot_intensity
 from unijax.io import write_outputs
 from unijax.models import forward
 from unijax.training import aia
@@ -155,3 +156,46 @@ def conflict(args) -> dict:
     return _emit(out, "conflict", stats,
                  lambda p: plot_conflict(stats, p, title=f"{ckpt} ({cfg.ffn}): MMU vs T2I gradients"),
                  conflict_table(stats))
+
+
+def learning_curves(rows: list[dict]) -> dict:
+    """The held-out evaluations in a run's metrics.jsonl rows (`eval/*`, step 0 included when the run
+    evaluated at its start): per step the accuracy overall and per question kind, the text and
+    image-code losses, and the blind baselines."""
+    evals = [r for r in rows if "eval/accuracy" in r or "eval/loss_image" in r]
+    if not evals:
+        raise ValueError("no held-out evaluation (eval/*) in the run's metrics.jsonl: set train.eval_every")
+    kinds = list(dict.fromkeys(k[len("eval/accuracy_"):] for r in evals for k in r if k.startswith("eval/accuracy_")))
+    last = evals[-1]
+    nan = float("nan")
+    return {"steps": [r["step"] for r in evals],
+            "accuracy": {"all": [r.get("eval/accuracy", nan) for r in evals],
+                         **{k: [r.get(f"eval/accuracy_{k}", nan) for r in evals] for k in kinds}},
+            "loss_text": [r.get("eval/loss_text") for r in evals], "loss_image": [r.get("eval/loss_image") for r in evals],
+            "blind_accuracy": last.get("eval/blind_accuracy"), "blind_loss_image": last.get("eval/blind_loss_image")}
+
+
+def curves_table(c: dict) -> str:
+    kinds = list(c["accuracy"])
+    lines = ["step  " + " ".join(f"{k[:9]:>9}" for k in kinds) + "  loss_img  (blind acc "
+             + _fmt(c["blind_accuracy"]) + ", blind loss_img " + _fmt(c["blind_loss_image"]) + ")"]
+    for i, step in enumerate(c["steps"]):
+        lines.append(f"{step:>5} " + " ".join(f"{_fmt(c['accuracy'][k][i], 9)}" for k in kinds)
+                     + f"  {_fmt(c['loss_image'][i], 8)}")
+    return "\n".join(lines)
+
+
+def curves(args) -> dict:
+    workdir = pathlib.Path(args.workdir)
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (--workdir must be a training run's workdir)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n} is not JSON ({e})") from e
+    result = learning_curves(rows)
+    out = pathlib.Path(args.out) if args.out else workdir / "analysis"
+    return _emit(out, "curves", result, lambda p: plot_curves(result, p, title=str(workdir)), curves_table(result))

@@ -111,3 +111,35 @@ def plot_conflict(stats: dict, path, title: str = "") -> None:
     fig.suptitle(title or "gradient conflict", fontsize=9)
     fig.savefig(path, format="png", dpi=80)
     plt.close(fig)
+
+
+def plot_curves(curves: dict, path, title: str = "") -> None:
+    """A run's held-out learning curves (`commands.learning_curves`): understanding accuracy per
+    question kind with the image-blind answerer's (left), image-code loss against the prompt-blind
+    generator's (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    steps = curves["steps"]
+    for key, values in curves["accuracy"].items():
+        left.plot(steps, values, marker="o", lw=2.5 if key == "all" else 1.0, label=key)
+    if curves.get("blind_accuracy") is not None:
+        left.axhline(curves["blind_accuracy"], color="k", ls="--", lw=1, label="image-blind (all)")
+    left.set_ylim(-0.02, 1.02)
+    left.set_xlabel("step")
+    left.set_ylabel("held-out accuracy")
+    left.legend(fontsize=7, ncol=2, loc="upper left")
+    for key, style in (("loss_image", "o-"), ("loss_text", "s-")):
+        if any(v is not None for v in curves[key]):
+            right.plot(steps, [np.nan if v is None else v for v in curves[key]], style, label=key)
+    if curves.get("blind_loss_image") is not None:
+        right.axhline(curves["blind_loss_image"], color="k", ls="--", lw=1, label="prompt-blind loss_image")
+    right.set_xlabel("step")
+    right.set_ylabel("held-out loss (nats per token)")
+    right.legend(fontsize=8)
+    fig.suptitle(title or "learning curves", fontsize=9)
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)

@@ -23,6 +23,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from unijax.inference import suites
 from unijax.inference.engine import Engine
@@ -192,10 +193,13 @@ def build_prerequisites(config, log=print) -> pathlib.Path:
             moe = config.moe.to_dict()
             moe = MoEConfig(**{k: (tuple(v) if k == "layers" else v) for k, v in moe.items() if v is not None})
             dst = workdir / "model"
-            if dst.exists():  # the upcycled model is written atomically: an existing one is complete
-                shutil.rmtree(dst)
-            base, und, gen = (root / d / "model" for d in deps)
-            upcycle_checkpoint(base, dst, und, gen, moe, noise=0.01, seed=int(config.seed))
+            if jax.process_index() == 0:  # one writer; the other processes wait for it below
+                if dst.exists():  # written atomically, but its DONE is missing: redo it
+                    shutil.rmtree(dst)
+                base, und, gen = (root / d / "model" for d in deps)
+                upcycle_checkpoint(base, dst, und, gen, moe, noise=0.01, seed=int(config.seed))
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("unijax_upcycled")
         else:
             c = load_config(stage)
             for key in INHERITED:
@@ -205,7 +209,8 @@ def build_prerequisites(config, log=print) -> pathlib.Path:
             if deps and deps[0] in UNTRAINED_TOWER:  # a stage-0 model's vision tower is untrained: pre-train it
                 c.vision_pretrain.with_init_from = True
             loop.train(c)
-        (workdir / "DONE").write_text(json.dumps({"seconds": time.perf_counter() - t_stage}))
+        if jax.process_index() == 0:
+            (workdir / "DONE").write_text(json.dumps({"seconds": time.perf_counter() - t_stage}))
     log(f"== prerequisites ready in {(time.perf_counter() - t0) / 60:.1f} min: starting from "
         f"{shown(root / name / 'model')}")
     return root / name / "model"

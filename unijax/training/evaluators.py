@@ -232,8 +232,9 @@ class ShapesHeldout(Evaluator):
             self.fit_images, self.blind_images = (
                 np.stack([shapes.render(shapes.sample_scene(np.random.default_rng([seed, i]), layout.image_size))
                           for i in range(n_img)]).astype(np.float32) / 127.5 - 1
-                for seed, n_img in ((config.seed + 11, 1024), (self.seed + 11, 256)))
+                for seed, n_img in ((config.seed + 11, 768), (self.seed + 11, 256)))
             self._codes = jax.jit(lambda p, f, x: merged_model(graphdef, p, f).vqmodel.encode(x).reshape(x.shape[0], -1))
+            self._blind_loss_image = None
             vq = ctx.model_cfg.vq
             self.num_codes = int(getattr(vq, "num_embeddings", 0) or vq.codebook_size)
         else:
@@ -256,9 +257,12 @@ class ShapesHeldout(Evaluator):
     def _lm(self, params, frozen) -> dict[str, float]:
         scores = {**lm_scores(run_lm_eval(self, params, frozen), self.kinds), **self.blind}
         if self.config.data.gen_ratio > 0:
-            fit, held = (np.concatenate([to_host(self._codes(params, frozen, x[i:i + 256]))
-                                         for i in range(0, len(x), 256)]) for x in (self.fit_images, self.blind_images))
-            scores["blind_loss_image"] = code_prior_loss(fit, held, self.num_codes)
+            vq_trains = "vqmodel" in set(params.keys())
+            if self._blind_loss_image is None or vq_trains:  # a frozen VQ's codes never change: computed once
+                fit, held = (np.concatenate([to_host(self._codes(params, frozen, x[i:i + 256]))
+                                             for i in range(0, len(x), 256)]) for x in (self.fit_images, self.blind_images))
+                self._blind_loss_image = code_prior_loss(fit, held, self.num_codes)
+            scores["blind_loss_image"] = self._blind_loss_image
         return scores
 
     def _vq(self, params, frozen) -> dict[str, float]:

@@ -232,6 +232,7 @@ def evaluate_at_start(run: Run, state, frozen) -> dict[str, float]:
 
 
 HEADLINE = ("accuracy", "loss_text", "loss_image", "router_acc")  # of each evaluator, when it reports them
+SUITE_HEADLINE = ("accuracy", "yes_ratio", "overall")  # of the benchmark suites (POPE per split, MC, GenEval)
 
 
 def start_to_end(start: dict[str, float], end: dict[str, float]) -> str:
@@ -239,7 +240,8 @@ def start_to_end(start: dict[str, float], end: dict[str, float]) -> str:
     parts = []
     for key, value in start.items():
         name = key.rsplit("/", 1)[-1]
-        if key in end and (name in HEADLINE or key.startswith("suite/") and key.count("/") == 2):
+        suite_headline = key.startswith("suite/") and name in SUITE_HEADLINE and key.count("/") <= 3
+        if key in end and (not key.startswith("suite/") and name in HEADLINE or suite_headline):
             parts.append(f"{key} {value:.4f} -> {end[key]:.4f} ({end[key] - value:+.4f})")
     return "held-out, start -> end: " + ("; ".join(parts) or "no score evaluated at both ends")
 
