@@ -73,7 +73,8 @@ class Budget:
 
 FULL = Budget()
 QUICK = Budget(vq_steps=8, base_steps=8, steps=4, batch_size=8, pope_images=4, mc_questions=6, geneval_per_tag=1,
-               geneval_samples=1, overrides=("model.text.num_layers=2", "train.eval_batches=2"))
+               geneval_samples=1, overrides=("model.text.num_layers=2", "train.eval_batches=2",
+                                             "vision_pretrain.steps=8", "vision_pretrain.eval_images=16"))
 
 
 def load_config(name: str, arg: str | None = None):
