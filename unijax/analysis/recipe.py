@@ -157,6 +157,7 @@ RECIPE = {
     "stage1_gen": ("stage1_gen", ("base",)),
     "upcycled": (None, ("base", "stage1_und", "stage1_gen")),
 }
+UNTRAINED_TOWER = ("stage0_vq",)  # recipe models whose vision tower is untrained (only the VQ trained)
 # what a prerequisite takes over from the run that needs it (the architecture, where the data lives, the seed)
 INHERITED = ("model.family", "model.preset", "model.text", "model.vision", "model.vq", "model.dtype",
              "model.param_dtype", "model.attention_impl", "data.dir", "data.tokenizer", "seed", "mesh")
@@ -206,9 +207,8 @@ def build_prerequisites(config, log=print) -> pathlib.Path:
             for key in INHERITED:
                 set_key(c, key, _get(config, key))
             c.workdir, c.init_recipe = str(workdir), ""
-            c.init_from = str(root / deps[0] / "model") if deps else ""
-            if deps and deps[0] in UNTRAINED_TOWER:  # a stage-0 model's vision tower is untrained: pre-train it
-                c.vision_pretrain.with_init_from = True
+            if deps:
+                _start_from(c, deps[0], root / deps[0] / "model")
             loop.train(c)
         if jax.process_index() == 0:
             (workdir / "DONE").write_text(json.dumps({"seconds": time.perf_counter() - t_stage}))
@@ -217,15 +217,17 @@ def build_prerequisites(config, log=print) -> pathlib.Path:
     return root / name / "model"
 
 
-UNTRAINED_TOWER = ("stage0_vq",)  # recipe models whose vision tower is untrained (only the VQ trained)
+def _start_from(config, name: str, model_dir: pathlib.Path) -> None:
+    """`config.init_from` := the recipe model `name` at `model_dir`; a stage-0 model's vision tower is
+    untrained, so the run pre-trains it (`vision_pretrain.with_init_from`)."""
+    config.init_from = str(model_dir)
+    if name in UNTRAINED_TOWER:
+        config.vision_pretrain.with_init_from = True
 
 
 def start_from_prerequisites(config, log=print) -> None:
-    """`config.init_from` := the `init_recipe` model, built first when needed (`build_prerequisites`);
-    a stage-0 model's tower gets the run's vision pre-training (`vision_pretrain.with_init_from`)."""
-    config.init_from = str(build_prerequisites(config, log))
-    if config.init_recipe in UNTRAINED_TOWER:
-        config.vision_pretrain.with_init_from = True
+    """Starts `config` from its `init_recipe` model, built first when needed (`build_prerequisites`)."""
+    _start_from(config, config.init_recipe, build_prerequisites(config, log))
 
 
 def _get(config, dotted: str):

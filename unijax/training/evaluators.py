@@ -230,9 +230,10 @@ class ShapesHeldout(Evaluator):
             self.blind.update({f"blind/{k}": v for k, v in blind.items()})
             # the prompt-blind generator's image-code loss (`code_prior_loss`): chance for the T2I task
             self.fit_images, self.blind_images = (
-                np.stack([shapes.render(shapes.sample_scene(np.random.default_rng([seed, i]), layout.image_size))
+                np.stack([shapes.render(shapes.scene_at(seed, i, layout.image_size))
                           for i in range(n_img)]).astype(np.float32) / 127.5 - 1
-                for seed, n_img in ((config.seed + 11, 768), (self.seed + 11, 256)))
+                for seed, n_img in ((config.seed + 11, 768), (self.seed + 11, 256))
+            ) if config.data.gen_ratio > 0 else (None, None)
             self._codes = jax.jit(lambda p, f, x: merged_model(graphdef, p, f).vqmodel.encode(x).reshape(x.shape[0], -1))
             self._blind_loss_image = None
             vq = ctx.model_cfg.vq
@@ -256,7 +257,7 @@ class ShapesHeldout(Evaluator):
 
     def _lm(self, params, frozen) -> dict[str, float]:
         scores = {**lm_scores(run_lm_eval(self, params, frozen), self.kinds), **self.blind}
-        if self.config.data.gen_ratio > 0:
+        if self.fit_images is not None:
             vq_trains = "vqmodel" in set(params.keys())
             if self._blind_loss_image is None or vq_trains:  # a frozen VQ's codes never change: computed once
                 fit, held = (np.concatenate([to_host(self._codes(params, frozen, x[i:i + 256]))

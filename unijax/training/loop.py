@@ -171,7 +171,8 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
     window = MetricsWindow(run.log, config.train.log_every, last, run.ckpts, run.flops_per_step / run.mesh.size,
                            run.peak_tflops, len(run.mesh.local_devices))
     scores: dict[str, float] = {}
-    start_scores = evaluate_at_start(run, state, frozen)
+    with window.paused():  # not training time
+        start_scores = evaluate_at_start(run, state, frozen)
     for step in range(run.start + 1, last + 1):
         batch = next(run.data_iter)
         window.add_batch(batch)
@@ -186,10 +187,7 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
             if ev.due(step, last):
                 window.fetch()  # a non-finite loss stops the run before it is evaluated
                 with window.paused():
-                    result = ev(state["params"], frozen)
-                run.log.write(step, result, prefix=ev.prefix)
-                run.log.info(f"{ev.label} {ev.summary(result)}")
-                scores.update({ev.prefix + k: v for k, v in result.items()})
+                    scores.update(evaluate(run, ev, step, state["params"], frozen))
         # several processes or the flag with a collective, which waits for the device: only where the loop
         # syncs anyway (log and checkpoint steps); one process reads it every step
         synced = step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or step == last
@@ -209,6 +207,15 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
     return dict(window.latest, **scores), None
 
 
+def evaluate(run: Run, ev, step: int, params, frozen, when: str = "") -> dict[str, float]:
+    """Runs one evaluator, logs its scores at `step` (metrics.jsonl / TensorBoard and a console line)
+    and returns them under the evaluator's prefix."""
+    result = ev(params, frozen)
+    run.log.write(step, result, prefix=ev.prefix)
+    run.log.info(f"{ev.label}{when} {ev.summary(result)}")
+    return {ev.prefix + k: v for k, v in result.items()}
+
+
 START_FILE = "eval_start.json"  # the evaluations before step 1 (train.eval_at_start), kept for a resumed run
 
 
@@ -222,10 +229,7 @@ def evaluate_at_start(run: Run, state, frozen) -> dict[str, float]:
         return json.loads(path.read_text())
     out: dict[str, float] = {}
     for ev in run.evaluators:
-        result = ev(state["params"], frozen)
-        run.log.write(0, result, prefix=ev.prefix)
-        run.log.info(f"{ev.label} (start) {ev.summary(result)}")
-        out.update({ev.prefix + k: float(v) for k, v in result.items()})
+        out.update({k: float(v) for k, v in evaluate(run, ev, 0, state["params"], frozen, " (start)").items()})
     if jax.process_index() == 0:
         write_outputs(run.workdir, {START_FILE: lambda p: p.write_text(json.dumps(out, indent=1) + "\n")})
     return out

@@ -229,7 +229,8 @@ def _tagging_loss(model: _Tagged, batch: dict, dense_weight: float = 1.0) -> tup
     tag_logits, patch_logits = model(_pixels(batch["image"]))
     tagging = optax.sigmoid_binary_cross_entropy(tag_logits, batch["tags"]).sum(-1).mean()
     dense = optax.softmax_cross_entropy_with_integer_labels(patch_logits, batch["patches"]).mean()
-    return tagging + dense_weight * dense, {"loss": tagging + dense_weight * dense, "tagging": tagging, "dense": dense}
+    loss = tagging + dense_weight * dense
+    return loss, {"loss": loss, "tagging": tagging, "dense": dense}
 
 
 def _train(model, config, mesh, log) -> dict[str, float]:
