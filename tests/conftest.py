@@ -27,3 +27,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `longest` run first (stable order otherwise): with `--dist worksteal`, one
+    worker starts on the longest slow test while the other works through the rest, instead of
+    the longest test starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)

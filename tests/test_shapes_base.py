@@ -83,6 +83,7 @@ def test_train_cli_rejects_a_bad_config_before_building_prerequisites(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.longest  # about 8 min: started first (tests/conftest.py)
 def test_short_base_learns_both_tasks_well_above_blind(tmp_path, data_dir):
     """The base recipe shortened, through the CLI: stage 0 (120 x 16), then `configs/base.py` from it
     with vision pre-training (300 steps) and 300 joint steps at batch 32 (the base's rows: three

@@ -188,6 +188,19 @@ def test_mmu_generation_prompt_and_system_prompt(tok):
     assert tok.decode(ids) == "<|User|>: what colour is the triangle?\n\n<|Assistant|>: red"
 
 
+def test_mmu_one_image_goes_where_its_mark_is(tok):
+    """A single image whose question holds an `<image>` mark is placed at the mark (as Janus's
+    processor replaces `<image_placeholder>`), not encoded as text; without a mark it goes first."""
+    from unijax.contract import IMAGE_MARKER
+
+    ids, is_image, _ = tok.mmu_ids([(f"what colour is the triangle?\n{IMAGE_MARKER}", "red")], 3)
+    (boi,) = np.flatnonzero(ids == tok.boi_id)
+    assert is_image.sum() == 3 and tok.decode(ids[:boi]) == "<|User|>: what colour is the triangle?\n"
+    assert tok.decode(ids[boi:]) == "\n\n<|Assistant|>: red"
+    with pytest.raises(ValueError, match="2 '<image>' marks"):
+        tok.mmu_ids([(f"{IMAGE_MARKER} or {IMAGE_MARKER}?", "red")], 3)
+
+
 def test_t2i_layout(tok):
     prompt = "a blue square and two green triangles"
     ids = tok.t2i_ids(prompt)

@@ -157,8 +157,9 @@ class Tokenizer:
             add([self.image_id] * num_image_tokens, is_image=True)
             add([self.eoi_id])
 
-        if num_images > 1:
-            marks = sum((t[0] or "").count(IMAGE_MARKER) for t in turns)
+        marks = sum((t[0] or "").count(IMAGE_MARKER) for t in turns)
+        in_place = num_images > 1 or (marks > 0 and num_image_tokens > 0)
+        if in_place:
             if marks != num_images:
                 raise ValueError(f"mmu_ids: {num_images} images but {marks} '{IMAGE_MARKER}' marks in the user turns")
 
@@ -167,7 +168,7 @@ class Tokenizer:
                 raise ValueError(f"mmu_ids: turn {k} is {turn!r}, expected a (user, assistant) pair")
             user, assistant = turn
             user = (user or "").strip()
-            if num_images > 1:
+            if in_place:
                 first, *rest = user.split(IMAGE_MARKER)
                 add(self.encode((system if k == 0 else "") + USER_PREFIX + first))
                 for piece in rest:
