@@ -136,7 +136,8 @@ class Tokenizer:
         Janus chat template does. `system_prompt` overrides the tokenizer's default.
 
         `num_images > 1`: the user texts hold exactly that many `<image>` marks and each becomes an
-        image block in place (as Janus's processor replaces `<image_placeholder>`).
+        image block in place (as Janus's processor replaces `<image_placeholder>`). One image goes
+        in place too when its question holds a mark (`"what is this?\n<image>"`), else first.
         """
         if not turns:
             raise ValueError("mmu_ids: a conversation needs at least one (user, assistant) turn")
