@@ -66,6 +66,22 @@ def counting_steps(run, nan_at=None):
     return calls
 
 
+def tensorboard_scalars(workdir) -> dict[tuple[int, str], float]:
+    """{(step, tag): value} from the run's TensorBoard event files (TFRecord framing: length, its CRC,
+    an `Event` proto, its CRC), read with tensorboardX's own protos."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            n = int.from_bytes(data[i:i + 8], "little")
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            out.update({(event.step, v.tag): v.simple_value for v in event.summary.value})
+    return out
+
+
 def logged_steps(workdir):
     path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -122,6 +138,10 @@ def test_metrics_reach_the_host_only_at_log_steps_with_throughput_and_mfu(tmp_pa
         assert r["model_tflops_per_s_per_device"] == pytest.approx(flops_per_device / r["step_time_s"] / 1e12)
         assert r["mfu"] == pytest.approx(r["model_tflops_per_s_per_device"] / 100.0)
     assert final["mfu"] == rows[-1]["mfu"]
+    tb = tensorboard_scalars(tmp_path)  # TensorBoard holds the same scalars (float32) at the same steps
+    for r in rows:
+        for k in ("loss", "tokens_per_s", "mfu"):
+            assert tb[(r["step"], k)] == pytest.approx(r[k], rel=1e-6), k
     # the loop's own step (lowered once, not compiled again) counts what the plan's abstract step does
     cfg = model_config(c)
     batch = throughput.abstract_batch(pipeline.Layout.for_data(cfg, c.data), 4, run.mesh)

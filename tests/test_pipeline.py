@@ -233,3 +233,24 @@ def test_eval_reports_the_predicted_first_answer_token(tok, cfg):
     for r in rows:
         assert int(out["first_answer"][r]) == int(np.argmax(logits[r, np.flatnonzero(tw[r])[0]]))
     assert answer_mode_share(np.array([5, 5, 7, 5])) == 0.75 and answer_mode_share(np.array([3, 3])) == 1.0
+
+
+def test_question_weights_shape_the_training_mix_only(tok, cfg):
+    """`data.question_weights` reweights the training stream's question families; the held-out
+    evaluator's batches (`mix=False`) keep the uniform mix, so scores stay comparable across mixes."""
+    c = base.get_config()
+    c.data.gen_ratio, c.data.turns_per_image = 0.0, 1
+
+    def kinds(**kw):
+        (ds,), _ = datasets.task_datasets(c.data, 32, 5, **kw)
+        return [ds[i]["kind"] for i in range(200)]
+
+    uniform = kinds()
+    c.data.question_weights = "exist=50"
+    weighted, held_out = kinds(), kinds(mix=False)
+    exist = [sum(k.startswith("exist_") for k in ks) / len(ks) for ks in (uniform, weighted)]
+    assert exist[0] < 0.3 and exist[1] > 0.8, exist
+    assert held_out == uniform
+    c.data.question_weights = "exist:2"
+    with pytest.raises(ValueError, match="data.question_weights"):
+        kinds()

@@ -292,6 +292,37 @@ def test_sample_question_balance_and_negatives():
     assert set(kinds) == set(S.KINDS)
 
 
+def test_question_weights_set_the_family_mix():
+    """`data.question_weights`: each family is drawn in proportion to its weight among the families
+    the scene admits (float64 expectation over the same scenes; 4,000 draws, 4 standard errors)."""
+    weights = S.parse_weights("exist=4, choice=2,caption=0")
+    assert weights == {"exist": 4.0, "choice": 2.0, "caption": 0.0}
+    rng = np.random.default_rng(3)
+    drawn, expected = collections.Counter(), collections.Counter()
+    n = 4000
+    for i in range(n):
+        scene = S.scene_at(12, i)
+        qa = S.sample_question(scene, rng, weights=weights)
+        drawn["exist" if qa.kind.startswith("exist_") else qa.kind] += 1
+        fams = [f for f in S.FAMILIES if any(S.admits(scene, [k]) for k in S.KINDS
+                                              if k == f or (f == "exist" and k.startswith("exist_")))]
+        w = np.array([weights.get(f, 1.0) for f in fams], dtype=np.float64)
+        for f, p in zip(fams, w / w.sum()):
+            expected[f] += p
+    assert drawn["caption"] == 0 and "caption" in expected
+    for f in S.FAMILIES:
+        p = expected[f] / n
+        assert abs(drawn[f] / n - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12, (f, drawn[f] / n, p)
+    assert drawn["exist"] > 3 * drawn["colour"]
+    # no weights: the uniform draw, the same questions as before the option existed
+    a = [S.sample_question(S.scene_at(12, i), np.random.default_rng(i)) for i in range(50)]
+    b = [S.sample_question(S.scene_at(12, i), np.random.default_rng(i), weights={}) for i in range(50)]
+    assert a == b
+    for bad in ("exist", "exists=2", "exist=-1", "choice=x"):
+        with pytest.raises(ValueError, match="data.question_weights"):
+            S.parse_weights(bad)
+
+
 def test_answer_is_yes():
     assert S.answer_is_yes("yes") and S.answer_is_yes("Yes, there is a red circle.")
     assert not S.answer_is_yes("no") and not S.answer_is_yes("No.")

@@ -19,13 +19,15 @@ HELD_OUT_SEED_OFFSET = 1_000_003  # held-out scenes of a run with seed S use see
 class ShapesSource:
     """Random access to shapes-world samples: index -> one scene with a question (MMU) or a prompt (T2I)."""
 
-    def __init__(self, task: str, seed: int, image_size: int, kinds: Sequence[str] = (), turns: int = 1):
+    def __init__(self, task: str, seed: int, image_size: int, kinds: Sequence[str] = (), turns: int = 1,
+                 weights: dict[str, float] | None = None):
         if task not in TASKS:
             raise ValueError(f"task={task!r}: expected 'mmu' or 't2i'")
         if turns < 1:
             raise ValueError(f"data.turns_per_image={turns} must be >= 1")
         self.task, self.seed, self.image_size, self.turns = task, int(seed), int(image_size), int(turns)
         self.kinds = tuple(kinds) or None
+        self.weights = dict(weights or {}) or None  # question-family weights (shapes.sample_question)
 
     def __len__(self) -> int:
         return WORLD_SIZE
@@ -39,7 +41,7 @@ class ShapesSource:
         if self.task == "mmu":  # a chat about the image: `turns` distinct questions, the first one carries it
             qas = []
             for _ in range(8 * self.turns):
-                qa = shapes.sample_question(scene, rng, self.kinds)
+                qa = shapes.sample_question(scene, rng, self.kinds, self.weights)
                 if qa.question not in {q.question for q in qas}:
                     qas.append(qa)
                 if len(qas) == self.turns:
@@ -62,6 +64,11 @@ def question_kinds(data_cfg) -> tuple[str, ...]:
     return kinds
 
 
+def question_weights(data_cfg) -> dict[str, float]:
+    """`data.question_weights` ("exist=3,choice=2"): relative weights of the shapes question families."""
+    return shapes.parse_weights(data_cfg.get("question_weights", ""))
+
+
 def _files(spec: str) -> list[str]:
     """Comma-separated paths; a glob pattern (`packed/mmu-*.arrayrecord`) expands, sorted."""
     out = []
@@ -76,10 +83,12 @@ def _files(spec: str) -> list[str]:
     return out
 
 
-def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None, part: str = "train"
-                  ) -> tuple[list[grain.MapDataset], list[float]]:
+def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None, part: str = "train",
+                  mix: bool = True) -> tuple[list[grain.MapDataset], list[float]]:
     """-> ([understanding dataset, generation dataset], [und_ratio, gen_ratio]); a task with no data
-    (or ratio 0) is left out. `turns` overrides `data.turns_per_image` (evaluation asks one question).
+    (or ratio 0) is left out. `turns` overrides `data.turns_per_image` (evaluation asks one question);
+    `mix=False` ignores `data.question_weights` (held-out shapes questions are drawn uniformly over
+    the question families, whatever the training mix).
     `part="heldout"` (files only): the held-out files (`data.eval_mmu_json` / `data.eval_t2i_jsonl`)
     or the held-out end of each training file (`data.eval_split`), which `part="train"` leaves out;
     ([], []) when there is none."""
@@ -93,7 +102,8 @@ def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
             continue
         if data_cfg.source == "shapes":
             ds = grain.MapDataset.source(ShapesSource(task, seed, image_size, question_kinds(data_cfg),
-                                                         turns or int(data_cfg.turns_per_image)))
+                                                      turns or int(data_cfg.turns_per_image),
+                                                      question_weights(data_cfg) if mix else None))
         elif data_cfg.source == "files":
             ds = _file_dataset(data_cfg, task, seed + (0 if task == "mmu" else 1), part)
             if ds is None:

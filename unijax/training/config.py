@@ -116,6 +116,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.und_ratio = 1.0
     d.cfg_drop_prob = 0.1        # T2I prompts blanked for classifier-free guidance
     d.question_kinds = ""        # comma-separated shapes question kinds; empty = all
+    d.question_weights = ""      # shapes training mix: "exist=3,choice=2" (families of shapes.FAMILIES; others 1)
     d.turns_per_image = 1        # shapes MMU samples: questions (chat turns) about each image
     d.num_workers = 0            # grain worker processes (0 = in the training process)
     d.prefetch = 2               # batches a background thread prepares ahead (when num_workers = 0)

@@ -110,12 +110,12 @@ HELD_OUT_SEED_OFFSET = datasets.HELD_OUT_SEED_OFFSET
 
 
 def first_batches(config, tokenizer, layout: pipeline.Layout, *, part: str = "train", turns: int | None = None,
-                  kinds=()) -> list[dict]:
+                  kinds=(), mix: bool = True) -> list[dict]:
     """The first `train.eval_batches` unpacked host batches of the configured data (`part`, `turns`:
     `datasets.task_datasets`'s), drawn with seed `config.seed + HELD_OUT_SEED_OFFSET` (a seed the
     training stream never uses); [] when that part has no data."""
     seed = config.seed + HELD_OUT_SEED_OFFSET
-    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, turns=turns, part=part)
+    dsets, weights = datasets.task_datasets(config.data, layout.image_size, seed, turns=turns, part=part, mix=mix)
     if not dsets:
         return []
     it = iter(pipeline.batches(dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size,
@@ -125,8 +125,9 @@ def first_batches(config, tokenizer, layout: pipeline.Layout, *, part: str = "tr
 
 def heldout_batches(config, tokenizer, layout: pipeline.Layout, kinds) -> list[dict]:
     """`train.eval_batches` host batches of held-out shapes scenes (scene seed `config.seed +
-    HELD_OUT_SEED_OFFSET`, which the training stream never uses), one question per image."""
-    return first_batches(config, tokenizer, layout, turns=1, kinds=kinds)
+    HELD_OUT_SEED_OFFSET`, which the training stream never uses), one question per image, the question
+    families drawn uniformly (`data.question_weights` shapes only the training mix)."""
+    return first_batches(config, tokenizer, layout, turns=1, kinds=kinds, mix=False)
 
 
 def device_rows(config, batches: list[dict]) -> list[dict]:

@@ -11,7 +11,18 @@ import time
 from collections.abc import Mapping
 
 import jax
-from tensorboardX import SummaryWriter
+
+# tensorboardX imports torch (about 2 s, every CLI run) only to recognise torch tensors in its image
+# and histogram calls; this logger writes Python floats. So unless torch is loaded already, `import
+# torch` is made to fail (an ImportError, which tensorboardX handles) while tensorboardX loads.
+_TORCH_UNLOADED = "torch" not in sys.modules
+if _TORCH_UNLOADED:
+    sys.modules["torch"] = None
+try:
+    from tensorboardX import SummaryWriter
+finally:
+    if _TORCH_UNLOADED:
+        del sys.modules["torch"]
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -36,6 +36,7 @@ from unijax.data.shapes.qa import (
                                       CAPTION_QUESTION,
                                       CHOICE_SUFFIX,
                                       EXIST_NEGATIVE_KINDS,
+                                      FAMILIES,
                                       KINDS,
                                       LETTERS,
                                       OPPOSITE,
@@ -45,6 +46,7 @@ from unijax.data.shapes.qa import (
                                       answer_is_yes,
                                       blind_baseline,
                                       make_question,
+                                      parse_weights,
                                       questions,
                                       sample_question,
 )
@@ -78,8 +80,9 @@ __all__ = [
     "NUMBER_WORDS", "RELATION_PHRASE", "TAG_WEIGHTS", "TAGS", "PromptSpec", "caption", "join_phrases", "phrase",
     "prompt_set", "prompt_tags", "t2i_prompt",
     # qa
-    "CAPTION_QUESTION", "CHOICE_SUFFIX", "EXIST_NEGATIVE_KINDS", "KINDS", "LETTERS", "OPPOSITE", "QA",
-    "RELATION_WORD", "admits", "answer_is_yes", "blind_baseline", "make_question", "questions", "sample_question",
+    "CAPTION_QUESTION", "CHOICE_SUFFIX", "EXIST_NEGATIVE_KINDS", "FAMILIES", "KINDS", "LETTERS", "OPPOSITE", "QA",
+    "RELATION_WORD", "admits", "answer_is_yes", "blind_baseline", "make_question", "parse_weights", "questions",
+    "sample_question",
     # detector / scoring
     "Detection", "detect", "geneval", "match_scene", "score",
     # corpus_text

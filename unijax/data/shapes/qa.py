@@ -174,19 +174,49 @@ def questions(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] | Non
     return [make_question(scene, k, rng) for k in _check_kinds(kinds) if _applicable(scene, k)]
 
 
-def sample_question(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] | None = None) -> QA:
+FAMILIES: tuple[str, ...] = ("exist",) + KINDS[len(EXIST_NEGATIVE_KINDS) + 1:]  # sample_question's draw
+
+
+def parse_weights(spec: str, key: str = "data.question_weights") -> dict[str, float]:
+    """`"exist=3,choice=2"` -> {"exist": 3.0, "choice": 2.0}: relative weights of question families
+    (FAMILIES; an unnamed family weighs 1). Raises ValueError naming `key` on a bad entry."""
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in str(spec).split(",") if i.strip()):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if name not in FAMILIES or not weight >= 0:
+            raise ValueError(f"{key}: {item!r} must be family=weight with a weight >= 0 and a family "
+                             f"among {FAMILIES}")
+        out[name] = weight
+    return out
+
+
+def sample_question(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] | None = None,
+                    weights: dict[str, float] | None = None) -> QA:
     """A random question of one of `kinds` (default KINDS) that the scene admits.
 
-    Families (existence, colour, shape, count, position, choice) are uniform; within existence the
-    positive kind has probability 1/2 when negatives are allowed too, so yes/no answers are balanced
-    (position yes/no questions are balanced by construction).
+    Families (existence, colour, shape, count, position, choice, caption: FAMILIES) are uniform
+    over those the scene admits, or drawn in proportion to `weights` (family -> weight, missing
+    families weigh 1; see `parse_weights`); within existence the positive kind has probability
+    1/2 when negatives are allowed too, so yes/no answers are balanced (position yes/no questions
+    are balanced by construction).
     """
     allowed = [k for k in _check_kinds(kinds) if _applicable(scene, k)]
     if not allowed:
         raise ValueError(f"kinds={kinds!r}: none applies to this scene")
     exist = [k for k in allowed if k.startswith("exist_")]
     families = (["exist"] if exist else []) + [k for k in allowed if k not in exist]
-    family = _pick(rng, families)
+    if weights:
+        w = np.array([weights.get(f, 1.0) for f in families], dtype=np.float64)
+        if w.sum() <= 0:  # every family this scene admits weighs 0: fall back to uniform
+            w = np.ones_like(w)
+        family = families[int(np.searchsorted(np.cumsum(w / w.sum()), rng.random(), side="right").clip(
+            max=len(families) - 1))]
+    else:
+        family = _pick(rng, families)
     if family == "exist":
         negatives = [k for k in exist if k != "exist_positive"]
         if "exist_positive" in exist and (not negatives or rng.random() < 0.5):
