@@ -27,7 +27,7 @@ class ShapesSource:
             raise ValueError(f"data.turns_per_image={turns} must be >= 1")
         self.task, self.seed, self.image_size, self.turns = task, int(seed), int(image_size), int(turns)
         self.kinds = tuple(kinds) or None
-        self.weights = dict(weights or {}) or None  # question-family weights (shapes.sample_question)
+        self.weights = dict(weights or {})  # question-family weights (shapes.sample_question); {}: uniform
 
     def __len__(self) -> int:
         return WORLD_SIZE

@@ -213,8 +213,7 @@ def sample_question(scene: Scene, rng: np.random.Generator, kinds: Sequence[str]
         w = np.array([weights.get(f, 1.0) for f in families], dtype=np.float64)
         if w.sum() <= 0:  # every family this scene admits weighs 0: fall back to uniform
             w = np.ones_like(w)
-        family = families[int(np.searchsorted(np.cumsum(w / w.sum()), rng.random(), side="right").clip(
-            max=len(families) - 1))]
+        family = families[int(rng.choice(len(families), p=w / w.sum()))]
     else:
         family = _pick(rng, families)
     if family == "exist":
