@@ -27,6 +27,10 @@ def get_config(arg=None):
     c.data.turns_per_image = 3
     c.data.max_len = 160
     c.train.eval_batches = 16  # 256 held-out questions: per-kind accuracies of ~35 questions, not ~18
+    # decoder weights start at std ~1/sqrt(width) instead of transformers' 0.02 (sized for widths near
+    # 2,000): at width 128 a 0.02 start leaves attention uniform and lookup answers on a long plateau
+    # (docs/shapes_testbed.md, "A wider initialisation")
+    c.model.text.initializer_range = 0.088
     c.train.frozen = ("vqmodel/.*",)  # the VQ tokenizer is fixed (stage 0 trains it)
     # without init_from, stage 0 (configs/stage0_vq.py) is built first, in <workdir>/prerequisites/stage0_vq,
     # and the run starts from its VQ (its vision tower untrained: pre-trained here)

@@ -41,6 +41,9 @@ class TextConfig:
     max_position_embeddings: int = 16384
     attention_bias: bool = False
     mlp_bias: bool = False
+    # std of every decoder weight at initialisation (embeddings, attention, MLP / experts, lm_head);
+    # transformers' `initializer_range`. 0.02 suits widths near 2,000; the tiny preset uses ~1/sqrt(width)
+    initializer_range: float = 0.02
     bos_token_id: int = 100000
     eos_token_id: int = 100001
     pad_token_id: int = 100002
@@ -222,6 +225,7 @@ class JanusConfig:
             max_position_embeddings=t.get("max_position_embeddings", 2048),
             attention_bias=t.get("attention_bias", False),
             mlp_bias=t.get("mlp_bias", False),
+            initializer_range=float(t.get("initializer_range", 0.02)),
             bos_token_id=_int_or(t.get("bos_token_id"), 1),
             eos_token_id=_int_or(t.get("eos_token_id"), 2),
             pad_token_id=_int_or(t.get("pad_token_id"), 0),
@@ -277,7 +281,7 @@ class JanusConfig:
                 "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
                 "max_position_embeddings": t.max_position_embeddings,
                 "attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias,
-                "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+                "initializer_range": t.initializer_range, "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
                 "pad_token_id": t.pad_token_id, "tie_word_embeddings": False,
             },
             "vision_config": {
@@ -359,8 +363,10 @@ def _build(cls, value, where: str):
 
 def runtime_overrides(saved: JanusConfig, cfg: JanusConfig) -> dict[str, Any]:
     """The fields of `cfg` to put on a checkpoint's `saved` config when loading it for a run of `cfg`:
-    the runtime keys and, for TA-MoE, the `moe.*` keys the parameters do not depend on."""
+    the runtime keys, `text.initializer_range` (it only shapes a fresh initialisation) and, for TA-MoE,
+    the `moe.*` keys the parameters do not depend on."""
     out: dict[str, Any] = {k: getattr(cfg, k) for k in RUNTIME_KEYS}
+    out["text"] = dataclasses.replace(saved.text, initializer_range=cfg.text.initializer_range)
     if saved.ffn == "ta_moe" and cfg.ffn == "ta_moe":
         out["moe"] = dataclasses.replace(saved.moe, **{k: getattr(cfg.moe, k) for k in MOE_RUNTIME_KEYS})
     return out

@@ -71,7 +71,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = TAMoE(cfg, rngs=rngs)
         else:
             self.mlp = SwiGLU(t.hidden_size, t.intermediate_size, rngs=rngs, bias=t.mlp_bias, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
+                              param_dtype=cfg.param_dtype, std=t.initializer_range)
 
     def __call__(self, x, positions, mask, cache=None, cache_index=None, task=None, valid=None, aia_keys=None,
                  aia_impl="lean"):
@@ -102,7 +102,7 @@ class Decoder(nnx.Module):
         t = cfg.text
         self.cfg = cfg
         self.embed_tokens = embed(t.vocab_size, t.hidden_size, ("vocab", "embed"), rngs=rngs, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype)
+                                  param_dtype=cfg.param_dtype, std=t.initializer_range)
         if cfg.scan_layers:
             @nnx.split_rngs(splits=t.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

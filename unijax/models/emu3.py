@@ -34,7 +34,8 @@ class Emu3(DecoderModel):
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.vqmodel = Emu3VQ(cfg.vq, **kw)
         self.language_model = Decoder(cfg, rngs=rngs)
-        self.lm_head = linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), **kw)
+        self.lm_head = linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), std=cfg.text.initializer_range,
+                              **kw)
 
     # -- images <-> vocabulary ------------------------------------------------------------
     def codes_to_ids(self, codes: Array) -> Array:

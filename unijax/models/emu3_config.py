@@ -145,6 +145,7 @@ class Emu3Config:
             rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1e6))),
             max_position_embeddings=t.get("max_position_embeddings", 9216),
             attention_bias=t.get("attention_bias", False), mlp_bias=t.get("mlp_bias", False),
+            initializer_range=float(t.get("initializer_range", 0.02)),
             bos_token_id=_int_or(t.get("bos_token_id"), 151849), eos_token_id=_int_or(t.get("eos_token_id"), 151850),
             pad_token_id=_int_or(t.get("pad_token_id"), 151643))
         mult = tuple(q.get("channel_multiplier", (1, 2, 2, 4)))
@@ -177,7 +178,8 @@ class Emu3Config:
                 "rms_norm_eps": t.rms_norm_eps, "hidden_act": "silu",
                 "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
                 "max_position_embeddings": t.max_position_embeddings, "attention_bias": t.attention_bias,
-                "mlp_bias": t.mlp_bias, "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+                "mlp_bias": t.mlp_bias, "initializer_range": t.initializer_range, "bos_token_id": t.bos_token_id,
+                "eos_token_id": t.eos_token_id,
                 "pad_token_id": t.pad_token_id, "tie_word_embeddings": False, "attention_dropout": 0.0,
             },
             "vq_config": {

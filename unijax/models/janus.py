@@ -77,7 +77,7 @@ class Janus(DecoderModel):
         self.generation_aligner = MLPProjector(q.embed_dim, q.projection_dim, q.aligner_depth, in_axis=None, **kw)
         self.generation_head = GenerationHead(cfg, rngs=rngs)
         self.language_model = Decoder(cfg, rngs=rngs)
-        self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), **kw)
+        self.lm_head = linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), std=t.initializer_range, **kw)
 
     # -- input paths --------------------------------------------------------------------
     def image_features(self, pixels: Array) -> Array:

@@ -34,10 +34,10 @@ class Linear(nnx.Module):
     lora_weights = ("kernel",)
 
     def __init__(self, din: int, dout: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, bias: bool = False,
-                 dtype="float32", param_dtype="float32"):
+                 dtype="float32", param_dtype="float32", std: float = 0.02):
         pd = dtype_of(param_dtype)
         self.dtype = dtype_of(dtype)
-        self.kernel = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (din, dout), pd), out_sharding=tuple(axes))
+        self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (din, dout), pd), out_sharding=tuple(axes))
         self.bias = (nnx.Param(nnx.initializers.zeros(rngs.params(), (dout,), pd), out_sharding=(axes[-1],)) if bias
                      else nnx.data(None))
 
@@ -47,14 +47,15 @@ class Linear(nnx.Module):
 
 
 def linear(din: int, dout: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, bias: bool = False,
-           dtype="float32", param_dtype="float32") -> Linear:
-    return Linear(din, dout, axes, rngs=rngs, bias=bias, dtype=dtype, param_dtype=param_dtype)
+           dtype="float32", param_dtype="float32", std: float = 0.02) -> Linear:
+    """A `Linear` whose kernel starts normal(0, `std`) (transformers' `initializer_range`)."""
+    return Linear(din, dout, axes, rngs=rngs, bias=bias, dtype=dtype, param_dtype=param_dtype, std=std)
 
 
 def embed(num: int, features: int, axes: Sequence[str | None], *, rngs: nnx.Rngs, dtype="float32",
-          param_dtype="float32") -> nnx.Embed:
+          param_dtype="float32", std: float = 0.02) -> nnx.Embed:
     return nnx.Embed(num, features, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype), rngs=rngs,
-                     embedding_init=nnx.initializers.normal(0.02),
+                     embedding_init=nnx.initializers.normal(std),
                      embedding_metadata={"out_sharding": tuple(axes)})
 
 
@@ -236,7 +237,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
         self.theta = t.rope_theta
         self.impl = cfg.attention_impl
-        kw = dict(rngs=rngs, bias=t.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(rngs=rngs, bias=t.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=t.initializer_range)
         self.q_proj = linear(t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), **kw)
         self.k_proj = linear(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), **kw)
         self.v_proj = linear(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), **kw)
@@ -264,8 +265,8 @@ class SwiGLU(nnx.Module):
     """`down(silu(gate(x)) * up(x))` (LLaMA MLP)."""
 
     def __init__(self, hidden: int, inner: int, *, rngs: nnx.Rngs, bias: bool = False, dtype="float32",
-                 param_dtype="float32"):
-        kw = dict(rngs=rngs, bias=bias, dtype=dtype, param_dtype=param_dtype)
+                 param_dtype="float32", std: float = 0.02):
+        kw = dict(rngs=rngs, bias=bias, dtype=dtype, param_dtype=param_dtype, std=std)
         self.gate_proj = linear(hidden, inner, ("embed", "mlp"), **kw)
         self.up_proj = linear(hidden, inner, ("embed", "mlp"), **kw)
         self.down_proj = linear(inner, hidden, ("mlp", "embed"), **kw)

@@ -85,8 +85,9 @@ class Experts(nnx.Module):
 
     lora_weights = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, num: int, hidden: int, inner: int, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
-        init = nnx.initializers.normal(0.02)
+    def __init__(self, num: int, hidden: int, inner: int, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32",
+                 std: float = 0.02):
+        init = nnx.initializers.normal(std)
         pd = dtype_of(param_dtype)
         self.dtype = dtype_of(dtype)
         self.gate_proj = nnx.Param(init(rngs.params(), (num, hidden, inner), pd), out_sharding=("experts", "embed", "mlp"))
@@ -126,8 +127,9 @@ class TAMoE(nnx.Module):
         # routers compute in float32 (z-loss and top-k ties are precision sensitive)
         self.task_router = linear(hidden, 2, ("embed", None), rngs=rngs, param_dtype=cfg.param_dtype)
         self.router = linear(hidden, self.num_experts, ("embed", None), rngs=rngs, param_dtype=cfg.param_dtype)
-        self.experts = Experts(self.num_experts, hidden, inner, **kw)
-        self.shared = (SwiGLU(hidden, m.num_shared_experts * inner, bias=cfg.text.mlp_bias, **kw)
+        std = cfg.text.initializer_range
+        self.experts = Experts(self.num_experts, hidden, inner, std=std, **kw)
+        self.shared = (SwiGLU(hidden, m.num_shared_experts * inner, bias=cfg.text.mlp_bias, std=std, **kw)
                        if m.num_shared_experts else None)
         self.alpha = nnx.Param(jnp.asarray(m.alpha_init, dtype_of(cfg.param_dtype)), out_sharding=())
 
