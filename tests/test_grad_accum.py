@@ -47,8 +47,9 @@ def _flat(tree):
 def test_micro_batches_equal_one_large_batch(tmp_path, data_dir):
     """TA-MoE + LoRA + AIA, 8 rows as 1 or 4 micro-batches. Without the router balance loss (a
     product of two batch means, which accumulation takes per micro-batch) the loss, the task, router
-    and AIA losses and every gradient equal the one-batch values within 1e-5 (relative to the
-    largest entry of each gradient, float32). (With it, the in-group routers' gradients differ by
+    and AIA losses equal the one-batch values within 1e-5 and every gradient within 1e-4 of its
+    largest entry (float32: the in-group router's gradient peaks near 3e-4, and the two summation
+    orders differ by about 1e-8 there, 3e-5 of it). (With it, the in-group routers' gradients differ by
     15-40 % of their largest entry at 2 rows per micro-batch: the balance of 2 rows is another
     statistic than the balance of 8; the other losses stay exact.)"""
     c = _stage2_aia(tmp_path / "run", data_dir)
@@ -68,7 +69,7 @@ def test_micro_batches_equal_one_large_batch(tmp_path, data_dir):
                     "image_tokens", "router_acc"):
             np.testing.assert_allclose(float(mk[key]), float(m1[key]), rtol=1e-5, err_msg=key)
         np.testing.assert_allclose(float(mk["loss"]), float(m1["loss"]), rtol=1e-5)
-        tol = 1e-5
+        tol = 1e-4
         for name, v in _flat(gk).items():
             scale = np.abs(g1[name]).max()
             assert np.abs(v - g1[name]).max() <= tol * scale + 1e-12, (k, name, np.abs(v - g1[name]).max(), scale)
