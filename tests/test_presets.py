@@ -63,7 +63,7 @@ def test_initializer_range_sets_every_decoder_weight_and_round_trips(family):
     if isinstance(layer, nnx.List):
         layer = layer[0]
     weights |= {"q_proj": layer.self_attn.q_proj.kernel[...], "down_proj": layer.mlp.down_proj.kernel[...]}
-    for name, w in weights.items():  # >= 40k samples each: the std's standard error is < 0.4 %
+    for name, w in weights.items():  # >= 16k samples each: the std's standard error is < 0.6 %, the bound 4 %
         assert abs(float(np.std(np.asarray(w))) - 0.1) < 0.004, name
     default = families.build(preset("tiny", family), nnx.Rngs(0))
     assert abs(float(np.std(np.asarray(default.lm_head.kernel[...]))) - 0.02) < 0.001

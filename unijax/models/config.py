@@ -42,7 +42,8 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     # std of every decoder weight at initialisation (embeddings, attention, MLP / experts, lm_head);
-    # transformers' `initializer_range`. 0.02 suits widths near 2,000; the tiny preset uses ~1/sqrt(width)
+    # transformers' `initializer_range`. 0.02 suits widths near 2,000; configs/base.py sets 0.088
+    # (~1/sqrt(width)) for the 128-wide tiny decoder
     initializer_range: float = 0.02
     bos_token_id: int = 100000
     eos_token_id: int = 100001
