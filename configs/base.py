@@ -1,5 +1,6 @@
 """Joint dense training of the tiny unified model on the shapes world (both tasks, Gen:Und 1:1):
-our stand-in for a pretrained Janus-Pro, and the starting point of the TA-MoE / AIA stages.
+our stand-in for a pretrained Janus-Pro, and the starting point of the TA-MoE / AIA stages. Like
+Janus-Pro, it starts from a decoder that already knows the language (configs/stage0_lm.py).
 
     python -m unijax.train --config configs/base.py
     python -m unijax.train --config configs/base.py --config.train.steps=50 --config.workdir=/tmp/quick
@@ -32,7 +33,8 @@ def get_config(arg=None):
     # (docs/shapes_testbed.md, "A wider initialisation")
     c.model.text.initializer_range = 0.088
     c.train.frozen = ("vqmodel/.*",)  # the VQ tokenizer is fixed (stage 0 trains it)
-    # without init_from, stage 0 (configs/stage0_vq.py) is built first, in <workdir>/prerequisites/stage0_vq,
-    # and the run starts from its VQ (its vision tower untrained: pre-trained here)
+    # without init_from, the language stage (configs/stage0_lm.py: the decoder on scenes in words) and stage
+    # 0's VQ on top of it (configs/stage0_vq.py) are built first, in <workdir>/prerequisites/, and the run
+    # starts from that model (its vision tower untrained: pre-trained here)
     c.init_recipe = "stage0_vq"
     return c

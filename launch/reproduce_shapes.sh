@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # UniDecouple's experiments end to end on the shapes world, on this machine (CPU is enough):
-# stage 0 (VQ), dense base, TOC validation (und only / gen only / both), stage 1 x 2, upcycling,
+# the language stage, stage 0 (VQ), dense base, TOC validation (und only / gen only / both), stage 1 x 2, upcycling,
 # stage 2, the AIA variants, held-out evaluation and a Markdown report with the paper's two tables.
 #
 #   bash launch/reproduce_shapes.sh                       # full run (2 seeds), writes workdir/reproduce/report.md

@@ -15,6 +15,7 @@ from unijax.models import forward
 from unijax.models.janus import Janus
 from unijax.models.presets import preset
 from unijax.training import losses
+from unijax.training.config import validate
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +255,33 @@ def test_question_weights_shape_the_training_mix_only(tok, cfg):
     c.data.question_weights = "exist:2"
     with pytest.raises(ValueError, match="data.question_weights"):
         kinds()
+
+
+def test_scene_text_samples_are_text_only_and_skip_the_image_encoders(tok, cfg):
+    """`data.scene_text` (the language stage): the same scene and questions as the image source, the
+    scene given in words, no image slots; its layout runs no image encoder, and the logits equal
+    those of the step that runs both encoders on the (absent) images. Tolerance 1e-6 absolute."""
+    img, txt = datasets.ShapesSource("mmu", 4, 32, turns=3), datasets.ShapesSource("mmu", 4, 32, turns=3,
+                                                                                   scene_text=True)
+    for i in range(5):
+        a, b = img[i], txt[i]
+        assert "image" not in b and b["kind"] == a["kind"]
+        scene = shapes.sample_scene(np.random.default_rng([4, 0, i]), 32)  # the source's scene i
+        assert b["turns"][0][0] == f"scene: {shapes.caption(scene)}.\n{a['turns'][0][0]}"
+        assert b["turns"][1:] == a["turns"][1:]
+    c = base.get_config()
+    c.data.scene_text, c.data.gen_ratio = True, 0.0
+    layout = pipeline.Layout.for_data(cfg, c.data)
+    assert layout.images_per_row(False) == (0, 0) and layout.images_per_row(True) == (0, 0)
+    c.data.gen_ratio = 1.0
+    assert pipeline.Layout.for_data(cfg, c.data).images_per_row(False) == (0, 1)
+    x = [pipeline.pad_sample(pipeline.encode_sample(txt[i], tok, layout), 112) for i in range(4)]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in x])) for k in contract.BATCH_KEYS}
+    assert not np.any(np.asarray(batch["modality"]) != TEXT)
+    model = Janus(cfg, rngs=nnx.Rngs(0))
+    skip, _, _, _ = forward.lm_forward(model, batch, (0, 0))
+    both, _, _, _ = forward.lm_forward(model, batch, (1, 1))
+    np.testing.assert_allclose(np.asarray(skip), np.asarray(both), atol=1e-6)
+    c.data.source = "files"
+    with pytest.raises(ValueError, match="data.scene_text"):
+        validate(c)

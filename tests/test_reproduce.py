@@ -69,9 +69,10 @@ def test_quick_reproduction_writes_a_full_report(tmp_path):
 def test_emu3_plan_runs_every_stage_on_emu3_from_its_own_stage0(tmp_path):
     stages = recipe.plan(tmp_path, [0, 1], recipe.QUICK, "emu3")
     runs = [s for s in stages if not isinstance(s, tuple)]
-    assert [s.name for s in runs][:3] == ["stage0_vq", "base", "seed0/und_only"]
-    assert runs[1].overrides["init_from"] == tmp_path / "stage0_vq" / "model"
+    assert [s.name for s in runs][:4] == ["stage0_lm", "stage0_vq", "base", "seed0/und_only"]
+    assert runs[1].overrides["init_from"] == tmp_path / "stage0_lm" / "model"
+    assert runs[2].overrides["init_from"] == tmp_path / "stage0_vq" / "model"
     assert all(s.overrides["model.family"] == "emu3" for s in runs)
     assert all("--config.model.family=emu3" in s.command(tmp_path) for s in runs)
     janus = [s for s in recipe.plan(tmp_path, [0], recipe.QUICK) if not isinstance(s, tuple)]
-    assert janus[0].name == "stage0_vq" and all("model.family" not in s.overrides for s in janus)
+    assert janus[0].name == "stage0_lm" and all("model.family" not in s.overrides for s in janus)

@@ -4,7 +4,8 @@
 
 Stages (each the documented command, run in-process; a finished stage is skipped on rerun, an
 interrupted one resumes from its checkpoints):
-  1. stage 0: the VQ tokenizer (`configs/stage0_vq.py`);
+  1. stage 0: the language stage (`configs/stage0_lm.py`: the decoder on scenes in words), then the
+     VQ tokenizer from it (`configs/stage0_vq.py`);
   2. the dense base (`configs/base.py`, `init_from` the stage-0 model): shared by every seed;
   then per seed, each from the base with the same step budget:
   3. the paper's TOC validation: understanding only, generation only, both (`configs/base.py` with

@@ -60,6 +60,7 @@ CLAIMS = (
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
+    lm_steps: int = 500         # the language stage (configs/stage0_lm.py)
     vq_steps: int = 400
     base_steps: int = 1000
     steps: int = 200            # every per-seed run (TOC, stage 1 x 2, stage 2, AIA variants)
@@ -72,7 +73,7 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(vq_steps=8, base_steps=8, steps=4, batch_size=8, pope_images=4, mc_questions=6, geneval_per_tag=1,
+QUICK = Budget(lm_steps=8, vq_steps=8, base_steps=8, steps=4, batch_size=8, pope_images=4, mc_questions=6, geneval_per_tag=1,
                geneval_samples=1, overrides=("model.text.num_layers=2", "train.eval_batches=2",
                                              "vision_pretrain.steps=8", "vision_pretrain.eval_images=16"))
 
@@ -126,8 +127,11 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
     base = {**common, "train.steps": b.base_steps, "train.checkpoint_every": b.base_steps,
             "train.eval_every": b.base_steps, "train.warmup_steps": max(1, b.base_steps // 10)}
     stages: list = [
+        Stage("stage0_lm", "stage0_lm", {**common, "train.steps": b.lm_steps, "train.checkpoint_every": b.lm_steps,
+                                         "train.eval_every": b.lm_steps,
+                                         "train.warmup_steps": max(1, b.lm_steps // 10)}, evaluate=False),
         Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
-                                         "train.eval_every": b.vq_steps,
+                                         "train.eval_every": b.vq_steps, "init_from": out / "stage0_lm" / "model",
                                          "train.warmup_steps": max(1, b.vq_steps // 8)}, evaluate=False),
         Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model", "vision_pretrain.with_init_from": True}),
     ]
@@ -151,13 +155,14 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
 # The recipe's models: name -> (its stage config in configs/, or None for upcycling; the models it starts
 # from). A stage trains from the first model it names (`init_from`); upcycling combines all three.
 RECIPE = {
-    "stage0_vq": ("stage0_vq", ()),
+    "stage0_lm": ("stage0_lm", ()),
+    "stage0_vq": ("stage0_vq", ("stage0_lm",)),
     "base": ("base", ("stage0_vq",)),
     "stage1_und": ("stage1_und", ("base",)),
     "stage1_gen": ("stage1_gen", ("base",)),
     "upcycled": (None, ("base", "stage1_und", "stage1_gen")),
 }
-UNTRAINED_TOWER = ("stage0_vq",)  # recipe models whose vision tower is untrained (only the VQ trained)
+UNTRAINED_TOWER = ("stage0_lm", "stage0_vq")  # recipe models whose vision tower is untrained (only the VQ trained)
 # what a prerequisite takes over from the run that needs it (the architecture, where the data lives, the seed)
 INHERITED = ("model.family", "model.preset", "model.text", "model.vision", "model.vq", "model.dtype",
              "model.param_dtype", "model.attention_impl", "data.dir", "data.tokenizer", "seed", "mesh")

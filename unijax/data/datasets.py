@@ -16,11 +16,17 @@ WORLD_SIZE = 2 ** 31 - 1  # the shapes world is a function of (seed, task, index
 HELD_OUT_SEED_OFFSET = 1_000_003  # held-out scenes of a run with seed S use seed S + this (never trained on)
 
 
+# `data.scene_text`: an understanding sample's scene in words instead of pixels (the language stage,
+# configs/stage0_lm.py); the caption names every object, left to right
+SCENE_TEXT = "scene: {caption}.\n{question}"
+
+
 class ShapesSource:
-    """Random access to shapes-world samples: index -> one scene with a question (MMU) or a prompt (T2I)."""
+    """Random access to shapes-world samples: index -> one scene with a question (MMU) or a prompt (T2I).
+    `scene_text`: understanding samples describe the scene in words (SCENE_TEXT) and carry no image."""
 
     def __init__(self, task: str, seed: int, image_size: int, kinds: Sequence[str] = (), turns: int = 1,
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, scene_text: bool = False):
         if task not in TASKS:
             raise ValueError(f"task={task!r}: expected 'mmu' or 't2i'")
         if turns < 1:
@@ -28,6 +34,7 @@ class ShapesSource:
         self.task, self.seed, self.image_size, self.turns = task, int(seed), int(image_size), int(turns)
         self.kinds = tuple(kinds) or None
         self.weights = dict(weights or {})  # question-family weights (shapes.sample_question); {}: uniform
+        self.scene_text = bool(scene_text) and task == "mmu"  # the scene in words (SCENE_TEXT), no image
 
     def __len__(self) -> int:
         return WORLD_SIZE
@@ -37,7 +44,9 @@ class ShapesSource:
         scene = shapes.sample_scene(rng, self.image_size)
         while self.task == "mmu" and not shapes.admits(scene, self.kinds):  # e.g. colour questions, 3 circles
             scene = shapes.sample_scene(rng, self.image_size)                 # (deterministic: same rng)
-        sample = {"task": self.task, "image": shapes.render(scene), "source": "shapes", "index": int(index)}
+        sample = {"task": self.task, "source": "shapes", "index": int(index)}
+        if not self.scene_text:
+            sample["image"] = shapes.render(scene)
         if self.task == "mmu":  # a chat about the image: `turns` distinct questions, the first one carries it
             qas = []
             for _ in range(8 * self.turns):
@@ -46,7 +55,10 @@ class ShapesSource:
                     qas.append(qa)
                 if len(qas) == self.turns:
                     break
-            sample.update(turns=[[qa.question, qa.answer] for qa in qas], kind=qas[0].kind)
+            turns = [[qa.question, qa.answer] for qa in qas]
+            if self.scene_text:  # a text-only conversation: the first user turn describes the scene
+                turns[0][0] = SCENE_TEXT.format(caption=shapes.caption(scene), question=turns[0][0])
+            sample.update(turns=turns, kind=qas[0].kind)
         else:
             prompt, _ = shapes.t2i_prompt(scene, rng)
             sample["caption"] = prompt
@@ -103,7 +115,8 @@ def task_datasets(data_cfg, image_size: int, seed: int, turns: int | None = None
         if data_cfg.source == "shapes":
             ds = grain.MapDataset.source(ShapesSource(task, seed, image_size, question_kinds(data_cfg),
                                                       turns or int(data_cfg.turns_per_image),
-                                                      question_weights(data_cfg) if mix else None))
+                                                      question_weights(data_cfg) if mix else None,
+                                                      scene_text=bool(data_cfg.get("scene_text", False))))
         elif data_cfg.source == "files":
             ds = _file_dataset(data_cfg, task, seed + (0 if task == "mmu" else 1), part)
             if ds is None:

@@ -73,6 +73,8 @@ class Layout:
     und_rule: str = "janus"  # how an understanding image becomes square (`unijax.data.images`)
     overflow: str = "skip"   # a sample longer than max_len: OVERFLOW_POLICIES
     max_images: int = 1      # understanding images per conversation (more: data.overflow)
+    und_images: bool = True  # False: no understanding images in the data (text-only conversations)
+    gen_images: bool = True  # False: no generated images in the data (no generation samples)
 
     @classmethod
     def from_model(cls, cfg, max_len: int, cfg_drop_prob: float = 0.0, overflow: str = "skip",
@@ -86,8 +88,12 @@ class Layout:
 
     @classmethod
     def for_data(cls, cfg, data) -> Layout:
-        """The layout of model config `cfg` for the `data.*` config group."""
-        return cls.from_model(cfg, data.max_len, data.cfg_drop_prob, data.overflow, data.max_images)
+        """The layout of model config `cfg` for the `data.*` config group. Data without images of a
+        kind (shapes scenes in words, `data.scene_text`; no generation samples, `data.gen_ratio=0`)
+        lets the train step skip that image encoder (`images_per_row`)."""
+        layout = cls.from_model(cfg, data.max_len, data.cfg_drop_prob, data.overflow, data.max_images)
+        scene_text = data.source == "shapes" and bool(data.get("scene_text", False))
+        return dataclasses.replace(layout, und_images=not scene_text, gen_images=float(data.gen_ratio) > 0)
 
     @classmethod
     def _from_model(cls, cfg, max_len: int, cfg_drop_prob: float) -> Layout:
@@ -136,11 +142,14 @@ class Layout:
         return max(self.und_patch, self.gen_patch) ** 2 * 3
 
     def images_per_row(self, packing: bool) -> tuple[int, int]:
-        """Static (understanding, generated) image slots per row the train step reassembles."""
+        """Static (understanding, generated) image slots per row the train step reassembles (0: the
+        data has no images of that kind, and the step runs no encoder for them)."""
         fit = max(1, self.max_len // (self.image_slots(self.und_tokens) + 2))
         if not packing:
-            return min(self.max_images, fit), 1
-        return fit, max(1, self.max_len // (self.image_slots(self.gen_tokens) + 2))
+            und, gen = min(self.max_images, fit), 1
+        else:
+            und, gen = fit, max(1, self.max_len // (self.image_slots(self.gen_tokens) + 2))
+        return und if self.und_images else 0, gen if self.gen_images else 0
 
 
 _DTYPES = {"tokens": np.int32, "modality": np.int32, "task": np.int32, "text_weights": np.float32,

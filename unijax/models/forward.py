@@ -74,13 +74,14 @@ def _fill_codes(model, batch: dict[str, Array], tokens: Array, kind: int, num_im
 def prepare_inputs(model, batch: dict[str, Array], images_per_row: tuple[int, int]):
     """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`).
 
-    Emu3 (one tokenizer both ways): understanding slots get VQ codes too, and there are no pixels."""
+    Emu3 (one tokenizer both ways): understanding slots get VQ codes too, and there are no pixels.
+    A kind with 0 images per row (data without such images) runs no encoder: no codes, no pixels."""
     cfg = model.cfg
     n_und, n_gen = images_per_row
-    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen)
+    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen) if n_gen else batch["tokens"]
     if family_of(cfg) == "emu3":
-        return _fill_codes(model, batch, tokens, UND_IMAGE, n_und), None
-    return tokens, understanding_images(cfg, batch, n_und).astype(cfg.dtype)
+        return (_fill_codes(model, batch, tokens, UND_IMAGE, n_und) if n_und else tokens), None
+    return tokens, (understanding_images(cfg, batch, n_und).astype(cfg.dtype) if n_und else None)
 
 
 def spans(batch: dict[str, Array], cfg, *, include_bos: bool = True, und_queries: str = "answer",

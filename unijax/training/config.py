@@ -31,7 +31,7 @@ from unijax.training import aia, evaluators, vision_pretrain
 from unijax.training.steps import OBJECTIVES
 
 DATA_SOURCES = ("shapes", "files")  # data.source
-INIT_RECIPES = ("", "stage0_vq", "base", "stage1_und", "stage1_gen", "upcycled")  # init_recipe (unijax.analysis.recipe)
+INIT_RECIPES = ("", "stage0_lm", "stage0_vq", "base", "stage1_und", "stage1_gen", "upcycled")  # init_recipe (unijax.analysis.recipe)
 ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
 
 
@@ -73,7 +73,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.workdir = "workdir/base"
     c.init_from = ""             # a unijax model checkpoint (convert output or <workdir>/model)
     # with init_from empty, `python -m unijax.train` first builds this recipe model (and what it needs) under
-    # <workdir>/prerequisites and starts from it: stage0_vq | base | stage1_und | stage1_gen | upcycled
+    # <workdir>/prerequisites and starts from it: stage0_lm | stage0_vq | base | stage1_und | stage1_gen | upcycled
     # (unijax.analysis.recipe.RECIPE); "" = none (a fresh model)
     c.init_recipe = ""
     c.seed = 0
@@ -118,6 +118,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.question_kinds = ""        # comma-separated shapes question kinds; empty = all
     d.question_weights = ""      # shapes training mix: "exist=3,choice=2" (families of shapes.FAMILIES; others 1)
     d.turns_per_image = 1        # shapes MMU samples: questions (chat turns) about each image
+    d.scene_text = False         # shapes MMU samples describe the scene in words, no image (configs/stage0_lm.py)
     d.num_workers = 0            # grain worker processes (0 = in the training process)
     d.prefetch = 2               # batches a background thread prepares ahead (when num_workers = 0)
     d.skip_bad_records = True    # a bad record (missing image, bad JSON, ...) is skipped and counted; False: stop
@@ -296,6 +297,9 @@ def validate(config) -> None:
         raise ValueError(f"init_recipe={config.init_recipe!r}: expected one of {INIT_RECIPES}")
     if config.data.source not in DATA_SOURCES:
         raise ValueError(f"data.source={config.data.source!r}: expected one of {DATA_SOURCES}")
+    if config.data.get("scene_text", False) and config.data.source != "shapes":
+        raise ValueError(f"data.scene_text=True describes shapes scenes in words; data.source="
+                         f"{config.data.source!r} has no scenes to describe (set data.scene_text=False)")
     if config.objective not in OBJECTIVES:
         raise ValueError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
     if config.model.family not in FAMILIES:
