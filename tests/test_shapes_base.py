@@ -109,8 +109,8 @@ def test_short_base_learns_both_tasks_well_above_blind(tmp_path, data_dir):
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    lm = train("stage0_lm.py", "lm", "--config.train.steps=150", "--config.train.warmup_steps=15",
-               "--config.train.eval_every=150", "--config.train.checkpoint_every=150")
+    lm = train("stage0_lm.py", "lm", "--config.train.steps=300", "--config.train.warmup_steps=30",
+               "--config.train.eval_every=300", "--config.train.checkpoint_every=300")
     text = [r for r in lm if "eval/accuracy" in r][-1]  # questions about scenes in words, no image
     assert text["eval/accuracy"] > text["eval/blind_accuracy"] + 0.06, text
     train("stage0_vq.py", "vq", "--config.train.steps=120", f"--config.init_from={tmp_path / 'lm' / 'model'}",
