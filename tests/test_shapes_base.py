@@ -89,7 +89,7 @@ def test_train_cli_rejects_a_bad_config_before_building_prerequisites(tmp_path):
 @pytest.mark.slow
 @pytest.mark.longest  # about 10 min on a slowed VM: started first (tests/conftest.py)
 def test_short_base_learns_both_tasks_well_above_blind(tmp_path, data_dir):
-    """The base recipe shortened, through the CLI: the language stage (150 packed steps; its held-out
+    """The base recipe shortened, through the CLI: the language stage (300 packed steps; its held-out
     answers about scenes in words beat the blind answerer by 0.06), stage 0's VQ from it (120 x 16),
     then `configs/base.py` from that
     with vision pre-training (200 steps) and 240 joint steps at batch 32 (the base's rows: three

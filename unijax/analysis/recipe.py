@@ -114,6 +114,13 @@ class Stage:
             ("" if ":" in self.config else ".py") + " " + " ".join(map(str, flags))
 
 
+def _steps(steps: int, warmup_fraction: int = 10) -> dict:
+    """A stage's step budget: `steps` steps with 1/`warmup_fraction` of them warm-up, one checkpoint and
+    one evaluation at the end."""
+    return {"train.steps": steps, "train.warmup_steps": max(1, steps // warmup_fraction),
+            "train.checkpoint_every": steps, "train.eval_every": steps}
+
+
 def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") -> list[Stage | tuple]:
     """The ordered stages; tuples are upcycling steps ("upcycle", seed). `family="emu3"` runs every
     stage, stage 0 (its VQ-VAE) included, on the tiny Emu3-style model (`model.family=emu3`)."""
@@ -122,17 +129,12 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
     if family != "janus":
         common["model.family"] = family
     base_model = out / "base" / "model"
-    per_run = {"train.steps": b.steps, "train.warmup_steps": max(1, b.steps // 10),
-               "train.checkpoint_every": b.steps, "train.eval_every": b.steps, "init_from": base_model}
-    base = {**common, "train.steps": b.base_steps, "train.checkpoint_every": b.base_steps,
-            "train.eval_every": b.base_steps, "train.warmup_steps": max(1, b.base_steps // 10)}
+    per_run = {**_steps(b.steps), "init_from": base_model}
+    base = {**common, **_steps(b.base_steps)}
     stages: list = [
-        Stage("stage0_lm", "stage0_lm", {**common, "train.steps": b.lm_steps, "train.checkpoint_every": b.lm_steps,
-                                         "train.eval_every": b.lm_steps,
-                                         "train.warmup_steps": max(1, b.lm_steps // 10)}, evaluate=False),
-        Stage("stage0_vq", "stage0_vq", {**common, "train.steps": b.vq_steps, "train.checkpoint_every": b.vq_steps,
-                                         "train.eval_every": b.vq_steps, "init_from": out / "stage0_lm" / "model",
-                                         "train.warmup_steps": max(1, b.vq_steps // 8)}, evaluate=False),
+        Stage("stage0_lm", "stage0_lm", {**common, **_steps(b.lm_steps)}, evaluate=False),
+        Stage("stage0_vq", "stage0_vq", {**common, **_steps(b.vq_steps, warmup_fraction=8),
+                                         "init_from": out / "stage0_lm" / "model"}, evaluate=False),
         Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model", "vision_pretrain.with_init_from": True}),
     ]
     for s in seeds:
@@ -162,7 +164,7 @@ RECIPE = {
     "stage1_gen": ("stage1_gen", ("base",)),
     "upcycled": (None, ("base", "stage1_und", "stage1_gen")),
 }
-UNTRAINED_TOWER = ("stage0_lm", "stage0_vq")  # recipe models whose vision tower is untrained (only the VQ trained)
+UNTRAINED_TOWER = ("stage0_lm", "stage0_vq")  # recipe models whose vision tower is untrained (decoder / VQ trained)
 # what a prerequisite takes over from the run that needs it (the architecture, where the data lives, the seed)
 INHERITED = ("model.family", "model.preset", "model.text", "model.vision", "model.vq", "model.dtype",
              "model.param_dtype", "model.attention_impl", "data.dir", "data.tokenizer", "seed", "mesh")

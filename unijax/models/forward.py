@@ -66,7 +66,10 @@ def generated_images(cfg, batch: dict[str, Array], num_images: int, kind: int = 
 
 
 def _fill_codes(model, batch: dict[str, Array], tokens: Array, kind: int, num_images: int) -> Array:
-    """`tokens` with the frozen VQ's codes of the images under `kind` slots filled in, in order."""
+    """`tokens` with the frozen VQ's codes of the images under `kind` slots filled in, in order (no
+    images per row: `tokens` as they are, the VQ not run)."""
+    if not num_images:
+        return tokens
     codes = model.vqmodel.encode(generated_images(model.cfg, batch, num_images, kind)).reshape(tokens.shape[0], -1)
     return fill_in_order(batch["modality"] == kind, jax.lax.stop_gradient(codes), tokens)
 
@@ -78,9 +81,9 @@ def prepare_inputs(model, batch: dict[str, Array], images_per_row: tuple[int, in
     A kind with 0 images per row (data without such images) runs no encoder: no codes, no pixels."""
     cfg = model.cfg
     n_und, n_gen = images_per_row
-    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen) if n_gen else batch["tokens"]
+    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen)
     if family_of(cfg) == "emu3":
-        return (_fill_codes(model, batch, tokens, UND_IMAGE, n_und) if n_und else tokens), None
+        return _fill_codes(model, batch, tokens, UND_IMAGE, n_und), None
     return tokens, (understanding_images(cfg, batch, n_und).astype(cfg.dtype) if n_und else None)
 
 
