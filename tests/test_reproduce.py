@@ -6,6 +6,7 @@ import re
 import subprocess
 
 import envs
+import numpy as np
 import pytest
 
 from unijax.analysis import recipe
@@ -64,6 +65,45 @@ def test_quick_reproduction_writes_a_full_report(tmp_path):
     per_seed = report.split("## Per-seed values")[1].split("## Stages")[0]
     assert len([l for l in per_seed.splitlines() if l.startswith("| seed")]) == 6
     assert (tmp_path / "r" / "seed0" / "stage2" / "eval" / "shapes_geneval" / "images" / "00000" / "samples").is_dir()
+    analysis = report.split("## Attention intensity and gradient conflict")[1].split("## Per-seed values")[0]
+    rows = [l for l in analysis.splitlines() if l.startswith("| ") and not l.startswith("| run ")
+            and not l.startswith("| layer ")]
+    assert len(rows) == 2 * (5 + 1) + 2, rows  # per task: 5 runs + the target; the conflict table: 2 layers
+    for png in ("intensity.png", "conflict.png"):
+        assert (tmp_path / "r" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analysis_tables_average_seeds_and_measure_the_gap_to_the_targets():
+    rng = np.random.default_rng(0)
+    curves = {label: {t: rng.uniform(0, 1, (2, 3)).tolist() for t in ("und", "gen")}
+              for _, label in recipe.INTENSITY_RUNS}
+    targets = {"und": {"target": [0.2, 0.3, 0.4], "delta": [0.05] * 3}, "gen": {"target": [0.5, 0.5, 0.5], "delta": [0.05] * 3}}
+    conflict = {"dense joint": {"layer0/all": [0.1, -0.3], "layer0/attention": [None, 0.2], "layer0/ffn": [0.0, 0.0]},
+                "TA-MoE": {"layer0/all": [0.5, 0.5]}}
+    text = recipe.analysis_tables({"intensity": curves, "targets": targets, "conflict": conflict})
+    a = np.asarray(curves["TA-MoE"]["gen"], np.float64)
+    gap = np.abs(a - 0.5).mean(axis=1)
+    row = next(l for l in text.split("Generation")[1].splitlines() if l.startswith("| TA-MoE |"))
+    assert row == ("| TA-MoE | " + " | ".join(f"{a[:, l].mean():.3f} ± {a[:, l].std():.3f}" for l in range(3))
+                   + f" | {gap.mean():.3f} ± {gap.std():.3f} |")
+    layer0 = next(l for l in text.splitlines() if l.startswith("| 0 |"))
+    # dense all, TA-MoE all, dense attention (the None seed left out), TA-MoE attention (missing), dense ffn, ...
+    assert layer0.startswith("| 0 | -0.100 ± 0.200 | 0.500 ± 0.000 | 0.200 | - | 0.000 ± 0.000 | - | - |"), layer0
+
+
+def test_full_plan_builds_the_documented_base_chain(tmp_path):
+    """The full reproduction's stage 0 and base are the configs' own budgets, started as `init_recipe`
+    starts them (what `python -m unijax.train --config configs/base.py` builds)."""
+    runs = {s.name: s for s in recipe.plan(tmp_path, [0], recipe.FULL) if not isinstance(s, tuple)}
+    for name in ("stage0_lm", "stage0_vq", "base"):
+        assert not any(k.startswith("train.") for k in runs[name].overrides), runs[name].overrides
+    for name, dep in (("stage0_vq", "stage0_lm"), ("base", "stage0_vq")):
+        c = recipe.load_config(name)
+        recipe._start_from(c, dep, tmp_path / dep / "model")
+        assert runs[name].overrides["init_from"] == tmp_path / dep / "model"
+        assert runs[name].overrides["vision_pretrain.with_init_from"] is c.vision_pretrain.with_init_from is True
+    assert runs["seed0/joint"].overrides["train.batch_size"] == recipe.FULL.batch_size
+    assert recipe.stage_budgets(recipe.FULL)["base"] == (recipe.load_config("base").train.steps, 32)
 
 
 def test_emu3_plan_runs_every_stage_on_emu3_from_its_own_stage0(tmp_path):

@@ -143,3 +143,75 @@ def plot_curves(curves: dict, path, title: str = "") -> None:
     fig.suptitle(title or "learning curves", fontsize=9)
     fig.savefig(path, format="png", dpi=80)
     plt.close(fig)
+
+
+def _mean_std(rows) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
+    return np.nanmean(a, axis=0), np.nanstd(a, axis=0)
+
+
+def plot_intensity_runs(curves: dict, targets: dict, path, title: str = "") -> None:
+    """Several runs' intensity curves, one panel per task: `curves[label][task]` holds one per-layer
+    curve per seed (drawn as mean +- std over seeds); `targets[task]` (`aia.Targets`) as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = ("und", "gen")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), layout="constrained", sharey=True)
+    names = {"und": "understanding (answer -> image)", "gen": "generation (image -> prompt)"}
+    for ax, task in zip(axes, tasks):
+        for label, c in curves.items():
+            mean, std = _mean_std(c[task])
+            layers = np.arange(len(mean))
+            line, = ax.plot(layers, mean, "o-", label=f"{label} (n={len(c[task])})")
+            ax.fill_between(layers, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+        if task in targets:
+            t, d = np.asarray(targets[task].target), np.asarray(targets[task].delta)
+            layers = np.arange(len(t))
+            ax.step(layers, t, where="mid", color="k", ls="--", lw=1, label="AIA target (+- delta)")
+            ax.fill_between(layers, t - d, t + d, step="mid", color="k", alpha=0.07)
+        ax.set_title(names[task], fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-modal attention intensity")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title or "cross-modal attention intensity", fontsize=9)
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
+
+
+def plot_conflict_runs(cosines: dict, groups: dict, path, title: str = "") -> None:
+    """Per-layer MMU-T2I gradient cosines of several runs, one panel per group name: `cosines[label]`
+    maps `layer<i>/<group>` to one cosine per seed (mean +- std over seeds); `groups[panel]` lists,
+    per run label, the group drawn in that panel (e.g. dense `ffn` beside TA-MoE `experts`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), layout="constrained", sharey=True)
+    colours = {label: f"C{i}" for i, label in enumerate(cosines)}  # one colour per run in every panel
+    for ax, (panel, per_run) in zip(np.atleast_1d(axes), groups.items()):
+        for label, group in per_run.items():
+            keys = sorted((k for k in cosines[label] if k.endswith("/" + group) and k.startswith("layer")),
+                          key=lambda k: int(k.split("/")[0][5:]))
+            if not keys:
+                continue
+            mean, std = _mean_std(np.asarray([cosines[label][k] for k in keys], dtype=object).T.tolist())
+            layers = [int(k.split("/")[0][5:]) for k in keys]
+            ax.plot(layers, mean, "o-", color=colours[label], label=f"{label}: {group}")
+            ax.fill_between(layers, mean - std, mean + std, color=colours[label], alpha=0.15)
+            ax.set_xticks(layers)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    np.atleast_1d(axes)[0].set_ylabel("cos(g_MMU, g_T2I)")
+    fig.suptitle(title or "gradient conflict", fontsize=9)
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)

@@ -60,22 +60,29 @@ CLAIMS = (
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    lm_steps: int = 500         # the language stage (configs/stage0_lm.py)
-    vq_steps: int = 400
-    base_steps: int = 1000
-    steps: int = 200            # every per-seed run (TOC, stage 1 x 2, stage 2, AIA variants)
-    batch_size: int = 32
+    """Steps and batch sizes of the reproduction's stages. `None`: the stage config's own, so the full
+    reproduction's stage 0 and base are exactly what `python -m unijax.train --config configs/base.py`
+    builds (its `init_recipe` chain), and a base built that way can be copied in (docs/reproduce_shapes.md)."""
+    lm_steps: int | None = None          # the language stage (configs/stage0_lm.py)
+    vq_steps: int | None = None          # the VQ tokenizer (configs/stage0_vq.py)
+    base_steps: int | None = None        # the dense base (configs/base.py)
+    base_batch_size: int | None = None   # those three stages' batch
+    steps: int = 200                     # every per-seed run (TOC, stage 1 x 2, stage 2, AIA variants)
+    batch_size: int = 32                 # every per-seed run's batch
     pope_images: int = 100
     mc_questions: int = 200
     geneval_per_tag: int = 8
     geneval_samples: int = 2
-    overrides: tuple[str, ...] = ()  # applied to every stage (same architecture throughout)
+    intensity_samples: int = 100         # held-out samples per task behind each intensity curve
+    conflict_batches: int = 8            # held-out batches per task behind each gradient-conflict measurement
+    overrides: tuple[str, ...] = ()      # applied to every stage (same architecture throughout)
 
 
 FULL = Budget()
-QUICK = Budget(lm_steps=8, vq_steps=8, base_steps=8, steps=4, batch_size=8, pope_images=4, mc_questions=6, geneval_per_tag=1,
-               geneval_samples=1, overrides=("model.text.num_layers=2", "train.eval_batches=2",
-                                             "vision_pretrain.steps=8", "vision_pretrain.eval_images=16"))
+QUICK = Budget(lm_steps=8, vq_steps=8, base_steps=8, base_batch_size=8, steps=4, batch_size=8, pope_images=4,
+               mc_questions=6, geneval_per_tag=1, geneval_samples=1, intensity_samples=4, conflict_batches=1,
+               overrides=("model.text.num_layers=2", "train.eval_batches=2", "vision_pretrain.steps=8",
+                          "vision_pretrain.eval_images=16"))
 
 
 def load_config(name: str, arg: str | None = None):
@@ -114,28 +121,45 @@ class Stage:
             ("" if ":" in self.config else ".py") + " " + " ".join(map(str, flags))
 
 
-def _steps(steps: int, warmup_fraction: int = 10) -> dict:
+def _steps(steps: int | None, warmup_fraction: int = 10) -> dict:
     """A stage's step budget: `steps` steps with 1/`warmup_fraction` of them warm-up, one checkpoint and
-    one evaluation at the end."""
+    one evaluation at the end; `None`: the stage config's own budget (no override)."""
+    if steps is None:
+        return {}
     return {"train.steps": steps, "train.warmup_steps": max(1, steps // warmup_fraction),
             "train.checkpoint_every": steps, "train.eval_every": steps}
+
+
+BASE_CHAIN = (("stage0_lm", "lm_steps"), ("stage0_vq", "vq_steps"), ("base", "base_steps"))
+
+
+def stage_budgets(b: Budget) -> dict[str, tuple[int, int]]:
+    """(steps, batch size) each stage of the base chain runs with (its config's where `b` leaves it `None`)."""
+    out = {}
+    for name, field in BASE_CHAIN:
+        c = load_config(name)
+        out[name] = (getattr(b, field) or c.train.steps, b.base_batch_size or c.train.batch_size)
+    return out
 
 
 def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") -> list[Stage | tuple]:
     """The ordered stages; tuples are upcycling steps ("upcycle", seed). `family="emu3"` runs every
     stage, stage 0 (its VQ-VAE) included, on the tiny Emu3-style model (`model.family=emu3`)."""
-    common = {"train.batch_size": b.batch_size, "eval_suites.names": (),  # evaluate_model runs the suites
+    common = {"eval_suites.names": (),  # evaluate_model runs the suites
               **dict(o.split("=", 1) for o in b.overrides)}
     if family != "janus":
         common["model.family"] = family
+    chain = {**common, **({"train.batch_size": b.base_batch_size} if b.base_batch_size else {})}
     base_model = out / "base" / "model"
-    per_run = {**_steps(b.steps), "init_from": base_model}
-    base = {**common, **_steps(b.base_steps)}
+    per_run = {**_steps(b.steps), "train.batch_size": b.batch_size, "init_from": base_model}
     stages: list = [
-        Stage("stage0_lm", "stage0_lm", {**common, **_steps(b.lm_steps)}, evaluate=False),
-        Stage("stage0_vq", "stage0_vq", {**common, **_steps(b.vq_steps, warmup_fraction=8),
-                                         "init_from": out / "stage0_lm" / "model"}, evaluate=False),
-        Stage("base", "base", {**base, "init_from": out / "stage0_vq" / "model", "vision_pretrain.with_init_from": True}),
+        Stage("stage0_lm", "stage0_lm", {**chain, **_steps(b.lm_steps)}, evaluate=False),
+        # from the model before, as `init_recipe` builds them (build_prerequisites, _start_from)
+        Stage("stage0_vq", "stage0_vq", {**chain, **_steps(b.vq_steps, warmup_fraction=8),
+                                         **_from_recipe_model("stage0_lm", out / "stage0_lm" / "model")},
+              evaluate=False),
+        Stage("base", "base", {**chain, **_steps(b.base_steps),
+                               **_from_recipe_model("stage0_vq", out / "stage0_vq" / "model")}),
     ]
     for s in seeds:
         run = {**common, **per_run, "seed": s}
@@ -224,12 +248,15 @@ def build_prerequisites(config, log=print) -> pathlib.Path:
     return root / name / "model"
 
 
+def _from_recipe_model(name: str, model_dir: pathlib.Path) -> dict:
+    """The overrides that start a stage from the recipe model `name` at `model_dir`: `init_from`, and
+    since a stage-0 model's vision tower is untrained, its pre-training (`vision_pretrain.with_init_from`)."""
+    return {"init_from": model_dir, **({"vision_pretrain.with_init_from": True} if name in UNTRAINED_TOWER else {})}
+
+
 def _start_from(config, name: str, model_dir: pathlib.Path) -> None:
-    """`config.init_from` := the recipe model `name` at `model_dir`; a stage-0 model's vision tower is
-    untrained, so the run pre-trains it (`vision_pretrain.with_init_from`)."""
-    config.init_from = str(model_dir)
-    if name in UNTRAINED_TOWER:
-        config.vision_pretrain.with_init_from = True
+    for key, value in _from_recipe_model(name, model_dir).items():
+        set_key(config, key, str(value) if isinstance(value, pathlib.Path) else value)
 
 
 def start_from_prerequisites(config, log=print) -> None:
@@ -287,6 +314,104 @@ def evaluate_model(model_dir: pathlib.Path, b: Budget, seed: int) -> dict[str, f
             "mc": res["shapes_mc"]["accuracy"], "geneval": res["shapes_geneval"].get("overall", 0.0)}
 
 
+# -- analysis: attention intensity and gradient conflict ----------------------------------------------
+INTENSITY_RUNS = (("base", "base"), ("joint", "dense joint"), ("aia", "dense + AIA"), ("stage2", "TA-MoE"),
+                  ("stage2_aia", "TA-MoE + AIA"))
+CONFLICT_RUNS = (("joint", "dense joint"), ("stage2", "TA-MoE"))
+# the conflict table's and plot's groups: per run label, the parameter group (unijax.analysis.conflict.param_group)
+CONFLICT_GROUPS = {"whole layer": {"dense joint": "all", "TA-MoE": "all"},
+                   "attention": {"dense joint": "attention", "TA-MoE": "attention"},
+                   "FFN (TA-MoE: routed experts)": {"dense joint": "ffn", "TA-MoE": "experts"},
+                   "TA-MoE shared expert": {"TA-MoE": "shared_expert"}}
+
+
+def _analysed(path: pathlib.Path, compute) -> dict:
+    """`path`'s JSON, computed first (`compute()` writes it) unless an earlier run left it complete."""
+    if not path.is_file():
+        compute()
+    return json.loads(path.read_text())
+
+
+def analyse(out: pathlib.Path, seeds: list[int], b: Budget) -> dict:
+    """`python -m unijax.analyze intensity` on the base, dense, AIA and TA-MoE runs of every seed and
+    `python -m unijax.analyze conflict` on dense joint vs TA-MoE (each written under `<run>/analysis/`,
+    reused on reruns), summarised as `DIR/intensity.png` (both tasks' curves, mean +- std over seeds,
+    against the AIA runs' targets) and `DIR/conflict.png` (per-layer gradient cosines)."""
+    import argparse
+
+    from unijax import checkpoints
+    from unijax.analysis import commands, plots
+    from unijax.training import aia
+
+    def runs(names):
+        return [("base", out / "base")] if names == "base" else [(f"seed{s}/{names}", out / f"seed{s}" / names)
+                                                                  for s in seeds]
+
+    intensity = {}
+    for run, label in INTENSITY_RUNS:
+        intensity[label] = {"und": [], "gen": []}
+        for _, d in runs(run):
+            r = _analysed(d / "analysis" / "intensity_und.json", lambda d=d: commands.intensity(argparse.Namespace(
+                ckpt=str(d / "model"), task="und", samples=b.intensity_samples, out=None, targets="janus_pro",
+                curve_delta=0.05, include_bos=1, und_queries="answer", batch_size=None, seed=None, data_dir=None)))
+            intensity[label]["und"].append(r["mean"])
+            intensity[label]["gen"].append(r["other"]["gen"]["mean"])
+    conflict = {}
+    for run, label in CONFLICT_RUNS:
+        conflict[label] = {}
+        for _, d in runs(run):
+            stats = _analysed(d / "analysis" / "conflict.json", lambda d=d: commands.conflict(argparse.Namespace(
+                ckpt=str(d / "model"), num_batches=b.conflict_batches, out=None, batch_size=None, seed=None,
+                data_dir=None)))
+            for g in stats["groups"]:
+                conflict[label].setdefault(f"{g['scope']}/{g['group']}", []).append(g["cosine"])
+    aia_run = json.loads((out / f"seed{seeds[0]}" / "aia" / "config.json").read_text())["aia"]
+    layers = checkpoints.read_config(out / "base" / "model").text.num_layers
+    targets = {t: aia.layer_targets(aia_run[f"{t}_targets"], t, layers, aia_run["curve_delta"]) for t in aia.AIA_TASKS}
+    write_outputs(out, {
+        "intensity.png": lambda p: plots.plot_intensity_runs(
+            intensity, targets, p, title=f"cross-modal attention intensity, {b.intensity_samples} held-out samples "
+                                         f"per task and run (mean +- std over seeds)"),
+        "conflict.png": lambda p: plots.plot_conflict_runs(
+            conflict, CONFLICT_GROUPS, p, title=f"cos(MMU gradient, T2I gradient), {b.conflict_batches} held-out batches per "
+                                      f"task (mean +- std over seeds)"),
+    })
+    return {"intensity": intensity, "targets": {t: {"target": list(map(float, v.target)), "delta": list(map(float, v.delta))}
+                                                for t, v in targets.items()},
+            "conflict": conflict}
+
+
+def analysis_tables(analysis: dict) -> str:
+    """The report's intensity tables (per task: each run's per-layer mean over seeds and its mean
+    distance to the targets) and gradient-conflict table (per layer and group, mean ± std over seeds)."""
+    lines = []
+    for task, name in (("und", "Understanding (answer tokens -> image tokens)"),
+                       ("gen", "Generation (image tokens -> prompt tokens)")):
+        t = np.asarray(analysis["targets"][task]["target"])
+        lines += [f"{name}: intensity per layer, mean over seeds (± std), and mean |intensity − target| over layers.",
+                  "", "| run | " + " | ".join(f"layer {l}" for l in range(len(t))) + " | mean abs. gap |",
+                  "|---|" + "---|" * (len(t) + 1)]
+        for label, c in analysis["intensity"].items():
+            a = np.asarray(c[task], dtype=np.float64)
+            lines.append(f"| {label} | " + " | ".join(_cell(list(a[:, l])) for l in range(len(t)))
+                         + f" | {_cell(list(np.mean(np.abs(a - t), axis=1)))} |")
+        lines += ["| AIA target | " + " | ".join(f"{v:.3f}" for v in t) + " | |", ""]
+    groups = [(panel, label, g) for panel, per_run in CONFLICT_GROUPS.items() for label, g in per_run.items()]
+    layer_keys = sorted({k.split("/")[0] for c in analysis["conflict"].values() for k in c if k.startswith("layer")},
+                        key=lambda k: int(k[5:]))
+    lines += ["Gradient conflict: cos(MMU loss gradient, T2I loss gradient) per decoder layer and parameter group "
+              "(negative: the tasks pull the weights apart), mean ± std over seeds.", "",
+              "| layer | " + " | ".join(f"{label}: {g}" for _, label, g in groups) + " |",
+              "|---|" + "---|" * len(groups)]
+    for layer in layer_keys:
+        cells = []
+        for _, label, g in groups:
+            v = [x for x in analysis["conflict"][label].get(f"{layer}/{g}", []) if x is not None]
+            cells.append(_cell(v) if v else "-")
+        lines.append(f"| {layer[5:]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- report -------------------------------------------------------------------------------------------
 def _cell(values: list[float]) -> str:
     if len(values) == 1:
@@ -342,8 +467,9 @@ def tables(results: dict, seeds: list[int], sizes: dict[str, int] | None = None)
 
 
 def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list[str], seeds: list[int], quick: bool,
-                 b: Budget, argv: list[str], family: str = "janus") -> pathlib.Path:
+                 b: Budget, argv: list[str], family: str = "janus", analysis: dict | None = None) -> pathlib.Path:
     a, t, claims = tables(results, seeds, eval_sizes(b))
+    chain = stage_budgets(b)
     cmd = "bash launch/reproduce_shapes.sh " + " ".join(argv)
     total = sum(timings.values())
     lines = [
@@ -354,10 +480,12 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores; total {total / 60:.1f} min.",
         "",
-        f"Budgets: stage 0 {b.vq_steps} steps, base {b.base_steps} steps, every per-seed run {b.steps} steps, batch "
-        f"{b.batch_size}; seeds {', '.join(map(str, seeds))} (data order, LoRA init, upcycling noise). Evaluation on "
-        f"held-out scenes: `shapes_pope` ({b.pope_images} images, accuracy and F1 averaged over the random / popular "
-        f"/ adversarial splits), `shapes_mc` ({b.mc_questions} lettered questions), `shapes_geneval` "
+        "Budgets (steps x batch): " + ", ".join(f"{n} {k} x {bs}" for n, (k, bs) in chain.items())
+        + ("" if (b.lm_steps, b.vq_steps, b.base_steps, b.base_batch_size) != (None,) * 4 else
+           " (the configs' own: the base `python -m unijax.train --config configs/base.py` builds)")
+        + f"; every per-seed run {b.steps} x {b.batch_size}; seeds {', '.join(map(str, seeds))} (data order, LoRA "
+        f"init, upcycling noise). Evaluation on held-out scenes: `shapes_pope` ({b.pope_images} images, accuracy and "
+        f"F1 averaged over the random / popular / adversarial splits), `shapes_mc` ({b.mc_questions} lettered questions), `shapes_geneval` "
         f"({b.geneval_per_tag} prompts per tag x {b.geneval_samples} samples, overall = mean over the six tags). "
         "Cells: mean ± std over seeds; deltas are paired by seed. A claim's difference counts only when it "
         "exceeds twice both the seeds' spread and the evaluation's binomial sampling error.",
@@ -374,6 +502,15 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
         "",
         *[f"- {c}" for c in claims],
         "",
+        *([] if analysis is None else [
+            "## Attention intensity and gradient conflict",
+            "",
+            "![intensity](intensity.png)",
+            "",
+            "![conflict](conflict.png)",
+            "",
+            analysis_tables(analysis),
+        ]),
         "## Per-seed values",
         "",
         "| run | " + " | ".join(n for _, n in METRICS) + " |",
@@ -394,7 +531,7 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
         "",
     ]
     report = {"results": results, "timings": timings, "seeds": seeds, "quick": quick, "budget": dataclasses.asdict(b),
-              "claims": claims}
+              "stage_budgets": chain, "claims": claims, "analysis": analysis}
     write_outputs(out, {"report.md": lambda p: p.write_text("\n".join(lines)),
                         "report.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n")})
     return out / "report.md"
@@ -431,7 +568,10 @@ def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool
             commands.append(f"python -m unijax.evaluate --ckpt {shown(out / stage.name / 'model')} --suite shapes_pope "
                             f"--num_images {b.pope_images} --seed {seed}  # and shapes_mc, shapes_geneval")
             print(f"== {stage.name}: " + " ".join(f"{k}={v:.3f}" for k, v in results[stage.name].items()), flush=True)
-    report = write_report(out, results, timings, commands, seeds, quick, b, argv, family)
+    t0 = time.perf_counter()
+    analysis = analyse(out, seeds, b)
+    timings["analysis (intensity, conflict)"] = time.perf_counter() - t0
+    report = write_report(out, results, timings, commands, seeds, quick, b, argv, family, analysis)
     print(f"\nwrote {report} ({(time.perf_counter() - t_all) / 60:.1f} min)")
     print(report.read_text())
     return report
