@@ -40,6 +40,8 @@ CASES = {
     "analyze_unknown_command": (["unijax.analyze", "expertz", "--ckpt", "{tmp}/no_ckpt"], ["expertz"]),
     "upcycle_missing_base": (["unijax.upcycle", "--base", "{tmp}/no_base", "--out", "{tmp}/up"], ["{tmp}/no_base"]),
     "reproduce_no_seeds": (["unijax.reproduce", "--seeds", ",", "--out", "{tmp}/r"], ["--seeds"]),
+    "reproduce_base_from_not_a_base": (["unijax.reproduce", "--base_from", "{tmp}/empty", "--out", "{tmp}/r2"],
+                                       ["--base_from {tmp}/empty", "{tmp}/empty/prerequisites/stage0_lm/model/model.json"]),
     "pack_nothing": (["unijax.pack", "--out", "{tmp}/packed"], ["--mmu", "--t2i"]),
     "pack_missing_file": (["unijax.pack", "--mmu", "{tmp}/no.json", "--out", "{tmp}/packed2"], ["{tmp}/no.json"]),
     "train_bad_overflow": (["unijax.train", "--config", "configs/stage2.py", "--config.data.overflow=cut"],

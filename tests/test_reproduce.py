@@ -1,6 +1,7 @@
 """`launch/reproduce_shapes.sh` (unijax/analysis/recipe.py): the report's tables from known results, and
 the whole pipeline in --quick mode (slow: every stage of the recipe with a few steps)."""
 
+import json
 import pathlib
 import re
 import subprocess
@@ -104,6 +105,60 @@ def test_full_plan_builds_the_documented_base_chain(tmp_path):
         assert runs[name].overrides["vision_pretrain.with_init_from"] is c.vision_pretrain.with_init_from is True
     assert runs["seed0/joint"].overrides["train.batch_size"] == recipe.FULL.batch_size
     assert recipe.stage_budgets(recipe.FULL)["base"] == (recipe.load_config("base").train.steps, 32)
+
+
+@pytest.mark.parametrize("family, budget", [("janus", recipe.FULL), ("emu3", recipe.QUICK)])
+def test_plan_stage0_is_what_init_recipe_builds_for_the_base(tmp_path, family, budget):
+    """The plan's stage-0 configs equal `build_prerequisites`'s for the same base config (its INHERITED
+    keys set on the stage's config): the reproduction's stage 0 is the base command's."""
+    runs = {s.name: s for s in recipe.plan(tmp_path, [0], budget, family) if not isinstance(s, tuple)}
+    base = recipe.stage_config(runs["base"], tmp_path)
+    for name, dep in (("stage0_lm", None), ("stage0_vq", "stage0_lm")):
+        built = recipe.load_config(name)
+        for key in recipe.INHERITED:
+            recipe.set_key(built, key, recipe._get(base, key))
+        if dep:
+            recipe._start_from(built, dep, tmp_path / dep / "model")
+        budget_keys = dict(o.split("=", 1) for o in budget.overrides)  # the budget's (QUICK: every stage's)
+        for k, v in runs[name].overrides.items():
+            if k.startswith("train.") or k in budget_keys:
+                recipe.set_key(built, k, v)
+        diff = recipe._differences(json.loads(built.to_json()), json.loads(recipe.stage_config(runs[name], tmp_path).to_json()))
+        assert diff == [], (name, diff)
+
+
+def fake_base_workdir(src, out, stages):
+    by = {s.name: s for s in stages if not isinstance(s, tuple)}
+    for name, d in (("stage0_lm", src / "prerequisites" / "stage0_lm"), ("stage0_vq", src / "prerequisites" / "stage0_vq"),
+                    ("base", src)):
+        (d / "model").mkdir(parents=True)
+        (d / "model" / "model.json").write_text("{}")
+        c = recipe.stage_config(by[name], out)
+        c.workdir, c.eval_suites.names = str(d), ("shapes_pope",)  # keys that do not change the model
+        (d / "config.json").write_text(c.to_json())
+        if name != "base":
+            (d / "DONE").write_text('{"seconds": 12.0}')
+
+
+def test_base_from_copies_a_matching_base_and_refuses_another(tmp_path):
+    out, src = tmp_path / "r", tmp_path / "b"
+    stages = recipe.plan(out, [0], recipe.FULL)
+    fake_base_workdir(src, out, stages)
+    good = (src / "config.json").read_text()
+    bad = json.loads(good)
+    bad["train"]["steps"] += 1
+    (src / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"config.json is not the base stage .*train.steps=601"):
+        recipe.adopt_base(src, out, stages)
+    assert not out.exists()  # checked before anything is copied
+    (src / "config.json").write_text(good)
+    recipe.adopt_base(src, out, stages)
+    assert json.loads((out / "stage0_vq" / "DONE").read_text()) == {
+        "seconds": 12.0, "copied_from": str((src / "prerequisites" / "stage0_vq").absolute())}
+    assert (out / "base" / "model" / "model.json").is_file() and not (out / "base" / "prerequisites").exists()
+    (src / "prerequisites" / "stage0_lm" / "DONE").unlink()
+    with pytest.raises(FileNotFoundError, match="stage0_lm/DONE not found"):
+        recipe.adopt_base(src, tmp_path / "other", stages)
 
 
 def test_emu3_plan_runs_every_stage_on_emu3_from_its_own_stage0(tmp_path):

@@ -152,10 +152,12 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
     chain = {**common, **({"train.batch_size": b.base_batch_size} if b.base_batch_size else {})}
     base_model = out / "base" / "model"
     per_run = {**_steps(b.steps), "train.batch_size": b.batch_size, "init_from": base_model}
+    # stage 0 as `init_recipe` builds it for the base (build_prerequisites): the base's INHERITED keys, each
+    # stage from the model before (_start_from)
     stages: list = [
-        Stage("stage0_lm", "stage0_lm", {**chain, **_steps(b.lm_steps)}, evaluate=False),
-        # from the model before, as `init_recipe` builds them (build_prerequisites, _start_from)
-        Stage("stage0_vq", "stage0_vq", {**chain, **_steps(b.vq_steps, warmup_fraction=8),
+        Stage("stage0_lm", "stage0_lm", {**chain, **_inherited("stage0_lm", common), **_steps(b.lm_steps)},
+              evaluate=False),
+        Stage("stage0_vq", "stage0_vq", {**chain, **_inherited("stage0_vq", common), **_steps(b.vq_steps, warmup_fraction=8),
                                          **_from_recipe_model("stage0_lm", out / "stage0_lm" / "model")},
               evaluate=False),
         Stage("base", "base", {**chain, **_steps(b.base_steps),
@@ -192,6 +194,29 @@ UNTRAINED_TOWER = ("stage0_lm", "stage0_vq")  # recipe models whose vision tower
 # what a prerequisite takes over from the run that needs it (the architecture, where the data lives, the seed)
 INHERITED = ("model.family", "model.preset", "model.text", "model.vision", "model.vq", "model.dtype",
              "model.param_dtype", "model.attention_impl", "data.dir", "data.tokenizer", "seed", "mesh")
+
+
+def _leaves(value, prefix: str) -> dict:
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def _inherited(stage: str, common: dict) -> dict:
+    """The overrides that give `stage`'s config the base config's `INHERITED` keys (leaf by leaf, where
+    they differ; `common` applied to both), as `build_prerequisites` does for the base's stage 0."""
+    base, own = load_config("base"), load_config(stage)
+    for c in (base, own):
+        for k, v in common.items():
+            set_key(c, k, v)
+    out = {}
+    for key in INHERITED:
+        if key in ("seed", "data.dir", "mesh"):  # the reproduction sets these for every stage alike
+            continue
+        theirs, mine = _leaves(_get(base, key), key), _leaves(_get(own, key), key)
+        out |= {k: v for k, v in theirs.items() if mine.get(k, object()) != v}
+    return out
 
 
 def _order(name: str, seen: list[str]) -> list[str]:
@@ -271,22 +296,80 @@ def _get(config, dotted: str):
     return node.copy_and_resolve_references() if hasattr(node, "copy_and_resolve_references") else node
 
 
+def stage_config(stage: Stage, out: pathlib.Path):
+    """The training config `stage` runs with: its config file, the plan's overrides, its workdir and the
+    reproduction's data directory."""
+    config = load_config(*stage.config.split(":", 1)) if ":" in stage.config else load_config(stage.config)
+    config.workdir = str(out / stage.name)
+    config.data.dir = str(out / "data")
+    for k, v in stage.overrides.items():
+        set_key(config, k, str(v) if isinstance(v, pathlib.Path) else v)
+    return config
+
+
 def train_stage(stage: Stage, out: pathlib.Path) -> float:
     """Runs (or resumes) a stage unless its model is complete; returns the seconds it took."""
     workdir = out / stage.name
     if (workdir / "DONE").is_file():
         return float(json.loads((workdir / "DONE").read_text())["seconds"])
-    config = load_config(*stage.config.split(":", 1)) if ":" in stage.config else load_config(stage.config)
-    config.workdir = str(workdir)
-    config.data.dir = str(out / "data")
-    for k, v in stage.overrides.items():
-        set_key(config, k, str(v) if isinstance(v, pathlib.Path) else v)
+    config = stage_config(stage, out)
     print(f"\n== {stage.name}: {stage.command(out)}", flush=True)
     t0 = time.perf_counter()
     loop.train(config)
     seconds = time.perf_counter() - t0
     (workdir / "DONE").write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+# keys that do not change what a stage trains (where it runs, what it starts from, the suites it logs)
+ADOPT_IGNORED = ("workdir", "init_from", "init_recipe", "data.dir", "eval_suites")
+
+
+def _differences(used: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(used) | set(wanted)):
+        key = prefix + k
+        if key in ADOPT_IGNORED:
+            continue
+        a, b = used.get(k, "<missing>"), wanted.get(k, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key}={a!r} (the reproduction's: {b!r})")
+    return out
+
+
+def adopt_base(src: pathlib.Path, out: pathlib.Path, stages: list) -> None:
+    """Copies a finished `python -m unijax.train --config configs/base.py --config.workdir=SRC` in as the
+    plan's language stage, VQ stage and base (`SRC/prerequisites/stage0_lm`, `.../stage0_vq`, `SRC`), after
+    checking that each was trained with exactly the config this reproduction would train it with (every
+    key but `ADOPT_IGNORED`). Stages `out` already holds are kept."""
+    sources = {"stage0_lm": src / "prerequisites" / "stage0_lm", "stage0_vq": src / "prerequisites" / "stage0_vq",
+               "base": src}
+    by_name = {s.name: s for s in stages if isinstance(s, Stage)}
+    for name, d in sources.items():  # check every source before copying any
+        for need in (d / "model" / "model.json", d / "config.json", *([d / "DONE"] if name != "base" else [])):
+            if not need.is_file():
+                raise FileNotFoundError(f"--base_from {src}: {need} not found; expected the workdir of a finished "
+                                        f"`python -m unijax.train --config configs/base.py --config.workdir={src}`")
+        diff = _differences(json.loads((d / "config.json").read_text()),
+                            json.loads(stage_config(by_name[name], out).to_json()))
+        if diff:
+            raise ValueError(f"--base_from {src}: {d / 'config.json'} is not the {name} stage this reproduction "
+                             f"trains: " + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""))
+    for name, d in sources.items():
+        dst = out / name
+        if (dst / "DONE").is_file():
+            continue
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(d, dst, ignore=shutil.ignore_patterns("prerequisites", "eval", "analysis"))
+        if (d / "DONE").is_file():
+            seconds = float(json.loads((d / "DONE").read_text())["seconds"])
+        else:  # the base run itself: from its start (the VQ stage's end) to its model, suites excluded
+            seconds = (d / "model" / "model.json").stat().st_mtime - (sources["stage0_vq"] / "DONE").stat().st_mtime
+        (dst / "DONE").write_text(json.dumps({"seconds": seconds, "copied_from": str(d.absolute())}))
+        print(f"== {name}: copied from {shown(d)} (--base_from)", flush=True)
 
 
 def upcycle_stage(out: pathlib.Path, seed: int, b: Budget) -> float:
@@ -537,8 +620,13 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
     return out / "report.md"
 
 
-def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool, argv: list[str]) -> pathlib.Path:
-    """Runs (or resumes) every stage into `out`, evaluates, and writes the report; returns its path."""
+def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool, argv: list[str],
+        base_from: pathlib.Path | None = None) -> pathlib.Path:
+    """Runs (or resumes) every stage into `out`, evaluates, and writes the report; returns its path.
+    `base_from`: a finished `configs/base.py` workdir whose stage 0 and base are copied in (`adopt_base`)."""
+    stages = plan(out, seeds, b, family)
+    if base_from is not None:
+        adopt_base(base_from, out, stages)
     out.mkdir(parents=True, exist_ok=True)
     if not jax.config.jax_compilation_cache_dir:  # the seeds' runs compile the same programs: compile once
         jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
@@ -546,7 +634,7 @@ def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     results, timings, commands = {}, {}, []
     t_all = time.perf_counter()
-    for stage in plan(out, seeds, b, family):
+    for stage in stages:
         if isinstance(stage, tuple):
             s = stage[1]
             timings[f"seed{s}/upcycle"] = upcycle_stage(out, s, b)
@@ -555,7 +643,9 @@ def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool
                             f"model --gen {o}/seed{s}/stage1_gen/model --out {o}/seed{s}/upcycled --noise 0.01 "
                             f"--seed {s}")
             continue
-        timings[stage.name] = train_stage(stage, out)
+        seconds = train_stage(stage, out)
+        copied = json.loads((out / stage.name / "DONE").read_text()).get("copied_from")
+        timings[stage.name + (f" (copied from {shown(copied)})" if copied else "")] = seconds
         commands.append(stage.command(out))
         if stage.evaluate:
             t0 = time.perf_counter()
