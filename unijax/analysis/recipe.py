@@ -9,6 +9,7 @@ repository, for the documented commands) when they lie below it.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import datetime
@@ -25,11 +26,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from unijax import checkpoints
+from unijax.analysis import commands, plots
 from unijax.inference import suites
 from unijax.inference.engine import Engine
 from unijax.io import write_outputs
 from unijax.models.config import MoEConfig
-from unijax.training import loop
+from unijax.training import aia, loop
 from unijax.training.upcycle import upcycle_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the stage configs are the repository's configs/*.py
@@ -420,12 +423,6 @@ def analyse(out: pathlib.Path, seeds: list[int], b: Budget) -> dict:
     `python -m unijax.analyze conflict` on dense joint vs TA-MoE (each written under `<run>/analysis/`,
     reused on reruns), summarised as `DIR/intensity.png` (both tasks' curves, mean +- std over seeds,
     against the AIA runs' targets) and `DIR/conflict.png` (per-layer gradient cosines)."""
-    import argparse
-
-    from unijax import checkpoints
-    from unijax.analysis import commands, plots
-    from unijax.training import aia
-
     def runs(names):
         return [("base", out / "base")] if names == "base" else [(f"seed{s}/{names}", out / f"seed{s}" / names)
                                                                   for s in seeds]
