@@ -10,7 +10,7 @@ import envs
 import numpy as np
 import pytest
 
-from unijax.analysis import recipe
+from unijax.analysis import recipe, summary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"^[+-]?\d+\.\d+( ± \d+\.\d+)?$")
@@ -77,11 +77,11 @@ def test_quick_reproduction_writes_a_full_report(tmp_path):
 def test_analysis_tables_average_seeds_and_measure_the_gap_to_the_targets():
     rng = np.random.default_rng(0)
     curves = {label: {t: rng.uniform(0, 1, (2, 3)).tolist() for t in ("und", "gen")}
-              for _, label in recipe.INTENSITY_RUNS}
+              for _, label in summary.INTENSITY_RUNS}
     targets = {"und": {"target": [0.2, 0.3, 0.4], "delta": [0.05] * 3}, "gen": {"target": [0.5, 0.5, 0.5], "delta": [0.05] * 3}}
     conflict = {"dense joint": {"layer0/all": [0.1, -0.3], "layer0/attention": [None, 0.2], "layer0/ffn": [0.0, 0.0]},
                 "TA-MoE": {"layer0/all": [0.5, 0.5]}}
-    text = recipe.analysis_tables({"intensity": curves, "targets": targets, "conflict": conflict})
+    text = summary.analysis_tables({"intensity": curves, "targets": targets, "conflict": conflict})
     a = np.asarray(curves["TA-MoE"]["gen"], np.float64)
     gap = np.abs(a - 0.5).mean(axis=1)
     row = next(l for l in text.split("Generation")[1].splitlines() if l.startswith("| TA-MoE |"))

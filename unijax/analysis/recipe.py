@@ -9,7 +9,6 @@ repository, for the documented commands) when they lie below it.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import datetime
@@ -26,13 +25,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from unijax import checkpoints
-from unijax.analysis import commands, plots
+from unijax.analysis.summary import analyse, analysis_tables, cell
 from unijax.inference import suites
 from unijax.inference.engine import Engine
 from unijax.io import write_outputs
 from unijax.models.config import MoEConfig
-from unijax.training import aia, loop
+from unijax.training import loop
 from unijax.training.upcycle import upcycle_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the stage configs are the repository's configs/*.py
@@ -400,105 +398,7 @@ def evaluate_model(model_dir: pathlib.Path, b: Budget, seed: int) -> dict[str, f
             "mc": res["shapes_mc"]["accuracy"], "geneval": res["shapes_geneval"].get("overall", 0.0)}
 
 
-# -- analysis: attention intensity and gradient conflict ----------------------------------------------
-INTENSITY_RUNS = (("base", "base"), ("joint", "dense joint"), ("aia", "dense + AIA"), ("stage2", "TA-MoE"),
-                  ("stage2_aia", "TA-MoE + AIA"))
-CONFLICT_RUNS = (("joint", "dense joint"), ("stage2", "TA-MoE"))
-# the conflict table's and plot's groups: per run label, the parameter group (unijax.analysis.conflict.param_group)
-CONFLICT_GROUPS = {"whole layer": {"dense joint": "all", "TA-MoE": "all"},
-                   "attention": {"dense joint": "attention", "TA-MoE": "attention"},
-                   "FFN (TA-MoE: routed experts)": {"dense joint": "ffn", "TA-MoE": "experts"},
-                   "TA-MoE shared expert": {"TA-MoE": "shared_expert"}}
-
-
-def _analysed(path: pathlib.Path, compute) -> dict:
-    """`path`'s JSON, computed first (`compute()` writes it) unless an earlier run left it complete."""
-    if not path.is_file():
-        compute()
-    return json.loads(path.read_text())
-
-
-def analyse(out: pathlib.Path, seeds: list[int], b: Budget) -> dict:
-    """`python -m unijax.analyze intensity` on the base, dense, AIA and TA-MoE runs of every seed and
-    `python -m unijax.analyze conflict` on dense joint vs TA-MoE (each written under `<run>/analysis/`,
-    reused on reruns), summarised as `DIR/intensity.png` (both tasks' curves, mean +- std over seeds,
-    against the AIA runs' targets) and `DIR/conflict.png` (per-layer gradient cosines)."""
-    def runs(names):
-        return [("base", out / "base")] if names == "base" else [(f"seed{s}/{names}", out / f"seed{s}" / names)
-                                                                  for s in seeds]
-
-    intensity = {}
-    for run, label in INTENSITY_RUNS:
-        intensity[label] = {"und": [], "gen": []}
-        for _, d in runs(run):
-            r = _analysed(d / "analysis" / "intensity_und.json", lambda d=d: commands.intensity(argparse.Namespace(
-                ckpt=str(d / "model"), task="und", samples=b.intensity_samples, out=None, targets="janus_pro",
-                curve_delta=0.05, include_bos=1, und_queries="answer", batch_size=None, seed=None, data_dir=None)))
-            intensity[label]["und"].append(r["mean"])
-            intensity[label]["gen"].append(r["other"]["gen"]["mean"])
-    conflict = {}
-    for run, label in CONFLICT_RUNS:
-        conflict[label] = {}
-        for _, d in runs(run):
-            stats = _analysed(d / "analysis" / "conflict.json", lambda d=d: commands.conflict(argparse.Namespace(
-                ckpt=str(d / "model"), num_batches=b.conflict_batches, out=None, batch_size=None, seed=None,
-                data_dir=None)))
-            for g in stats["groups"]:
-                conflict[label].setdefault(f"{g['scope']}/{g['group']}", []).append(g["cosine"])
-    aia_run = json.loads((out / f"seed{seeds[0]}" / "aia" / "config.json").read_text())["aia"]
-    layers = checkpoints.read_config(out / "base" / "model").text.num_layers
-    targets = {t: aia.layer_targets(aia_run[f"{t}_targets"], t, layers, aia_run["curve_delta"]) for t in aia.AIA_TASKS}
-    write_outputs(out, {
-        "intensity.png": lambda p: plots.plot_intensity_runs(
-            intensity, targets, p, title=f"cross-modal attention intensity, {b.intensity_samples} held-out samples "
-                                         f"per task and run (mean +- std over seeds)"),
-        "conflict.png": lambda p: plots.plot_conflict_runs(
-            conflict, CONFLICT_GROUPS, p, title=f"cos(MMU gradient, T2I gradient), {b.conflict_batches} held-out batches per "
-                                      f"task (mean +- std over seeds)"),
-    })
-    return {"intensity": intensity, "targets": {t: {"target": list(map(float, v.target)), "delta": list(map(float, v.delta))}
-                                                for t, v in targets.items()},
-            "conflict": conflict}
-
-
-def analysis_tables(analysis: dict) -> str:
-    """The report's intensity tables (per task: each run's per-layer mean over seeds and its mean
-    distance to the targets) and gradient-conflict table (per layer and group, mean ± std over seeds)."""
-    lines = []
-    for task, name in (("und", "Understanding (answer tokens -> image tokens)"),
-                       ("gen", "Generation (image tokens -> prompt tokens)")):
-        t = np.asarray(analysis["targets"][task]["target"])
-        lines += [f"{name}: intensity per layer, mean over seeds (± std), and mean |intensity − target| over layers.",
-                  "", "| run | " + " | ".join(f"layer {l}" for l in range(len(t))) + " | mean abs. gap |",
-                  "|---|" + "---|" * (len(t) + 1)]
-        for label, c in analysis["intensity"].items():
-            a = np.asarray(c[task], dtype=np.float64)
-            lines.append(f"| {label} | " + " | ".join(_cell(list(a[:, l])) for l in range(len(t)))
-                         + f" | {_cell(list(np.mean(np.abs(a - t), axis=1)))} |")
-        lines += ["| AIA target | " + " | ".join(f"{v:.3f}" for v in t) + " | |", ""]
-    groups = [(panel, label, g) for panel, per_run in CONFLICT_GROUPS.items() for label, g in per_run.items()]
-    layer_keys = sorted({k.split("/")[0] for c in analysis["conflict"].values() for k in c if k.startswith("layer")},
-                        key=lambda k: int(k[5:]))
-    lines += ["Gradient conflict: cos(MMU loss gradient, T2I loss gradient) per decoder layer and parameter group "
-              "(negative: the tasks pull the weights apart), mean ± std over seeds.", "",
-              "| layer | " + " | ".join(f"{label}: {g}" for _, label, g in groups) + " |",
-              "|---|" + "---|" * len(groups)]
-    for layer in layer_keys:
-        cells = []
-        for _, label, g in groups:
-            v = [x for x in analysis["conflict"][label].get(f"{layer}/{g}", []) if x is not None]
-            cells.append(_cell(v) if v else "-")
-        lines.append(f"| {layer[5:]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # -- report -------------------------------------------------------------------------------------------
-def _cell(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def _delta(a: list[float], b: list[float]) -> str:
     d = np.asarray(a) - np.asarray(b)  # paired by seed
     return f"{np.mean(d):+.3f}" + (f" ± {np.std(d):.3f}" if len(d) > 1 else "")
@@ -518,14 +418,14 @@ def tables(results: dict, seeds: list[int], sizes: dict[str, int] | None = None)
     head = "| run | " + " | ".join(n for _, n in METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
     a = head
     for run, label in (("und_only", "Und. only"), ("gen_only", "Gen. only"), ("joint", "Both (joint)")):
-        a += f"| {label} | " + " | ".join(_cell(vals(run, m)) for m, _ in METRICS) + " |\n"
+        a += f"| {label} | " + " | ".join(cell(vals(run, m)) for m, _ in METRICS) + " |\n"
     a += "| Δ Both − single task | " + " | ".join(
         _delta(vals("joint", m), vals("und_only" if m in UND_METRICS else "gen_only", m)) for m, _ in METRICS) + " |\n"
     a += "| base (start of every run) | " + " | ".join(f"{results['base'][m]:.3f}" for m, _ in METRICS) + " |\n"
     b = head
     for run, label in (("joint", "dense joint"), ("stage2", "TA-MoE (stage 2)"), ("aia", "dense + AIA"),
                        ("stage2_aia", "TA-MoE + AIA")):
-        b += f"| {label} | " + " | ".join(_cell(vals(run, m)) for m, _ in METRICS) + " |\n"
+        b += f"| {label} | " + " | ".join(cell(vals(run, m)) for m, _ in METRICS) + " |\n"
     for run, label in (("stage2", "Δ TA-MoE − dense"), ("aia", "Δ AIA − dense"), ("stage2_aia", "Δ TA-MoE+AIA − dense")):
         b += f"| {label} | " + " | ".join(_delta(vals(run, m), vals("joint", m)) for m, _ in METRICS) + " |\n"
 
@@ -656,7 +556,7 @@ def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool
                             f"--num_images {b.pope_images} --seed {seed}  # and shapes_mc, shapes_geneval")
             print(f"== {stage.name}: " + " ".join(f"{k}={v:.3f}" for k, v in results[stage.name].items()), flush=True)
     t0 = time.perf_counter()
-    analysis = analyse(out, seeds, b)
+    analysis = analyse(out, seeds, b.intensity_samples, b.conflict_batches)
     # the first (complete) analysis's time for these seeds, kept on reruns (they reuse its files)
     took = out / f"ANALYSIS_SECONDS_seeds{'-'.join(map(str, seeds))}"
     if not took.is_file():
