@@ -42,11 +42,17 @@ group for the whole batch, so `dropped_frac` can differ slightly from training o
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from unijax.analysis.commands import conflict, curves, experts, intensity
 from unijax.cli import run_argparse
 
 COMMANDS = ("experts", "intensity", "conflict", "curves")
+
+
+def _defaults(fn) -> dict:
+    """`fn`'s keyword defaults: the CLI's defaults are the analysis functions' own (shown by `%(default)s`)."""
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items() if v.default is not inspect.Parameter.empty}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,32 +66,33 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=None,
                    help="training seed S; the held-out scenes use S + 1000003 (default: the run's seed)")
     e.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
-    e.set_defaults(run=experts)
+    e.set_defaults(run=experts, **_defaults(experts))
     i = sub.add_parser("intensity", help="per-layer cross-modal attention intensity curves (AIA targets)")
     i.add_argument("--ckpt", required=True, help="unijax model checkpoint directory")
     i.add_argument("--task", required=True, choices=("und", "gen"), help="the curve written to --out")
-    i.add_argument("--samples", type=int, default=100, help="held-out samples per task (default 100)")
+    i.add_argument("--samples", type=int, help="held-out samples per task (default %(default)s)")
     i.add_argument("--out", default=None, help="curve JSON (default: <ckpt>/../analysis/intensity_<task>.json)")
-    i.add_argument("--targets", default="janus_pro", help="bands drawn in the plot: a table name or a curve file")
-    i.add_argument("--curve_delta", type=float, default=0.05, help="band half-width for curve-file targets")
-    i.add_argument("--include_bos", type=int, default=1, help="T2I keys include BOS (default 1, official)")
-    i.add_argument("--und_queries", default="answer", choices=("answer", "after_image"))
+    i.add_argument("--targets", help="bands drawn in the plot: a table name or a curve file (default %(default)s)")
+    i.add_argument("--curve_delta", type=float, help="band half-width for curve-file targets (default %(default)s)")
+    i.add_argument("--include_bos", type=int, help="T2I keys include BOS (default %(default)s, official)")
+    i.add_argument("--und_queries", choices=("answer", "after_image"),
+                   help="UND query tokens: the answer, or every token after the image (default %(default)s)")
     i.add_argument("--batch_size", type=int, default=None, help="default: the run's train.batch_size")
     i.add_argument("--seed", type=int, default=None, help="training seed S (default: the run's seed)")
     i.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
-    i.set_defaults(run=intensity)
+    i.set_defaults(run=intensity, **_defaults(intensity))
     c = sub.add_parser("conflict", help="cosines between the MMU and T2I loss gradients per layer and group")
     c.add_argument("--ckpt", required=True, help="unijax model checkpoint directory")
-    c.add_argument("--num_batches", type=int, default=8, help="held-out batches of each task (default 8)")
+    c.add_argument("--num_batches", type=int, help="held-out batches of each task (default %(default)s)")
     c.add_argument("--out", default=None, help="output directory (default: <ckpt>/../analysis)")
     c.add_argument("--batch_size", type=int, default=None, help="default: the run's train.batch_size")
     c.add_argument("--seed", type=int, default=None, help="training seed S (default: the run's seed)")
     c.add_argument("--data_dir", default=None, help="shapes tokenizer cache (default: the run's data.dir)")
-    c.set_defaults(run=conflict)
+    c.set_defaults(run=conflict, **_defaults(conflict))
     k = sub.add_parser("curves", help="a run's held-out learning curves (per question kind, against the blind baselines)")
     k.add_argument("--workdir", required=True, help="a training run's workdir (its metrics.jsonl)")
     k.add_argument("--out", default=None, help="output directory (default: <workdir>/analysis)")
-    k.set_defaults(run=curves)
+    k.set_defaults(run=curves, **_defaults(curves))
     return p
 
 
@@ -95,7 +102,8 @@ def main(argv=None):
     for key in ("num_batches", "batch_size"):
         if getattr(args, key, None) is not None and getattr(args, key) <= 0:
             raise ValueError(f"--{key}={getattr(args, key)} must be positive")
-    return args.run(args)
+    run = args.run
+    return run(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
 
 
 if __name__ == "__main__":

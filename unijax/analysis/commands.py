@@ -52,19 +52,21 @@ def _emit(out: pathlib.Path, stem: str, result: dict, plot, table: str) -> dict:
     return result
 
 
-def experts(args) -> dict:
-    ckpt = pathlib.Path(args.ckpt)
+def experts(ckpt, *, out=None, num_batches=None, batch_size=None, seed=None, data_dir=None) -> dict:
+    """Router accuracy and expert loads of a TA-MoE checkpoint (`python -m unijax.analyze experts`);
+    None = the run's own value (its seed, train.eval_batches, train.batch_size, data.dir)."""
+    ckpt = pathlib.Path(ckpt)
     cfg = checkpoints.read_config(ckpt)
     if cfg.ffn != "ta_moe":
         raise ValueError(f"{ckpt} is a dense checkpoint ({ckpt / 'model.json'}: ffn={cfg.ffn!r}): it has no experts "
                          f"to analyse. `analyze experts` needs a TA-MoE model (ffn='ta_moe'), e.g. the "
                          f"workdir/ta_moe/model written by `python -m unijax.train --config configs/ta_moe.py`")
     config, config_path = run_config(ckpt)
-    seed = config.seed if args.seed is None else args.seed
-    batch_size = args.batch_size or config.train.batch_size
-    num_batches = args.num_batches or config.train.eval_batches
-    data_dir = args.data_dir or config.data.dir
-    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis"
+    seed = config.seed if seed is None else seed
+    batch_size = batch_size or config.train.batch_size
+    num_batches = num_batches or config.train.eval_batches
+    data_dir = data_dir or config.data.dir
+    out = pathlib.Path(out) if out else ckpt.absolute().parent / "analysis"
     if config_path is None:
         print(f"no {ckpt.absolute().parent / 'config.json'}: data settings from configs/common.py")
     batches, images_per_row, data_seed = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir)
@@ -85,42 +87,45 @@ def intensity_table(curves: dict) -> str:
     return "\n".join(lines)
 
 
-def intensity(args) -> dict:
-    if args.task not in forward.AIA_TASKS:
-        raise ValueError(f"--task={args.task!r}: expected und or gen")
-    if args.samples <= 0:
-        raise ValueError(f"--samples={args.samples} must be positive")
-    ckpt = pathlib.Path(args.ckpt)
+def intensity(ckpt, task, *, samples=100, out=None, targets="janus_pro", curve_delta=0.05, include_bos=1,
+              und_queries="answer", batch_size=None, seed=None, data_dir=None) -> dict:
+    """Per-layer cross-modal attention intensity of a checkpoint (`python -m unijax.analyze intensity`);
+    None = the run's own value."""
+    if task not in forward.AIA_TASKS:
+        raise ValueError(f"--task={task!r}: expected und or gen")
+    if samples <= 0:
+        raise ValueError(f"--samples={samples} must be positive")
+    ckpt = pathlib.Path(ckpt)
     cfg = checkpoints.read_config(ckpt)
     config, config_path = run_config(ckpt)
     config.data.cfg_drop_prob = 0.0  # the model's intensities on real prompts
-    seed = config.seed if args.seed is None else args.seed
-    batch_size = args.batch_size or config.train.batch_size
-    num_batches = math.ceil(2.2 * args.samples / batch_size) + 1  # both tasks, 1:1 by default
-    data_dir = args.data_dir or config.data.dir
-    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis" / f"intensity_{args.task}.json"
-    targets = {t: aia.layer_targets(args.targets, t, cfg.text.num_layers, args.curve_delta)
-               for t in forward.AIA_TASKS if args.targets in aia.TABLES or t == args.task}
-    span_kw = {"include_bos": bool(args.include_bos), "und_queries": args.und_queries, "skip_cfg_blank": True}
+    seed = config.seed if seed is None else seed
+    batch_size = batch_size or config.train.batch_size
+    num_batches = math.ceil(2.2 * samples / batch_size) + 1  # both tasks, 1:1 by default
+    data_dir = data_dir or config.data.dir
+    out = pathlib.Path(out) if out else ckpt.absolute().parent / "analysis" / f"intensity_{task}.json"
+    bands = {t: aia.layer_targets(targets, t, cfg.text.num_layers, curve_delta)
+             for t in forward.AIA_TASKS if targets in aia.TABLES or t == task}
+    span_kw = {"include_bos": bool(include_bos), "und_queries": und_queries, "skip_cfg_blank": True}
     batches, images_per_row, data_seed = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir)
     model = checkpoints.load_model(ckpt)
-    curves = intensity_curves(model, batches, images_per_row, samples=args.samples, **span_kw)
+    curves = intensity_curves(model, batches, images_per_row, samples=samples, **span_kw)
     for t, c in curves.items():
-        if c["samples"] < args.samples:
+        if c["samples"] < samples:
             raise ValueError(f"only {c['samples']} valid {t} samples in {num_batches} held-out batches of "
                              f"{batch_size}; the run's data mix lacks that task")
-    main_curve = curves[args.task]
-    result = {"task": args.task, "layers": cfg.text.num_layers, "mean": main_curve["mean"].tolist(),
+    main_curve = curves[task]
+    result = {"task": task, "layers": cfg.text.num_layers, "mean": main_curve["mean"].tolist(),
               "std": main_curve["std"].tolist(), "samples": main_curve["samples"], "checkpoint": str(ckpt.absolute()),
               "run_config": str(config_path) if config_path else None, "data_seed": data_seed, "spans": span_kw,
               "other": {t: {"mean": c["mean"].tolist(), "std": c["std"].tolist()}
-                        for t, c in curves.items() if t != args.task}}
+                        for t, c in curves.items() if t != task}}
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
 
     write_outputs(out.parent, {
         out.name: lambda p: p.write_text(json.dumps(result, indent=2) + "\n"),
-        png.name: lambda p: plot_intensity(curves, targets, p, title=f"{ckpt}: cross-modal attention intensity"),
+        png.name: lambda p: plot_intensity(curves, bands, p, title=f"{ckpt}: cross-modal attention intensity"),
     })
     print(intensity_table(curves))
     print(f"wrote {out} and {png}")
@@ -136,17 +141,20 @@ def conflict_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def conflict(args) -> dict:
-    ckpt = pathlib.Path(args.ckpt)
+def conflict(ckpt, *, num_batches=8, out=None, batch_size=None, seed=None, data_dir=None) -> dict:
+    """Cosines between the MMU and T2I loss gradients per layer and parameter group of a checkpoint
+    (`python -m unijax.analyze conflict`) over `num_batches` held-out batches of each task; None = the
+    run's own value."""
+    ckpt = pathlib.Path(ckpt)
     cfg = checkpoints.read_config(ckpt)
     config, config_path = run_config(ckpt)
     config.data.cfg_drop_prob = 0.0
-    seed = config.seed if args.seed is None else args.seed
-    batch_size = args.batch_size or config.train.batch_size
-    data_dir = args.data_dir or config.data.dir
-    out = pathlib.Path(args.out) if args.out else ckpt.absolute().parent / "analysis"
-    und, images_per_row, data_seed = heldout_batches(cfg, config, args.num_batches, batch_size, seed, data_dir, "und")
-    gen, _, _ = heldout_batches(cfg, config, args.num_batches, batch_size, seed, data_dir, "gen")
+    seed = config.seed if seed is None else seed
+    batch_size = batch_size or config.train.batch_size
+    data_dir = data_dir or config.data.dir
+    out = pathlib.Path(out) if out else ckpt.absolute().parent / "analysis"
+    und, images_per_row, data_seed = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir, "und")
+    gen, _, _ = heldout_batches(cfg, config, num_batches, batch_size, seed, data_dir, "gen")
 
     keep = lambda b: {k: b[k] for k in contract.BATCH_KEYS}  # noqa: E731
     model = checkpoints.load_model(ckpt)
@@ -185,8 +193,9 @@ def curves_table(c: dict) -> str:
     return "\n".join(lines)
 
 
-def curves(args) -> dict:
-    workdir = pathlib.Path(args.workdir)
+def curves(workdir, *, out=None) -> dict:
+    """A run's held-out learning curves from `<workdir>/metrics.jsonl` (`python -m unijax.analyze curves`)."""
+    workdir = pathlib.Path(workdir)
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (--workdir must be a training run's workdir)")
@@ -197,5 +206,5 @@ def curves(args) -> dict:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {n} is not JSON ({e})") from e
     result = learning_curves(rows)
-    out = pathlib.Path(args.out) if args.out else workdir / "analysis"
+    out = pathlib.Path(out) if out else workdir / "analysis"
     return _emit(out, "curves", result, lambda p: plot_curves(result, p, title=str(workdir)), curves_table(result))

@@ -3,7 +3,6 @@ gradient cosines of the reproduction's models, summarised over seeds as plots an
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -52,18 +51,16 @@ def analyse(out: pathlib.Path, seeds: list[int], intensity_samples: int, conflic
     for run, label in INTENSITY_RUNS:
         intensity[label] = {"und": [], "gen": []}
         for _, d in runs(run):
-            r = _analysed(d / "analysis" / "intensity_und.json", lambda d=d: commands.intensity(argparse.Namespace(
-                ckpt=str(d / "model"), task="und", samples=intensity_samples, out=None, targets="janus_pro",
-                curve_delta=0.05, include_bos=1, und_queries="answer", batch_size=None, seed=None, data_dir=None)))
+            r = _analysed(d / "analysis" / "intensity_und.json", lambda d=d: commands.intensity(
+                d / "model", "und", samples=intensity_samples))
             intensity[label]["und"].append(r["mean"])
             intensity[label]["gen"].append(r["other"]["gen"]["mean"])
     conflict = {}
     for run, label in CONFLICT_RUNS:
         conflict[label] = {}
         for _, d in runs(run):
-            stats = _analysed(d / "analysis" / "conflict.json", lambda d=d: commands.conflict(argparse.Namespace(
-                ckpt=str(d / "model"), num_batches=conflict_batches, out=None, batch_size=None, seed=None,
-                data_dir=None)))
+            stats = _analysed(d / "analysis" / "conflict.json", lambda d=d: commands.conflict(
+                d / "model", num_batches=conflict_batches))
             for g in stats["groups"]:
                 conflict[label].setdefault(f"{g['scope']}/{g['group']}", []).append(g["cosine"])
     aia_run = json.loads((out / f"seed{seeds[0]}" / "aia" / "config.json").read_text())["aia"]
