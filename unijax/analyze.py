@@ -102,8 +102,7 @@ def main(argv=None):
     for key in ("num_batches", "batch_size"):
         if getattr(args, key, None) is not None and getattr(args, key) <= 0:
             raise ValueError(f"--{key}={getattr(args, key)} must be positive")
-    run = args.run
-    return run(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    return args.run(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
 
 
 if __name__ == "__main__":

@@ -43,14 +43,13 @@ def analyse(out: pathlib.Path, seeds: list[int], intensity_samples: int, conflic
     `python -m unijax.analyze conflict` on dense joint vs TA-MoE (each written under `<run>/analysis/`,
     reused on reruns), summarised as `DIR/intensity.png` (both tasks' curves, mean +- std over seeds,
     against the AIA runs' targets) and `DIR/conflict.png` (per-layer gradient cosines)."""
-    def runs(names):
-        return [("base", out / "base")] if names == "base" else [(f"seed{s}/{names}", out / f"seed{s}" / names)
-                                                                  for s in seeds]
+    def runs(name):  # the run directories of one INTENSITY_RUNS / CONFLICT_RUNS entry
+        return [out / "base"] if name == "base" else [out / f"seed{s}" / name for s in seeds]
 
     intensity = {}
     for run, label in INTENSITY_RUNS:
         intensity[label] = {"und": [], "gen": []}
-        for _, d in runs(run):
+        for d in runs(run):
             r = _analysed(d / "analysis" / "intensity_und.json", lambda d=d: commands.intensity(
                 d / "model", "und", samples=intensity_samples))
             intensity[label]["und"].append(r["mean"])
@@ -58,7 +57,7 @@ def analyse(out: pathlib.Path, seeds: list[int], intensity_samples: int, conflic
     conflict = {}
     for run, label in CONFLICT_RUNS:
         conflict[label] = {}
-        for _, d in runs(run):
+        for d in runs(run):
             stats = _analysed(d / "analysis" / "conflict.json", lambda d=d: commands.conflict(
                 d / "model", num_batches=conflict_batches))
             for g in stats["groups"]:
@@ -94,16 +93,16 @@ def analysis_tables(analysis: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cell(list(a[:, l])) for l in range(len(t)))
                          + f" | {cell(list(np.mean(np.abs(a - t), axis=1)))} |")
         lines += ["| AIA target | " + " | ".join(f"{v:.3f}" for v in t) + " | |", ""]
-    groups = [(panel, label, g) for panel, per_run in CONFLICT_GROUPS.items() for label, g in per_run.items()]
+    groups = [(label, g) for per_run in CONFLICT_GROUPS.values() for label, g in per_run.items()]
     layer_keys = sorted({k.split("/")[0] for c in analysis["conflict"].values() for k in c if k.startswith("layer")},
                         key=lambda k: int(k[5:]))
     lines += ["Gradient conflict: cos(MMU loss gradient, T2I loss gradient) per decoder layer and parameter group "
               "(negative: the tasks pull the weights apart), mean ± std over seeds.", "",
-              "| layer | " + " | ".join(f"{label}: {g}" for _, label, g in groups) + " |",
+              "| layer | " + " | ".join(f"{label}: {g}" for label, g in groups) + " |",
               "|---|" + "---|" * len(groups)]
     for layer in layer_keys:
         cells = []
-        for _, label, g in groups:
+        for label, g in groups:
             v = [x for x in analysis["conflict"][label].get(f"{layer}/{g}", []) if x is not None]
             cells.append(cell(v) if v else "-")
         lines.append(f"| {layer[5:]} | " + " | ".join(cells) + " |")
