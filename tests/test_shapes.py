@@ -312,6 +312,37 @@ def test_question_weights_set_the_family_mix():
             S.parse_weights(bad)
 
 
+
+def test_question_weights_set_the_negative_existence_mix():
+    """`exist_<negative kind>=w` in `data.question_weights`: the negatives of the kinds a scene admits
+    are drawn in proportion to their weights (float64 expectation over the same scenes; 4 standard
+    errors), the positives stay half of existence, and weights of 1 leave the draw unchanged."""
+    weights = S.parse_weights("exist=50,exist_adversarial=4,exist_random=0")
+    assert weights == {"exist": 50.0, "exist_adversarial": 4.0, "exist_random": 0.0}
+    rng = np.random.default_rng(5)
+    drawn, expected = collections.Counter(), collections.Counter()
+    n = 4000
+    for i in range(n):
+        scene = S.scene_at(13, i)
+        qa = S.sample_question(scene, rng, S.KINDS[:4], weights=weights)
+        drawn[qa.kind] += 1
+        negs = [k for k in S.EXIST_NEGATIVE_KINDS if S.admits(scene, [k])]
+        w = np.array([weights.get(k, 1.0) for k in negs], dtype=np.float64)
+        expected["exist_positive"] += 0.5
+        for k, p in zip(negs, 0.5 * w / w.sum()):
+            expected[k] += p
+    assert drawn["exist_random"] == 0
+    for k in S.KINDS[:4]:
+        p = expected[k] / n
+        assert abs(drawn[k] / n - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12, (k, drawn[k] / n, p)
+    assert drawn["exist_adversarial"] > 3 * drawn["exist_popular"]
+    a = [S.sample_question(S.scene_at(13, i), np.random.default_rng(i), weights={"colour": 1.0}) for i in range(50)]
+    b = [S.sample_question(S.scene_at(13, i), np.random.default_rng(i),
+                           weights={"colour": 1.0, "exist_adversarial": 1.0}) for i in range(50)]
+    assert a == b
+    with pytest.raises(ValueError, match="data.question_weights"):
+        S.parse_weights("exist_positive=2")
+
 def test_answer_is_yes():
     assert S.answer_is_yes("yes") and S.answer_is_yes("Yes, there is a red circle.")
     assert not S.answer_is_yes("no") and not S.answer_is_yes("No.")

@@ -91,9 +91,9 @@ def test_train_cli_rejects_a_bad_config_before_building_prerequisites(tmp_path):
 def test_short_base_learns_both_tasks_well_above_blind(tmp_path, data_dir):
     """The base recipe shortened, through the CLI: the language stage (300 packed steps; its held-out
     answers about scenes in words beat the blind answerer by 0.06), stage 0's VQ from it (120 x 16),
-    then `configs/base.py` from that
-    with vision pre-training (200 steps) and 240 joint steps at batch 32 (the base's rows: three
-    questions per image). On 512 held-out rows the understanding accuracy clears the image-blind
+    then `configs/base.py` from that with vision pre-training (200 steps), the adaptor warm-up (60
+    steps, decoder frozen) and 240 joint steps at batch 32 (the base's rows: three questions per
+    image). On 512 held-out rows the understanding accuracy clears the image-blind
     answerer's by 0.06 (about two standard errors) and the image-code loss is below the
     prompt-blind generator's (`code_prior_loss`) by 0.3 nats. Measured 2026-12-03 (9.8 min alone on
     the VM at ~57 % speed): accuracy 0.406 against 0.302, image-code loss 3.17 against 3.66. The
@@ -117,6 +117,7 @@ def test_short_base_learns_both_tasks_well_above_blind(tmp_path, data_dir):
           "--config.train.warmup_steps=12", "--config.train.learning_rate=3e-3", "--config.eval.evaluators=()")
     rows = train("base.py", "base", f"--config.init_from={tmp_path / 'vq' / 'model'}",
                  "--config.vision_pretrain.with_init_from=True", "--config.vision_pretrain.steps=200",
+                 "--config.adaptor_warmup.steps=60",
                  "--config.train.steps=240", "--config.train.warmup_steps=24", "--config.train.eval_every=240",
                  "--config.train.checkpoint_every=240")
     final = [r for r in rows if "eval/accuracy" in r][-1]

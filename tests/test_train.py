@@ -27,6 +27,7 @@ def tiny_config(workdir, data_dir, **train):
     c.data.update(envs.SHORT_ROWS)
     c.mesh.data = 1
     c.vision_pretrain.steps = 0  # tests/test_vision_pretrain.py covers the vision phase
+    c.adaptor_warmup.steps = 0   # and the adaptor warm-up that follows it
     c.train.update(steps=6, batch_size=4, log_every=1, checkpoint_every=3, eval_every=1000, eval_batches=1,
                    warmup_steps=2, async_checkpointing=False)
     c.train.update(**train)

@@ -14,9 +14,11 @@ from configs import base
 from unijax import checkpoints, sharding
 from unijax.checkpoints import flat_params
 from unijax.data import shapes
+from unijax.models import family
 from unijax.models.janus import Janus
 from unijax.models.presets import preset
 from unijax.training import loop, vision_pretrain
+from unijax.training.config import model_config
 from unijax.training.logger import MetricLogger
 
 
@@ -154,6 +156,47 @@ def test_resume_with_a_frozen_pretrained_tower(tmp_path, data_dir):
     for k, v in cached.items():
         np.testing.assert_array_equal(final[k], v, err_msg=k)
 
+
+
+def test_adaptor_warmup_trains_only_the_adaptors_then_the_run_starts_from_it(tmp_path, data_dir):
+    """`adaptor_warmup.steps`: after the vision pre-training, the warm-up trains with the decoder frozen (its
+    model's decoder is exactly the fresh initialisation of the same seed, its aligner is not); the run then
+    starts from that model (its tower is not pre-trained again) and trains the decoder; a rerun reuses the
+    warm-up. A run that does not pre-train its tower has no warm-up."""
+    c = tiny_config(tmp_path, data_dir, steps=2)
+    c.vision_pretrain.update(steps=3, batch_size=8, eval_images=16, log_every=1, warmup_steps=1)
+    c.adaptor_warmup.steps = 2
+    assert loop.adaptor_warmup_dir(c) == tmp_path / "adaptor_warmup"
+    loop.train(c, devices=jax.devices()[:1])
+    fresh = flat_params(family.build(model_config(c), nnx.Rngs(c.seed)))
+    warmed = flat_params(checkpoints.load_model(tmp_path / "adaptor_warmup" / "model"))
+    final = flat_params(checkpoints.load_model(tmp_path / "model"))
+    decoder = [k for k in fresh if k.startswith(("language_model.", "lm_head."))]
+    aligner = [k for k in fresh if k.startswith("aligner.")]
+    assert decoder and aligner
+    for k in decoder:
+        np.testing.assert_array_equal(np.asarray(warmed[k]), np.asarray(fresh[k]), err_msg=k)
+    assert all(not np.array_equal(np.asarray(warmed[k]), np.asarray(fresh[k])) for k in aligner)
+    assert any(not np.array_equal(np.asarray(final[k]), np.asarray(warmed[k])) for k in decoder)
+    for k in (k for k in final if k.startswith("vision_model.")):  # the run's tower: the warm-up's, then trained
+        assert k in warmed
+    def rows(d):
+        return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert sum("vision_pretrain/exact_set" in r for r in rows(tmp_path / "adaptor_warmup")) == 1
+    assert not any("vision_pretrain/exact_set" in r for r in rows(tmp_path))
+    warm_rows = len(rows(tmp_path / "adaptor_warmup"))
+    c.train.steps = 3  # rerun: resumes the run, reuses the warm-up
+    loop.train(c, devices=jax.devices()[:1])
+    assert len(rows(tmp_path / "adaptor_warmup")) == warm_rows and sorted(losses_of(tmp_path)) == [1, 2, 3]
+    for off in ({"adaptor_warmup.steps": 0}, {"vision_pretrain.steps": 0}, {"model.family": "emu3"},
+                {"init_from": str(tmp_path / "model")}):
+        d = c.copy_and_resolve_references()
+        for key, value in off.items():
+            node, leaf = d, key.split(".")
+            for part in leaf[:-1]:
+                node = node[part]
+            node[leaf[-1]] = value
+        assert loop.adaptor_warmup_dir(d) is None, off
 
 def test_vision_pretraining_needs_the_shapes_world(tmp_path, data_dir):
     c = tiny_config(tmp_path, data_dir)

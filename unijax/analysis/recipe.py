@@ -82,7 +82,7 @@ class Budget:
 FULL = Budget()
 QUICK = Budget(lm_steps=8, vq_steps=8, base_steps=8, base_batch_size=8, steps=4, batch_size=8, pope_images=4,
                mc_questions=6, geneval_per_tag=1, geneval_samples=1, intensity_samples=4, conflict_batches=1,
-               overrides=("model.text.num_layers=2", "train.eval_batches=2", "vision_pretrain.steps=8",
+               overrides=("model.text.num_layers=2", "train.eval_batches=2", "vision_pretrain.steps=8", "adaptor_warmup.steps=4",
                           "vision_pretrain.eval_images=16"))
 
 

@@ -106,6 +106,13 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     v.with_init_from = False     # also when init_from is set (its tower untrained: a stage-0 model); else skipped
     v.dense_weight = 1.0         # weight of the per-patch identity loss (each patch: its object's identity or none)
 
+    # Adaptor warm-up (Janus-Pro's stage I; unijax.training.loop.warm_up_adaptors): when a run pre-trains its
+    # vision tower, it then trains `steps` steps with the decoder frozen (the aligners, the generation embeddings
+    # and head learn to speak to it) in <workdir>/adaptor_warmup, and the run starts from that model
+    w = c.adaptor_warmup = ml_collections.ConfigDict()
+    w.steps = 0                  # 0 = off
+    w.frozen = ("language_model/.*", "lm_head/.*")  # frozen during the warm-up, on top of train.frozen
+
     d = c.data = ml_collections.ConfigDict()
     d.source = "shapes"          # shapes | files (DATA_SOURCES)
     d.dir = DEFAULT_DATA_DIR     # cache of built artefacts (the shapes tokenizer)
@@ -116,7 +123,8 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.und_ratio = 1.0
     d.cfg_drop_prob = 0.1        # T2I prompts blanked for classifier-free guidance
     d.question_kinds = ""        # comma-separated shapes question kinds; empty = all
-    d.question_weights = ""      # shapes training mix: "exist=3,choice=2" (families of shapes.FAMILIES; others 1)
+    d.question_weights = ""      # shapes training mix: "exist=3,choice=2" (shapes.FAMILIES; others 1) and the
+                                 # existence negatives' mix: "exist_adversarial=3" (shapes.EXIST_NEGATIVE_KINDS)
     d.turns_per_image = 1        # shapes MMU samples: questions (chat turns) about each image
     d.scene_text = False         # shapes MMU samples describe the scene in words, no image (configs/stage0_lm.py)
     d.num_workers = 0            # grain worker processes (0 = in the training process)
@@ -316,4 +324,6 @@ def validate(config) -> None:
         raise ValueError(f"aia.impl='explicit' needs model.attention_impl='xla' (got {cfg.attention_impl!r}); "
                          f"use aia.impl='lean'")
     vision_pretrain.validate(config)
+    if config.adaptor_warmup.steps < 0:
+        raise ValueError(f"adaptor_warmup.steps={config.adaptor_warmup.steps} must be >= 0 (0 = off)")
     evaluators.validate(config)

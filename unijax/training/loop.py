@@ -1,7 +1,8 @@
 """The training loop every stage runs through: `train(config)`, as setup -> loop -> teardown.
 
 Setup validates the config (`unijax.training.config.validate`), builds the mesh, the model (fresh
-or `init_from`; a fresh Janus first runs its vision pre-training phase when configured), the
+or `init_from`; a fresh Janus first runs its vision pre-training phase when configured, then its
+adaptor warm-up with the decoder frozen), the
 trainable/frozen split with optax and explicit shardings (`unijax.training.setup`, shared with
 `unijax.plan`), the data iterator, the Orbax checkpoints (resuming from the latest in
 `<workdir>/checkpoints`: same command, same results) and the configured evaluators
@@ -65,7 +66,9 @@ class Run:
 
 
 def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-    """Runs (or resumes) the configured training. Returns the final metrics."""
+    """Runs (or resumes) the configured training, after its adaptor warm-up when it has one
+    (`warm_up_adaptors`). Returns the final metrics."""
+    warm_up_adaptors(config, devices)
     run = setup(config, devices)
     stop = PreemptionFlag()
     try:
@@ -83,16 +86,51 @@ def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     return metrics
 
 
+def adaptor_warmup_dir(config) -> pathlib.Path | None:
+    """`<workdir>/adaptor_warmup` when the run has an adaptor warm-up: `adaptor_warmup.steps` > 0 and the
+    run pre-trains its vision tower (a fresh Janus, or one from a stage-0 model: its adaptors are new too)."""
+    if not config.adaptor_warmup.steps or vision_pretrain.skip_reason(config, config.model.get("family", "janus")):
+        return None
+    return pathlib.Path(config.workdir) / "adaptor_warmup"
+
+
+def warm_up_adaptors(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
+    """Janus-Pro's stage I before the run: its vision pre-training, then `adaptor_warmup.steps` steps of the
+    run's data and objective with the decoder frozen (`adaptor_warmup.frozen`), so that the aligners and the
+    generation embeddings and head learn to map onto a decoder that already knows the language before the
+    decoder itself moves (docs/shapes_testbed.md, "An adaptor warm-up"). Trained in
+    `<workdir>/adaptor_warmup` (resumable; reused once its `DONE` is written); the run then starts from its
+    model (`setup`). Nothing to do without a warm-up (`adaptor_warmup_dir`)."""
+    workdir = adaptor_warmup_dir(config)
+    if workdir is None or (workdir / "DONE").is_file():
+        return
+    a = config.adaptor_warmup
+    sub = config.copy_and_resolve_references()
+    sub.workdir = str(workdir)
+    sub.adaptor_warmup.steps = 0
+    sub.eval_suites.names = ()
+    sub.train.steps = sub.train.eval_every = sub.train.checkpoint_every = int(a.steps)
+    sub.train.warmup_steps = min(int(config.train.warmup_steps), int(a.steps))
+    sub.train.frozen = tuple(config.train.frozen) + tuple(a.frozen)
+    print(f"== adaptor warm-up: {a.steps} steps with {', '.join(a.frozen)} frozen -> {workdir}", flush=True)
+    train(sub, devices)
+    if jax.process_index() == 0:
+        (workdir / "DONE").write_text("{}")
+
+
 def initial_model(cfg, config, log: MetricLogger):
-    """`init_from` (loaded with this run's runtime keys) or a fresh model of `cfg`."""
-    if config.init_from:
-        log.info(f"init_from {config.init_from}")
-        saved = model_ckpt.read_config(config.init_from)
+    """The adaptor warm-up's model, `init_from` (loaded with this run's runtime keys) or a fresh model of
+    `cfg`; with the warm-up's, the vision tower is already pre-trained."""
+    warmed = adaptor_warmup_dir(config)
+    source = str(warmed / "model") if warmed is not None else config.init_from
+    if source:
+        log.info(f"init_from {source}" + (" (the adaptor warm-up's model)" if warmed is not None else ""))
+        saved = model_ckpt.read_config(source)
         runtime = runtime_overrides(saved, cfg)
         if saved.replace(**runtime) != cfg:
-            raise ValueError(f"init_from={config.init_from} holds a different architecture than model.* / moe.* "
+            raise ValueError(f"init_from={source} holds a different architecture than model.* / moe.* "
                              f"(saved: {saved}); set model.preset / model.* / moe.* to match it")
-        return model_ckpt.load_model(config.init_from, **runtime)
+        return model_ckpt.load_model(source, **runtime)
     return family.build(cfg, nnx.Rngs(config.seed))
 
 
@@ -115,7 +153,8 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     # -- model, trainable split, shardings ------------------------------------------------------
     ckpts = TrainCheckpoints(workdir / "checkpoints", config)
     model = initial_model(cfg, config, log)
-    vision_pretrain.maybe_pretrain(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
+    if adaptor_warmup_dir(config) is None:  # else the warm-up pre-trained the tower
+        vision_pretrain.maybe_pretrain(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
     built = train_setup.build(model, config, mesh)
     del model
     params, frozen = built.state["params"], built.frozen

@@ -159,14 +159,23 @@ def _settings(model, config) -> dict:
             "seed": int(config.seed), "init_from": str(config.init_from), "train": train}
 
 
+def skip_reason(config, family: str) -> str:
+    """Why a run of `config` (model family `family`) does not pre-train its tower ("off": not configured),
+    or "" when it does."""
+    if not config.vision_pretrain.steps:
+        return "off"
+    if family == "emu3":
+        return "model.family=emu3"
+    return "init_from is set" if config.init_from and not config.vision_pretrain.with_init_from else ""
+
+
 def maybe_pretrain(model, config, mesh, log, cache_dir: str | pathlib.Path | None = None) -> dict[str, float] | None:
     """The phase when `vision_pretrain.steps` asks for it and the model needs it: a loaded tower
     (`init_from`) is already trained unless `vision_pretrain.with_init_from` says otherwise (a stage-0
     model: only its VQ trained), and Emu3 has no understanding encoder."""
-    if not config.vision_pretrain.steps:
+    skip = skip_reason(config, family_of(model.cfg))
+    if skip == "off":
         return None
-    skip = ("model.family=emu3" if family_of(model.cfg) == "emu3" else
-            "init_from is set" if config.init_from and not config.vision_pretrain.with_init_from else "")
     if skip:
         log.info(f"vision pre-training skipped: {skip}")
         return None

@@ -179,7 +179,9 @@ FAMILIES: tuple[str, ...] = ("exist",) + KINDS[len(EXIST_NEGATIVE_KINDS) + 1:]  
 
 def parse_weights(spec: str, key: str = "data.question_weights") -> dict[str, float]:
     """`"exist=3,choice=2"` -> {"exist": 3.0, "choice": 2.0}: relative weights of question families
-    (FAMILIES; an unnamed family weighs 1). Raises ValueError naming `key` on a bad entry."""
+    (FAMILIES; an unnamed family weighs 1) and of the negative existence kinds within existence
+    (EXIST_NEGATIVE_KINDS, e.g. `exist_adversarial=2`: the share of that kind among the "no"
+    questions; the positives stay half of existence). Raises ValueError naming `key` on a bad entry."""
     out: dict[str, float] = {}
     for item in (i.strip() for i in str(spec).split(",") if i.strip()):
         name, sep, value = item.partition("=")
@@ -187,9 +189,9 @@ def parse_weights(spec: str, key: str = "data.question_weights") -> dict[str, fl
             weight = float(value) if sep else float("nan")
         except ValueError:
             weight = float("nan")
-        if name not in FAMILIES or not weight >= 0:
-            raise ValueError(f"{key}: {item!r} must be family=weight with a weight >= 0 and a family "
-                             f"among {FAMILIES}")
+        if name not in FAMILIES + EXIST_NEGATIVE_KINDS or not weight >= 0:
+            raise ValueError(f"{key}: {item!r} must be name=weight with a weight >= 0 and a name among "
+                             f"{FAMILIES + EXIST_NEGATIVE_KINDS}")
         out[name] = weight
     return out
 
@@ -201,7 +203,8 @@ def sample_question(scene: Scene, rng: np.random.Generator, kinds: Sequence[str]
     Families (existence, colour, shape, count, position, choice, caption: FAMILIES) are uniform
     over those the scene admits, or drawn in proportion to `weights` (family -> weight, missing
     families weigh 1; see `parse_weights`); within existence the positive kind has probability
-    1/2 when negatives are allowed too, so yes/no answers are balanced (position yes/no questions
+    1/2 when negatives are allowed too, so yes/no answers are balanced, and the negative kinds are
+    uniform or drawn in proportion to their `weights` (position yes/no questions
     are balanced by construction).
     """
     allowed = [k for k in _check_kinds(kinds) if _applicable(scene, k)]
@@ -220,6 +223,9 @@ def sample_question(scene: Scene, rng: np.random.Generator, kinds: Sequence[str]
         negatives = [k for k in exist if k != "exist_positive"]
         if "exist_positive" in exist and (not negatives or rng.random() < 0.5):
             family = "exist_positive"
+        elif weights and any(weights.get(k, 1.0) != 1.0 for k in negatives):
+            w = np.array([weights.get(k, 1.0) for k in negatives], dtype=np.float64)
+            family = negatives[int(rng.choice(len(negatives), p=w / w.sum()))] if w.sum() > 0 else _pick(rng, negatives)
         else:
             family = _pick(rng, negatives)
     return make_question(scene, family, rng)
