@@ -281,27 +281,38 @@ def test_sample_question_balance_and_negatives():
     assert set(kinds) == set(S.KINDS)
 
 
+def _drawn_and_expected(scene_seed: int, weights: dict, key, shares, kinds=None, n: int = 4000):
+    """Draws one question per scene `scene_at(scene_seed, i)`, i < n, counting `key(qa)`, and sums each
+    scene's expected shares (`shares(scene)`: {key: probability}, float64); checks every key's drawn
+    share against the expectation within 4 standard errors. Returns the drawn counts."""
+    rng = np.random.default_rng(scene_seed)
+    drawn, expected = collections.Counter(), collections.Counter()
+    for i in range(n):
+        scene = S.scene_at(scene_seed, i)
+        drawn[key(S.sample_question(scene, rng, kinds, weights=weights))] += 1
+        for k, p in shares(scene).items():
+            expected[k] += p
+    for k in expected:
+        p = expected[k] / n
+        assert abs(drawn[k] / n - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12, (k, drawn[k] / n, p)
+    return drawn, expected
+
+
 def test_question_weights_set_the_family_mix():
     """`data.question_weights`: each family is drawn in proportion to its weight among the families
     the scene admits (float64 expectation over the same scenes; 4,000 draws, 4 standard errors)."""
     weights = S.parse_weights("exist=4, choice=2,caption=0")
     assert weights == {"exist": 4.0, "choice": 2.0, "caption": 0.0}
-    rng = np.random.default_rng(3)
-    drawn, expected = collections.Counter(), collections.Counter()
-    n = 4000
-    for i in range(n):
-        scene = S.scene_at(12, i)
-        qa = S.sample_question(scene, rng, weights=weights)
-        drawn["exist" if qa.kind.startswith("exist_") else qa.kind] += 1
+
+    def shares(scene):
         fams = [f for f in S.FAMILIES if any(S.admits(scene, [k]) for k in S.KINDS
                                               if k == f or (f == "exist" and k.startswith("exist_")))]
         w = np.array([weights.get(f, 1.0) for f in fams], dtype=np.float64)
-        for f, p in zip(fams, w / w.sum()):
-            expected[f] += p
-    assert drawn["caption"] == 0 and "caption" in expected
-    for f in S.FAMILIES:
-        p = expected[f] / n
-        assert abs(drawn[f] / n - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12, (f, drawn[f] / n, p)
+        return dict(zip(fams, w / w.sum()))
+
+    drawn, expected = _drawn_and_expected(12, weights, lambda qa: "exist" if qa.kind.startswith("exist_") else qa.kind,
+                                          shares)
+    assert drawn["caption"] == 0 and "caption" in expected and set(expected) == set(S.FAMILIES)
     assert drawn["exist"] > 3 * drawn["colour"]
     # no weights: the uniform draw, the same questions as before the option existed
     a = [S.sample_question(S.scene_at(12, i), np.random.default_rng(i)) for i in range(50)]
@@ -312,36 +323,27 @@ def test_question_weights_set_the_family_mix():
             S.parse_weights(bad)
 
 
-
 def test_question_weights_set_the_negative_existence_mix():
     """`exist_<negative kind>=w` in `data.question_weights`: the negatives of the kinds a scene admits
     are drawn in proportion to their weights (float64 expectation over the same scenes; 4 standard
     errors), the positives stay half of existence, and weights of 1 leave the draw unchanged."""
     weights = S.parse_weights("exist=50,exist_adversarial=4,exist_random=0")
     assert weights == {"exist": 50.0, "exist_adversarial": 4.0, "exist_random": 0.0}
-    rng = np.random.default_rng(5)
-    drawn, expected = collections.Counter(), collections.Counter()
-    n = 4000
-    for i in range(n):
-        scene = S.scene_at(13, i)
-        qa = S.sample_question(scene, rng, S.KINDS[:4], weights=weights)
-        drawn[qa.kind] += 1
+
+    def shares(scene):
         negs = [k for k in S.EXIST_NEGATIVE_KINDS if S.admits(scene, [k])]
         w = np.array([weights.get(k, 1.0) for k in negs], dtype=np.float64)
-        expected["exist_positive"] += 0.5
-        for k, p in zip(negs, 0.5 * w / w.sum()):
-            expected[k] += p
-    assert drawn["exist_random"] == 0
-    for k in S.KINDS[:4]:
-        p = expected[k] / n
-        assert abs(drawn[k] / n - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12, (k, drawn[k] / n, p)
-    assert drawn["exist_adversarial"] > 3 * drawn["exist_popular"]
+        return {"exist_positive": 0.5, **dict(zip(negs, 0.5 * w / w.sum()))}
+
+    drawn, _ = _drawn_and_expected(13, weights, lambda qa: qa.kind, shares, kinds=S.KINDS[:4])
+    assert drawn["exist_random"] == 0 and drawn["exist_adversarial"] > 3 * drawn["exist_popular"]
     a = [S.sample_question(S.scene_at(13, i), np.random.default_rng(i), weights={"colour": 1.0}) for i in range(50)]
     b = [S.sample_question(S.scene_at(13, i), np.random.default_rng(i),
                            weights={"colour": 1.0, "exist_adversarial": 1.0}) for i in range(50)]
     assert a == b
     with pytest.raises(ValueError, match="data.question_weights"):
         S.parse_weights("exist_positive=2")
+
 
 def test_answer_is_yes():
     assert S.answer_is_yes("yes") and S.answer_is_yes("Yes, there is a red circle.")
