@@ -18,7 +18,7 @@ from unijax.models import family
 from unijax.models.janus import Janus
 from unijax.models.presets import preset
 from unijax.training import loop, vision_pretrain
-from unijax.training.config import model_config
+from unijax.training.config import model_config, validate
 from unijax.training.logger import MetricLogger
 
 
@@ -197,6 +197,10 @@ def test_adaptor_warmup_trains_only_the_adaptors_then_the_run_starts_from_it(tmp
                 node = node[part]
             node[leaf[-1]] = value
         assert loop.adaptor_warmup_dir(d) is None, off
+    bad = tiny_config(tmp_path / "bad", data_dir, trainable=("language_model/.*", "lm_head/.*"))  # a language stage
+    bad.adaptor_warmup.steps = 2
+    with pytest.raises(ValueError, match="adaptor_warmup.steps=2: train.trainable"):
+        validate(bad)
 
 def test_vision_pretraining_needs_the_shapes_world(tmp_path, data_dir):
     c = tiny_config(tmp_path, data_dir)

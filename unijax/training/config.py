@@ -326,4 +326,8 @@ def validate(config) -> None:
     vision_pretrain.validate(config)
     if config.adaptor_warmup.steps < 0:
         raise ValueError(f"adaptor_warmup.steps={config.adaptor_warmup.steps} must be >= 0 (0 = off)")
+    if config.adaptor_warmup.steps and set(config.train.trainable) <= set(config.adaptor_warmup.frozen):
+        raise ValueError(f"adaptor_warmup.steps={config.adaptor_warmup.steps}: train.trainable="
+                         f"{list(config.train.trainable)} trains only what adaptor_warmup.frozen freezes, so the "
+                         f"warm-up has nothing to train; set adaptor_warmup.steps=0")
     evaluators.validate(config)
