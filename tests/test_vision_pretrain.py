@@ -12,6 +12,7 @@ from test_train import losses_of, tiny_config
 
 from configs import base
 from unijax import checkpoints, sharding
+from unijax.analysis import recipe
 from unijax.checkpoints import flat_params
 from unijax.data import shapes
 from unijax.models import family
@@ -157,7 +158,6 @@ def test_resume_with_a_frozen_pretrained_tower(tmp_path, data_dir):
         np.testing.assert_array_equal(final[k], v, err_msg=k)
 
 
-
 def test_adaptor_warmup_trains_only_the_adaptors_then_the_run_starts_from_it(tmp_path, data_dir):
     """`adaptor_warmup.steps`: after the vision pre-training, the warm-up trains with the decoder frozen (its
     model's decoder is exactly the fresh initialisation of the same seed, its aligner is not); the run then
@@ -192,15 +192,13 @@ def test_adaptor_warmup_trains_only_the_adaptors_then_the_run_starts_from_it(tmp
                 {"init_from": str(tmp_path / "model")}):
         d = c.copy_and_resolve_references()
         for key, value in off.items():
-            node, leaf = d, key.split(".")
-            for part in leaf[:-1]:
-                node = node[part]
-            node[leaf[-1]] = value
+            recipe.set_key(d, key, value)
         assert loop.adaptor_warmup_dir(d) is None, off
     bad = tiny_config(tmp_path / "bad", data_dir, trainable=("language_model/.*", "lm_head/.*"))  # a language stage
     bad.adaptor_warmup.steps = 2
     with pytest.raises(ValueError, match="adaptor_warmup.steps=2: train.trainable"):
         validate(bad)
+
 
 def test_vision_pretraining_needs_the_shapes_world(tmp_path, data_dir):
     c = tiny_config(tmp_path, data_dir)

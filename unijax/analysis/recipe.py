@@ -68,7 +68,7 @@ class Budget:
     vq_steps: int | None = None          # the VQ tokenizer (configs/stage0_vq.py)
     base_steps: int | None = None        # the dense base (configs/base.py)
     base_batch_size: int | None = None   # those three stages' batch
-    warmup_steps: int | None = None      # the base's adaptor warm-up (`adaptor_warmup.steps`)
+    adaptor_warmup_steps: int | None = None  # the base's adaptor warm-up (`adaptor_warmup.steps`)
     steps: int = 200                     # every per-seed run (TOC, stage 1 x 2, stage 2, AIA variants)
     batch_size: int = 32                 # every per-seed run's batch
     pope_images: int = 100
@@ -84,7 +84,7 @@ FULL = Budget()
 QUICK = Budget(lm_steps=8, vq_steps=8, base_steps=8, base_batch_size=8, steps=4, batch_size=8, pope_images=4,
                mc_questions=6, geneval_per_tag=1, geneval_samples=1, intensity_samples=4, conflict_batches=1,
                overrides=("model.text.num_layers=2", "train.eval_batches=2", "vision_pretrain.steps=8",
-                          "vision_pretrain.eval_images=16"), warmup_steps=4)
+                          "vision_pretrain.eval_images=16"), adaptor_warmup_steps=4)
 
 
 def load_config(name: str, arg: str | None = None):
@@ -163,7 +163,7 @@ def plan(out: pathlib.Path, seeds: list[int], b: Budget, family: str = "janus") 
                                          **_from_recipe_model("stage0_lm", out / "stage0_lm" / "model")},
               evaluate=False),
         Stage("base", "base", {**chain, **_steps(b.base_steps),
-                               **({"adaptor_warmup.steps": b.warmup_steps} if b.warmup_steps is not None else {}),
+                               **({"adaptor_warmup.steps": b.adaptor_warmup_steps} if b.adaptor_warmup_steps is not None else {}),
                                **_from_recipe_model("stage0_vq", out / "stage0_vq" / "model")}),
     ]
     for s in seeds:
@@ -463,7 +463,7 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
         f"{os.cpu_count()} CPU cores; total {total / 60:.1f} min.",
         "",
         "Budgets (steps x batch): " + ", ".join(f"{n} {k} x {bs}" for n, (k, bs) in chain.items())
-        + ("" if (b.lm_steps, b.vq_steps, b.base_steps, b.base_batch_size, b.warmup_steps) != (None,) * 5 else
+        + ("" if (b.lm_steps, b.vq_steps, b.base_steps, b.base_batch_size, b.adaptor_warmup_steps) != (None,) * 5 else
            " (the configs' own: the base `python -m unijax.train --config configs/base.py` builds)")
         + f"; every per-seed run {b.steps} x {b.batch_size}; seeds {', '.join(map(str, seeds))} (data order, LoRA "
         f"init, upcycling noise). Evaluation on held-out scenes: `shapes_pope` ({b.pope_images} images, accuracy and "

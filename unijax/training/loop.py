@@ -118,10 +118,9 @@ def warm_up_adaptors(config: ml_collections.ConfigDict, devices: Sequence[jax.De
         (workdir / "DONE").write_text("{}")
 
 
-def initial_model(cfg, config, log: MetricLogger):
-    """The adaptor warm-up's model, `init_from` (loaded with this run's runtime keys) or a fresh model of
-    `cfg`; with the warm-up's, the vision tower is already pre-trained."""
-    warmed = adaptor_warmup_dir(config)
+def initial_model(cfg, config, log: MetricLogger, warmed: pathlib.Path | None = None):
+    """The adaptor warm-up's model (`warmed`: its directory), `init_from` (loaded with this run's runtime
+    keys) or a fresh model of `cfg`; with the warm-up's, the vision tower is already pre-trained."""
     source = str(warmed / "model") if warmed is not None else config.init_from
     if source:
         log.info(f"init_from {source}" + (" (the adaptor warm-up's model)" if warmed is not None else ""))
@@ -152,8 +151,9 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
     # -- model, trainable split, shardings ------------------------------------------------------
     ckpts = TrainCheckpoints(workdir / "checkpoints", config)
-    model = initial_model(cfg, config, log)
-    if adaptor_warmup_dir(config) is None:  # else the warm-up pre-trained the tower
+    warmed = adaptor_warmup_dir(config)
+    model = initial_model(cfg, config, log, warmed)
+    if warmed is None:  # else the warm-up pre-trained the tower
         vision_pretrain.maybe_pretrain(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
     built = train_setup.build(model, config, mesh)
     del model

@@ -196,6 +196,14 @@ def parse_weights(spec: str, key: str = "data.question_weights") -> dict[str, fl
     return out
 
 
+def _weighted_pick(rng: np.random.Generator, names: Sequence[str], weights: dict[str, float]) -> str:
+    """One of `names` in proportion to `weights` (a missing name weighs 1; all 0: uniform)."""
+    w = np.array([weights.get(n, 1.0) for n in names], dtype=np.float64)
+    if w.sum() <= 0:
+        w = np.ones_like(w)
+    return names[int(rng.choice(len(names), p=w / w.sum()))]
+
+
 def sample_question(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] | None = None,
                     weights: dict[str, float] | None = None) -> QA:
     """A random question of one of `kinds` (default KINDS) that the scene admits.
@@ -213,19 +221,15 @@ def sample_question(scene: Scene, rng: np.random.Generator, kinds: Sequence[str]
     exist = [k for k in allowed if k.startswith("exist_")]
     families = (["exist"] if exist else []) + [k for k in allowed if k not in exist]
     if weights:
-        w = np.array([weights.get(f, 1.0) for f in families], dtype=np.float64)
-        if w.sum() <= 0:  # every family this scene admits weighs 0: fall back to uniform
-            w = np.ones_like(w)
-        family = families[int(rng.choice(len(families), p=w / w.sum()))]
+        family = _weighted_pick(rng, families, weights)
     else:
         family = _pick(rng, families)
     if family == "exist":
         negatives = [k for k in exist if k != "exist_positive"]
         if "exist_positive" in exist and (not negatives or rng.random() < 0.5):
             family = "exist_positive"
-        elif weights and any(weights.get(k, 1.0) != 1.0 for k in negatives):
-            w = np.array([weights.get(k, 1.0) for k in negatives], dtype=np.float64)
-            family = negatives[int(rng.choice(len(negatives), p=w / w.sum()))] if w.sum() > 0 else _pick(rng, negatives)
+        elif weights and any(weights.get(k, 1.0) != 1.0 for k in negatives):  # else the unweighted stream
+            family = _weighted_pick(rng, negatives, weights)
         else:
             family = _pick(rng, negatives)
     return make_question(scene, family, rng)
