@@ -2,6 +2,7 @@
 the whole pipeline in --quick mode (slow: every stage of the recipe with a few steps)."""
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -156,6 +157,15 @@ def test_base_from_copies_a_matching_base_and_refuses_another(tmp_path):
     assert json.loads((out / "stage0_vq" / "DONE").read_text()) == {
         "seconds": 12.0, "copied_from": str((src / "prerequisites" / "stage0_vq").absolute())}
     assert (out / "base" / "model" / "model.json").is_file() and not (out / "base" / "prerequisites").exists()
+    # the base's own time is the span from the VQ stage's end to its model; a copy that gave both files
+    # the same time leaves it unknown (None), not 0
+    base_stage = next(st for st in stages if not isinstance(st, tuple) and st.name == "base")
+    assert json.loads((out / "base" / "DONE").read_text())["seconds"] is None
+    assert recipe.train_stage(base_stage, out) is None
+    vq_done = (src / "prerequisites" / "stage0_vq" / "DONE").stat().st_mtime
+    os.utime(src / "model" / "model.json", (vq_done + 600.0, vq_done + 600.0))
+    recipe.adopt_base(src, tmp_path / "timed", stages)
+    assert recipe.train_stage(base_stage, tmp_path / "timed") == pytest.approx(600.0)
     (src / "prerequisites" / "stage0_lm" / "DONE").unlink()
     with pytest.raises(FileNotFoundError, match="stage0_lm/DONE not found"):
         recipe.adopt_base(src, tmp_path / "other", stages)

@@ -310,11 +310,13 @@ def stage_config(stage: Stage, out: pathlib.Path):
     return config
 
 
-def train_stage(stage: Stage, out: pathlib.Path) -> float:
-    """Runs (or resumes) a stage unless its model is complete; returns the seconds it took."""
+def train_stage(stage: Stage, out: pathlib.Path) -> float | None:
+    """Runs (or resumes) a stage unless its model is complete; returns the seconds it took (None: a copied
+    base whose time is unknown)."""
     workdir = out / stage.name
     if (workdir / "DONE").is_file():
-        return float(json.loads((workdir / "DONE").read_text())["seconds"])
+        seconds = json.loads((workdir / "DONE").read_text())["seconds"]
+        return None if seconds is None else float(seconds)
     config = stage_config(stage, out)
     print(f"\n== {stage.name}: {stage.command(out)}", flush=True)
     t0 = time.perf_counter()
@@ -369,22 +371,28 @@ def adopt_base(src: pathlib.Path, out: pathlib.Path, stages: list) -> None:
         shutil.copytree(d, dst, ignore=shutil.ignore_patterns("prerequisites", "eval", "analysis"))
         if (d / "DONE").is_file():
             seconds = float(json.loads((d / "DONE").read_text())["seconds"])
-        else:  # the base run itself: from its start (the VQ stage's end) to its model, suites excluded
-            seconds = (d / "model" / "model.json").stat().st_mtime - (sources["stage0_vq"] / "DONE").stat().st_mtime
+        else:  # the base run itself: from its start (the VQ stage's end) to its model, suites excluded;
+            # unknown (None) when a copy of the workdir gave both files the same time
+            span = (d / "model" / "model.json").stat().st_mtime - (sources["stage0_vq"] / "DONE").stat().st_mtime
+            seconds = span if span >= 1.0 else None
         (dst / "DONE").write_text(json.dumps({"seconds": seconds, "copied_from": str(d.absolute())}))
         print(f"== {name}: copied from {shown(d)} (--base_from)", flush=True)
 
 
 def upcycle_stage(out: pathlib.Path, seed: int, b: Budget) -> float:
+    """Upcycles the seed's stage-1 models unless done; returns the seconds the (first) upcycling took."""
     dst = out / f"seed{seed}" / "upcycled"
+    took = out / f"seed{seed}" / "UPCYCLE_SECONDS"  # beside the model: the upcycled checkpoint is Orbax's
     if (dst / "model.json").is_file():
-        return 0.0
+        return float(took.read_text()) if took.is_file() else 0.0
     t0 = time.perf_counter()
     c = load_config("stage2")
     moe = MoEConfig(**{k: (tuple(v) if k == "layers" else v) for k, v in c.moe.to_dict().items() if v is not None})
     upcycle_checkpoint(out / "base" / "model", dst, out / f"seed{seed}" / "stage1_und" / "model",
                        out / f"seed{seed}" / "stage1_gen" / "model", moe, noise=0.01, seed=seed)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    took.write_text(f"{seconds:.3f}")
+    return seconds
 
 
 def evaluate_model(model_dir: pathlib.Path, b: Budget, seed: int) -> dict[str, float]:
@@ -453,14 +461,16 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
     a, t, claims = tables(results, seeds, eval_sizes(b))
     chain = stage_budgets(b)
     cmd = "bash launch/reproduce_shapes.sh " + " ".join(argv)
-    total = sum(timings.values())
+    total = sum(v for v in timings.values() if v is not None)
+    unknown = [k for k, v in timings.items() if v is None]
     lines = [
         "# UniDecouple on the shapes world" + ("" if family == "janus" else f" ({family} architecture)")
         + (" (--quick: pipeline smoke test, numbers meaningless)" if quick else ""),
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores; total {total / 60:.1f} min.",
+        f"{os.cpu_count()} CPU cores; total {total / 60:.1f} min"
+        + (f" ({', '.join(unknown)}: time unknown)." if unknown else "."),
         "",
         "Budgets (steps x batch): " + ", ".join(f"{n} {k} x {bs}" for n, (k, bs) in chain.items())
         + ("" if (b.lm_steps, b.vq_steps, b.base_steps, b.base_batch_size, b.adaptor_warmup_steps) != (None,) * 5 else
@@ -503,7 +513,8 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
         "",
         "| stage | seconds |",
         "|---|---|",
-        *[f"| {k} | {v:.0f} |" for k, v in timings.items()],
+        *[f"| {k} | " + ("unknown (the copy lost its files' times)" if v is None else f"{v:.0f}") + " |"
+          for k, v in timings.items()],
         "",
         "## Commands",
         "",
