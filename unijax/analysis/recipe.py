@@ -379,20 +379,24 @@ def adopt_base(src: pathlib.Path, out: pathlib.Path, stages: list) -> None:
         print(f"== {name}: copied from {shown(d)} (--base_from)", flush=True)
 
 
+def _first_seconds(took: pathlib.Path, t0: float) -> float:
+    """The seconds since `t0`, kept in `took` by the first (complete) run of a step; reruns, which reuse
+    that step's files, return the first run's time."""
+    if not took.is_file():
+        took.write_text(f"{time.perf_counter() - t0:.3f}")
+    return float(took.read_text())
+
+
 def upcycle_stage(out: pathlib.Path, seed: int, b: Budget) -> float:
     """Upcycles the seed's stage-1 models unless done; returns the seconds the (first) upcycling took."""
     dst = out / f"seed{seed}" / "upcycled"
-    took = out / f"seed{seed}" / "UPCYCLE_SECONDS"  # beside the model: the upcycled checkpoint is Orbax's
-    if (dst / "model.json").is_file():
-        return float(took.read_text()) if took.is_file() else 0.0
     t0 = time.perf_counter()
-    c = load_config("stage2")
-    moe = MoEConfig(**{k: (tuple(v) if k == "layers" else v) for k, v in c.moe.to_dict().items() if v is not None})
-    upcycle_checkpoint(out / "base" / "model", dst, out / f"seed{seed}" / "stage1_und" / "model",
-                       out / f"seed{seed}" / "stage1_gen" / "model", moe, noise=0.01, seed=seed)
-    seconds = time.perf_counter() - t0
-    took.write_text(f"{seconds:.3f}")
-    return seconds
+    if not (dst / "model.json").is_file():
+        c = load_config("stage2")
+        moe = MoEConfig(**{k: (tuple(v) if k == "layers" else v) for k, v in c.moe.to_dict().items() if v is not None})
+        upcycle_checkpoint(out / "base" / "model", dst, out / f"seed{seed}" / "stage1_und" / "model",
+                           out / f"seed{seed}" / "stage1_gen" / "model", moe, noise=0.01, seed=seed)
+    return _first_seconds(out / f"seed{seed}" / "UPCYCLE_SECONDS", t0)  # beside the model (Orbax's folder)
 
 
 def evaluate_model(model_dir: pathlib.Path, b: Budget, seed: int) -> dict[str, float]:
@@ -561,20 +565,13 @@ def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool
             t0 = time.perf_counter()
             seed = int(stage.overrides.get("seed", 0))
             results[stage.name] = evaluate_model(out / stage.name / "model", b, seed)
-            took = out / stage.name / "eval" / "SECONDS"  # the first (complete) evaluation's time, kept on reruns
-            if not took.is_file():
-                took.write_text(f"{time.perf_counter() - t0:.3f}")
-            timings[stage.name + " (eval)"] = float(took.read_text())
+            timings[stage.name + " (eval)"] = _first_seconds(out / stage.name / "eval" / "SECONDS", t0)
             commands.append(f"python -m unijax.evaluate --ckpt {shown(out / stage.name / 'model')} --suite shapes_pope "
                             f"--num_images {b.pope_images} --seed {seed}  # and shapes_mc, shapes_geneval")
             print(f"== {stage.name}: " + " ".join(f"{k}={v:.3f}" for k, v in results[stage.name].items()), flush=True)
     t0 = time.perf_counter()
     analysis = analyse(out, seeds, b.intensity_samples, b.conflict_batches)
-    # the first (complete) analysis's time for these seeds, kept on reruns (they reuse its files)
-    took = out / f"ANALYSIS_SECONDS_seeds{'-'.join(map(str, seeds))}"
-    if not took.is_file():
-        took.write_text(f"{time.perf_counter() - t0:.3f}")
-    timings["analysis (intensity, conflict)"] = float(took.read_text())
+    timings["analysis (intensity, conflict)"] = _first_seconds(out / f"ANALYSIS_SECONDS_seeds{'-'.join(map(str, seeds))}", t0)
     report = write_report(out, results, timings, commands, seeds, quick, b, argv, family, analysis)
     print(f"\nwrote {report} ({(time.perf_counter() - t_all) / 60:.1f} min)")
     print(report.read_text())
