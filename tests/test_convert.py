@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_models import make_tiny_janus
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -16,6 +17,8 @@ from safetensors.numpy import load_file, save_file
 from unijax import checkpoints
 from unijax.hf.convert import ConversionError, checkpoint_to_hf, hf_to_checkpoint
 from unijax.hf.safetensors_io import WeightDir
+from unijax.models.janus import Janus
+from unijax.models.presets import preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,6 +113,17 @@ def test_bad_tensors_are_listed_and_nothing_is_written(hf_dir, tmp_path):
     assert "unknown tensors (1)" in msg and "model.extra.weight (3,)" in msg
     assert "mis-shaped tensors (1)" in msg and "lm_head.weight" in msg
     assert sorted(os.listdir(tmp_path)) == ["bad"]  # no output, no partial directory
+
+
+def test_local_encoder_is_not_exported(tmp_path):
+    """`model.vq.local_encoder` has no transformers equivalent: the export refuses it, naming the
+    key, and writes nothing."""
+    cfg = preset("tiny", text={"num_layers": 1}, vq={"local_encoder": True})
+    checkpoints.save_model(tmp_path / "ckpt", Janus(cfg, rngs=nnx.Rngs(0)))
+    assert checkpoints.read_config(tmp_path / "ckpt").vq.local_encoder
+    with pytest.raises(ConversionError, match="model.vq.local_encoder=True"):
+        checkpoint_to_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_both_directions(hf_dir, tmp_path):

@@ -1,6 +1,8 @@
 """Model internals against the plain full-sequence forward: KV cache, scan, remat, packing,
 padding, placeholder filling, logical axes. Tolerance float32: 1e-5 absolute on unit-scale values."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from unijax.contract import GEN_IMAGE, UND_IMAGE
 from unijax.models.decoder import KVCache
 from unijax.models.janus import Janus
 from unijax.models.presets import preset
+from unijax.models.vq import VQModel
 
 ATOL = 1e-5
 
@@ -154,3 +157,23 @@ def test_sampled_decoding_with_top_k_1_equals_greedy(model):
     free = gen.image_codes(prompt, mask, guidance=2.0, sampling=Sampling(temperature=1.0), num_tokens=8,
                            rng=jax.random.key(5))
     assert not np.array_equal(free, img_greedy)
+
+
+def test_local_encoder_codes_depend_on_their_neighbourhood_only():
+    """`model.vq.local_encoder`: changing the bottom-right quarter of a 64 px image leaves the
+    top-left latents bit-identical (beyond the encoder's ~40 px receptive field), while Janus's
+    encoder (whole-image GroupNorm statistics and attention) moves them. Both have the same
+    parameters (the local one ignores its attention weights) and the same decoder."""
+    q = dataclasses.replace(tiny().vq, image_size=64)
+    janus_vq = VQModel(q, rngs=nnx.Rngs(0))
+    local_vq = VQModel(dataclasses.replace(q, local_encoder=True), rngs=nnx.Rngs(0))
+    a, b = nnx.to_pure_dict(nnx.state(janus_vq)), nnx.to_pure_dict(nnx.state(local_vq))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 64, 64, 3)), jnp.float32)
+    y = x.at[:, 48:, 48:].set(1.0)
+    for vq, moved in ((local_vq, False), (janus_vq, True)):
+        za, zb = vq.encode_latents(x)[0, :2, :2], vq.encode_latents(y)[0, :2, :2]
+        assert (float(jnp.abs(za - zb).max()) > 1e-4) == moved
+    codes = jnp.asarray(np.random.default_rng(1).integers(0, q.num_embeddings, (1, q.num_tokens)))
+    np.testing.assert_array_equal(np.asarray(janus_vq.decode(codes)), np.asarray(local_vq.decode(codes)))

@@ -148,6 +148,9 @@ def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 
     ckpt = pathlib.Path(ckpt)
     model = checkpoints.load_model(ckpt)
     cfg = model.cfg
+    if getattr(cfg.vq, "local_encoder", False):
+        raise ConversionError(f"{ckpt}: model.vq.local_encoder=True has no transformers equivalent (JanusVQVAE's "
+                              f"encoder uses whole-image GroupNorm and attention); its images would encode differently")
     renames = _renames(cfg)
     tensors = {}
     for path, x in checkpoints.flat_params(model).items():

@@ -100,6 +100,12 @@ class VQConfig(ImageGrid):
     projection_dim: int = 2048
     image_token_embed_dim: int = 2048
     image_size: int = 384  # generated image resolution
+    # unijax only (False: transformers' JanusVQVAE): the encoder normalises each position over its
+    # channels instead of GroupNorm's whole-image statistics, and skips its attention blocks, so a
+    # code depends on its neighbourhood only (an empty cell gets the same code wherever the objects
+    # are: docs/shapes_testbed.md, "Where the image-code loss goes"). Same parameters; the decoder
+    # is unchanged. Such a model does not export to transformers.
+    local_encoder: bool = False
 
     @property
     def num_tokens(self) -> int:

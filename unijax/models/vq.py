@@ -31,6 +31,18 @@ def group_norm(ch: int, groups: int, *, rngs, dtype, param_dtype) -> nnx.GroupNo
                          bias_metadata={"out_sharding": ("conv_out",)})
 
 
+def position_norm(norm: nnx.GroupNorm, x: Array) -> Array:
+    """`norm`'s scale and bias over statistics of each position's channels (a local encoder's norm)
+    instead of each group's over the whole image."""
+    y = x.astype(jnp.float32)
+    y = (y - y.mean(-1, keepdims=True)) * jax.lax.rsqrt(y.var(-1, keepdims=True) + norm.epsilon)
+    return (y * norm.scale[...] + norm.bias[...]).astype(x.dtype)
+
+
+def _norm(norm: nnx.GroupNorm, x: Array, local: bool) -> Array:
+    return position_norm(norm, x) if local else norm(x)
+
+
 def swish(x: Array) -> Array:
     return x * jax.nn.sigmoid(x)
 
@@ -48,9 +60,9 @@ class ResnetBlock(nnx.Module):
         self.conv2 = conv(cout, cout, 3, **kw)
         self.nin_shortcut = conv(cin, cout, 1, **kw) if cin != cout else None
 
-    def __call__(self, x: Array) -> Array:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+    def __call__(self, x: Array, local: bool = False) -> Array:
+        h = self.conv1(swish(_norm(self.norm1, x, local)))
+        h = self.conv2(swish(_norm(self.norm2, h, local)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -98,8 +110,9 @@ class MidBlock(nnx.Module):
         self.attn_1 = AttnBlock(ch, groups, **kw)
         self.block_2 = ResnetBlock(ch, ch, groups, **kw)
 
-    def __call__(self, x: Array) -> Array:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def __call__(self, x: Array, local: bool = False) -> Array:
+        x = self.block_1(x, local)
+        return self.block_2(x if local else self.attn_1(x), local)
 
 
 class Level(nnx.Module):
@@ -110,16 +123,21 @@ class Level(nnx.Module):
         self.attn = nnx.List([AttnBlock(cout, groups, **kw) for _ in range(n_blocks)] if attn else [])
         self.resample = resample(cout, **kw) if resample is not None else None
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, local: bool = False) -> Array:
+        """`local`: position norms and no attention (`VQConfig.local_encoder`)."""
         for i, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
+            x = block(x, local)
+            if len(self.attn) and not local:
                 x = self.attn[i](x)
         return x if self.resample is None else self.resample(x)
 
 
 class Encoder(nnx.Module):
+    """`q.local_encoder`: every norm per position and no attention, so that a latent depends on its
+    receptive field only; the attention parameters stay (unused), so either kind loads any checkpoint."""
+
     def __init__(self, q, **kw):
+        self.local = bool(q.local_encoder)
         mult, base, n = q.channel_multiplier, q.base_channels, len(q.channel_multiplier)
         self.conv_in = conv(q.in_channels, base, 3, **kw)
         cin = (1,) + tuple(mult)
@@ -134,8 +152,8 @@ class Encoder(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = self.conv_in(x)
         for level in self.down:
-            x = level(x)
-        return self.conv_out(swish(self.norm_out(self.mid(x))))
+            x = level(x, self.local)
+        return self.conv_out(swish(_norm(self.norm_out, self.mid(x, self.local), self.local)))
 
 
 class Decoder(nnx.Module):
