@@ -10,13 +10,20 @@ optimizer state, the batch and XLA's temporaries (`compiled.memory_analysis()`),
 step (`compiled.cost_analysis()`), and the model-FLOPs utilisation a step time would mean on the
 chosen chip. `--json PATH` writes the same numbers.
 
-Devices: when this machine has as many devices as the mesh, the plan compiles for them. Otherwise
-it compiles for that many fake CPU devices (`--xla_force_host_platform_device_count`, set before
+`--topology v5p:4x4x4` (also `v4:...`, `v5e:...`, `v6e:...`) compiles for that TPU slice with the real
+TPU compiler, on this host's CPU (libtpu: `pip install -e .[tpu]`), as MaxText's `train_compile.py`
+does: the memory is the TPU compiler's, and the compiled, partitioned HLO gives FLOPs, HBM bytes
+and collective bytes per device with every loop counted per trip, a roofline step time and the
+MFU it implies (`unijax.training.roofline`; the compiler's own `optimal_seconds` is reported and
+used only where it is valid). `--hlo PATH` writes the compiled HLO text.
+
+Without `--topology`: when this machine has as many devices as the mesh, the plan compiles for
+them. Otherwise it compiles for that many fake CPU devices (`--xla_force_host_platform_device_count`, set before
 JAX starts): the sharding and the per-device parameter, optimizer and batch bytes are exact; XLA's
 temporaries and FLOPs are those of the CPU compiler, an estimate of what a GPU / TPU compile
-needs (fusion and scheduling differ; the per-device arithmetic does not). `moe.impl=auto` resolves
-for the compiling backend (capacity on CPU and GPU); set `--config.moe.impl=dropless` to plan a TPU
-run's dispatch.
+needs (fusion and scheduling differ; the per-device arithmetic does not): an estimate, labelled as
+such. Kernel choices (`model.attention_impl=auto`, `moe.impl=auto`) resolve for the platform compiled
+for.
 """
 
 from __future__ import annotations
@@ -38,13 +45,25 @@ from unijax import cli, sharding
 from unijax.data import pipeline
 from unijax.io import write_outputs
 from unijax.sharding import MESH_AXES
-from unijax.training import throughput
+from unijax.training import roofline, throughput
 from unijax.training.config import model_config, validate
 from unijax.training.params import count
 from unijax.training.throughput import PEAK_TFLOPS
 
-MEMORY_GB = {"h100": 80, "h100_pcie": 80, "h200": 141, "a100": 80, "b200": 192, "l40s": 48,
-             "tpu_v4": 32, "tpu_v5e": 16, "tpu_v5p": 95, "tpu_v6e": 32}
+MEMORY_GB = {chip: spec["hbm_gb"] for chip, spec in roofline.CHIPS.items()}
+
+
+def topology_devices(name: str) -> list:
+    """The devices of TPU slice `name` (`v5p:4x4x4`) for the TPU compiler on this host (no TPU needed)."""
+    roofline.chip_of_topology(name)
+    # compiling needs no TPU: let several processes (test workers, plans side by side) load libtpu
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies  # noqa: PLC0415 (loads libtpu: only for --topology)
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as e:  # libtpu missing, or a shape the TPU compiler does not know
+        raise ValueError(f"--topology={name!r}: no TPU topology ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"libtpu comes with `pip install -e .[tpu]`") from None
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -70,7 +89,7 @@ def _mesh_arg(argv) -> str:
 
 def _fake_cpu_devices(argv) -> None:
     """Before JAX starts its backends: enough host-platform (CPU) devices for the requested mesh."""
-    if xla_bridge.backends_are_initialized():
+    if xla_bridge.backends_are_initialized() or any(a.startswith("--topology") for a in argv):
         return
     try:
         sizes = parse_mesh(_mesh_arg(argv))
@@ -92,8 +111,11 @@ def per_device_bytes(tree) -> int:
 
 
 def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", step_time: float = 0.0,
-         memory_gb: float = 0.0) -> dict:
-    """Lowers and compiles the configured train step; returns the numbers `main` prints."""
+         memory_gb: float = 0.0, topology: str = "", hlo_path: str = "") -> dict:
+    """Lowers and compiles the configured train step; returns the numbers `main` prints. `topology`:
+    a TPU slice to compile for with the TPU compiler (its chip replaces `chip`)."""
+    if topology:
+        chip = roofline.chip_of_topology(topology)
     if chip not in PEAK_TFLOPS:
         raise ValueError(f"--chip={chip!r}: expected one of {sorted(PEAK_TFLOPS)}")
     if mesh_sizes:
@@ -102,9 +124,11 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
                 config.mesh[axis] = mesh_sizes.get(axis, 1)
     validate(config)
     cfg = model_config(config)
-    devices = jax.devices()
+    devices = topology_devices(topology) if topology else jax.devices()
     sizes = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
-    if -1 not in sizes.values() and math.prod(sizes.values()) != len(devices):
+    if topology and math.prod(s for s in sizes.values() if s > 0) > len(devices):
+        raise ValueError(f"--mesh needs {math.prod(sizes.values())} devices; topology {topology} has {len(devices)}")
+    if not topology and -1 not in sizes.values() and math.prod(sizes.values()) != len(devices):
         wanted = math.prod(sizes.values())
         devices = jax.devices("cpu")
         if len(devices) < wanted:
@@ -128,7 +152,17 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
     # Model FLOPs: XLA's count of the whole (unpartitioned) step as the math needs it. Its cost
     # analysis counts a while loop's body once, so a scanned decoder is counted unscanned, and
     # without remat (recomputation is not model work); the training log's MFU uses the same number.
-    model_flops = throughput.model_flops(config, cfg, mesh, batch, lambda: lowered)
+    if devices[0].platform == "cpu":
+        model_flops = throughput.model_flops(config, cfg, mesh, batch, lambda: lowered)
+    else:  # XLA counts a lowered program on the host: the same global step on one CPU device
+        host = sharding.make_mesh({}, jax.devices("cpu")[:1])
+        model_flops = throughput.model_flops(config, cfg, host, throughput.abstract_batch(layout, config.train.batch_size, host))
+    useful = throughput.useful_flops(config, cfg, layout, setup.state["params"])
+    hlo = compiled.as_text()
+    if hlo_path:
+        write_outputs(pathlib.Path(hlo_path).parent, {pathlib.Path(hlo_path).name: lambda p: p.write_text(hlo)})
+    on_target = devices[0].platform != "cpu"
+    cost = roofline.summary(roofline.analyse(hlo, chip, mesh.size), chip, roofline.compiler_cost(compiled))
 
     params = setup.state["params"]
     adapters = params.get("lora", {})
@@ -161,8 +195,10 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
                    "batch_size": int(config.train.batch_size), "max_len": int(config.data.max_len),
                    "moe_impl": config.moe.impl},
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "devices": f"{n_dev} x {devices[0].platform}" + (" (fake, standing in for the target)"
-                                                         if devices[0].platform == "cpu" else ""),
+        "devices": f"{n_dev} x {devices[0].device_kind if on_target else devices[0].platform}"
+                   + (f" ({topology}, TPU compiler)" if topology else "" if on_target
+                      else " (fake, standing in for the target: memory, FLOPs and time are estimates)"),
+        "topology": topology or None,
         "parameters": {"total": count(params) + count(setup.frozen), "trainable": count(params),
                        "lora": count(adapters)},
         "per_device_bytes": per_dev,
@@ -176,12 +212,29 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
         "peak_tflops_per_chip": PEAK_TFLOPS[chip],
         "step_time_at_full_mfu_s": flops / peak_flops if flops else None,
         "compile_s": {"lower": round(t1 - t0, 2), "compile": round(t2 - t1, 2)},
+        # stable keys (docs/benchmarks.md): per device and step, from the compiled program
+        "peak_bytes_per_device": per_dev["peak"],
+        "model_flops": model_flops,
+        "useful_flops": useful["total"],
+        "useful_flops_parts": useful,
+        "useful_over_compiled": useful["total"] / mesh.size / cost["flops_per_device"] if cost["flops_per_device"] else None,
+        "collective_bytes_per_device": cost["collective_bytes_per_device"],
+        "compiled_cost": cost,
     }
+    estimate = cost["compiler_optimal_seconds"] if cost["compiler_estimate_valid"] else cost["seconds"]
+    out["optimal_seconds"] = estimate
+    out["step_time_source"] = "compiler" if cost["compiler_estimate_valid"] else "roofline"
+    # MFU credits the useful FLOPs only (no capacity slots, heads at loss positions, frozen weights without gradients)
+    out["estimated_mfu"] = useful["total"] / mesh.size / (estimate * peak_flops) if estimate and on_target else None
     if step_time > 0 and flops:
         out["step_time_s"] = step_time
         out["mfu"] = flops / (step_time * peak_flops)
         out["tokens_per_s"] = tokens / step_time
     return out
+
+
+def mesh_size(r: dict) -> int:
+    return math.prod(r["mesh"].values())
 
 
 def _gib(b: int) -> str:
@@ -216,6 +269,23 @@ def table(r: dict) -> str:
     if "mfu" in r:
         lines.append(f"a {r['step_time_s']:g} s step would be {100 * r['mfu']:.1f}% MFU "
                      f"({r['tokens_per_s']:,.0f} tokens/s)")
+    k = r["compiled_cost"]
+    lines.append(f"compiled program, per device and step (loops counted per trip): {k['flops_per_device'] / 1e12:.2f} "
+                 f"TFLOP, {k['hbm_bytes_per_device'] / 1e9:.2f} GB HBM traffic")
+    kinds = ", ".join(f"{name} {b / 1e9:.2f} GB" for name, b in k["collective_bytes_by_kind"].items()) or "none"
+    lines.append(f"collectives: {k['collective_bytes_per_device'] / 1e9:.2f} GB per device ({kinds}), "
+                 f"{k['collective_seconds'] * 1e3:.1f} ms at {roofline.CHIPS[r['chip']]['ici_gbps']:g} GB/s")
+    uf = r["useful_flops"] / max(mesh_size(r), 1)
+    lines.append(f"useful FLOPs per step: {r['useful_flops'] / 1e15:.3f} PFLOP ({uf / 1e12:.2f} TFLOP per device; "
+                 f"{r['useful_over_compiled']:.2f} of the compiled program's)" if r["useful_over_compiled"] else
+                 f"useful FLOPs per step: {r['useful_flops'] / 1e15:.3f} PFLOP")
+    if r["estimated_mfu"] is not None:
+        lines.append(f"step time ({r['step_time_source']}): {r['optimal_seconds'] * 1e3:.1f} ms (compute "
+                     f"{k['compute_seconds'] * 1e3:.1f} ms + collectives, no overlap; "
+                     f"{k['seconds_overlapped'] * 1e3:.1f} ms overlapped) -> estimated MFU "
+                     f"{100 * r['estimated_mfu']:.1f}%; the compiler's optimal_seconds "
+                     f"{k['compiler_optimal_seconds']} "
+                     f"({'valid' if k['compiler_estimate_valid'] else 'not valid: loops counted once, or ops of unknown cost'})")
     lines.append(f"lowered in {r['compile_s']['lower']:.1f} s, compiled in {r['compile_s']['compile']:.1f} s")
     return "\n".join(lines)
 
@@ -230,6 +300,9 @@ def main(argv=None) -> int:
     flags.DEFINE_float("step_time", 0.0, "A measured (or hoped-for) step time in seconds: prints its MFU.")
     flags.DEFINE_float("memory_gb", 0.0, "Device memory to check against (default: the chip's).")
     flags.DEFINE_string("json", "", "Also write the numbers to this JSON file.")
+    flags.DEFINE_string("topology", "", "Compile for this TPU slice with the TPU compiler (libtpu), e.g. v5p:4x4x4, "
+                        "v5e:8x8, v6e:8x8, v4:2x2x1; sets the chip.")
+    flags.DEFINE_string("hlo", "", "Write the compiled HLO text to this file.")
     flags.mark_flags_as_required(["config"])
 
     def run(args):
@@ -238,7 +311,8 @@ def main(argv=None) -> int:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
         F = flags.FLAGS
-        result = plan(config_flag.value, parse_mesh(F.mesh) if F.mesh else None, F.chip, F.step_time, F.memory_gb)
+        result = plan(config_flag.value, parse_mesh(F.mesh) if F.mesh else None, F.chip, F.step_time, F.memory_gb,
+                      F.topology, F.hlo)
         print(table(result))
         if F.json:
             path = pathlib.Path(F.json)

@@ -128,6 +128,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Sequence[tuple[st
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
+def target_platform() -> str:
+    """The platform the code is traced for: the context mesh's devices (`jax.set_mesh`; a TPU
+    topology's when `python -m unijax.plan --topology` compiles on a CPU host), else the default
+    backend. Kernel choices (`model.attention_impl=auto`, `moe.impl=auto`) read it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def num_batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 

@@ -21,8 +21,11 @@ Peak: `train.peak_tflops` (per device) when set, else the dense bf16 peak of the
 from __future__ import annotations
 
 import copy
+import math
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from unijax import checkpoints, sharding
 from unijax.data import pipeline
@@ -113,3 +116,84 @@ def rates(tokens: int, seconds: float, steps: int, flops_per_device: float, peak
         if peak:
             out["mfu"] = achieved / (peak * 1e12)
     return out
+
+
+def _image_encoder_flops(model, images: int, size: int, encode) -> float:
+    """XLA's count of a frozen image encoder's forward over `images` images (lowered on the host CPU,
+    nothing compiled); 0 without images."""
+    if not images:
+        return 0.0
+    graphdef, state = nnx.split(model)
+    pixels = jax.ShapeDtypeStruct((images, size, size, 3), jnp.float32)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        lowered = jax.jit(lambda s, x: encode(nnx.merge(graphdef, s), x)).lower(state, pixels)
+    return flops_of(lowered)
+
+
+def useful_flops(config, cfg, layout: pipeline.Layout, trainable: dict) -> dict[str, float]:
+    """The FLOPs one train step needs, whatever the kernels (what `estimated_mfu` credits), with rows
+    full (`batch_size x max_len` real tokens) and the `data.und_ratio : data.gen_ratio` task mix:
+
+    - forward: the decoder on every token (causal attention counted once: each query against half
+      the row on average; a TA-MoE layer's top-k experts, the shared expert and the routers, no
+      capacity slots), the text head on understanding rows' text positions and the image head on
+      generated-image positions only, the vision tower and aligner on understanding images, the
+      frozen VQ encoder on generated images (XLA's count of its forward);
+    - backward: input gradients through the decoder and heads (what a forward costs), and weight
+      gradients of the trainable matrices only (`trainable`, LoRA adapters included), each over
+      the rows that pass through it.
+    Returns the parts and their `total`."""
+    t, m = cfg.text, cfg.moe
+    rows, seq = int(config.train.batch_size), int(layout.max_len)
+    und_w, gen_w = float(config.data.und_ratio), float(config.data.gen_ratio)
+    und_rows = rows * und_w / max(und_w + gen_w, 1e-9) if layout.und_images or gen_w == 0 else 0.0
+    gen_rows = rows - und_rows if layout.gen_images else 0.0
+    tokens = rows * seq
+    e, h, k, d = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
+    attention = 2 * e * (2 * h * d + 2 * k * d) + 2 * h * d * seq  # projections + scores and values, causal
+    dense = 6 * e * t.intermediate_size
+    layer_ffn = []
+    for i in range(t.num_layers):
+        if cfg.ffn == "ta_moe" and m.is_moe_layer(i):
+            inner = m.expert_intermediate_size or t.intermediate_size
+            layer_ffn.append(6 * e * inner * (m.top_k + m.num_shared_experts) + 2 * e * (2 + 2 * m.num_experts_per_group))
+        else:
+            layer_ffn.append(dense)
+    decoder = tokens * (t.num_layers * attention + sum(layer_ffn))
+    und_images = und_rows * (layout.max_images if layout.und_images else 0)
+    gen_positions = gen_rows * layout.gen_tokens
+    text_positions = und_rows * max(seq - layout.und_tokens * layout.max_images, 0)
+    codebook = cfg.vq.num_embeddings
+    proj = getattr(cfg.vq, "projection_dim", 0)  # Janus: a generation head of its own; Emu3: a slice of the LM head
+    text_head = 2 * e * t.vocab_size * text_positions
+    image_head = (2 * (e * proj + proj * codebook) if proj else 2 * e * codebook) * gen_positions
+    model = checkpoints.abstract_model(cfg)
+    vision = 0.0
+    if hasattr(model, "vision_model") and und_images:
+        v = cfg.vision
+        patches = v.num_patches
+        per_layer = 8 * v.hidden_size ** 2 + 4 * v.mlp_ratio * v.hidden_size ** 2 + 4 * patches * v.hidden_size
+        vision = und_images * patches * (v.num_layers * per_layer + 2 * v.patch_size ** 2 * v.num_channels * v.hidden_size
+                                         + 2 * v.hidden_size * e + 2 * e * e * (v.aligner_depth - 1))
+    vq_images = int(round(gen_rows)) + (0 if hasattr(model, "vision_model") else int(round(und_images)))
+    vq = _image_encoder_flops(model.vqmodel, vq_images, cfg.vq.image_size, lambda q, x: q.encode(x))
+    forward = decoder + text_head + image_head + vision + vq
+    rows_through = {"language_model": tokens, "lm_head": text_positions, "generation_head": gen_positions,
+                    "generation_aligner": gen_positions, "aligner": und_images * getattr(cfg.vision, "num_patches", 0),
+                    "vision_model": und_images * getattr(cfg.vision, "num_patches", 0)}
+    weight_grads = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+        if len(leaf.shape) < 2 or "embed_tokens" in keys or "generation_embeddings" in keys:
+            continue  # vectors and lookup tables: no matmul
+        top = next((keys[i] for i in range(len(keys)) if keys[i] in rows_through), None)
+        through = rows_through.get(top, 0.0)
+        if "experts" in keys:  # each expert sees its share of the assignments
+            through *= m.top_k / (2 * m.num_experts_per_group)
+        weight_grads += 2 * through * math.prod(leaf.shape)  # stacked layers / experts: each slice sees its rows
+    input_grads = decoder + text_head + image_head
+    parts = {"forward": forward, "input_gradients": input_grads, "weight_gradients": weight_grads,
+             "decoder_forward": decoder, "heads_forward": text_head + image_head, "vision_forward": vision,
+             "vq_forward": vq}
+    parts["total"] = forward + input_grads + weight_grads
+    return parts

@@ -1,0 +1,388 @@
+"""What a compiled program costs on its target chip, read from the compiled (partitioned, optimised)
+HLO: FLOPs, memory traffic and collective bytes per device, every loop body counted once per trip.
+
+XLA's own `cost_analysis()` counts a while loop's body once, so a scanned decoder (and a micro-batch
+scan) is undercounted by its trip count; on TPU its `optimal_seconds` also adds -1 s for every
+custom call that carries no cost estimate (the ragged-dot metadata kernel of `jax.lax.ragged_dot`
+is one: a program with a dropless MoE layer gets a negative step time). So this module reads the
+compiled HLO text itself:
+
+- the call graph from the entry computation: a while loop's body runs `trip` times (the loop
+  `counter < N` with the counter's initial constant; JAX's scans and fori loops have this form),
+  fusions and calls once per execution of their caller;
+- per top-level instruction (a fusion, a custom call, a copy, ...): FLOPs of the dots and
+  convolutions inside it (a Pallas kernel's from its `cost_estimate`), and the bytes of its
+  operands and results (what moves between HBM and the core);
+- per collective (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, also
+  inside async pairs and the TPU's fused all-reduce-scatter): the bytes each device sends over the
+  interconnect with ring algorithms: `(n - 1) / n` of the gathered / scattered / exchanged array,
+  twice that for an all-reduce, where n is the replica group's size.
+
+The step-time estimate is a roofline: every instruction takes `max(FLOPs / peak, bytes / HBM
+bandwidth)`, and the collectives take their bytes over the chip's ICI bandwidth on top
+(`seconds`, no overlap: an upper bound) or hidden under compute (`seconds_overlapped`: a lower
+bound). `optimal_seconds` of the compiler is kept and reported as valid only for a program with no
+multi-trip loop and no op of unknown cost, where it is the compiler's own estimate of the whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+# Per chip: dense bf16 peak (TFLOP/s), HBM (GB), HBM bandwidth (GB/s), interconnect bandwidth per chip
+# (GB/s, one direction: ICI for TPUs, NVLink for GPUs), from the vendors' data sheets.
+CHIPS = {
+    "tpu_v4": dict(tflops=275.0, hbm_gb=32, hbm_gbps=1200.0, ici_gbps=300.0),
+    "tpu_v5e": dict(tflops=197.0, hbm_gb=16, hbm_gbps=819.0, ici_gbps=200.0),
+    "tpu_v5p": dict(tflops=459.0, hbm_gb=95, hbm_gbps=2765.0, ici_gbps=600.0),
+    "tpu_v6e": dict(tflops=918.0, hbm_gb=32, hbm_gbps=1640.0, ici_gbps=448.0),
+    "h100": dict(tflops=989.0, hbm_gb=80, hbm_gbps=3350.0, ici_gbps=450.0),
+    "h100_pcie": dict(tflops=756.0, hbm_gb=80, hbm_gbps=2000.0, ici_gbps=300.0),
+    "h200": dict(tflops=989.0, hbm_gb=141, hbm_gbps=4800.0, ici_gbps=450.0),
+    "a100": dict(tflops=312.0, hbm_gb=80, hbm_gbps=2039.0, ici_gbps=300.0),
+    "b200": dict(tflops=2250.0, hbm_gb=192, hbm_gbps=8000.0, ici_gbps=900.0),
+    "l40s": dict(tflops=362.0, hbm_gb=48, hbm_gbps=864.0, ici_gbps=32.0),
+}
+# `--topology` names (jax.experimental.topologies) -> chip
+TOPOLOGY_CHIPS = {"v4": "tpu_v4", "v5e": "tpu_v5e", "v5litepod": "tpu_v5e", "v5p": "tpu_v5p", "v6e": "tpu_v6e"}
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
+                "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+# ops that move nothing themselves (views, tuples, control) or are counted through their callees
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call", "conditional",
+         "after-all", "partition-id", "replica-id", "iota", "all-gather-done", "all-reduce-done",
+         "collective-permute-done", "copy-done", "send-done", "recv-done", "opt-barrier", "add-dependency",
+         "get-dimension-size"}
+
+
+def chip_of_topology(name: str) -> str:
+    """`v5p:4x4x4` -> `tpu_v5p` (ValueError for a name outside `TOPOLOGY_CHIPS`)."""
+    kind = name.split(":", 1)[0].split("-", 1)[0].lower()
+    if kind not in TOPOLOGY_CHIPS:
+        raise ValueError(f"--topology={name!r}: expected <kind>:<shape> with kind among {sorted(TOPOLOGY_CHIPS)}, "
+                         f"e.g. v5p:4x4x4, v5e:8x8, v6e:8x8, v4:2x2x1")
+    return TOPOLOGY_CHIPS[kind]
+
+
+def array_bytes(type_text: str) -> float:
+    """Bytes of every array in an HLO type (a shape or a tuple of shapes)."""
+    return sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+               for d, dims in _ARRAY.findall(type_text))
+
+
+def _dims(type_text: str) -> list[int]:
+    m = _ARRAY.search(type_text)
+    return [int(x) for x in m.group(2).split(",") if x] if m else []
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    type: str        # result type text
+    op: str
+    operands: list[str]
+    args: str        # the operand list as written (a constant's value)
+    attrs: str       # everything after the operand list
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    instrs: list[Instr]
+
+    def types(self) -> dict[str, str]:
+        return {i.name: i.type for i in self.instrs}
+
+
+def _split_operands(text: str) -> tuple[list[str], str, str]:
+    """`%a, %b), attr=...` -> (["a", "b"], "%a, %b", "attr=..."): the operand list up to its closing
+    parenthesis."""
+    depth, i = 1, 0
+    while i < len(text) and depth:
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        i += 1
+    inner, rest = text[: i - 1], text[i:]
+    names = re.findall(r"%([\w.\-]+)", re.sub(r"\{[^{}]*\}", "", inner))
+    return names, inner, rest
+
+
+def parse(hlo_text: str) -> tuple[dict[str, Computation], str]:
+    """Compiled HLO text -> ({name: Computation}, entry name)."""
+    comps: dict[str, Computation] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = Computation(m.group(2), [])
+                if m.group(1):
+                    entry = m.group(2)
+            continue
+        if line.strip() == "}":
+            comps[current.name] = current
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            operands, args, attrs = _split_operands(m.group(5))
+            current.instrs.append(Instr(m.group(2), m.group(3), m.group(4), operands, args, attrs))
+    if not entry:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def _callees(instr: Instr) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key in ("calls", "to_apply", "body", "condition", "branch_computations", "called_computations"):
+        m = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", instr.attrs)
+        if m:
+            out[key] = re.findall(r"%?([\w.\-]+)", m.group(1).strip("{}"))
+    return out
+
+
+def trip_count(comps: dict[str, Computation], types: dict[str, str], instr: Instr,
+               by_name: dict[str, Instr]) -> int | None:
+    """Trips of a while loop `counter < N` whose counter starts at a constant (JAX's scans and fori
+    loops); None when the loop is not of that form. Reads `known_trip_count` where the backend
+    writes it."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+    if m:
+        return int(m.group(1))
+    cond = comps.get(_callees(instr).get("condition", [""])[0])
+    if cond is None:
+        return None
+    local = {i.name: i for i in cond.instrs}
+    root = cond.instrs[-1] if cond.instrs else None
+    if root is None or root.op != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
+        return None
+    counter, limit = (local.get(n) for n in root.operands)
+    limit_value = _constant(limit, local)
+    if counter is None or counter.op != "get-tuple-element" or limit_value is None:
+        return None
+    index = int(re.search(r"index=(\d+)", counter.attrs).group(1))
+    init = by_name.get(instr.operands[0]) if instr.operands else None
+    start = None
+    if init is not None and init.op == "tuple" and index < len(init.operands):
+        start = _constant(by_name.get(init.operands[index]), by_name)
+    return max(limit_value - (start if start is not None else 0), 0)
+
+
+def _constant(instr: Instr | None, scope: dict[str, Instr]) -> int | None:
+    """The integer value of a scalar constant, looking through copies."""
+    seen = 0
+    while instr is not None and instr.op == "copy" and seen < 8:
+        instr, seen = scope.get(instr.operands[0]) if instr.operands else None, seen + 1
+    if instr is None or instr.op != "constant":
+        return None
+    return int(instr.args) if re.fullmatch(r"-?\d+", instr.args.strip()) else None
+
+
+def _dot_flops(instr: Instr, types: dict[str, str]) -> float:
+    out = math.prod(_dims(instr.type))
+    if instr.op == "dot":
+        lhs = _dims(types.get(instr.operands[0], ""))
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+        contract = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
+        return 2.0 * out * contract
+    # convolution: dim_labels=<lhs>_<kernel>-><out>; each output sums the kernel's input features over
+    # the window's taps that land on real inputs. The TPU compiler writes a batched matmul as a
+    # convolution whose batch dims are spatial dims with `lhs_dilate` = window size: one real tap each.
+    m = re.search(r"dim_labels=\w+_(\w+)->", instr.attrs)
+    kernel = _dims(types.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
+    if not m or not kernel or "i" not in m.group(1):
+        return 0.0
+    features = kernel[m.group(1).index("i")]
+    size = re.search(r"window=\{[^}]*size=([\dx]+)", instr.attrs)
+    dilate = re.search(r"window=\{[^}]*lhs_dilate=([\dx]+)", instr.attrs)
+    sizes = [int(v) for v in size.group(1).split("x")] if size else []
+    dilations = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+    taps = math.prod(-(-w // dl) for w, dl in zip(sizes, dilations))
+    return 2.0 * out * features * taps  # a grouped convolution's kernel holds one group's input features
+
+
+def _group_size(attrs: str, num_devices: int) -> int:
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+    if m and m.group(1):
+        return len(m.group(1).split(","))
+    return num_devices
+
+
+def _collective(op: str) -> str | None:
+    base = op.removesuffix("-start")
+    return base if base in COLLECTIVES else None
+
+
+@dataclasses.dataclass
+class Cost:
+    flops: float = 0.0
+    bytes: float = 0.0
+    compute_seconds: float = 0.0
+    collective_bytes: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    collective_counts: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    unknown_custom_calls: int = 0
+    unknown_loops: int = 0
+    max_trips: int = 1
+    by_source: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
+
+    def top(self, n: int = 12) -> list[dict]:
+        """The `n` sources (JAX op names) of the most roofline time: FLOPs, bytes, seconds per step."""
+        rows = sorted(self.by_source.items(), key=lambda kv: -kv[1][2])[:n]
+        return [{"source": k, "flops": v[0], "bytes": v[1], "seconds": v[2]} for k, v in rows]
+
+
+def _source(attrs: str) -> str:
+    """An instruction's JAX origin: its `op_name` metadata without the jit/transform prefixes."""
+    m = re.search(r'op_name="([^"]*)"', attrs)
+    if not m:
+        return "(no op name)"
+    parts = [p for p in m.group(1).split("/") if not p.startswith(("jit(", "jvp(", "transpose(", "checkpoint", "remat"))]
+    return "/".join(parts[-3:]) or m.group(1)
+
+
+def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
+    """The per-device cost of one run of a compiled program (module docstring)."""
+    spec = CHIPS[chip]
+    peak, bw = spec["tflops"] * 1e12, spec["hbm_gbps"] * 1e9
+    comps, entry = parse(hlo_text)
+    cost = Cost()
+
+    def inner_flops(comp_name: str) -> float:
+        comp = comps.get(comp_name)
+        if comp is None:
+            return 0.0
+        types = comp.types()
+        total = 0.0
+        for i in comp.instrs:
+            if i.op in ("dot", "convolution"):
+                total += _dot_flops(i, types)
+            elif i.op == "fusion" or i.op == "call":
+                total += sum(inner_flops(c) for c in _callees(i).get("calls", []))
+        return total
+
+    def inner_collectives(comp_name: str, times: float):
+        comp = comps.get(comp_name)
+        if comp is None:
+            return
+        types = comp.types()
+        for i in comp.instrs:
+            kind = _collective(i.op)
+            if kind:
+                _count_collective(kind, i, types, times, comp_name)
+            for c in _callees(i).get("calls", []):
+                inner_collectives(c, times)
+
+    def _count_collective(kind: str, i: Instr, types: dict[str, str], times: float, where: str):
+        n = _group_size(i.attrs, num_devices)
+        if n <= 1 and kind != "collective-permute":
+            return
+        if kind == "all-reduce" and where.startswith("all-reduce-scatter"):
+            kind = "reduce-scatter"  # the TPU's fused all-reduce + slice is a reduce-scatter
+        operand = sum(array_bytes(types.get(o, "")) for o in i.operands)
+        result = array_bytes(i.type) if not i.op.endswith("-start") else operand
+        frac = (n - 1) / n
+        moved = {"all-gather": frac * (result if not i.op.endswith("-start") else operand * n),
+                 "reduce-scatter": frac * operand, "all-reduce": 2 * frac * operand,
+                 "all-to-all": frac * operand, "collective-permute": operand}[kind]
+        cost.collective_bytes[kind] += moved * times
+        cost.collective_counts[kind] += times
+
+    def walk(comp_name: str, times: float):
+        comp = comps[comp_name]
+        types = comp.types()
+        by_name = {i.name: i for i in comp.instrs}
+        for i in comp.instrs:
+            callees = _callees(i)
+            if i.op == "while":
+                trips = trip_count(comps, types, i, by_name)
+                if trips is None:
+                    cost.unknown_loops += 1
+                    trips = 1
+                cost.max_trips = max(cost.max_trips, trips)
+                walk(callees["body"][0], times * trips)
+                continue
+            if i.op in ("call", "conditional"):
+                for key in ("calls", "to_apply", "branch_computations"):
+                    for c in callees.get(key, []):
+                        walk(c, times)
+                continue
+            kind = _collective(i.op)
+            if kind:
+                _count_collective(kind, i, types, times, comp_name)
+                continue
+            if i.op in _FREE:
+                continue
+            flops = 0.0
+            if i.op in ("dot", "convolution"):
+                flops = _dot_flops(i, types)
+            elif i.op == "fusion":
+                flops = sum(inner_flops(c) for c in callees.get("calls", []))
+                for c in callees.get("calls", []):
+                    inner_collectives(c, times)
+            elif i.op == "custom-call":
+                est = re.search(r'"cost_estimate":\{"flops":"(\d+)"', i.attrs)
+                if est:
+                    flops = float(est.group(1))
+                elif "AllocateBuffer" not in i.attrs:
+                    cost.unknown_custom_calls += 1
+            nbytes = array_bytes(i.type) + sum(array_bytes(types.get(o, "")) for o in i.operands)
+            cost.flops += flops * times
+            cost.bytes += nbytes * times
+            seconds = max(flops / peak, nbytes / bw) * times
+            cost.compute_seconds += seconds
+            row = cost.by_source[_source(i.attrs)]
+            row[0] += flops * times
+            row[1] += nbytes * times
+            row[2] += seconds
+
+    walk(entry, 1.0)
+    return cost
+
+
+def summary(cost: Cost, chip: str, compiler_cost: dict | None = None) -> dict:
+    """The numbers `plan` reports, under stable keys (seconds per step, bytes per device)."""
+    ici = CHIPS[chip]["ici_gbps"] * 1e9
+    collective = sum(cost.collective_bytes.values())
+    coll_seconds = collective / ici
+    compiler_cost = compiler_cost or {}
+    optimal = compiler_cost.get("optimal_seconds")
+    compiler_valid = (optimal is not None and optimal > 0 and cost.max_trips <= 1 and not cost.unknown_custom_calls
+                      and not cost.unknown_loops)
+    return {
+        "chip": chip,
+        "flops_per_device": cost.flops,
+        "hbm_bytes_per_device": cost.bytes,
+        "collective_bytes_per_device": collective,
+        "collective_bytes_by_kind": {k: cost.collective_bytes[k] for k in COLLECTIVES if k in cost.collective_bytes},
+        "collective_count_by_kind": {k: cost.collective_counts[k] for k in COLLECTIVES if k in cost.collective_counts},
+        "compute_seconds": cost.compute_seconds,
+        "collective_seconds": coll_seconds,
+        "seconds": cost.compute_seconds + coll_seconds,
+        "seconds_overlapped": max(cost.compute_seconds, coll_seconds),
+        "compiler_optimal_seconds": optimal,
+        "compiler_flops": compiler_cost.get("flops"),
+        "compiler_estimate_valid": compiler_valid,
+        "loop_trips_max": cost.max_trips,
+        "loops_of_unknown_trips": cost.unknown_loops,
+        "custom_calls_of_unknown_cost": cost.unknown_custom_calls,
+        "top_sources": cost.top(),
+    }
+
+
+def compiler_cost(compiled) -> dict:
+    """`compiled.cost_analysis()` as a plain dict (the first entry where a list comes back)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return {k: float(v) for k, v in (cost or {}).items() if k in ("flops", "bytes accessed", "optimal_seconds")}
