@@ -15,7 +15,7 @@ from typing import Any
 
 # The model-side enums, each defined here once.
 FAMILIES = ("janus", "emu3")  # model.family
-ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # model.attention_impl
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")  # model.attention_impl
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # model.remat_policy
 AIA_IMPLS = ("lean", "explicit")  # how attention layers measure AIA intensities (aia.impl)
 
@@ -131,7 +131,7 @@ class MoEConfig:
     top_k: int = 2
     expert_intermediate_size: int = 0  # 0: the dense FFN's text.intermediate_size (upcycling copies it)
     group_assignment: str = "label"  # label | router | soft
-    impl: str = "auto"  # auto (capacity on CPU/GPU, dropless on TPU) | dropless | capacity
+    impl: str = "auto"  # auto (capacity on CPU/GPU, dropless on TPU) | dropless (per-device sort, megablox on TPU) | capacity
     capacity_factor: float = 1.25
     alpha_init: float = 1.0
     layers: tuple[int, ...] = ()  # decoder layers that get TA-MoE; empty = every layer
@@ -174,7 +174,9 @@ class JanusConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
-    attention_impl: str = "xla"  # xla (explicit softmax) | chunked (query blocks, O(T) memory) | cudnn (jax.nn.dot_product_attention)
+    # auto (by target platform: tpu -> splash, gpu -> cudnn, else xla) | xla (explicit softmax) | chunked (query
+    # blocks, O(T) memory) | cudnn (cuDNN flash attention) | splash (Pallas TPU kernel); unijax.models.layers.attention
+    attention_impl: str = "auto"
 
     def replace(self, **kw) -> JanusConfig:
         return dataclasses.replace(self, **kw)

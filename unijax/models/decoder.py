@@ -74,11 +74,13 @@ class DecoderLayer(nnx.Module):
                               param_dtype=cfg.param_dtype, std=t.initializer_range)
 
     def __call__(self, x, positions, mask, cache=None, cache_index=None, task=None, valid=None, aia_keys=None,
-                 aia_impl="lean"):
+                 aia_impl="lean", segment_ids=None):
         """-> (x, (k, v), aux): aux is the TA-MoE's dict ({} for a dense FFN), plus `aia` (`[batch,
-        seq]`: each query's attention mass on `aia_keys`, averaged over heads) when `aia_keys` is given."""
+        seq]`: each query's attention mass on `aia_keys`, averaged over heads) when `aia_keys` is given.
+        `segment_ids` (no cache: `mask` is built from them) let a fused kernel build the mask itself."""
         x = constrain(x, RESIDUAL)
-        out = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index, aia_keys, aia_impl)
+        out = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index, aia_keys, aia_impl,
+                             segment_ids)
         h, kv = out[:2]
         x = constrain(x + constrain(h, RESIDUAL), RESIDUAL)
         h = self.post_attention_layernorm(x)
@@ -138,9 +140,10 @@ class Decoder(nnx.Module):
             mask = attention_mask(segment_ids, segment, index + jnp.arange(seq), jnp.arange(cache.length))
 
         valid = segment_ids > 0
+        kernel_segments = segment_ids if cache is None else None  # splash attention builds its mask from these
 
         def run(layer, h, layer_cache):
-            return layer(h, positions, mask, layer_cache, index, task, valid, aia_keys, aia_impl)
+            return layer(h, positions, mask, layer_cache, index, task, valid, aia_keys, aia_impl, kernel_segments)
 
         if self.cfg.remat_policy != "none":
             run = nnx.remat(run, policy=_CHECKPOINT_POLICIES[self.cfg.remat_policy])

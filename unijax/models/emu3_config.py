@@ -77,7 +77,7 @@ class Emu3Config:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     family = "emu3"
 
