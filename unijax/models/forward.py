@@ -4,6 +4,8 @@ The train step, held-out evaluation and the analysis tools all run the model thr
 `lm_forward`: it reassembles images from their per-token pixels, encodes generated images (and,
 for Emu3, understanding images) with the frozen VQ tokenizer into the code slots, marks the AIA
 key and query spans, and returns both heads' logits with the next-token targets and the aux tree.
+`lm_hidden` stops before the heads: the training loss applies them a sequence chunk at a time
+(`unijax.training.losses.chunked_cross_entropy`), never holding the whole `[B, T, V]` logits.
 
 AIA spans (paper eq. 1; DESIGN.md): for layer `l` and sample `n`, the intensity `I_l` is the
 attention mass the sample's query tokens put on the other modality's keys, averaged over heads and
@@ -129,18 +131,29 @@ def intensities(mass: Array, queries: Array) -> Array:
     return jnp.sum(mass * q[None], axis=-1) / jnp.maximum(jnp.sum(q, axis=-1), 1.0)[None]
 
 
-def lm_forward(model, batch: dict[str, Array], images_per_row: tuple[int, int], aia: dict | None = None):
-    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, aux: the
-    TA-MoE tree, plus `aia [L, B, T]` with `aia` settings (`AIASettings.as_dict`)). Under a mesh the
-    logits keep their rows split over the batch axes and the text vocab over `tensor`."""
+TEXT_LOGITS = ("activation_batch", "activation_length", "activation_vocab")  # logical axes of `[B, T, V]`
+IMAGE_LOGITS = ("activation_batch", "activation_length", None)               # and of `[B, T, K]`
+
+
+def lm_hidden(model, batch: dict[str, Array], images_per_row: tuple[int, int], aia: dict | None = None):
+    """`lm_forward` without the heads: -> (final hidden states `[B, T, E]`, next-token targets
+    `[B, T]`, aux). The loss applies the heads chunk by chunk (`unijax.training.losses`)."""
     tokens, pixels = prepare_inputs(model, batch, images_per_row)
     keys = spans(batch, model.cfg, **aia["spans"])[0] if aia else None
     h, _, aux = model(tokens, batch["modality"], batch["positions"], batch["segment_ids"], pixels=pixels,
                       task=batch["task"], return_aux=True, capture_aia=keys,
                       aia_impl=aia["impl"] if aia else "lean")
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    text = constrain(model.text_logits(h), ("activation_batch", "activation_length", "activation_vocab"))
-    image = constrain(model.image_logits(h), ("activation_batch", "activation_length", None))
+    return h, targets, aux
+
+
+def lm_forward(model, batch: dict[str, Array], images_per_row: tuple[int, int], aia: dict | None = None):
+    """-> (text logits `[B, T, V]`, image logits `[B, T, K]`, next-token targets `[B, T]`, aux: the
+    TA-MoE tree, plus `aia [L, B, T]` with `aia` settings (`AIASettings.as_dict`)). Under a mesh the
+    logits keep their rows split over the batch axes and the text vocab over `tensor`."""
+    h, targets, aux = lm_hidden(model, batch, images_per_row, aia)
+    text = constrain(model.text_logits(h), TEXT_LOGITS)
+    image = constrain(model.image_logits(h), IMAGE_LOGITS)
     return text, image, targets, aux
 
 

@@ -31,6 +31,7 @@ from unijax.training import aia, evaluators, vision_pretrain
 from unijax.training.steps import OBJECTIVES
 
 DATA_SOURCES = ("shapes", "files")  # data.source
+FROZEN_DTYPES = ("", "float32", "bfloat16", "float16")  # train.frozen_dtype
 INIT_RECIPES = ("", "stage0_lm", "stage0_vq", "base", "stage1_und", "stage1_gen", "upcycled")  # init_recipe (unijax.analysis.recipe)
 ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
 
@@ -63,7 +64,7 @@ def model(preset: str = "tiny") -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.scan_layers = False
     m.remat_policy = "none"      # REMAT_POLICIES (unijax.models.config)
-    m.attention_impl = "xla"     # ATTENTION_IMPLS
+    m.attention_impl = "auto"    # ATTENTION_IMPLS
     return m
 
 
@@ -159,6 +160,8 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     t.lr_scales = ()             # ("regex=factor", ...): per-group learning-rate multipliers over param paths
     t.trainable = (".*",)
     t.frozen = ("vqmodel/.*",)
+    t.frozen_dtype = ""          # dtype the frozen parameters are held in ("bfloat16"); "" = model.param_dtype.
+                                 # Trainable parameters, LoRA adapters and optimizer state keep model.param_dtype
     t.checkpoint_every = 200
     t.keep_checkpoints = 2
     t.async_checkpointing = True
@@ -196,6 +199,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     loss.aia_weight = 0.0        # lambda of the AIA loss for both tasks (0 = off; the paper: 40)
     loss.aia_gen_weight = config_dict.placeholder(float)  # per-task lambda; unset = aia_weight
     loss.aia_und_weight = config_dict.placeholder(float)  # (the official code: 5 for T2I, 10 for MMU)
+    loss.chunk_size = 512        # positions per chunk of the heads' CE (vocab tiling: no f32 [B, T, V] logits); 0 = whole
     loss.vq_beta = 0.25          # stage 0: commitment weight
     loss.vq_entropy_weight = 0.0
 
@@ -293,6 +297,8 @@ def validate(config) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
                          f"{t.grad_accum_steps} (each update runs batch_size / grad_accum_steps rows at a time)")
+    if t.get("frozen_dtype", "") not in FROZEN_DTYPES:
+        raise ValueError(f"train.frozen_dtype={t.frozen_dtype!r}: expected one of {FROZEN_DTYPES} ('' = model.param_dtype)")
     if float(t.peak_tflops) < 0:
         raise ValueError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: the device kind's known peak)")
     if not 0 <= config.data.cfg_drop_prob < 1:
@@ -320,8 +326,9 @@ def validate(config) -> None:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
     cfg = model_config(config)
     # AIA: target tables / curve files and spans; the explicit path needs the explicit attention
-    if aia.settings(config, cfg.text.num_layers) and config.aia.impl == "explicit" and cfg.attention_impl != "xla":
-        raise ValueError(f"aia.impl='explicit' needs model.attention_impl='xla' (got {cfg.attention_impl!r}); "
+    # (`auto` resolves to that path under explicit AIA; a kernel named explicitly is an error)
+    if aia.settings(config, cfg.text.num_layers) and config.aia.impl == "explicit" and cfg.attention_impl not in ("xla", "auto"):
+        raise ValueError(f"aia.impl='explicit' needs model.attention_impl='xla' or 'auto' (got {cfg.attention_impl!r}); "
                          f"use aia.impl='lean'")
     vision_pretrain.validate(config)
     if config.adaptor_warmup.steps < 0:

@@ -20,15 +20,25 @@ With AIA on (`loss.aia_weight > 0`; `unijax.training.aia`), the attention layers
 cross-modal intensities and
 
     L += lambda_gen * L_AIA,gen + lambda_und * L_AIA,und
+
+Vocabulary tiling (`loss.chunk_size`, MaxText's "vocab tiling"): the heads are applied to the final
+hidden states a chunk of positions at a time (`chunked_cross_entropy`), each chunk's logits in the
+model's compute dtype and their logsumexp in float32, under `jax.checkpoint` so that the backward
+pass recomputes a chunk's logits instead of keeping them. Neither pass then holds the float32
+`[B, T, V]` text or `[B, T, K]` image logits, the largest buffers of the step at Janus-Pro sizes.
+`chunk_size=0` computes the whole logits at once (the reference the chunked path is tested against).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 
-from unijax.models.forward import AIA_TASKS, lm_forward, router_hits, spans
+from unijax.models.forward import AIA_TASKS, IMAGE_LOGITS, TEXT_LOGITS, lm_forward, lm_hidden, router_hits, spans
 from unijax.models.janus import Janus
+from unijax.sharding import RESIDUAL, constrain
 from unijax.training import aia as aia_lib
 
 Array = jax.Array
@@ -38,6 +48,47 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     """Per-position cross-entropy `[...]` in float32."""
     logits = logits.astype(jnp.float32)
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def chunked_logit_stats(h: Array, head_fn: Callable[[Array], Array], targets: Array, chunk: int,
+                        axes: Sequence[str | None] = TEXT_LOGITS, argmax: bool = False):
+    """Per-position cross-entropy `[B, T]` (float32) of the logits `head_fn(h)` against `targets`,
+    plus their argmax `[B, T]` with `argmax`, computed `chunk` positions at a time.
+
+    `h [B, T, E]` is padded to a multiple of `chunk` positions and scanned over; each step applies
+    `head_fn` to `[B, chunk, E]` (logits in the head's compute dtype, pinned to `axes` under a mesh),
+    takes the logsumexp in float32 and the target's logit by `take_along_axis`. The step is
+    checkpointed: its residuals are its inputs, and the backward pass recomputes its logits."""
+    b, t = targets.shape
+    chunk = max(1, min(int(chunk), t))
+    n = -(-t // chunk)
+
+    def piece(hc, tc):
+        logits = constrain(head_fn(constrain(hc, RESIDUAL)), axes)
+        ce = cross_entropy(logits, tc)
+        return (ce, jnp.argmax(logits, axis=-1)) if argmax else ce
+
+    if n == 1:  # one chunk: no scan, but still no logits kept for the backward pass
+        return jax.checkpoint(piece)(h, targets)
+    if n * chunk > t:
+        h = jnp.pad(h, ((0, 0), (0, n * chunk - t), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, n * chunk - t)))
+
+    def split(x):  # [B, n * chunk, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    step = jax.checkpoint(piece, prevent_cse=False)  # inside a scan: no CSE to prevent
+    _, ys = jax.lax.scan(lambda carry, xs: (carry, step(*xs)), None, (split(h), split(targets)))
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n * chunk)[:, :t], ys)
+
+
+def chunked_cross_entropy(h: Array, head_fn: Callable[[Array], Array], targets: Array, weights: Array, chunk: int,
+                          axes: Sequence[str | None] = TEXT_LOGITS) -> tuple[Array, Array]:
+    """-> (sum over positions of `weights` x the cross-entropy of `head_fn(h)` against `targets`,
+    in float32; sum of `weights`), never materialising the logits of more than `chunk` positions
+    (`chunked_logit_stats`)."""
+    ce = chunked_logit_stats(h, head_fn, targets, chunk, axes)
+    return jnp.sum(ce * weights), jnp.sum(weights)
 
 
 def moe_losses(aux, batch: dict[str, Array], *, top_k: int, total: Array | None = None) -> dict[str, Array]:
@@ -76,7 +127,8 @@ def additive(key: str) -> bool:
 
 def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int], text_weight: float = 1.0,
             image_weight: float = 1.0, group_weight: float = 0.0, balance_weight: float = 0.0,
-            z_weight: float = 0.0, aia: dict | None = None, whole: dict[str, Array] | None = None):
+            z_weight: float = 0.0, aia: dict | None = None, whole: dict[str, Array] | None = None,
+            chunk_size: int = 512):
     """Returns (loss, metrics) for a mixed understanding + generation batch (module docstring).
     `aia`: None (off) or {"targets": {task: Targets}, "weights": {task: lambda}, "spans": span
     options, "impl": "lean" | "explicit"}.
@@ -86,13 +138,25 @@ def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     up to the whole batch's: exactly for the cross-entropies, the task-router loss, the router
     z-loss and accuracy and the AIA terms (means over valid samples); the Switch balance loss, a
     product of two batch means, is taken per micro-batch and weighted by its share of the tokens
-    (as MaxText and Megatron do)."""
-    text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row, aia)
+    (as MaxText and Megatron do).
+
+    `chunk_size`: positions per chunk of the heads' cross-entropies (`chunked_cross_entropy`); 0 =
+    the whole `[B, T, V]` and `[B, T, K]` logits at once."""
     k = model.cfg.vq.num_embeddings
     counts = {} if whole is None else totals(whole)
-    ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), batch["text_weights"], counts.get("text_tokens"))
-    ce_image, n_image = _masked_mean(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)),
-                                     batch["image_weights"], counts.get("image_tokens"))
+    tw, iw = batch["text_weights"], batch["image_weights"]
+    if chunk_size:
+        h, targets, aux = lm_hidden(model, batch, images_per_row, aia)
+        text_sum, n_text = chunked_cross_entropy(h, model.text_logits, targets, tw, chunk_size, TEXT_LOGITS)
+        image_sum, n_image = chunked_cross_entropy(h, model.image_logits, jnp.clip(targets, 0, k - 1), iw, chunk_size,
+                                                   IMAGE_LOGITS)
+        ce_text = text_sum / jnp.maximum(counts.get("text_tokens", n_text), 1.0)
+        ce_image = image_sum / jnp.maximum(counts.get("image_tokens", n_image), 1.0)
+    else:
+        text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row, aia)
+        ce_text, n_text = _masked_mean(cross_entropy(text_logits, targets), tw, counts.get("text_tokens"))
+        ce_image, n_image = _masked_mean(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)), iw,
+                                         counts.get("image_tokens"))
     loss = text_weight * ce_text + image_weight * ce_image
     tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
     metrics = {"loss_text": ce_text, "loss_image": ce_image, "text_tokens": n_text, "image_tokens": n_image,
@@ -113,17 +177,24 @@ def lm_loss(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     return loss, metrics
 
 
-def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int]):
+def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int, int], chunk_size: int = 512):
     """Held-out metrics per row: exact-match answers under teacher forcing, the predicted first answer
     token, image-code CE sums.
 
     A row's answer is correct iff the argmax at every answer position is the target: exactly the
     condition for greedy decoding to reproduce the answer (and its eos), at a single forward pass.
+    `chunk_size`: as `lm_loss`'s (the per-position CE and argmax a chunk of positions at a time).
     """
-    text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row)
     k = model.cfg.vq.num_embeddings
     tw, iw = batch["text_weights"], batch["image_weights"]
-    pred = jnp.argmax(text_logits, axis=-1)
+    if chunk_size:
+        h, targets, aux = lm_hidden(model, batch, images_per_row)
+        text_ce, pred = chunked_logit_stats(h, model.text_logits, targets, chunk_size, TEXT_LOGITS, argmax=True)
+        image_ce = chunked_logit_stats(h, model.image_logits, jnp.clip(targets, 0, k - 1), chunk_size, IMAGE_LOGITS)
+    else:
+        text_logits, image_logits, targets, aux = lm_forward(model, batch, images_per_row)
+        pred = jnp.argmax(text_logits, axis=-1)
+        text_ce, image_ce = cross_entropy(text_logits, targets), cross_entropy(image_logits, jnp.clip(targets, 0, k - 1))
     hit = (pred == targets) | (tw == 0)
     out = {}
     if "task_logits" in aux:  # TA-MoE: task-router hits per row and layer, expert loads of the batch (a leading axis of 1)
@@ -132,6 +203,6 @@ def lm_eval(model: Janus, batch: dict[str, Array], *, images_per_row: tuple[int,
     first = jnp.argmax(tw > 0, axis=1)[:, None]  # the position predicting each row's first answer token
     out["first_answer"] = jnp.take_along_axis(pred, first, axis=1)[:, 0]
     return out | {"answered": jnp.any(tw > 0, axis=1), "correct": jnp.all(hit, axis=1) & jnp.any(tw > 0, axis=1),
-            "text_ce_sum": jnp.sum(cross_entropy(text_logits, targets) * tw, axis=1), "text_tokens": jnp.sum(tw, 1),
-            "image_ce_sum": jnp.sum(cross_entropy(image_logits, jnp.clip(targets, 0, k - 1)) * iw, axis=1),
+            "text_ce_sum": jnp.sum(text_ce * tw, axis=1), "text_tokens": jnp.sum(tw, 1),
+            "image_ce_sum": jnp.sum(image_ce * iw, axis=1),
             "image_tokens": jnp.sum(iw, axis=1)}

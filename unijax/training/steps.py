@@ -31,8 +31,8 @@ def objective(config, images_per_row: tuple[int, int], num_layers: int = 0):
                                     text_weight=config.loss.text_weight, image_weight=config.loss.image_weight,
                                     group_weight=config.loss.group_weight,
                                     balance_weight=config.loss.balance_weight, z_weight=config.loss.z_weight,
-                                    aia=aia.settings(config, num_layers))
-        return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row)
+                                    aia=aia.settings(config, num_layers), chunk_size=config.loss.chunk_size)
+        return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row, chunk_size=config.loss.chunk_size)
     if config.objective == "vq":
         def vq_fn(model, batch, whole=None):
             images = forward.generated_images(model.cfg, batch, images_per_row[1])
