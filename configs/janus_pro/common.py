@@ -4,7 +4,8 @@
 - the converted checkpoint `ckpt/janus_pro_<size>` (`python -m unijax.convert --scan_layers`) and
   its tokenizer (`data.tokenizer=checkpoint`: the copy `unijax.convert` puts in the checkpoint,
   its special ids checked against the checkpoint's config);
-- bf16 compute over float32 parameters, scanned and fully rematerialised layers;
+- bf16 compute over float32 trainable parameters and bf16 frozen ones (`train.frozen_dtype`),
+  scanned and fully rematerialised layers, per-backend kernels (`model.attention_impl=auto`);
 - fsdp within a node of 8 devices, data parallel across nodes;
 - 1024-token rows (576 image tokens + the conversation), images preprocessed as Janus-Pro's
   processor does, your files as data (`data.mmu_json`, `data.t2i_jsonl`, `data.*_arrayrecord`:
@@ -38,6 +39,8 @@ def recipe(size: str, stage: str):
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     c.model.remat_policy = "full"
+    c.model.attention_impl = "auto"   # splash on TPU, cuDNN on GPU (bf16), XLA on CPU
+    c.train.frozen_dtype = "bfloat16"  # frozen weights in the compute dtype; trainable ones and AdamW stay float32
     # fsdp over 8 devices (a node), data parallel across nodes: on 64 devices 8 x 8, so the
     # per-layer weight all-gathers stay on the node's links (a 64-way fsdp mesh plans about the
     # same memory: docs/multihost.md, activation sharding).

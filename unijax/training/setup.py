@@ -1,7 +1,9 @@
 """The sharded training state and the jitted train step, built once for `train()` and `unijax.plan`.
 
 `build(model, config, mesh)` splits the model into trainable and frozen parameters, adds LoRA
-adapters, builds the optax optimizer and places everything with explicit shardings (moments
+adapters, holds the frozen parameters in `train.frozen_dtype` (bf16 for the Janus-Pro recipes: they
+get no gradient and no optimizer state, and are computed in the model's dtype anyway), builds the
+optax optimizer and places everything with explicit shardings (moments
 shard like their parameters). With `abstract=True` (a model from `nnx.eval_shape`) nothing is
 allocated: every leaf is a `jax.ShapeDtypeStruct` carrying its sharding, which is what the plan
 command lowers and compiles for a mesh of devices that need not exist.
@@ -44,6 +46,15 @@ def _place(tree, shardings, abstract: bool):
     return jax.device_put(tree, shardings)
 
 
+def _cast(x, dtype):
+    """A floating array (or ShapeDtypeStruct) in `dtype`, its sharding kept; other dtypes as they are."""
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+
 def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False) -> Setup:
     """Consumes `model` (real, or abstract from `nnx.eval_shape` with `abstract=True`)."""
     graphdef, train_state, frozen_state = split_trainable(model, config.train.trainable, config.train.frozen)
@@ -61,6 +72,9 @@ def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False) -> S
             adapters, adapter_sh = lora.init(frozen, lcfg.targets, lcfg.rank, key, frozen_sh)
         params, params_sh = dict(params, lora=_place(adapters, adapter_sh, abstract)), dict(params_sh, lora=adapter_sh)
 
+    frozen_dtype = config.train.get("frozen_dtype", "")
+    if frozen_dtype:  # after the adapters are drawn (they take their weight's dtype, and train)
+        frozen = jax.tree.map(lambda x: _cast(x, jnp.dtype(frozen_dtype)), frozen)
     tx = make_optimizer(config.train)
     repl = sharding.replicated(mesh)
     # optimizer moments shard like their parameters; counts and other scalars are replicated
