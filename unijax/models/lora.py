@@ -22,7 +22,10 @@ weight-level form `W + s A B` (`apply`, dropout then masks rows of `A`: one mask
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import importlib
 import math
 import re
 import zlib
@@ -233,15 +236,126 @@ def einsum(spec: str, x: jax.Array, w, dtype) -> jax.Array:
                                                                 w.b.astype(dtype))
 
 
+# -- grouped matmuls (the dropless MoE's expert FFN) --------------------------------------------------
+# Which kernel `grouped_matmul` uses: "auto" (megablox on TPU, as traced for: `sharding.target_platform`;
+# `jax.lax.ragged_dot` elsewhere) | "ragged_dot" | "megablox" | "megablox_interpret" (the Pallas kernel in
+# interpret mode: CPU tests). Megablox is a Mosaic kernel: under a mesh it must run inside `shard_map`.
+GMM_BACKEND = "auto"
+GMM_MAX_TILE = (512, 512, 512)  # largest (rows, in, out) tiles megablox gets
+
+
+def gmm_backend() -> str:
+    if GMM_BACKEND != "auto":
+        return GMM_BACKEND
+    from unijax.sharding import target_platform  # lazy: sharding imports nothing from models
+    return "megablox" if target_platform() == "tpu" else "ragged_dot"
+
+
+def _tile(d: int, cap: int) -> int | None:
+    """A megablox tile for a dimension of size d: the whole dimension when it fits (a block equal to
+    the array's dimension is always legal for Mosaic), else the largest of cap/512/256/128 dividing d."""
+    if d <= cap:
+        return d
+    return next((t for t in (cap, 512, 256, 128) if t <= cap and d % t == 0), None)
+
+
+def _rows_in_groups(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Megablox leaves rows past the last group uninitialised: zero them (ragged_dot's contract)."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, (out.shape[0], 1), 0)
+    return jnp.where(rows < jnp.sum(group_sizes), out, jnp.zeros((), out.dtype))
+
+
+def _megablox_module():
+    """`jax.experimental.pallas.ops.tpu.megablox.gmm`, the module (the package re-exports its `gmm` op under that name)."""
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _kernel_precision(x, w):
+    """The matmul precision the kernel's dots are traced with: Mosaic rejects bfloat16 operands at
+    `highest` ("Bad lhs type"), which is exact for them anyway (bf16 products, f32 accumulation), so
+    bf16 x bf16 traces at `default`; float32 keeps the configured precision."""
+    if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16:
+        return jax.default_matmul_precision("default")
+    return contextlib.nullcontext()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _megablox(x, w, group_sizes, tiling, interpret):
+    return _megablox_fwd(x, w, group_sizes, tiling, interpret)[0]
+
+
+def _megablox_fwd(x, w, group_sizes, tiling, interpret):
+    mb = _megablox_module()
+    with _kernel_precision(x, w):
+        out = mb.gmm(x, w, group_sizes, x.dtype, tiling, interpret=interpret)
+    return _rows_in_groups(out, group_sizes), (x, w, group_sizes)
+
+
+def _megablox_bwd(tiling, interpret, res, g):
+    """megablox's own VJP, but with the tiles of each product's own (rows, in, out) dims (its VJP
+    reuses the forward's `(tm, tk, tn)` for the transposed product, illegal where in != out tiles)
+    and the input gradient's rows past the groups zeroed (they feed a gather's transpose)."""
+    mb = _megablox_module()
+    x, w, group_sizes = res
+    tm, tk, tn = tiling
+    with _kernel_precision(x, w):
+        dx = mb.gmm(g, w, group_sizes, x.dtype, (tm, tn, tk), transpose_rhs=True, interpret=interpret)
+        dw = mb.tgmm(x.swapaxes(0, 1), g, group_sizes, w.dtype, tiling, num_actual_groups=w.shape[0],
+                     interpret=interpret)
+    return _rows_in_groups(dx, group_sizes), dw, None
+
+
+_megablox.defvjp(_megablox_fwd, _megablox_bwd)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def megablox_gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool = False) -> jax.Array:
+    """`ragged_dot(x [m, k], w [G, k, n], group_sizes [G])` with megablox's `gmm` (weight gradient by
+    its `tgmm`, grouped too). Megablox needs m a multiple of the row tile, and in/out tiles that divide
+    k/n and are multiples of 128 (or the whole dimension): rows are padded to the row tile (at most
+    `GMM_MAX_TILE[0]`, a multiple of 8), k/n over the max tile that no 128-multiple tile divides are
+    zero-padded to a multiple of 128. bfloat16 or float32 only."""
+    m, k = x.shape
+    n = w.shape[-1]
+    cap_m, cap_k, cap_n = GMM_MAX_TILE
+    kp = k if _tile(k, cap_k) else -(-k // 128) * 128
+    np_ = n if _tile(n, cap_n) else -(-n // 128) * 128
+    tm = min(cap_m, -(-m // 8) * 8)
+    mp = -(-m // tm) * tm
+    tiling = (tm, _tile(kp, cap_k), _tile(np_, cap_n))
+    xp = _pad_to(_pad_to(x, 0, mp), 1, kp)
+    wp = _pad_to(_pad_to(w, 1, kp), 2, np_)
+    out = _megablox(xp, wp, group_sizes.astype(jnp.int32), tiling, interpret)
+    return out[:m, :n]
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`x [m, k]` rows grouped by `group_sizes [G]` (group g: the next `group_sizes[g]` rows) times
+    `w [G, k, n]` -> `[m, n]`, rows past the groups 0; the kernel is `gmm_backend()`'s."""
+    backend = gmm_backend()
+    if backend == "ragged_dot":
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    if backend not in ("megablox", "megablox_interpret"):
+        raise ValueError(f"lora.GMM_BACKEND={GMM_BACKEND!r} is not auto|ragged_dot|megablox|megablox_interpret")
+    return megablox_gmm(x, w, group_sizes, interpret=backend == "megablox_interpret")
+
+
 def ragged_dot(x: jax.Array, w, group_sizes: jax.Array, dtype) -> jax.Array:
-    """`jax.lax.ragged_dot(x, w, group_sizes)` (rows grouped by expert) plus, for `Adapted`, each
-    group's own adapter through the same grouped matmul."""
+    """`grouped_matmul(x, w, group_sizes)` (rows grouped by expert) in `dtype` plus, for `Adapted`,
+    each group's own adapter through the same grouped matmul (`(dropout(x) A_g) B_g`: rank-r
+    activations, no `[in, out]` product)."""
     x = x.astype(dtype)
     if not isinstance(w, Adapted):
-        return jax.lax.ragged_dot(x, w.astype(dtype), group_sizes)
-    h = jax.lax.ragged_dot(_dropped(x, w), w.a.astype(dtype), group_sizes) * jnp.asarray(w.scale, dtype)
-    return jax.lax.ragged_dot(x, w.w.astype(dtype), group_sizes) + jax.lax.ragged_dot(h, w.b.astype(dtype),
-                                                                                       group_sizes)
+        return grouped_matmul(x, w.astype(dtype), group_sizes)
+    h = grouped_matmul(_dropped(x, w), w.a.astype(dtype), group_sizes) * jnp.asarray(w.scale, dtype)
+    return grouped_matmul(x, w.w.astype(dtype), group_sizes) + grouped_matmul(h, w.b.astype(dtype), group_sizes)
 
 
 def attach(model: nnx.Module, adapters: dict, scale: float, dropout: float = 0.0,

@@ -19,8 +19,13 @@ to that many experts summed), scaled by a learnable scalar `alpha`.
 
 Two dispatch implementations (`impl`):
 
-- `dropless`: assignments sorted by expert, grouped matmuls with `jax.lax.ragged_dot`. Exact, no
-  token is dropped; the fast path on TPU, slow on CPU (about 15x a dense matmul of the same size).
+- `dropless`: assignments sorted by expert, grouped matmuls (`lora.grouped_matmul`: megablox's
+  `gmm`/`tgmm` Pallas kernels on TPU, `jax.lax.ragged_dot` elsewhere). Exact, no token is dropped;
+  the fast path on TPU, slow on CPU (about 15x a dense matmul of the same size). Local per device
+  (`dropless`): under a mesh it runs in `jax.shard_map` over the batch axes, each device sorting
+  only its own tokens' assignments; with an `expert` axis the experts are sharded over it and the
+  sorted rows travel to their experts' devices and back by ragged all-to-all (MaxText's design).
+  No collective has the global number of assignments.
 - `capacity`: GShard-style. Tokens are split into dispatch groups (one per batch shard of the
   context mesh, 1 without a mesh); in each, every expert takes at most
   `C = ceil(capacity_factor * tokens * k / (2N))` assignments (all of them when decoding) (top-1 choices first, then by token
@@ -29,7 +34,7 @@ Two dispatch implementations (`impl`):
   nothing (the token keeps its residual and the shared expert); drops are counted. Gathers, not
   one-hot einsums, so dispatch costs memory traffic, not FLOPs.
 
-Expert parallelism: under a mesh, the capacity buffers are constrained to
+Expert parallelism (`capacity`): under a mesh, the capacity buffers are constrained to
 `P(("data", "fsdp"), "expert")` on (group, expert) and the activations around them to the batch
 sharding: the partitioner turns the change of layout into an all-to-all over the `expert` axis.
 We use sharding constraints rather than `shard_map` so that the same code runs unchanged on any
@@ -42,6 +47,7 @@ tokens' task when `task` is given: `load_by_task [2, 2N]`) and the number of dro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -51,17 +57,18 @@ from flax import nnx
 from unijax.models import lora
 from unijax.models.config import MoEConfig
 from unijax.models.layers import SwiGLU, dtype_of, linear
-from unijax.sharding import BATCH_AXES
+from unijax.sharding import BATCH_AXES, target_platform
 
 Array = jax.Array
 
 
 
 def resolved_impl(m: MoEConfig) -> str:
-    """`moe.impl`, with `auto` resolved for the current backend (see bench/moe.py)."""
+    """`moe.impl`, with `auto` resolved for the platform traced for (`sharding.target_platform`;
+    see bench/moe.py)."""
     if m.impl != "auto":
         return m.impl
-    return "dropless" if jax.default_backend() == "tpu" else "capacity"
+    return "dropless" if target_platform() == "tpu" else "capacity"
 
 
 def _mesh_batch_groups() -> tuple[int, tuple[str, ...], bool]:
@@ -107,10 +114,149 @@ class Experts(nnx.Module):
 
     def ragged(self, xs: Array, group_sizes: Array) -> Array:
         """xs `[A, E]` sorted by expert, `group_sizes [X]` -> `[A, E]` (rows past the groups are 0)."""
-        g, u, d = self.weights()
-        a = lora.ragged_dot(xs, g, group_sizes, self.dtype)
-        b = lora.ragged_dot(xs, u, group_sizes, self.dtype)
-        return lora.ragged_dot(jax.nn.silu(a) * b, d, group_sizes, self.dtype)
+        return grouped_ffn(self.weights(), xs, group_sizes, self.dtype)
+
+
+def grouped_ffn(weights, xs: Array, group_sizes: Array, dtype) -> Array:
+    """The stacked SwiGLU experts `weights = (gate [X, E, M], up, down [X, M, E])` (arrays or
+    `lora.Adapted`) on xs `[A, E]` sorted by expert, `group_sizes [X]`: grouped matmuls
+    (`lora.ragged_dot` -> `lora.grouped_matmul`: megablox on TPU) -> `[A, E]`, rows past the groups 0."""
+    g, u, d = weights
+    a = lora.ragged_dot(xs, g, group_sizes, dtype)
+    b = lora.ragged_dot(xs, u, group_sizes, dtype)
+    return lora.ragged_dot(jax.nn.silu(a) * b, d, group_sizes, dtype)
+
+
+# -- dropless dispatch -------------------------------------------------------------------------------
+# How tokens move to their experts' devices: "auto" (`jax.lax.ragged_all_to_all` when traced for TPU;
+# XLA:CPU/GPU do not implement it) | "ragged" | "dense" (the same exchange as an all-to-all of
+# worst-case `[expert shards, local assignments]` buffers: exact anywhere, expert-shards x the bytes).
+RAGGED_A2A = "auto"
+
+
+def _exclusive_cumsum(v: Array) -> Array:
+    return jnp.cumsum(v) - v
+
+
+def _inverse_permutation(order: Array) -> Array:
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def ragged_exchange(operand: Array, output: Array, input_offsets: Array, send_sizes: Array, output_offsets: Array,
+                    recv_sizes: Array, axis: str) -> Array:
+    """`jax.lax.ragged_all_to_all` over mesh axis `axis` (inside `shard_map`), natively or, per
+    `RAGGED_A2A`, as an all-to-all of `[peers, rows]` buffers with the same result: this device's
+    rows `input_offsets[j] : + send_sizes[j]` land at `output_offsets[j]` of peer j's `output`, and
+    `recv_sizes[i]` rows arrive from peer i."""
+    mode = RAGGED_A2A
+    if mode == "auto":
+        mode = "ragged" if target_platform() == "tpu" else "dense"
+    sizes = [v.astype(jnp.int32) for v in (input_offsets, send_sizes, output_offsets, recv_sizes)]
+    if mode == "ragged":
+        return jax.lax.ragged_all_to_all(operand, output, *sizes, axis_name=axis)
+    input_offsets, send_sizes, output_offsets, recv_sizes = sizes
+    rows = operand.shape[0]
+    i = jnp.arange(rows, dtype=jnp.int32)[None]                                    # [1, rows]
+    src = jnp.clip(input_offsets[:, None] + i, 0, rows - 1)                        # [peers, rows]
+    chunks = jnp.where((i < send_sizes[:, None])[..., None], operand[src], jnp.zeros((), operand.dtype))
+    got = jax.lax.all_to_all(chunks, axis, 0, 0, tiled=True)                      # [peers (from), rows, ...]
+    where = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)            # where each peer's rows go
+    dst = jnp.where(i < recv_sizes[:, None], where[:, None] + i, output.shape[0])  # past the end: dropped
+    return output.at[dst.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+def _to_experts_and_back(xs: Array, sizes: Array, weights, dtype, ep: int, axis: str) -> Array:
+    """Expert parallelism inside `shard_map`: xs `[A, E]` (this device's assignments sorted by global
+    expert, `sizes [X]`) -> the expert outputs `[A, E]` in the same order. This device holds experts
+    `[i * X / ep, (i + 1) * X / ep)` (`i` its index on `axis`). Rows for expert shard j go to device j
+    (one ragged all-to-all, at most `ep * A` rows received), are regrouped there by local expert,
+    run through the local experts' grouped matmuls, put back in arrival order and returned (a
+    second ragged all-to-all). Only `[ep, X / ep]` counts are exchanged besides the rows."""
+    a, e = xs.shape
+    xl = sizes.shape[0] // ep
+    me = jax.lax.axis_index(axis)
+    per_shard = sizes.reshape(ep, xl)                                     # what I send, per shard and expert
+    send = jnp.sum(per_shard, axis=1)                                     # [ep]
+    counts = jax.lax.all_gather(send, axis)                               # [from, to], tiny
+    by_expert = jax.lax.all_to_all(per_shard, axis, 0, 0, tiled=True)     # [from, local expert] I receive
+    recv = jnp.sum(by_expert, axis=1)                                     # [from]
+    peers = jnp.arange(ep)
+    lands_at = jnp.sum(jnp.where(peers[:, None] < me, counts, 0), axis=0)  # my rows' offset at each peer
+    arrived_at = _exclusive_cumsum(recv)                                   # each peer's rows' offset here
+    r = ep * a                                                             # worst case: every row comes here
+    buf = ragged_exchange(xs, jnp.zeros((r, e), xs.dtype), _exclusive_cumsum(send), send, lands_at, recv, axis)
+    # arrival order is (peer, local expert): regroup by local expert for the grouped matmuls
+    row_expert = jnp.repeat(jnp.tile(jnp.arange(xl, dtype=jnp.int32), ep), by_expert.reshape(-1), total_repeat_length=r)
+    row_expert = jnp.where(jnp.arange(r) < jnp.sum(recv), row_expert, xl)
+    order = jnp.argsort(row_expert, stable=True)
+    ys = grouped_ffn(weights, buf[order], jnp.sum(by_expert, axis=0).astype(jnp.int32), dtype)
+    ys = ys[_inverse_permutation(order)]
+    # back: the rows from peer p return to where p sent them from
+    sent_from = jnp.sum(jnp.where(peers[None, :] < me, counts, 0), axis=1)  # peer p's offset of its rows for me
+    return ragged_exchange(ys, jnp.zeros((a, e), ys.dtype), arrived_at, recv, sent_from, send, axis)
+
+
+def _dropless_local(x: Array, ids: Array, gates: Array, weights, *, num_experts: int, dtype, ep: int = 1,
+                    axis: str = "expert") -> Array:
+    """The dropless dispatch of one device's tokens: x `[S, E]`, ids/gates `[S, K]` (invalid
+    assignments carry id X) -> `[S, E]`. Assignments are sorted by expert locally (`argsort` over
+    `S x K` rows), run through the grouped matmuls (on `ep` expert shards over `axis` when `ep > 1`),
+    un-sorted and mixed with their gates."""
+    s, kk = ids.shape
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)                                # invalid ones last
+    sizes = jnp.sum(flat[:, None] == jnp.arange(num_experts)[None], axis=0).astype(jnp.int32)
+    xs = x[order // kk]
+    if ep > 1:
+        ys = _to_experts_and_back(xs, sizes, weights, dtype, ep, axis)
+    else:
+        ys = grouped_ffn(weights, xs, sizes, dtype)
+    out = ys[_inverse_permutation(order)].reshape(s, kk, -1)
+    out = jnp.where((ids < num_experts)[..., None], out, jnp.zeros((), out.dtype))
+    return jnp.einsum("ske,sk->se", out, gates.astype(out.dtype))
+
+
+def _with_device_keys(weights, axes: tuple[str, ...]):
+    """`Adapted` weights' dropout keys folded with this device's index on the batch `axes` (inside
+    `shard_map`): without it every device would draw the same mask for its own tokens."""
+    if not axes:
+        return weights
+    idx = jax.lax.axis_index(axes)
+
+    def one(w):
+        if not isinstance(w, lora.Adapted) or w.key is None:
+            return w
+        key = jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), idx)))(
+            w.key.reshape(-1, 2)).reshape(w.key.shape)
+        return dataclasses.replace(w, key=key)
+
+    return tuple(one(w) for w in weights)
+
+
+def dropless(x: Array, ids: Array, gates: Array, weights, *, num_experts: int, dtype) -> Array:
+    """The dropless dispatch, local per device: without a context mesh the plain local computation;
+    under one, `jax.shard_map` over the batch axes (each device sorts only its own tokens'
+    assignments) with the experts sharded over `expert` (tokens travel to them by ragged all-to-all)
+    when the mesh has one that divides the experts, else replicated (the expert axis then acts as
+    data parallelism). The weights enter replicated over `fsdp` and `tensor` (the partitioner
+    all-gathers them, a weight-sized collective; their gradients are reduce-scattered back).
+    Tokens that do not split over the batch shards (a tiny decode batch) run replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _dropless_local(x, ids, gates, weights, num_experts=num_experts, dtype=dtype)
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    ep = mesh.shape["expert"] if "expert" in axes and num_experts % mesh.shape["expert"] == 0 else 1
+    P = jax.sharding.PartitionSpec
+    tok = P(axes or None)
+    wspec = jax.tree.map(lambda _: P("expert") if ep > 1 else P(), weights)
+
+    def body(x, ids, gates, weights):
+        return _dropless_local(x, ids, gates, _with_device_keys(weights, axes), num_experts=num_experts,
+                               dtype=dtype, ep=ep)
+
+    return jax.shard_map(body, in_specs=(tok, tok, tok, wspec), out_specs=tok, check_vma=False)(x, ids, gates, weights)
 
 
 class TAMoE(nnx.Module):
@@ -162,14 +308,8 @@ class TAMoE(nnx.Module):
 
     # -- dispatch -----------------------------------------------------------------------------
     def _dropless(self, x: Array, ids: Array, gates: Array) -> tuple[Array, Array]:
-        s, kk = ids.shape
-        flat = ids.reshape(-1)                                    # invalid assignments carry id X
-        order = jnp.argsort(flat, stable=True)
-        sizes = jnp.sum(flat[:, None] == jnp.arange(self.num_experts)[None], axis=0).astype(jnp.int32)
-        ys = self.experts.ragged(x[order // kk], sizes)
-        out = jnp.zeros_like(ys).at[order].set(ys).reshape(s, kk, -1)
-        out = jnp.where((ids < self.num_experts)[..., None], out, 0)
-        return jnp.einsum("ske,sk->se", out, gates.astype(out.dtype)), jnp.zeros((), jnp.float32)
+        h = dropless(x, ids, gates, self.experts.weights(), num_experts=self.num_experts, dtype=self.experts.dtype)
+        return h, jnp.zeros((), jnp.float32)
 
     def _capacity(self, x: Array, ids: Array, gates: Array, exact: bool = False) -> tuple[Array, Array]:
         s, kk = ids.shape
