@@ -1,81 +1,93 @@
-"""Does Janus-Pro-1B / -7B stage 1 and stage 2 fit? `python -m unijax.plan` for each, one table.
+"""The Janus-Pro recipes compiled for 64-chip TPU slices by the real TPU compiler: one table.
 
-    python bench/plan.py                        # 64-device mesh data=8,fsdp=8 (fake CPU devices here)
-    python bench/plan.py --mesh data=4,fsdp=16 --batch 128 --chip h100
+    python bench/plan.py                                     # 1B / 7B x stage 1 und / gen / stage 2 + AIA, v5p-64 and v6e-64
+    python bench/plan.py --sizes 7b --stages stage2:aia --topologies v5p:4x4x4
+    python bench/plan.py --fake_devices --chip h100           # the fit table on 64 fake CPU devices (no libtpu)
 
-Each plan runs in its own process (it creates as many fake CPU devices as the mesh has) with the
-settings a real run would use: bfloat16 compute, float32 parameters, scanned layers, full remat,
-`--batch` rows of `--max_len` tokens (576 understanding or 576 generated-image tokens at 384 px
-plus text). Prints a Markdown table and writes bench/results/plan.json.
+Each plan runs `python -m unijax.plan --config configs/janus_pro/<stage>.py:<size> --topology T` in its
+own process with the recipe's own settings (bf16 compute, float32 trainable parameters and AdamW,
+bf16 frozen weights, scanned layers, full remat, splash attention, dropless MoE with megablox,
+128 rows x 1024 tokens) and the recipe's mesh on 64 devices (stage 1: data=8 x fsdp=8; stage 2:
+fsdp=8 x expert=8). Prints a Markdown table and writes bench/results/plan.json; a plan that fails
+is a row with its error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.common import machine_meta, write_json  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RUNS = [("janus_pro_1b", "stage1_und"), ("janus_pro_1b", "stage2"), ("janus_pro_7b", "stage1_und"),
-        ("janus_pro_7b", "stage2")]
+MESHES = {"stage1_und": "data=8,fsdp=8", "stage1_gen": "data=8,fsdp=8", "stage2": "fsdp=8,expert=8"}
 
 
-def run_one(preset: str, stage: str, args) -> dict:
+def run_one(size: str, stage: str, topology: str, args) -> dict:
+    name, _, variant = stage.partition(":")
+    arg = size + (f"+{variant}" if variant else "")
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "plan.json"
-        cmd = [sys.executable, "-m", "unijax.plan", "--config", str(REPO / "configs" / f"{stage}.py"),
-               f"--config.model.preset={preset}", f"--mesh={args.mesh}", f"--chip={args.chip}",
-               f"--config.train.batch_size={args.batch}", f"--config.data.max_len={args.max_len}",
-               "--config.model.dtype=bfloat16", "--config.model.scan_layers=True",
-               f"--config.model.remat_policy={args.remat}", f"--json={out}"]
-        print("$", " ".join(cmd[1:]), flush=True)
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "unijax.plan", "--config", f"configs/janus_pro/{name}.py:{arg}",
+               f"--mesh={args.mesh or MESHES[name]}", f"--json={out}", *args.extra]
+        cmd += [f"--chip={args.chip}"] if args.fake_devices else [f"--topology={topology}"]
+        print("$", " ".join(["python"] + cmd[1:-1 - len(args.extra)] + args.extra), flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        row = {"size": size, "stage": stage, "topology": None if args.fake_devices else topology,
+               "wall_s": round(time.time() - t0, 1)}
         if proc.returncode:
-            raise SystemExit(f"{preset} {stage} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
-        print(proc.stdout, flush=True)
-        return dict(json.loads(out.read_text()), command=" ".join(["python"] + cmd[1:-1]))
-
-
-def gib(b: int) -> str:
-    return f"{b / 2 ** 30:.1f}"
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+            print(f"FAILED: {tail}", flush=True)
+            return dict(row, error=" ".join(tail))
+        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("wrote")), flush=True)
+        return dict(json.loads(out.read_text()), **row)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | stage | params (trainable) | trainable + LoRA | frozen | optimizer | temporaries | "
-             "peak / device | fits 80 GB | PFLOP / step | step at 50% MFU |",
+    lines = ["| model | stage | chips | mesh | peak / device (HBM) | collectives / device | step (roofline) | "
+             "useful PFLOP | useful / compiled | estimated MFU | compile |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        b, p = r["per_device_bytes"], r["parameters"]
-        lines.append(
-            f"| {r['config']['preset']} | {r['stage']} | {p['total'] / 1e9:.2f}B ({p['trainable'] / 1e6:,.0f}M) | "
-            f"{gib(b['trainable_params'] + b['lora_adapters'])} | {gib(b['frozen_params'])} | "
-            f"{gib(b['optimizer_state'])} | {gib(b['temporaries'])} | **{gib(b['peak'])}** | "
-            f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step'] / 1e15:.2f} | "
-            f"{2 * r['step_time_at_full_mfu_s']:.2f} s |")
+        head = f"| {r['size']} | {r['stage']} | {r['topology'] or r.get('chip')} |"
+        if "error" in r:
+            lines.append(f"{head} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        peak = r["peak_bytes_per_device"]
+        mfu = f"{100 * r['estimated_mfu']:.1f} %" if r.get("estimated_mfu") is not None else "-"
+        ratio = f"{r['useful_over_compiled']:.2f}" if r.get("useful_over_compiled") else "-"
+        lines.append(f"{head} {mesh} | {peak / 2 ** 30:.1f} GiB ({100 * peak / (r['memory_gb'] * 1e9):.0f} %) | "
+                     f"{r['collective_bytes_per_device'] / 1e9:.1f} GB | {1e3 * r['optimal_seconds']:.0f} ms | "
+                     f"{r['useful_flops'] / 1e15:.2f} | {ratio} | {mfu} | {r['compile_s']['compile']:.0f} s |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mesh", default="data=8,fsdp=8")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--max_len", type=int, default=1024)
-    ap.add_argument("--remat", default="full")
-    ap.add_argument("--chip", default="h100")
+    ap.add_argument("--sizes", default="1b,7b")
+    ap.add_argument("--stages", default="stage1_und,stage1_gen,stage2:aia")
+    ap.add_argument("--topologies", default="v5p:4x4x4,v6e:8x8")
+    ap.add_argument("--mesh", default="", help="override the recipe's mesh (default: MESHES)")
+    ap.add_argument("--fake_devices", action="store_true", help="64 fake CPU devices instead of a TPU topology")
+    ap.add_argument("--chip", default="h100", help="with --fake_devices: the chip to check memory against")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.json"))
-    args = ap.parse_args()
-    rows = [dict(run_one(preset, stage, args), stage=stage) for preset, stage in RUNS]
-    print(f"\nmesh {args.mesh}, batch {args.batch} x {args.max_len} tokens, bf16 compute, f32 params, scanned layers, "
-          f"remat {args.remat}; GiB per device; {args.chip}\n")
+    args, extra = ap.parse_known_args()
+    args.extra = extra  # passed through to unijax.plan, e.g. --config.model.remat_policy=none
+    topologies = [None] if args.fake_devices else args.topologies.split(",")
+    rows = [run_one(size, stage, topo, args) for topo in topologies for size in args.sizes.split(",")
+            for stage in args.stages.split(",")]
+    print(f"\n128 rows x 1024 tokens per step; {' '.join(extra) or 'the recipes as they are'}\n")
     print(table(rows))
-    write_json(args.out, {"meta": machine_meta(mesh=args.mesh, batch=args.batch, max_len=args.max_len,
-                                               chip=args.chip), "rows": rows})
+    write_json(args.out, {"meta": machine_meta(topologies=topologies, extra=extra), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -61,13 +61,16 @@ def test_loops_count_per_trip(mesh):
     assert c["flops_per_device"] == 16 * 2 * M * K * K and c["loop_trips_max"] == 16
     assert c["compiler_flops"] < 2 * 2 * M * K * K and not c["compiler_estimate_valid"]
 
-    def stack(ws, x):
-        h, _ = jax.lax.scan(lambda h, w_: (jnp.tanh(h @ w_), None), x, ws)
+    def stack(ws, x, unroll=1):
+        h, _ = jax.lax.scan(lambda h, w_: (jnp.tanh(h @ w_), None), x, ws, unroll=unroll)
         return jnp.sum(h)
 
     ws, x2 = spec(mesh, (LAYERS, K, K), jnp.bfloat16, None, "fsdp"), spec(mesh, (M, K), jnp.bfloat16, "data")
     c = cost(mesh, jax.grad(stack), ws, x2)
     # forward, input and weight gradients of 8 layers on this device's quarter of the math
+    assert c["flops_per_device"] == 3 * LAYERS * 2 * M * K * K / 4
+    # unrolled by 2: four trips of two layers, the counter steps by 2
+    c = cost(mesh, jax.grad(lambda ws, x: stack(ws, x, 2)), ws, x2)
     assert c["flops_per_device"] == 3 * LAYERS * 2 * M * K * K / 4
 
 

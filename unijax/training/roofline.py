@@ -92,6 +92,7 @@ class Instr:
     operands: list[str]
     args: str        # the operand list as written (a constant's value)
     attrs: str       # everything after the operand list
+    root: bool = False
 
 
 @dataclasses.dataclass
@@ -134,7 +135,7 @@ def parse(hlo_text: str) -> tuple[dict[str, Computation], str]:
         m = _INSTR.match(line)
         if m:
             operands, args, attrs = _split_operands(m.group(5))
-            current.instrs.append(Instr(m.group(2), m.group(3), m.group(4), operands, args, attrs))
+            current.instrs.append(Instr(m.group(2), m.group(3), m.group(4), operands, args, attrs, bool(m.group(1))))
     if not entry:
         raise ValueError("no ENTRY computation in the HLO text")
     return comps, entry
@@ -151,9 +152,9 @@ def _callees(instr: Instr) -> dict[str, list[str]]:
 
 def trip_count(comps: dict[str, Computation], types: dict[str, str], instr: Instr,
                by_name: dict[str, Instr]) -> int | None:
-    """Trips of a while loop `counter < N` whose counter starts at a constant (JAX's scans and fori
-    loops); None when the loop is not of that form. Reads `known_trip_count` where the backend
-    writes it."""
+    """Trips of a while loop `counter < N` whose counter starts at a constant and grows by a constant
+    step in the body (JAX's scans and fori loops, also after the compiler unrolls them); None when
+    the loop is not of that form. Reads `known_trip_count` where the backend writes it."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
     if m:
         return int(m.group(1))
@@ -161,7 +162,7 @@ def trip_count(comps: dict[str, Computation], types: dict[str, str], instr: Inst
     if cond is None:
         return None
     local = {i.name: i for i in cond.instrs}
-    root = cond.instrs[-1] if cond.instrs else None
+    root = _root(cond)
     if root is None or root.op != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
         return None
     counter, limit = (local.get(n) for n in root.operands)
@@ -173,7 +174,20 @@ def trip_count(comps: dict[str, Computation], types: dict[str, str], instr: Inst
     start = None
     if init is not None and init.op == "tuple" and index < len(init.operands):
         start = _constant(by_name.get(init.operands[index]), by_name)
-    return max(limit_value - (start if start is not None else 0), 0)
+    step = 1
+    body = comps.get(_callees(instr).get("body", [""])[0])
+    out = _root(body) if body is not None else None
+    if out is not None and out.op == "tuple" and index < len(out.operands):
+        scope = {i.name: i for i in body.instrs}
+        update = scope.get(out.operands[index])
+        if update is not None and update.op == "add":
+            steps = [c for c in (_constant(scope.get(o), scope) for o in update.operands) if c is not None]
+            step = steps[0] if len(steps) == 1 and steps[0] > 0 else 1
+    return max(-(-(limit_value - (start if start is not None else 0)) // step), 0)
+
+
+def _root(comp: Computation) -> Instr | None:
+    return next((i for i in comp.instrs if i.root), comp.instrs[-1] if comp.instrs else None)
 
 
 def _constant(instr: Instr | None, scope: dict[str, Instr]) -> int | None:
@@ -193,23 +207,57 @@ def _dot_flops(instr: Instr, types: dict[str, str]) -> float:
         m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
         contract = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
         return 2.0 * out * contract
-    # convolution: dim_labels=<lhs>_<kernel>-><out>; each output sums the kernel's input features over
-    # the window's taps that land on real inputs. The TPU compiler writes a batched matmul as a
-    # convolution whose batch dims are spatial dims with `lhs_dilate` = window size: one real tap each.
-    m = re.search(r"dim_labels=\w+_(\w+)->", instr.attrs)
-    kernel = _dims(types.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
-    if not m or not kernel or "i" not in m.group(1):
+    return _conv_flops(instr, types)
+
+
+def _ints(text: str | None, n: int, default: int) -> list[int]:
+    return [int(v) for v in text.split("x")] if text else [default] * n
+
+
+def _conv_flops(instr: Instr, types: dict[str, str]) -> float:
+    """A convolution's FLOPs: every output element sums the kernel's input features over the window
+    taps that land on a real input element. The TPU compiler writes many matmuls as convolutions whose
+    spatial dims are not real windows: batch dims as dilated windows (`lhs_dilate` = window size) and
+    head dims as padded windows over an input of size 1 (`size=1x32 pad=0_0x31_31`); each counts one
+    tap, not its window size. Per spatial dim, the (output, tap) pairs inside the unpadded input are
+    counted exactly (stride, padding, window dilation; input holes of `lhs_dilate` pro rata)."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+    lhs, rhs = (_dims(types.get(o, "")) for o in instr.operands[:2]) if len(instr.operands) > 1 else ([], [])
+    out = _dims(instr.type)
+    if not labels or not lhs or not rhs or not out or "i" not in labels.group(2):
         return 0.0
-    features = kernel[m.group(1).index("i")]
-    size = re.search(r"window=\{[^}]*size=([\dx]+)", instr.attrs)
-    dilate = re.search(r"window=\{[^}]*lhs_dilate=([\dx]+)", instr.attrs)
-    sizes = [int(v) for v in size.group(1).split("x")] if size else []
-    dilations = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-    taps = math.prod(-(-w // dl) for w, dl in zip(sizes, dilations))
-    return 2.0 * out * features * taps  # a grouped convolution's kernel holds one group's input features
+    ll, kl, ol = labels.groups()
+    spatial = sorted(c for c in kl if c.isdigit())
+    window = re.search(r"window=\{([^}]*)\}", instr.attrs)
+    text = window.group(1) if window else ""
+
+    def get(key):
+        m = re.search(rf"\b{key}=([\dx_]+)", text)
+        return m.group(1) if m else None
+
+    n = len(spatial)
+    pads = [tuple(int(v) for v in p.split("_")) for p in get("pad").split("x")] if get("pad") else [(0, 0)] * n
+    stride, lhs_dil, rhs_dil = _ints(get("stride"), n, 1), _ints(get("lhs_dilate"), n, 1), _ints(get("rhs_dilate"), n, 1)
+    taps = 1.0
+    for j, d in enumerate(spatial):
+        size_in, size_k, size_out = lhs[ll.index(d)], rhs[kl.index(d)], out[ol.index(d)]
+        extent = (size_in - 1) * lhs_dil[j] + 1
+        pairs = 0.0
+        for k in range(size_k):
+            c = k * rhs_dil[j] - pads[j][0]  # input position of tap k for output 0
+            lo, hi = max(0, math.ceil(-c / stride[j])), (extent - 1 - c) // stride[j]  # outputs it reaches
+            pairs += max(0, min(size_out - 1, hi) - lo + 1) / lhs_dil[j]
+        taps *= pairs / size_out
+    return 2.0 * math.prod(out) * rhs[kl.index("i")] * taps
 
 
 def _group_size(attrs: str, num_devices: int) -> int:
+    """Devices in one replica group: `[groups,size]<=[N]`, `{{0,1},{2,3}}` or (newer XLA) `mesh['data'=8,
+    'fsdp'=8] {'fsdp'}`; all devices when absent."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+        return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)
     if m:
         return int(m.group(2))
