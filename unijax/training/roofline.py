@@ -251,6 +251,25 @@ def _conv_flops(instr: Instr, types: dict[str, str]) -> float:
     return 2.0 * math.prod(out) * rhs[kl.index("i")] * taps
 
 
+# matmuls of [B, H, T, S, D] per splash kernel: forward QK^T and PV; dq recomputes QK^T, then dP and dQ;
+# dkv recomputes QK^T, then dV, dP and dK
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _splash_flops(instr: Instr, types: dict[str, str]) -> float:
+    """FLOPs of a Pallas splash-attention kernel (its custom calls carry no cost estimate): `2 B H T S
+    D` per matmul over the causal share of the blocks it visits (512-token blocks, the diagonal ones
+    whole). q and k are its first two 4-D operands, `[B, H, T, D]` and `[B, K, S, D]`."""
+    kind = next((k for k in ("dkv", "dq", "fwd") if f"_{k}" in instr.name), None)
+    shapes = [d for d in (_dims(types.get(o, "")) for o in instr.operands) if len(d) == 4]
+    if kind is None or len(shapes) < 2:
+        return 0.0
+    (b, h, t, d), s = shapes[0], shapes[1][2]
+    blocks = max(1, -(-t // 512))
+    causal = (blocks + 1) / (2 * blocks)
+    return 2.0 * _SPLASH_MATMULS[kind] * b * h * t * s * d * causal
+
+
 def _group_size(attrs: str, num_devices: int) -> int:
     """Devices in one replica group: `[groups,size]<=[N]`, `{{0,1},{2,3}}` or (newer XLA) `mesh['data'=8,
     'fsdp'=8] {'fsdp'}`; all devices when absent."""
@@ -382,7 +401,9 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
                 est = re.search(r'"cost_estimate":\{"flops":"(\d+)"', i.attrs)
                 if est:
                     flops = float(est.group(1))
-                elif "AllocateBuffer" not in i.attrs:
+                elif i.name.startswith("splash_mha"):
+                    flops = _splash_flops(i, types)
+                elif "tpu_custom_call" in i.attrs:
                     cost.unknown_custom_calls += 1
             nbytes = array_bytes(i.type) + sum(array_bytes(types.get(o, "")) for o in i.operands)
             cost.flops += flops * times
