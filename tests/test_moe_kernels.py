@@ -27,6 +27,7 @@ from unijax import sharding
 from unijax.models import lora, moe
 from unijax.models.config import JanusConfig, MoEConfig, TextConfig
 from unijax.models.moe import TAMoE
+from unijax.training import roofline
 
 B, T, E, M, N, K, R = 8, 4, 16, 12, 4, 2, 3  # batch, seq, embed, expert mlp, experts per group, top_k, lora rank
 NX = 2 * N
@@ -235,7 +236,6 @@ def compile_for_tpu(mesh_shape, backward: bool) -> str:
 
 @pytest.mark.parametrize("mesh_name", list(TPU_MESHES))
 def test_compiled_for_tpu_uses_megablox_and_no_global_collective(mesh_name):
-    from unijax.training import roofline
     fwd = compile_for_tpu(TPU_MESHES[mesh_name], backward=False)
     both = compile_for_tpu(TPU_MESHES[mesh_name], backward=True)
     assert "tpu_custom_call" in both and "tpu_custom_call" in fwd
@@ -247,3 +247,10 @@ def test_compiled_for_tpu_uses_megablox_and_no_global_collective(mesh_name):
             assert not any(str(global_rows) in s.split(",") for s in shapes), line
     flops = [roofline.summary(roofline.analyse(text, "tpu_v5e", 4), "tpu_v5e")["flops_per_device"] for text in (fwd, both)]
     assert flops[1] - flops[0] <= 3 * flops[0], flops
+    # expert parallel: the worst-case receive buffer's kernels are marked, and the roofline counts the rows
+    # they visit (1 in ep of the buffer), not the buffer
+    ep = dict(zip(("data", "fsdp", "expert", "tensor"), TPU_MESHES[mesh_name]))["expert"]
+    assert (f"grouped_rows_active_1_in_{ep}" in fwd) == (ep > 1)
+    if ep > 1:
+        whole = roofline.analyse(fwd.replace(f"grouped_rows_active_1_in_{ep}", "grouped_rows"), "tpu_v5e", 4).flops
+        assert flops[0] < whole

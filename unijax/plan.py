@@ -147,7 +147,13 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
     setup, lowered = throughput.lower_step(config, cfg, mesh, batch)
     t1 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise ValueError(f"does not fit on {devices[0].device_kind}: {str(e).splitlines()[0].split(': ', 1)[-1]} "
+                             f"(more remat: model.remat_policy=full, a smaller train.batch_size, or more devices)") from None
     t2 = time.perf_counter()
     # Model FLOPs: XLA's count of the whole (unpartitioned) step as the math needs it. Its cost
     # analysis counts a while loop's body once, so a scanned decoder is counted unscanned, and

@@ -251,6 +251,16 @@ def _conv_flops(instr: Instr, types: dict[str, str]) -> float:
     return 2.0 * math.prod(out) * rhs[kl.index("i")] * taps
 
 
+def _active_rows(attrs: str) -> float:
+    """The share of a grouped-matmul kernel's row buffer that holds rows: a dropless MoE layer's
+    expert-parallel receive buffer is sized for the worst case (every row to one device), and
+    megablox visits only the row tiles of its groups; the layer marks its kernels with the scope
+    `grouped_rows_active_1_in_<ep>` (`unijax.models.moe`: 1 in ep under balanced routing). Kernels
+    estimate their cost for the whole buffer; this scales their FLOPs and their row-shaped operands."""
+    m = re.search(r"grouped_rows_active_1_in_(\d+)", attrs)
+    return 1.0 / int(m.group(1)) if m else 1.0
+
+
 # matmuls of [B, H, T, S, D] per splash kernel: forward QK^T and PV; dq recomputes QK^T, then dP and dQ;
 # dkv recomputes QK^T, then dV, dP and dK
 _SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
@@ -400,12 +410,16 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
             elif i.op == "custom-call":
                 est = re.search(r'"cost_estimate":\{"flops":"(\d+)"', i.attrs)
                 if est:
-                    flops = float(est.group(1))
+                    flops = float(est.group(1)) * _active_rows(i.attrs)
                 elif i.name.startswith("splash_mha"):
                     flops = _splash_flops(i, types)
                 elif "tpu_custom_call" in i.attrs:
                     cost.unknown_custom_calls += 1
             nbytes = array_bytes(i.type) + sum(array_bytes(types.get(o, "")) for o in i.operands)
+            if i.op == "custom-call" and _active_rows(i.attrs) < 1:  # row blocks it skips are not read
+                rows = sum(array_bytes(t) for t in [i.type, *(types.get(o, "") for o in i.operands)]
+                           if len(_dims(t)) == 2)
+                nbytes -= rows * (1 - _active_rows(i.attrs))
             cost.flops += flops * times
             cost.bytes += nbytes * times
             seconds = max(flops / peak, nbytes / bw) * times
