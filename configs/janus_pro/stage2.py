@@ -18,9 +18,10 @@ def get_config(arg=None):
     c = common.recipe(size, "stage2" + ("_aia" if aia else ""))
     c.init_from = f"workdir/janus_pro_{size}/upcycled"
     c.model.ffn = "ta_moe"
-    # expert parallelism: the 2 x 4 experts one per device of the `expert` axis, tokens moved to them by
-    # all-to-all (dropless, per device); fsdp over the rest (64 devices: fsdp=8 x expert=8)
-    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, -1, 8
+    # expert parallelism across nodes: fsdp within a node, the `expert` axis over the nodes (64 devices:
+    # fsdp=8 x expert=8, each of the 2 x 4 experts on one node's devices, tokens moved to them by a
+    # per-device all-to-all); on one node expert=1
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 8, -1
     c.model.lora.rank = 16
     c.model.lora.alpha = 32.0
     c.train.trainable = stage2.TRAINABLE
