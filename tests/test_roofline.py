@@ -74,6 +74,19 @@ def test_loops_count_per_trip(mesh):
     assert c["flops_per_device"] == 3 * LAYERS * 2 * M * K * K / 4
 
 
+def test_a_scan_reads_and_writes_its_slices_not_the_stacked_arrays(mesh):
+    """A layer scan reads one layer's weights and writes one layer's output per trip (dynamic slice /
+    in-place dynamic update slice): HBM traffic grows with the layers, not with layers squared."""
+    ws, x = spec(mesh, (LAYERS, K, K), jnp.bfloat16), spec(mesh, (M, K), jnp.bfloat16, "data")
+
+    def stack(ws, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w),) * 2, x, ws)[1]
+
+    c = cost(mesh, stack, ws, x)
+    per_layer = K * K * 2 + 2 * (M // 2) * K * 2  # weight read, activation read + write (bf16, half the rows)
+    assert c["hbm_bytes_per_device"] < 3 * LAYERS * per_layer
+
+
 def test_collective_bytes_are_ring_bytes(mesh):
     """Gathering a [2048, 1024] float32 array split 4 ways: each device receives 3/4 of it."""
     x = spec(mesh, (4 * M, K), jnp.float32, ("data", "fsdp"))

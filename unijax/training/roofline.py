@@ -251,6 +251,61 @@ def _conv_flops(instr: Instr, types: dict[str, str]) -> float:
     return 2.0 * math.prod(out) * rhs[kl.index("i")] * taps
 
 
+def _moved_bytes(instr: Instr, types: dict[str, str], comps: dict[str, Computation]) -> float:
+    """HBM bytes one top-level instruction reads and writes: its operands and results, except that
+    a dynamic slice reads only its slice and a dynamic update slice writes its update in place (the
+    scan's per-layer reads of stacked weights and writes of stacked residuals and gradients), also
+    inside a fusion."""
+    if instr.op == "dynamic-slice":
+        return 2 * array_bytes(instr.type)
+    if instr.op == "dynamic-update-slice" and len(instr.operands) > 1:
+        return 2 * array_bytes(types.get(instr.operands[1], ""))
+    operands = [array_bytes(types.get(o, "")) for o in instr.operands]
+    out = array_bytes(instr.type)
+    callee = comps.get(_callees(instr).get("calls", [""])[0]) if instr.op == "fusion" else None
+    if callee is None or not callee.instrs:
+        return out + sum(operands)
+    for i in callee.instrs:
+        if i.op == "parameter" and i.args.strip().isdigit() and int(i.args) < len(operands):
+            operands[int(i.args)] = _read_bytes(callee, i.name, operands[int(i.args)], comps)
+    inner = callee.types()
+    by_name = {i.name: i for i in callee.instrs}
+    root = _root(callee)
+    parts = [by_name.get(o) for o in root.operands] if root.op == "tuple" else [root]
+    written = 0.0
+    for part in parts:
+        while part is not None and part.op == "bitcast" and part.operands:
+            part = by_name.get(part.operands[0])
+        if part is not None and part.op == "dynamic-update-slice" and len(part.operands) > 1:
+            written += array_bytes(inner.get(part.operands[1], ""))
+        elif part is not None:
+            written += array_bytes(part.type)
+    return written + sum(operands)
+
+
+def _read_bytes(comp: Computation, name: str, full: float, comps: dict[str, Computation], depth: int = 0) -> float:
+    """Bytes a fused computation reads of its value `name` (`full` bytes): only the slices its dynamic
+    slices take, nothing where it is the buffer a dynamic update slice writes in place, and through
+    nested fusions likewise; `full` for any other use."""
+    uses = [(i, pos) for i in comp.instrs for pos, o in enumerate(i.operands) if o == name]
+    if not uses or depth > 8:
+        return full
+    total = 0.0
+    for user, pos in uses:
+        if user.op == "dynamic-slice" and pos == 0:
+            total += array_bytes(user.type)
+        elif user.op == "dynamic-update-slice" and pos == 0:
+            continue
+        elif user.op == "bitcast":
+            total += _read_bytes(comp, user.name, full, comps, depth + 1)
+        elif user.op == "fusion" and (nested := comps.get(_callees(user).get("calls", [""])[0])) is not None:
+            param = next((i.name for i in nested.instrs if i.op == "parameter" and i.args.strip() == str(pos)), None)
+            total += full if param is None else _read_bytes(nested, param, full, comps, depth + 1)
+        else:
+            return full
+    return min(total, full)
+
+
 def _active_rows(attrs: str) -> float:
     """The share of a grouped-matmul kernel's row buffer that holds rows: a dropless MoE layer's
     expert-parallel receive buffer is sized for the worst case (every row to one device), and
@@ -415,7 +470,7 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
                     flops = _splash_flops(i, types)
                 elif "tpu_custom_call" in i.attrs:
                     cost.unknown_custom_calls += 1
-            nbytes = array_bytes(i.type) + sum(array_bytes(types.get(o, "")) for o in i.operands)
+            nbytes = _moved_bytes(i, types, comps)
             if i.op == "custom-call" and _active_rows(i.attrs) < 1:  # row blocks it skips are not read
                 rows = sum(array_bytes(t) for t in [i.type, *(types.get(o, "") for o in i.operands)]
                            if len(_dims(t)) == 2)
