@@ -13,8 +13,8 @@ compiled HLO text itself:
 - per top-level instruction (a fusion, a custom call, a copy, ...): FLOPs of the dots and
   convolutions inside it (a Pallas kernel's from its `cost_estimate`), and the bytes of its
   operands and results (what moves between HBM and the core);
-- per collective (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, also
-  inside async pairs and the TPU's fused all-reduce-scatter): the bytes each device sends over the
+- per collective (all-gather, reduce-scatter, all-reduce, all-to-all (ragged ones too),
+  collective-permute, also inside async pairs and the TPU's fused all-reduce-scatter): the bytes each device sends over the
   interconnect with ring algorithms: `(n - 1) / n` of the gathered / scattered / exchanged array,
   twice that for an all-reduce, where n is the replica group's size.
 
@@ -353,6 +353,8 @@ def _group_size(attrs: str, num_devices: int) -> int:
 
 def _collective(op: str) -> str | None:
     base = op.removesuffix("-start")
+    if base == "ragged-all-to-all":
+        return "all-to-all"
     return base if base in COLLECTIVES else None
 
 
@@ -423,6 +425,8 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
             kind = "reduce-scatter"  # the TPU's fused all-reduce + slice is a reduce-scatter
         operand = sum(array_bytes(types.get(o, "")) for o in i.operands)
         result = array_bytes(i.type) if not i.op.endswith("-start") else operand
+        if i.op.startswith("ragged-all-to-all"):  # rows into a worst-case buffer (or back out of it): the
+            operand = min(array_bytes(types.get(i.operands[0], "")), result)  # smaller side is what moves
         frac = (n - 1) / n
         moved = {"all-gather": frac * (result if not i.op.endswith("-start") else operand * n),
                  "reduce-scatter": frac * operand, "all-reduce": 2 * frac * operand,
