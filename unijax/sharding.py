@@ -58,10 +58,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # `[batch, seq, embed]`
 
-# where a weight is used: its fsdp shards gathered (ZeRO-3 / FSDP), the tensor split kept
-GATHERED_RULES: tuple[tuple[str, Any], ...] = tuple((name, None if name in ("embed", "vision_embed") else axes)
-                                                    for name, axes in DEFAULT_RULES)
-
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Resolves `mesh.{data,fsdp,expert,tensor}` (one of them may be -1: all remaining devices)."""
@@ -130,16 +126,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Sequence[tuple[st
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
-
-
-def gathered(w: jax.Array, axes: Sequence[str | None] | None) -> jax.Array:
-    """Weight `w` (logical `axes`) as a matmul consumes it under the context mesh: its fsdp shards
-    all-gathered, so the partitioner moves the weight (FSDP) rather than all-reducing partial
-    activations over fsdp. Call it after the cast to the compute dtype, so a float32 weight moves as
-    bf16. `w` itself without a mesh or axes."""
-    if axes is None or jax.sharding.get_abstract_mesh().empty:
-        return w
-    return constrain(w, axes, GATHERED_RULES)
 
 
 def target_platform() -> str:

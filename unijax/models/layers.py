@@ -7,7 +7,6 @@ through the rules table of the config, so the model code never names a mesh axis
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -42,18 +41,12 @@ class Linear(nnx.Module):
                  dtype="float32", param_dtype="float32", std: float = 0.02):
         pd = dtype_of(param_dtype)
         self.dtype = dtype_of(dtype)
-        self.axes = tuple(axes)
         self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (din, dout), pd), out_sharding=tuple(axes))
         self.bias = (nnx.Param(nnx.initializers.zeros(rngs.params(), (dout,), pd), out_sharding=(axes[-1],)) if bias
                      else nnx.data(None))
 
     def __call__(self, x: Array) -> Array:
-        w = self.kernel.get_value()  # cast to the compute dtype, then its fsdp shards gathered (FSDP)
-        if isinstance(w, lora.Adapted):
-            w = dataclasses.replace(w, w=sharding.gathered(w.w.astype(self.dtype), self.axes))
-        else:
-            w = sharding.gathered(w.astype(self.dtype), self.axes)
-        y = lora.matmul(x, w, self.dtype)
+        y = lora.matmul(x, self.kernel.get_value(), self.dtype)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
