@@ -66,7 +66,7 @@ def test_finetune_janus_pro_on_your_data_replica(tmp_path):
         "--gen", "workdir/stage1_gen/model", "--out", "workdir/upcycled", "--noise", "0.01")
     cli(tmp_path, "unijax.train", "--config", f"{CONFIGS}/stage2.py:1b+aia", "--config.init_from=workdir/upcycled",
         "--config.workdir=workdir/stage2_aia", "--config.data.mmu_arrayrecord=packed/mmu-*.arrayrecord",
-        "--config.data.t2i_arrayrecord=packed/t2i-*.arrayrecord", *SMALL)
+        "--config.data.t2i_arrayrecord=packed/t2i-*.arrayrecord", *SMALL, "--config.mesh.expert=1")
     last = {k: v for r in metrics(tmp_path / "workdir/stage2_aia/metrics.jsonl") if r["step"] == 4 for k, v in r.items()}
     assert all(k in last for k in ("aia_loss_gen", "aia_loss_und", "loss_group", "heldout/router_acc")), sorted(last)
     model = tmp_path / "workdir/stage2_aia/model"
