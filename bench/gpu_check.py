@@ -54,7 +54,6 @@ import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 H100_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores
@@ -228,50 +227,6 @@ def check_cudnn(args, platform: str, mesh=None) -> dict:
 
 
 # -- (b) train step ----------------------------------------------------------------------------------
-def build_train_step(c: dict, batch: int, seq: int, dtype: str, attention_impl: str):
-    """`bench/train_step.py`'s dense unijax step (all of language_model + lm_head train, AdamW, donated
-    state) with `model.dtype` / `model.attention_impl` set. -> (jitted step, state, frozen, tokens)."""
-    import optax
-
-    from unijax.models.janus import Janus
-    from unijax.models.presets import preset
-    from unijax.training.params import split_trainable
-
-    text = dict(c, max_position_embeddings=max(512, seq), bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg = preset("tiny", text=text, vision={"projection_dim": c["hidden_size"]},
-                 vq={"projection_dim": c["hidden_size"], "image_token_embed_dim": c["hidden_size"]},
-                 dtype=dtype, param_dtype="float32", attention_impl=attention_impl)
-    model = Janus(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, frozen = split_trainable(model, ("language_model/.*", "lm_head/.*"), ())
-    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
-    tx = optax.adamw(1e-4, weight_decay=0.0)
-    state = {"params": params, "opt": tx.init(params)}
-
-    def loss_fn(p, frozen, tokens):
-        m = _merge(graphdef, p, frozen)
-        b, t = tokens.shape
-        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-        h, _ = m(tokens, jnp.zeros_like(tokens), pos, jnp.ones_like(tokens))
-        logits = m.text_logits(h[:, :-1]).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    def step_fn(state, frozen, tokens):
-        loss, g = jax.value_and_grad(loss_fn)(state["params"], frozen, tokens)
-        upd, opt = tx.update(g, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], upd), "opt": opt}, loss
-
-    tokens = jnp.asarray(np.random.default_rng(0).integers(3, c["vocab_size"], (batch, seq)), jnp.int32)
-    return jax.jit(step_fn, donate_argnums=(0,)), state, frozen, tokens
-
-
-def _merge(graphdef, params, frozen):
-    """The model from its trainable and frozen pure dicts (what `unijax.training.steps.merged_model`
-    does without LoRA)."""
-    from unijax.training.steps import merged_model
-
-    return merged_model(graphdef, params, frozen, 1.0)
-
-
 def check_train_step(args, platform: str, deadline: float) -> dict:
     from bench.train_step import SIZES, matmul_params, model_flops
 
@@ -300,9 +255,12 @@ def check_train_step(args, platform: str, deadline: float) -> dict:
 
 def train_run(c: dict, batch: int, seq: int, dtype: str, impl: str, warmup: int, steps: int, flops: float,
               peak_tflops: float) -> dict:
-    """One `model.attention_impl` run of the train step: compile, warm up, time."""
+    """One `model.attention_impl` run of the train step (`bench/train_step.py`'s dense step): compile,
+    warm up, time."""
+    from bench.train_step import build_unijax
+
     t0 = time.perf_counter()
-    step, state, frozen, tokens = build_train_step(c, batch, seq, dtype, impl)
+    step, state, frozen, tokens = build_unijax(c, "dense", batch, seq, dtype, impl)
     compiled = step.lower(state, frozen, tokens).compile()
     compile_s = time.perf_counter() - t0
     xla_flops = cost_flops(compiled)

@@ -83,7 +83,7 @@ def model_flops(c: dict, step: str, tokens: int, seq: int, batch: int) -> float:
 
 
 # -- one measurement per process -------------------------------------------------------------------
-def build_unijax(c: dict, step: str, batch: int, seq: int):
+def build_unijax(c: dict, step: str, batch: int, seq: int, dtype: str = "float32", attention_impl: str = "auto"):
     """-> (the jitted step `(state, frozen, tokens) -> (state, loss)`, state, frozen, tokens)."""
     import jax
     import jax.numpy as jnp
@@ -99,7 +99,8 @@ def build_unijax(c: dict, step: str, batch: int, seq: int):
 
     text = dict(c, max_position_embeddings=max(512, seq), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = preset("tiny", text=text, vision={"projection_dim": c["hidden_size"]},
-                 vq={"projection_dim": c["hidden_size"], "image_token_embed_dim": c["hidden_size"]})
+                 vq={"projection_dim": c["hidden_size"], "image_token_embed_dim": c["hidden_size"]},
+                 dtype=dtype, param_dtype="float32", attention_impl=attention_impl)
     model = Janus(cfg, rngs=nnx.Rngs(0))
     trainable = {"dense": ("language_model/.*", "lm_head/.*"), "stage1": (FFN_REGEX,), "stage2": ("lm_head/.*",)}[step]
     graphdef, params, frozen = split_trainable(model, trainable, ())
