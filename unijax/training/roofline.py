@@ -60,7 +60,7 @@ _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$"
 # ops that move nothing themselves (views, tuples, control) or are counted through their callees
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call", "conditional",
          "after-all", "partition-id", "replica-id", "iota", "all-gather-done", "all-reduce-done",
-         "collective-permute-done", "copy-done", "send-done", "recv-done", "opt-barrier", "add-dependency",
+         "collective-permute-done", "copy-done", "slice-done", "send-done", "recv-done", "opt-barrier", "add-dependency",
          "get-dimension-size"}
 
 
@@ -258,6 +258,11 @@ def _moved_bytes(instr: Instr, types: dict[str, str], comps: dict[str, Computati
     inside a fusion."""
     if instr.op == "dynamic-slice":
         return 2 * array_bytes(instr.type)
+    if instr.op in ("slice-start", "copy-start"):  # async: (operand alias, result, context) -> the result moves
+        arrays = _ARRAY.findall(instr.type)
+        if len(arrays) > 1:
+            d, dims = arrays[1]
+            return 2 * _DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
     if instr.op == "dynamic-update-slice" and len(instr.operands) > 1:
         return 2 * array_bytes(types.get(instr.operands[1], ""))
     operands = [array_bytes(types.get(o, "")) for o in instr.operands]
