@@ -39,6 +39,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from jax._src import xla_bridge
+from jax.experimental import topologies
 from ml_collections import config_flags
 
 from unijax import cli, sharding
@@ -58,8 +59,7 @@ def topology_devices(name: str) -> list:
     roofline.chip_of_topology(name)
     # compiling needs no TPU: let several processes (test workers, plans side by side) load libtpu
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        from jax.experimental import topologies  # noqa: PLC0415 (loads libtpu: only for --topology)
+    try:  # loads libtpu
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except Exception as e:  # libtpu missing, or a shape the TPU compiler does not know
         raise ValueError(f"--topology={name!r}: no TPU topology ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

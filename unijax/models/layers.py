@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from unijax import sharding
@@ -252,18 +253,14 @@ def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
     """A causal splash-attention kernel for `heads` query heads over `length` (a multiple of `block`)
     tokens, block sizes `block` everywhere (forward, dq and dkv). Built per trace (its block-mask
     tables become constants of that trace); the numpy mask processing behind it is cached by jax."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
-    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    mask = sa.MultiHeadMask([sa.CausalMask((length, length))] * heads)
-    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, interpret: bool) -> Array:
     """`_splash_attention` on one shard: q `[B, T, H, D]`, k/v `[B, K, T, D]`, segment_ids `[B, T]`."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-
     b, t, h, d = q.shape
     dv = v.shape[-1]
     tp = -(-t // _LANES) * _LANES
@@ -276,7 +273,7 @@ def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array, scale: float
     vp = jnp.pad(v.astype(q.dtype), ((0, 0), (0, 0), (0, pad_t), (0, dvp - dv)))
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad_t)))              # padding: segment 0
     kernel = _splash_kernel(h, tp, block, interpret)
-    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(qh, kp, vp, seg)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(qh, kp, vp, seg)
     return out[:, :, :t, :dv].transpose(0, 2, 1, 3).astype(v.dtype)
 
 

@@ -38,6 +38,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from unijax.sharding import target_platform
+
 DEFAULT_TARGETS = (
     r"language_model/layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel",
     r"language_model/layers/(\d+/)?mlp/(experts/)?(gate|up|down)_proj(/kernel)?",
@@ -247,7 +249,6 @@ GMM_MAX_TILE = (512, 512, 512)  # largest (rows, in, out) tiles megablox gets
 def gmm_backend() -> str:
     if GMM_BACKEND != "auto":
         return GMM_BACKEND
-    from unijax.sharding import target_platform  # lazy: sharding imports nothing from models
     return "megablox" if target_platform() == "tpu" else "ragged_dot"
 
 

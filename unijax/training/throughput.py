@@ -3,7 +3,7 @@ device's peak, for the log's tokens/s per device, TFLOP/s per device and MFU.
 
 Model FLOPs are XLA's cost analysis of the train step as lowered, before SPMD partitioning: the
 whole global batch (all devices), forward + backward + the optimizer update, for the model
-*unscanned, without remat and as one batch*. XLA counts a while loop's body once, so a scanned
+*unscanned, without remat, as one batch and with whole logits*. XLA counts a while loop's body once, so a scanned
 decoder (`model.scan_layers=True`) would be counted as one layer and gradient accumulation
 (`train.grad_accum_steps`) as one micro-batch, and rematerialisation is recomputation, not model
 work; so when the run does any of these, a copy of its step with none of them is lowered (abstract
@@ -93,13 +93,15 @@ def model_flops(config, cfg, mesh: jax.sharding.Mesh, batch: dict, lower_own=Non
     undercount (no scanned layers, no remat, no gradient-accumulation scan)."""
     plain = cfg.replace(scan_layers=False, remat_policy="none")
     accum = int(config.train.get("grad_accum_steps", 1))
-    if lower_own is not None and plain == cfg and accum == 1:
+    chunked = int(config.loss.get("chunk_size", 0)) > 0
+    if lower_own is not None and plain == cfg and accum == 1 and not chunked:
         with jax.set_mesh(mesh):
             return flops_of(lower_own())
-    if accum != 1:  # the micro-batch scan would count one micro-batch: the whole batch at once is the same math
-        config = copy.deepcopy(config)
+    if accum != 1 or chunked:  # the micro-batch scan would count one micro-batch (the whole batch at once is
+        config = copy.deepcopy(config)  # the same math); the chunked loss rematerialises each chunk's logits
         with config.unlocked():
             config.train.grad_accum_steps = 1
+            config.loss.chunk_size = 0
     return flops_of(lower_step(config, plain, mesh, batch)[1])
 
 
