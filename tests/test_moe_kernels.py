@@ -12,7 +12,6 @@
 
 import functools
 import math
-import os
 import re
 
 import jax
@@ -23,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from unijax import plan as planner
 from unijax import sharding
 from unijax.models import lora, moe
 from unijax.models.config import JanusConfig, MoEConfig, TextConfig
@@ -204,12 +204,7 @@ TB, TT, TE, TM = 4, 96, 256, 512  # 384 tokens, 768 assignments: no other array 
 
 @functools.cache
 def tpu_devices():
-    os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
-    from jax.experimental import topologies
-    try:
-        return topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
-    except Exception as e:  # no libtpu
-        pytest.skip(f"no TPU topology on this host: {e}")
+    return planner.topology_devices("v5e:2x2")  # the TPU compiler (libtpu: the [tpu] extra, CI installs it)
 
 
 def compile_for_tpu(mesh_shape, backward: bool) -> str:
