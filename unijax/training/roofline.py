@@ -150,8 +150,7 @@ def _callees(instr: Instr) -> dict[str, list[str]]:
     return out
 
 
-def trip_count(comps: dict[str, Computation], types: dict[str, str], instr: Instr,
-               by_name: dict[str, Instr]) -> int | None:
+def trip_count(comps: dict[str, Computation], instr: Instr, by_name: dict[str, Instr]) -> int | None:
     """Trips of a while loop `counter < N` whose counter starts at a constant and grows by a constant
     step in the body (JAX's scans and fori loops, also after the compiler unrolls them); None when
     the loop is not of that form. Reads `known_trip_count` where the backend writes it."""
@@ -446,7 +445,7 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
         for i in comp.instrs:
             callees = _callees(i)
             if i.op == "while":
-                trips = trip_count(comps, types, i, by_name)
+                trips = trip_count(comps, i, by_name)
                 if trips is None:
                     cost.unknown_loops += 1
                     trips = 1

@@ -29,13 +29,10 @@ from flax import nnx
 
 from unijax import checkpoints, sharding
 from unijax.data import pipeline
+from unijax.training import roofline, steps
 from unijax.training import setup as train_setup
-from unijax.training import steps
 
-PEAK_TFLOPS = {  # dense bf16 TFLOP/s per chip (no 2:4 sparsity), from the vendors' data sheets
-    "h100": 989.0, "h100_pcie": 756.0, "h200": 989.0, "a100": 312.0, "b200": 2250.0, "l40s": 362.0,
-    "tpu_v4": 275.0, "tpu_v5e": 197.0, "tpu_v5p": 459.0, "tpu_v6e": 918.0,
-}
+PEAK_TFLOPS = {chip: spec["tflops"] for chip, spec in roofline.CHIPS.items()}  # dense bf16 TFLOP/s per chip
 _TPU_KINDS = {"tpu v4": "tpu_v4", "tpu v5 lite": "tpu_v5e", "tpu v5e": "tpu_v5e", "tpu v5": "tpu_v5p",
               "tpu v5p": "tpu_v5p", "tpu v6 lite": "tpu_v6e", "tpu v6e": "tpu_v6e"}
 
