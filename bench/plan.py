@@ -8,7 +8,7 @@ Each plan runs `python -m unijax.plan --config configs/janus_pro/<stage>.py:<siz
 own process with the recipe's own settings (bf16 compute, float32 trainable parameters and AdamW,
 bf16 frozen weights, scanned layers, full remat, splash attention, dropless MoE with megablox,
 128 rows x 1024 tokens) and the recipe's mesh on 64 devices (stage 1: data=8 x fsdp=8; stage 2:
-fsdp=8 x expert=8). Prints a Markdown table and writes bench/results/plan.json; a plan that fails
+data=8 x expert=8). Prints a Markdown table and writes bench/results/plan.json; a plan that fails
 is a row with its error.
 """
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.common import machine_meta, write_json  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MESHES = {"stage1_und": "data=8,fsdp=8", "stage1_gen": "data=8,fsdp=8", "stage2": "fsdp=8,expert=8"}
+MESHES = {"stage1_und": "data=8,fsdp=8", "stage1_gen": "data=8,fsdp=8", "stage2": "data=8,expert=8"}
 
 
 def run_one(size: str, stage: str, topology: str, args) -> dict:

@@ -4,7 +4,8 @@ The chunked cross-entropies (the heads applied a chunk of positions at a time, u
 `jax.checkpoint`) give the loss, every metric and the gradients of the unchunked path
 (`chunk_size=0`, the whole `[B, T, V]` logits) within rtol 1e-5, atol 1e-6, for both model families
 and chunk sizes that do and do not divide the row length; and the compiled loss + gradient holds no
-float32 `[B, T, V]` buffer, where the unchunked one does.
+float32 `[B, T, V]` buffer, where the unchunked one does; the heads run only on the chunks of
+gathered positions that hold a loss.
 """
 
 import re
@@ -136,4 +137,31 @@ def test_compiled_loss_holds_no_float32_vocab_logits():
     assert full.search(hlo(0))
     chunked = hlo(64)
     assert not full.search(chunked)
-    assert re.search(rf"f32\[{b},64,{v}\]", chunked)  # the chunk's logits
+    assert re.search(rf"f32\[1,{b * 64},{v}\]", chunked)  # a chunk's logits: one group of rows without a mesh
+
+
+def test_heads_run_only_on_chunks_with_loss_positions():
+    """The text head runs on `ceil(answer positions / (B x chunk))` chunks of the gathered positions
+    (counted by a callback in the head), not on the `ceil(T / chunk)` chunks of the rows, and the sums
+    equal the whole-logits reference within rtol 1e-5."""
+    cfg = preset("tiny", text={"num_layers": 1})
+    model = quick_model(cfg)
+    rng = np.random.default_rng(0)
+    b, t, chunk = 4, 96, 4  # chunks of 4 x 4 = 16 gathered positions
+    h = jnp.asarray(rng.normal(size=(b, t, cfg.text.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, cfg.text.vocab_size, (b, t)))
+    weights = np.zeros((b, t), np.float32)
+    weights[0, 40:58] = 1.0  # 18 + 3 + 0 + 20 = 41 answer positions: 3 chunks of 16
+    weights[1, 90:93] = 0.5
+    weights[3, 10:30] = 1.0
+    calls = []
+
+    def head(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return model.text_logits(x)
+
+    total, count = jax.jit(lambda h: losses.chunked_cross_entropy(h, head, targets, jnp.asarray(weights), chunk))(h)
+    assert len(calls) == 3
+    want = np.sum(np.asarray(losses.cross_entropy(model.text_logits(h), targets)) * weights)
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert float(count) == weights.sum()

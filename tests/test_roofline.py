@@ -74,6 +74,21 @@ def test_loops_count_per_trip(mesh):
     assert c["flops_per_device"] == 3 * LAYERS * 2 * M * K * K / 4
 
 
+def test_a_conditional_counts_its_costliest_branch(mesh):
+    """`lax.cond` between one matmul and three chained ones inside a 4-trip loop: counted as the three
+    taken on every trip (XLA's upper bound), and reported as conditional FLOPs."""
+    x, w = spec(mesh, (4 * M, K), jnp.bfloat16, ("data", "fsdp")), spec(mesh, (K, K), jnp.bfloat16)
+
+    def f(x, w):
+        def body(i, h):
+            return jax.lax.cond(jnp.sum(h) > 0, lambda h: jnp.tanh(jnp.tanh(jnp.tanh(h @ w) @ w) @ w),
+                                lambda h: jnp.tanh(h @ w), h)
+        return jax.lax.fori_loop(0, 4, body, x)
+
+    c = cost(mesh, f, x, w)
+    assert c["flops_per_device"] == c["conditional_flops_per_device"] == 4 * 3 * 2 * M * K * K
+
+
 def test_a_scan_reads_and_writes_its_slices_not_the_stacked_arrays(mesh):
     """A layer scan reads one layer's weights and writes one layer's output per trip (dynamic slice /
     in-place dynamic update slice): HBM traffic grows with the layers, not with layers squared."""

@@ -199,7 +199,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     loss.aia_weight = 0.0        # lambda of the AIA loss for both tasks (0 = off; the paper: 40)
     loss.aia_gen_weight = config_dict.placeholder(float)  # per-task lambda; unset = aia_weight
     loss.aia_und_weight = config_dict.placeholder(float)  # (the official code: 5 for T2I, 10 for MMU)
-    loss.chunk_size = 512        # positions per chunk of the heads' CE (vocab tiling: no f32 [B, T, V] logits); 0 = whole
+    loss.chunk_size = 512        # columns per chunk of the heads' CE, at loss positions only (no f32 [B, T, V]); 0 = whole
     loss.vq_beta = 0.25          # stage 0: commitment weight
     loss.vq_entropy_weight = 0.0
 

@@ -21,16 +21,20 @@ cross-modal intensities and
 
     L += lambda_gen * L_AIA,gen + lambda_und * L_AIA,und
 
-Vocabulary tiling (`loss.chunk_size`, MaxText's "vocab tiling"): the heads are applied to the final
-hidden states a chunk of positions at a time (`chunked_cross_entropy`), each chunk's logits in the
-model's compute dtype and their logsumexp in float32, under `jax.checkpoint` so that the backward
-pass recomputes a chunk's logits instead of keeping them. Neither pass then holds the float32
-`[B, T, V]` text or `[B, T, K]` image logits, the largest buffers of the step at Janus-Pro sizes.
-`chunk_size=0` computes the whole logits at once (the reference the chunked path is tested against).
+Vocabulary tiling (`loss.chunk_size`, MaxText's "vocab tiling"), heads only at loss positions: each
+head gathers the positions where its loss is taken to the front of each batch shard's rows and is
+applied to them a chunk at a time (`chunked_cross_entropy`), each chunk's logits in the model's
+compute dtype and their logsumexp in float32, under `jax.checkpoint` so that the backward pass
+recomputes a chunk's logits instead of keeping them; chunks past the last loss position skip the
+head. Neither pass then holds the float32 `[B, T, V]` text or `[B, T, K]` image logits, the largest
+buffers of the step at Janus-Pro sizes, and the text head (102,400 words) runs on answer tokens
+only. `chunk_size=0` computes the whole logits at once (the reference the chunked path is tested
+against).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -38,7 +42,7 @@ import jax.numpy as jnp
 
 from unijax.models.forward import AIA_TASKS, IMAGE_LOGITS, TEXT_LOGITS, lm_forward, lm_hidden, router_hits, spans
 from unijax.models.janus import Janus
-from unijax.sharding import RESIDUAL, constrain
+from unijax.sharding import BATCH_AXES, RESIDUAL, constrain
 from unijax.training import aia as aia_lib
 
 Array = jax.Array
@@ -82,13 +86,54 @@ def chunked_logit_stats(h: Array, head_fn: Callable[[Array], Array], targets: Ar
     return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n * chunk)[:, :t], ys)
 
 
+def batch_groups(rows: int) -> int:
+    """The groups a batch's rows split into so that each group lies on one batch shard of the context
+    mesh (`data` x `fsdp` x `expert`; 1 without a mesh): work done per group stays on its device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    return math.gcd(int(rows), shards)
+
+
 def chunked_cross_entropy(h: Array, head_fn: Callable[[Array], Array], targets: Array, weights: Array, chunk: int,
                           axes: Sequence[str | None] = TEXT_LOGITS) -> tuple[Array, Array]:
     """-> (sum over positions of `weights` x the cross-entropy of `head_fn(h)` against `targets`,
-    in float32; sum of `weights`), never materialising the logits of more than `chunk` positions
-    (`chunked_logit_stats`)."""
-    ce = chunked_logit_stats(h, head_fn, targets, chunk, axes)
-    return jnp.sum(ce * weights), jnp.sum(weights)
+    in float32; sum of `weights`), with the head applied only where a loss is taken.
+
+    The rows split into `batch_groups` (one per batch shard); within each group the positions of
+    nonzero weight are gathered to the front (a stable sort of its `rows x T` positions, on the
+    device that holds them), and the gathered positions are scanned `rows x chunk` at a time (the
+    chunk's logits are as large as `chunked_logit_stats`'s `[B, chunk, V]`). A chunk in which no
+    group has a loss position skips the head under `lax.cond`, forwards and backwards, so the head
+    runs on `ceil(max loss positions of a group / (rows x chunk))` chunks. Each chunk is
+    checkpointed like `chunked_logit_stats`'s: no logits are kept for the backward pass."""
+    b, t = targets.shape
+    g = batch_groups(b)
+    n = b // g * t
+    chunk = b // g * max(1, min(int(chunk), t))  # a chunk holds as many positions as `chunk` columns of the rows
+    steps = -(-n // chunk)
+    h, targets, weights = h.reshape(g, n, h.shape[-1]), targets.reshape(g, n), weights.reshape(g, n)
+    order = jnp.argsort(weights == 0, axis=1, stable=True)  # loss positions first, in their order
+    h = constrain(jnp.take_along_axis(h, order[..., None], axis=1), RESIDUAL)
+    targets, w = jnp.take_along_axis(targets, order, axis=1), jnp.take_along_axis(weights, order, axis=1)
+    if steps * chunk > n:
+        h = jnp.pad(h, ((0, 0), (0, steps * chunk - n), (0, 0)))
+        targets, w = (jnp.pad(x, ((0, 0), (0, steps * chunk - n))) for x in (targets, w))
+
+    def head_ce(hc, tc, wc):
+        logits = constrain(head_fn(constrain(hc, RESIDUAL)), axes)
+        return jnp.sum(cross_entropy(logits, tc) * wc)
+
+    taken = jax.checkpoint(head_ce, prevent_cse=False)  # inside a scan: no CSE to prevent
+
+    def step(hc, tc, wc):  # the checkpoint inside the branch: recompute and backward share one branch
+        return jax.lax.cond(jnp.any(wc != 0), taken, lambda *_: jnp.zeros((), jnp.float32), hc, tc, wc)
+
+    def split(x):  # [G, steps * chunk, ...] -> [steps, G, chunk, ...]
+        return jnp.moveaxis(x.reshape(g, steps, chunk, *x.shape[2:]), 1, 0)
+
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + step(*xs), None), jnp.zeros((), jnp.float32),
+                            (split(h), split(targets), split(w)))
+    return total, jnp.sum(weights)
 
 
 def moe_losses(aux, batch: dict[str, Array], *, top_k: int, total: Array | None = None) -> dict[str, Array]:

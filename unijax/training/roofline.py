@@ -9,7 +9,9 @@ compiled HLO text itself:
 
 - the call graph from the entry computation: a while loop's body runs `trip` times (the loop
   `counter < N` with the counter's initial constant; JAX's scans and fori loops have this form),
-  fusions and calls once per execution of their caller;
+  fusions and calls once per execution of their caller; a conditional as its costliest branch taken
+  (as XLA's cost analysis counts it: an upper bound; `conditional_flops_per_device` says how much
+  of the count is such branches);
 - per top-level instruction (a fusion, a custom call, a copy, ...): FLOPs of the dots and
   convolutions inside it (a Pallas kernel's from its `cost_estimate`), and the bytes of its
   operands and results (what moves between HBM and the core);
@@ -373,6 +375,25 @@ class Cost:
     unknown_loops: int = 0
     max_trips: int = 1
     by_source: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
+    conditional_flops: float = 0.0  # counted in `flops`: conditional branches, each as if taken
+
+    def add(self, other: Cost) -> None:
+        """Adds `other`'s counts to these (a conditional's branch walked on its own)."""
+        self.flops += other.flops
+        self.bytes += other.bytes
+        self.compute_seconds += other.compute_seconds
+        for k, v in other.collective_bytes.items():
+            self.collective_bytes[k] += v
+        for k, v in other.collective_counts.items():
+            self.collective_counts[k] += v
+        self.unknown_custom_calls += other.unknown_custom_calls
+        self.unknown_loops += other.unknown_loops
+        self.max_trips = max(self.max_trips, other.max_trips)
+        self.conditional_flops += other.conditional_flops
+        for k, v in other.by_source.items():
+            row = self.by_source[k]
+            for j in range(3):
+                row[j] += v[j]
 
     def top(self, n: int = 12) -> list[dict]:
         """The `n` sources (JAX op names) of the most roofline time: FLOPs, bytes, seconds per step."""
@@ -392,7 +413,7 @@ def _source(attrs: str) -> str:
 def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
     """The per-device cost of one run of a compiled program (module docstring)."""
     spec = CHIPS[chip]
-    peak, bw = spec["tflops"] * 1e12, spec["hbm_gbps"] * 1e9
+    peak, bw, ici = spec["tflops"] * 1e12, spec["hbm_gbps"] * 1e9, spec["ici_gbps"] * 1e9
     comps, entry = parse(hlo_text)
     cost = Cost()
 
@@ -439,6 +460,7 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
         cost.collective_counts[kind] += times
 
     def walk(comp_name: str, times: float):
+        nonlocal cost
         comp = comps[comp_name]
         types = comp.types()
         by_name = {i.name: i for i in comp.instrs}
@@ -452,8 +474,19 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
                 cost.max_trips = max(cost.max_trips, trips)
                 walk(callees["body"][0], times * trips)
                 continue
-            if i.op in ("call", "conditional"):
-                for key in ("calls", "to_apply", "branch_computations"):
+            if i.op == "conditional":  # the branch of most roofline time, as if it were taken (XLA's rule)
+                outer, branches = cost, []
+                for c in callees.get("branch_computations", callees.get("calls", [])):
+                    cost = Cost()
+                    walk(c, times)
+                    branches.append(cost)
+                cost = outer
+                if branches:
+                    cost.add(max(branches, key=lambda x: x.compute_seconds + sum(x.collective_bytes.values()) / ici))
+                    cost.conditional_flops += max(b.flops for b in branches)
+                continue
+            if i.op == "call":
+                for key in ("calls", "to_apply"):
                     for c in callees.get(key, []):
                         walk(c, times)
                 continue
@@ -522,6 +555,7 @@ def summary(cost: Cost, chip: str, compiler_cost: dict | None = None) -> dict:
         "loop_trips_max": cost.max_trips,
         "loops_of_unknown_trips": cost.unknown_loops,
         "custom_calls_of_unknown_cost": cost.unknown_custom_calls,
+        "conditional_flops_per_device": cost.conditional_flops,
         "top_sources": cost.top(),
     }
 
