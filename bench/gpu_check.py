@@ -58,34 +58,6 @@ from flax import nnx  # noqa: E402
 
 H100_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores
 
-# An H100 SXM for XLA's GPU compiler without a GPU (GpuTargetConfigProto, text format): the fields
-# of xla/backends/gpu/target_config/specs/h100_sxm.txtpb that jaxlib 0.10.2's proto knows, cuDNN 9.8.
-H100_TARGET_CONFIG = """
-gpu_device_info {
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84942979072
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 minor: 0 }
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 patch: 0 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
-
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
@@ -318,13 +290,12 @@ def check_moe(args, platform: str, deadline: float) -> dict:
 def aot_h100_mesh():
     """unijax's mesh (`unijax.sharding.make_mesh`, every axis 1) over one H100 compile-only device
     from the CUDA PJRT plugin's topology (no GPU needed; see the module docstring)."""
-    from jax.experimental import topologies
-
     from unijax.sharding import make_mesh
+    from unijax.training import gpu_targets
 
-    topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
-    print(f"[aot] compile-only devices: {topo.devices} (platform {topo.devices[0].platform})")
-    return make_mesh({}, topo.devices)
+    devices = gpu_targets.devices("h100:1")
+    print(f"[aot] compile-only devices: {devices} (platform {devices[0].platform})")
+    return make_mesh({}, devices)
 
 
 def run_part(name: str, results: dict, fn, *a):

@@ -1,12 +1,15 @@
-"""The Janus-Pro recipes compiled for 64-chip TPU slices by the real TPU compiler: one table.
+"""The Janus-Pro recipes compiled for 64-chip TPU slices by the real TPU compiler (or 64 H100s by the
+GPU compiler, compile-only): one table.
 
     python bench/plan.py                                     # 1B / 7B x stage 1 und / gen / stage 2 + AIA, v5p-64 and v6e-64
     python bench/plan.py --sizes 7b --stages stage2:aia --topologies v5p:4x4x4
+    python bench/plan.py --topologies h100:8x8                # 8 hosts x 8 H100s, GPU compiler (launch/gpu_plan_env.sh)
     python bench/plan.py --fake_devices --chip h100           # the fit table on 64 fake CPU devices (no libtpu)
 
 Each plan runs `python -m unijax.plan --config configs/janus_pro/<stage>.py:<size> --topology T` in its
 own process with the recipe's own settings (bf16 compute, float32 trainable parameters and AdamW,
-bf16 frozen weights, scanned layers, full remat, splash attention, dropless MoE with megablox,
+bf16 frozen weights, scanned layers, the recipe's remat, splash attention and megablox on TPU (cuDNN
+attention on GPU), dropless MoE,
 128 rows x 1024 tokens) and the recipe's mesh on 64 devices (stage 1: data=8 x fsdp=8; stage 2:
 data=8 x expert=8). Prints a Markdown table and writes bench/results/plan.json; a plan that fails
 is a row with its error.
@@ -25,9 +28,19 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.common import machine_meta, write_json  # noqa: E402
+from unijax.training import gpu_targets, roofline  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MESHES = {"stage1_und": "data=8,fsdp=8", "stage1_gen": "data=8,fsdp=8", "stage2": "data=8,expert=8"}
+
+
+def python_for(topology: str | None) -> str:
+    """This python for a TPU topology; for a GPU one (`h100:8x8`), the side environment with jax's
+    CUDA plugin (`launch/gpu_plan_env.sh`, built on first use)."""
+    if not topology or roofline.chip_of_topology(topology) not in gpu_targets.TARGET_CONFIGS:
+        return sys.executable
+    out = subprocess.run(["bash", "launch/gpu_plan_env.sh"], cwd=REPO, capture_output=True, text=True, check=True)
+    return str(REPO / out.stdout.strip())
 
 
 def run_one(size: str, stage: str, topology: str, args) -> dict:
@@ -35,7 +48,7 @@ def run_one(size: str, stage: str, topology: str, args) -> dict:
     arg = size + (f"+{variant}" if variant else "")
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "plan.json"
-        cmd = [sys.executable, "-m", "unijax.plan", "--config", f"configs/janus_pro/{name}.py:{arg}",
+        cmd = [python_for(topology), "-m", "unijax.plan", "--config", f"configs/janus_pro/{name}.py:{arg}",
                f"--mesh={args.mesh or MESHES[name]}", f"--json={out}", *args.extra]
         cmd += [f"--chip={args.chip}"] if args.fake_devices else [f"--topology={topology}"]
         print("$", " ".join(["python"] + cmd[1:-1 - len(args.extra)] + args.extra), flush=True)
@@ -77,7 +90,7 @@ def main() -> None:
     ap.add_argument("--stages", default="stage1_und,stage1_gen,stage2:aia")
     ap.add_argument("--topologies", default="v5p:4x4x4,v6e:8x8")
     ap.add_argument("--mesh", default="", help="override the recipe's mesh (default: MESHES)")
-    ap.add_argument("--fake_devices", action="store_true", help="64 fake CPU devices instead of a TPU topology")
+    ap.add_argument("--fake_devices", action="store_true", help="64 fake CPU devices instead of a topology")
     ap.add_argument("--chip", default="h100", help="with --fake_devices: the chip to check memory against")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.json"))
     args, extra = ap.parse_known_args()

@@ -17,6 +17,12 @@ and collective bytes per device with every loop counted per trip, a roofline ste
 MFU it implies (`unijax.training.roofline`; the compiler's own `optimal_seconds` is reported and
 used only where it is valid). `--hlo PATH` writes the compiled HLO text.
 
+`--topology h100:4x8` (4 hosts x 8 GPUs; also `h100:8`, `h200:...`) does the same for GPUs with XLA's
+GPU compiler, compile-only, through jax's CUDA plugin on a host without a GPU
+(`unijax.training.gpu_targets`; docs/gpu.md says how to install the plugin next to the repo's
+environment). The roofline reads cuBLAS / cuDNN calls from their shapes, and collectives between hosts
+at the network's bandwidth rather than NVLink's. The GPU compiler gives no cost analysis of its own.
+
 Without `--topology`: when this machine has as many devices as the mesh, the plan compiles for
 them. Otherwise it compiles for that many fake CPU devices (`--xla_force_host_platform_device_count`, set before
 JAX starts): the sharding and the per-device parameter, optimizer and batch bytes are exact; XLA's
@@ -46,7 +52,7 @@ from unijax import cli, sharding
 from unijax.data import pipeline
 from unijax.io import write_outputs
 from unijax.sharding import MESH_AXES
-from unijax.training import roofline, throughput
+from unijax.training import gpu_targets, roofline, throughput
 from unijax.training.config import model_config, validate
 from unijax.training.params import count
 from unijax.training.throughput import PEAK_TFLOPS
@@ -55,8 +61,10 @@ MEMORY_GB = {chip: spec["hbm_gb"] for chip, spec in roofline.CHIPS.items()}
 
 
 def topology_devices(name: str) -> list:
-    """The devices of TPU slice `name` (`v5p:4x4x4`) for the TPU compiler on this host (no TPU needed)."""
-    roofline.chip_of_topology(name)
+    """The devices of TPU slice `name` (`v5p:4x4x4`) for the TPU compiler on this host (no TPU needed),
+    or of GPU topology `name` (`h100:2x8`: `gpu_targets`) for the GPU compiler (no GPU needed)."""
+    if roofline.chip_of_topology(name) in gpu_targets.TARGET_CONFIGS:
+        return gpu_targets.devices(name)
     # compiling needs no TPU: let several processes (test workers, plans side by side) load libtpu
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:  # loads libtpu
@@ -88,8 +96,13 @@ def _mesh_arg(argv) -> str:
 
 
 def _fake_cpu_devices(argv) -> None:
-    """Before JAX starts its backends: enough host-platform (CPU) devices for the requested mesh."""
-    if xla_bridge.backends_are_initialized() or any(a.startswith("--topology") for a in argv):
+    """Before JAX starts its backends: enough host-platform (CPU) devices for the requested mesh; for a
+    topology, only the CPU backend (a compile-only GPU topology needs no CUDA, and the CUDA plugin
+    would fail to start without it)."""
+    if xla_bridge.backends_are_initialized():
+        return
+    if any(a.startswith("--topology") for a in argv):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
         return
     try:
         sizes = parse_mesh(_mesh_arg(argv))
@@ -113,7 +126,8 @@ def per_device_bytes(tree) -> int:
 def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", step_time: float = 0.0,
          memory_gb: float = 0.0, topology: str = "", hlo_path: str = "") -> dict:
     """Lowers and compiles the configured train step; returns the numbers `main` prints. `topology`:
-    a TPU slice to compile for with the TPU compiler (its chip replaces `chip`)."""
+    a TPU slice to compile for with the TPU compiler, or a GPU topology (`h100:2x8`) for the GPU
+    compiler (its chip replaces `chip`)."""
     if topology:
         chip = roofline.chip_of_topology(topology)
     if chip not in PEAK_TFLOPS:
@@ -168,7 +182,8 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
     if hlo_path:
         write_outputs(pathlib.Path(hlo_path).parent, {pathlib.Path(hlo_path).name: lambda p: p.write_text(hlo)})
     on_target = devices[0].platform != "cpu"
-    cost = roofline.summary(roofline.analyse(hlo, chip, mesh.size), chip, roofline.compiler_cost(compiled))
+    per_host = gpu_targets.parse(topology)[2] if chip in gpu_targets.TARGET_CONFIGS and topology else 0
+    cost = roofline.summary(roofline.analyse(hlo, chip, mesh.size, per_host), chip, roofline.compiler_cost(compiled))
 
     params = setup.state["params"]
     adapters = params.get("lora", {})
@@ -202,7 +217,7 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
                    "moe_impl": config.moe.impl},
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": f"{n_dev} x {devices[0].device_kind if on_target else devices[0].platform}"
-                   + (f" ({topology}, TPU compiler)" if topology else "" if on_target
+                   + (f" ({topology}, {devices[0].platform.upper()} compiler)" if topology else "" if on_target
                       else " (fake, standing in for the target: memory, FLOPs and time are estimates)"),
         "topology": topology or None,
         "parameters": {"total": count(params) + count(setup.frozen), "trainable": count(params),
@@ -279,8 +294,10 @@ def table(r: dict) -> str:
     lines.append(f"compiled program, per device and step (loops counted per trip): {k['flops_per_device'] / 1e12:.2f} "
                  f"TFLOP, {k['hbm_bytes_per_device'] / 1e9:.2f} GB HBM traffic")
     kinds = ", ".join(f"{name} {b / 1e9:.2f} GB" for name, b in k["collective_bytes_by_kind"].items()) or "none"
+    spec, between = roofline.CHIPS[r["chip"]], k.get("collective_bytes_between_hosts_per_device", 0.0)
+    hosts = f", {between / 1e9:.2f} GB of it between hosts at {spec['dcn_gbps']:g} GB/s" if between else ""
     lines.append(f"collectives: {k['collective_bytes_per_device'] / 1e9:.2f} GB per device ({kinds}), "
-                 f"{k['collective_seconds'] * 1e3:.1f} ms at {roofline.CHIPS[r['chip']]['ici_gbps']:g} GB/s")
+                 f"{k['collective_seconds'] * 1e3:.1f} ms at {spec['ici_gbps']:g} GB/s{hosts}")
     uf = r["useful_flops"] / max(mesh_size(r), 1)
     lines.append(f"useful FLOPs per step: {r['useful_flops'] / 1e15:.3f} PFLOP ({uf / 1e12:.2f} TFLOP per device; "
                  f"{r['useful_over_compiled']:.2f} of the compiled program's)" if r["useful_over_compiled"] else
@@ -307,7 +324,8 @@ def main(argv=None) -> int:
     flags.DEFINE_float("memory_gb", 0.0, "Device memory to check against (default: the chip's).")
     flags.DEFINE_string("json", "", "Also write the numbers to this JSON file.")
     flags.DEFINE_string("topology", "", "Compile for this TPU slice with the TPU compiler (libtpu), e.g. v5p:4x4x4, "
-                        "v5e:8x8, v6e:8x8, v4:2x2x1; sets the chip.")
+                        "v5e:8x8, v6e:8x8, v4:2x2x1, or for GPUs (hosts x GPUs per host) with the GPU compiler "
+                        "(jax's CUDA plugin), e.g. h100:8, h100:4x8, h200:2x8; sets the chip.")
     flags.DEFINE_string("hlo", "", "Write the compiled HLO text to this file.")
     flags.mark_flags_as_required(["config"])
 

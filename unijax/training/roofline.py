@@ -20,6 +20,10 @@ compiled HLO text itself:
   interconnect with ring algorithms: `(n - 1) / n` of the gathered / scattered / exchanged array,
   twice that for an all-reduce, where n is the replica group's size.
 
+GPU programs (`plan --topology h100:...`) call libraries whose FLOPs are read from their shapes:
+cuBLAS GEMMs, cuDNN convolutions and cuDNN fused attention (`_gpu_custom_call_flops`). A collective
+whose replica groups span hosts moves over the network (`dcn_gbps`), not NVLink.
+
 The step-time estimate is a roofline: every instruction takes `max(FLOPs / peak, bytes / HBM
 bandwidth)`, and the collectives take their bytes over the chip's ICI bandwidth on top
 (`seconds`, no overlap: an upper bound) or hidden under compute (`seconds_overlapped`: a lower
@@ -34,22 +38,27 @@ import math
 import re
 from collections import defaultdict
 
+import numpy as np
+
 # Per chip: dense bf16 peak (TFLOP/s), HBM (GB), HBM bandwidth (GB/s), interconnect bandwidth per chip
-# (GB/s, one direction: ICI for TPUs, NVLink for GPUs), from the vendors' data sheets.
+# (GB/s, one direction: ICI for TPUs, NVLink for GPUs), from the vendors' data sheets; GPUs also the
+# network between hosts per GPU (`dcn_gbps`: one 400 Gb/s InfiniBand NIC per H100 / H200 / B200, 200 Gb/s
+# per A100, as in NVIDIA's DGX reference designs).
 CHIPS = {
     "tpu_v4": dict(tflops=275.0, hbm_gb=32, hbm_gbps=1200.0, ici_gbps=300.0),
     "tpu_v5e": dict(tflops=197.0, hbm_gb=16, hbm_gbps=819.0, ici_gbps=200.0),
     "tpu_v5p": dict(tflops=459.0, hbm_gb=95, hbm_gbps=2765.0, ici_gbps=600.0),
     "tpu_v6e": dict(tflops=918.0, hbm_gb=32, hbm_gbps=1640.0, ici_gbps=448.0),
-    "h100": dict(tflops=989.0, hbm_gb=80, hbm_gbps=3350.0, ici_gbps=450.0),
-    "h100_pcie": dict(tflops=756.0, hbm_gb=80, hbm_gbps=2000.0, ici_gbps=300.0),
-    "h200": dict(tflops=989.0, hbm_gb=141, hbm_gbps=4800.0, ici_gbps=450.0),
-    "a100": dict(tflops=312.0, hbm_gb=80, hbm_gbps=2039.0, ici_gbps=300.0),
-    "b200": dict(tflops=2250.0, hbm_gb=192, hbm_gbps=8000.0, ici_gbps=900.0),
-    "l40s": dict(tflops=362.0, hbm_gb=48, hbm_gbps=864.0, ici_gbps=32.0),
+    "h100": dict(tflops=989.0, hbm_gb=80, hbm_gbps=3350.0, ici_gbps=450.0, dcn_gbps=50.0),
+    "h100_pcie": dict(tflops=756.0, hbm_gb=80, hbm_gbps=2000.0, ici_gbps=300.0, dcn_gbps=25.0),
+    "h200": dict(tflops=989.0, hbm_gb=141, hbm_gbps=4800.0, ici_gbps=450.0, dcn_gbps=50.0),
+    "a100": dict(tflops=312.0, hbm_gb=80, hbm_gbps=2039.0, ici_gbps=300.0, dcn_gbps=25.0),
+    "b200": dict(tflops=2250.0, hbm_gb=192, hbm_gbps=8000.0, ici_gbps=900.0, dcn_gbps=50.0),
+    "l40s": dict(tflops=362.0, hbm_gb=48, hbm_gbps=864.0, ici_gbps=32.0, dcn_gbps=12.5),
 }
 # `--topology` names (jax.experimental.topologies) -> chip
-TOPOLOGY_CHIPS = {"v4": "tpu_v4", "v5e": "tpu_v5e", "v5litepod": "tpu_v5e", "v5p": "tpu_v5p", "v6e": "tpu_v6e"}
+TOPOLOGY_CHIPS = {"v4": "tpu_v4", "v5e": "tpu_v5e", "v5litepod": "tpu_v5e", "v5p": "tpu_v5p", "v6e": "tpu_v6e",
+                  "h100": "h100", "h200": "h200"}
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -71,7 +80,7 @@ def chip_of_topology(name: str) -> str:
     kind = name.split(":", 1)[0].split("-", 1)[0].lower()
     if kind not in TOPOLOGY_CHIPS:
         raise ValueError(f"--topology={name!r}: expected <kind>:<shape> with kind among {sorted(TOPOLOGY_CHIPS)}, "
-                         f"e.g. v5p:4x4x4, v5e:8x8, v6e:8x8, v4:2x2x1")
+                         f"e.g. v5p:4x4x4, v5e:8x8, v6e:8x8, v4:2x2x1, h100:8 or h100:4x8 (hosts x GPUs)")
     return TOPOLOGY_CHIPS[kind]
 
 
@@ -341,20 +350,82 @@ def _splash_flops(instr: Instr, types: dict[str, str]) -> float:
     return 2.0 * _SPLASH_MATMULS[kind] * b * h * t * s * d * causal
 
 
-def _group_size(attrs: str, num_devices: int) -> int:
-    """Devices in one replica group: `[groups,size]<=[N]`, `{{0,1},{2,3}}` or (newer XLA) `mesh['data'=8,
-    'fsdp'=8] {'fsdp'}`; all devices when absent."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+def _gpu_custom_call_flops(instr: Instr, types: dict[str, str], target: str) -> float | None:
+    """FLOPs of the GPU compiler's library calls, from their shapes; None for any other target.
+
+    - cuDNN fused attention (`__cudnn$fmha*`): `2 B H T S D` per matmul, two forwards and five
+      backwards (the backward recomputes the scores), half of them under a causal mask; `[B, H, T,
+      S]` is the call's `intermediate_tensor_shape` and D the last dim of its q operand.
+    - cuDNN convolutions (`__cudnn$conv*`): the forward convolution's FLOPs, whose input, kernel and
+      output are the call's operands or result depending on the direction.
+    - cuBLAS GEMMs (`__cublas$gemm`, `__cublas$lt$matmul`): `2 x output x contracted size`."""
+    if target.startswith("__cudnn$fmha"):
+        m = re.search(r'"intermediate_tensor_shape":\s*\{\s*"element_type":\s*"?\w+"?,\s*"dimensions":\s*\[([^\]]*)\]',
+                      instr.attrs)
+        q = _dims(types.get(instr.operands[0], "")) if instr.operands else []
+        if not m or not q:
+            return None
+        b, h, t, s_ = (int(x.strip().strip('"')) for x in m.group(1).split(","))
+        causal = 0.5 if re.search(r'"mask_type":\s*"(CAUSAL|PADDING_CAUSAL)"', instr.attrs) else 1.0
+        return 2.0 * (5 if "Backward" in target else 2) * b * h * t * s_ * q[-1] * causal
+    if target.startswith("__cudnn$conv"):
+        operands = [types.get(o, "") for o in instr.operands]
+        result = _ARRAY.search(instr.type).group(0) if _ARRAY.search(instr.type) else ""
+        if len(operands) < 2:
+            return None
+        if "BackwardInput" in target:    # (d output, kernel) -> d input
+            x, k, y = result, operands[1], operands[0]
+        elif "BackwardFilter" in target:  # (input, d output) -> d kernel
+            x, k, y = operands[0], result, operands[1]
+        else:
+            x, k, y = operands[0], operands[1], result
+        scope = {"x": x, "k": k}
+        return _conv_flops(Instr(instr.name, y, "convolution", ["x", "k"], "", instr.attrs), scope)
+    if target.startswith(("__cublas$gemm", "__cublas$lt$matmul")):
+        lhs = _dims(types.get(instr.operands[0], "")) if instr.operands else []
+        m = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]', instr.attrs)
+        if not lhs or not m:
+            return None
+        contract = math.prod(lhs[int(d.strip().strip('"'))] for d in m.group(1).split(",") if d.strip())
+        return 2.0 * math.prod(_dims(instr.type)) * contract
+    return None
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """XLA's iota device list `[d0,d1,...]T(p0,p1,...)`, flattened."""
+    shape = [int(x) for x in dims.split(",") if x]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    return (ids.transpose([int(x) for x in perm.split(",")]) if perm else ids).reshape(-1)
+
+
+def replica_groups(attrs: str, num_devices: int) -> np.ndarray:
+    """A collective's replica groups as device ids `[groups, size]`, from any of XLA's notations:
+    `{{0,1},{2,3}}`, the iota `[groups,size]<=[dims]T(perm)` and (newer XLA) `mesh['a'=2,'b'=4]
+    {'b'}`, optionally with `device_ids=([dims]T(perm))` laid over the mesh; one group of all
+    devices when absent."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]*)\](?:T\(([\d,]*)\))?\))?\s*\{([^}]*)\}",
+                  attrs)
     if m:
         sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
-        return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)
+        names, grouped = list(sizes), re.findall(r"'([^']+)'", m.group(4))
+        ids = _iota(m.group(2), m.group(3)) if m.group(2) else np.arange(math.prod(sizes.values()))
+        ids = ids.reshape([sizes[a] for a in names])
+        order = [names.index(a) for a in names if a not in grouped] + [names.index(a) for a in grouped]
+        return ids.transpose(order).reshape(-1, math.prod(sizes[a] for a in grouped))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]*)\](?:T\(([\d,]*)\))?", attrs)
     if m:
-        return int(m.group(2))
-    m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
-    if m and m.group(1):
-        return len(m.group(1).split(","))
-    return num_devices
+        return _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2)))
+    m = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", attrs)
+    if m and m.group(1) != "{}":
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+        if len({len(g) for g in groups}) == 1:
+            return np.asarray(groups)
+    return np.arange(num_devices)[None]
+
+
+def _group_size(attrs: str, num_devices: int) -> int:
+    """Devices in one replica group (`replica_groups`)."""
+    return int(replica_groups(attrs, num_devices).shape[1])
 
 
 def _collective(op: str) -> str | None:
@@ -376,6 +447,7 @@ class Cost:
     max_trips: int = 1
     by_source: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
     conditional_flops: float = 0.0  # counted in `flops`: conditional branches, each as if taken
+    dcn_bytes: float = 0.0          # counted in `collective_bytes`: collectives between hosts (GPU topologies)
 
     def add(self, other: Cost) -> None:
         """Adds `other`'s counts to these (a conditional's branch walked on its own)."""
@@ -390,6 +462,7 @@ class Cost:
         self.unknown_loops += other.unknown_loops
         self.max_trips = max(self.max_trips, other.max_trips)
         self.conditional_flops += other.conditional_flops
+        self.dcn_bytes += other.dcn_bytes
         for k, v in other.by_source.items():
             row = self.by_source[k]
             for j in range(3):
@@ -410,8 +483,11 @@ def _source(attrs: str) -> str:
     return "/".join(parts[-3:]) or m.group(1)
 
 
-def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
-    """The per-device cost of one run of a compiled program (module docstring)."""
+def analyse(hlo_text: str, chip: str, num_devices: int, devices_per_host: int = 0) -> Cost:
+    """The per-device cost of one run of a compiled program (module docstring). `devices_per_host`:
+    GPUs per host of a multi-host GPU topology (device i on host i // it); a collective whose replica
+    groups span hosts is also counted in `Cost.dcn_bytes` (the network, not NVLink). 0: one network
+    (a TPU slice's ICI)."""
     spec = CHIPS[chip]
     peak, bw, ici = spec["tflops"] * 1e12, spec["hbm_gbps"] * 1e9, spec["ici_gbps"] * 1e9
     comps, entry = parse(hlo_text)
@@ -453,11 +529,15 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
         if i.op.startswith("ragged-all-to-all"):  # rows into a worst-case buffer (or back out of it): the
             operand = min(array_bytes(types.get(i.operands[0], "")), result)  # smaller side is what moves
         frac = (n - 1) / n
+        spans_hosts = devices_per_host and any(
+            len(set(g // devices_per_host)) > 1 for g in replica_groups(i.attrs, num_devices))
         moved = {"all-gather": frac * (result if not i.op.endswith("-start") else operand * n),
                  "reduce-scatter": frac * operand, "all-reduce": 2 * frac * operand,
                  "all-to-all": frac * operand, "collective-permute": operand}[kind]
         cost.collective_bytes[kind] += moved * times
         cost.collective_counts[kind] += times
+        if spans_hosts:
+            cost.dcn_bytes += moved * times
 
     def walk(comp_name: str, times: float):
         nonlocal cost
@@ -505,11 +585,18 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
                     inner_collectives(c, times)
             elif i.op == "custom-call":
                 est = re.search(r'"cost_estimate":\{"flops":"(\d+)"', i.attrs)
+                target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
+                target = target.group(1) if target else ""
                 if est:
                     flops = float(est.group(1)) * _active_rows(i.attrs)
                 elif i.name.startswith("splash_mha"):
                     flops = _splash_flops(i, types)
-                elif "tpu_custom_call" in i.attrs:
+                elif target.startswith(("__cudnn$", "__cublas$")):
+                    flops = _gpu_custom_call_flops(i, types, target)
+                    if flops is None:
+                        cost.unknown_custom_calls += 1
+                        flops = 0.0
+                elif "tpu_custom_call" in i.attrs or target.startswith("__gpu$"):
                     cost.unknown_custom_calls += 1
             nbytes = _moved_bytes(i, types, comps)
             if i.op == "custom-call" and _active_rows(i.attrs) < 1:  # row blocks it skips are not read
@@ -531,9 +618,9 @@ def analyse(hlo_text: str, chip: str, num_devices: int) -> Cost:
 
 def summary(cost: Cost, chip: str, compiler_cost: dict | None = None) -> dict:
     """The numbers `plan` reports, under stable keys (seconds per step, bytes per device)."""
-    ici = CHIPS[chip]["ici_gbps"] * 1e9
+    ici, dcn = CHIPS[chip]["ici_gbps"] * 1e9, CHIPS[chip].get("dcn_gbps", CHIPS[chip]["ici_gbps"]) * 1e9
     collective = sum(cost.collective_bytes.values())
-    coll_seconds = collective / ici
+    coll_seconds = (collective - cost.dcn_bytes) / ici + cost.dcn_bytes / dcn
     compiler_cost = compiler_cost or {}
     optimal = compiler_cost.get("optimal_seconds")
     compiler_valid = (optimal is not None and optimal > 0 and cost.max_trips <= 1 and not cost.unknown_custom_calls
@@ -556,6 +643,7 @@ def summary(cost: Cost, chip: str, compiler_cost: dict | None = None) -> dict:
         "loops_of_unknown_trips": cost.unknown_loops,
         "custom_calls_of_unknown_cost": cost.unknown_custom_calls,
         "conditional_flops_per_device": cost.conditional_flops,
+        "collective_bytes_between_hosts_per_device": cost.dcn_bytes,
         "top_sources": cost.top(),
     }
 
