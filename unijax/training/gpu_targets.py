@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from jax.experimental import topologies
+
 _DEVICE_INFO = """
 gpu_device_info {{
   threads_per_block_limit: 1024
@@ -63,8 +65,6 @@ def parse(name: str) -> tuple[str, int, int]:
 def devices(name: str) -> list:
     """The compile-only devices of GPU topology `name` (`parse`), host-major: device i is on host
     i // gpus per host."""
-    from jax.experimental import topologies
-
     kind, hosts, per_host = parse(name)
     try:
         topo = topologies.get_topology_desc(platform="cuda", target_config=TARGET_CONFIGS[kind],
