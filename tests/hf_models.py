@@ -127,3 +127,18 @@ def make_tiny_emu3(directory, seed: int = 0):
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = BOS, EOS, PAD
     model.save_pretrained(directory)
     return model
+
+
+def hf_guided_logits(hf, ids, codes, guidance):
+    """Teacher-forced CFG image-head logits of transformers along a generated code sequence."""
+    b = ids.shape[0]
+    gc = hf.generation_config
+    uncond = ids.clone()
+    uncond[(uncond != gc.bos_token_id) & (uncond != BOI)] = gc.pad_token_id
+    rows = torch.cat([ids, uncond])
+    with torch.no_grad():
+        emb = hf.get_input_embeddings()(rows)
+        gen = hf.prepare_embeddings_for_image_generation(torch.tensor(codes[:, :-1]).repeat(2, 1))
+        h = hf.model.language_model(inputs_embeds=torch.cat([emb, gen], 1)).last_hidden_state
+        logits = hf.model.generation_head(h[:, ids.shape[1] - 1:]).numpy()
+    return logits[b:] + guidance * (logits[:b] - logits[b:])

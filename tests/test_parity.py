@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import BOI, BOS, IMAGE_TOKEN, make_tiny_janus
+from hf_models import BOI, BOS, IMAGE_TOKEN, hf_guided_logits, make_tiny_janus
 
 from unijax import checkpoints
 from unijax.contract import TEXT, UND_IMAGE
@@ -70,21 +70,6 @@ def test_vq_decode(pair):
     with torch.no_grad():
         ref = hf.model.vqmodel.decode(torch.tensor(codes)).numpy().transpose(0, 2, 3, 1)
     close(decode.decode_images(model, jnp.asarray(codes)), ref)
-
-
-def hf_guided_logits(hf, ids, codes, guidance):
-    """Teacher-forced CFG image-head logits of transformers along a generated code sequence."""
-    b = ids.shape[0]
-    gc = hf.generation_config
-    uncond = ids.clone()
-    uncond[(uncond != gc.bos_token_id) & (uncond != BOI)] = gc.pad_token_id
-    rows = torch.cat([ids, uncond])
-    with torch.no_grad():
-        emb = hf.get_input_embeddings()(rows)
-        gen = hf.prepare_embeddings_for_image_generation(torch.tensor(codes[:, :-1]).repeat(2, 1))
-        h = hf.model.language_model(inputs_embeds=torch.cat([emb, gen], 1)).last_hidden_state
-        logits = hf.model.generation_head(h[:, ids.shape[1] - 1:]).numpy()
-    return logits[b:] + guidance * (logits[:b] - logits[b:])
 
 
 def test_image_generation_cfg_loop(pair):

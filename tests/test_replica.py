@@ -19,7 +19,7 @@ import replica
 CONFIGS = replica.pathlib.Path(__file__).resolve().parents[1] / "configs" / "janus_pro"
 SMALL = ["--config.model.preset=checkpoint", "--config.train.steps=4", "--config.train.batch_size=4",
          "--config.train.eval_every=2", "--config.train.eval_batches=1", "--config.train.log_every=2",
-         "--config.data.num_workers=0", "--config.data.eval_split=0.1", "--config.mesh.fsdp=2"]
+         "--config.data.num_workers=0", "--config.data.eval_split=0.1"]  # the recipes' mesh fits the 2 devices
 
 
 def cli(cwd, *args, ok=True):
@@ -66,7 +66,7 @@ def test_finetune_janus_pro_on_your_data_replica(tmp_path):
         "--gen", "workdir/stage1_gen/model", "--out", "workdir/upcycled", "--noise", "0.01")
     cli(tmp_path, "unijax.train", "--config", f"{CONFIGS}/stage2.py:1b+aia", "--config.init_from=workdir/upcycled",
         "--config.workdir=workdir/stage2_aia", "--config.data.mmu_arrayrecord=packed/mmu-*.arrayrecord",
-        "--config.data.t2i_arrayrecord=packed/t2i-*.arrayrecord", *SMALL, "--config.mesh.expert=1")
+        "--config.data.t2i_arrayrecord=packed/t2i-*.arrayrecord", *SMALL)
     last = {k: v for r in metrics(tmp_path / "workdir/stage2_aia/metrics.jsonl") if r["step"] == 4 for k, v in r.items()}
     assert all(k in last for k in ("aia_loss_gen", "aia_loss_und", "loss_group", "heldout/router_acc")), sorted(last)
     model = tmp_path / "workdir/stage2_aia/model"
@@ -102,3 +102,26 @@ def test_finetune_janus_pro_on_your_data_replica(tmp_path):
     JanusForConditionalGeneration.from_pretrained(tmp_path / "exported")
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "exported"), local_files_only=True)
     assert tok.pad_token_id == 2
+
+    # the recipe's final model (TA-MoE + LoRA + AIA) in transformers, with its modeling code
+    cli(tmp_path, "unijax.convert", "--to_hf", "--ckpt", str(model), "--out", "exported_moe")
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from unijax import checkpoints
+
+    hf_moe = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported_moe", trust_remote_code=True).eval()
+    cfg = checkpoints.read_config(model)
+    ours = checkpoints.load_model(model, dtype="float32", param_dtype="float32",  # the recipe computes in bf16
+                                  moe=dataclasses.replace(cfg.moe, group_assignment="router", impl="dropless"))
+    ids = [1, 5, 6, 7, 8, 9, 10, 11]
+    with torch.no_grad():
+        ref = hf_moe(input_ids=torch.tensor([ids])).logits.numpy()
+    tok = jnp.asarray([ids])
+    h, _ = ours(tok, jnp.zeros_like(tok), jnp.arange(len(ids))[None], jnp.ones_like(tok), None)
+    got = np.asarray(ours.text_logits(h), np.float32)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -16,14 +16,19 @@ from flax import nnx
 
 from unijax import checkpoints
 from unijax.hf import janus as mapping
-from unijax.hf.safetensors_io import WeightDir, write_weights
+from unijax.hf.safetensors_io import WeightDir, read_json, write_weights
 from unijax.io import atomic_directory
 from unijax.models import family
-from unijax.models.config import JanusConfig
+from unijax.models.config import TA_MOE_MODEL_TYPE, JanusConfig
 from unijax.models.emu3_config import Emu3Config
 
 # HF tensors with no parameter behind them: BatchNorm's step counter (inference never reads it)
 IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+# a TA-MoE export: transformers' Janus with the TA-MoE FFN, as code written beside the weights
+TA_MOE_CODE = pathlib.Path(__file__).with_name("modeling_ta_moe.py")
+TA_MOE_AUTO_MAP = {"AutoConfig": "modeling_ta_moe.JanusTAMoEConfig",
+                   "AutoModelForImageTextToText": "modeling_ta_moe.JanusTAMoEForConditionalGeneration"}
 
 
 class ConversionError(ValueError):
@@ -39,10 +44,16 @@ def _nest(flat: dict[str, np.ndarray], template: dict) -> dict:
     return fill(template, "")
 
 
+def refuse_existing(out, overwrite: bool) -> None:
+    if pathlib.Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{pathlib.Path(out).absolute()} already exists; choose another output path or remove "
+                              f"it (or --overwrite)")
+
+
 def _hf_configs(wd: WeightDir) -> tuple[dict, dict | None]:
     hf = wd.config()
     gen_path = wd.dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    gen = read_json(gen_path) if gen_path.is_file() else None
     return hf, gen
 
 
@@ -67,6 +78,7 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     `extra_files(cfg) -> {relative path: str | bytes}` adds files to the checkpoint (the CLI's
     tokenizer copy, checked against `cfg` first); an error it raises leaves nothing written.
     """
+    refuse_existing(out, overwrite)  # before reading any weight
     wd = WeightDir(hf_dir)
     hf, gen = _hf_configs(wd)
     merged = dict(hf)
@@ -75,7 +87,7 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     runtime = dict(param_dtype=dtype, dtype=dtype, scan_layers=scan_layers)
     if hf.get("model_type") == "emu3":
         cfg = Emu3Config.from_hf(hf, image_size=image_size, **runtime).validate()
-    elif hf.get("model_type") == "janus":
+    elif hf.get("model_type") in ("janus", TA_MOE_MODEL_TYPE):
         cfg = JanusConfig.from_hf(merged, **runtime).validate()
     else:
         wd.close()
@@ -102,6 +114,12 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
             continue
         used.update(names)
         x = mapping.import_tensor(path, get, n, scan_layers, renames)
+        if not (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
+            mis_shaped.append(f"{names[0]}: dtype {x.dtype}, expected a floating-point tensor for {path}")
+            continue
+        if not np.isfinite(x.astype(np.float32)).all():
+            mis_shaped.append(f"{names[0]}: holds NaN or infinite values ({path})")
+            continue
         if x.shape != tuple(spec.shape):
             mis_shaped.append(f"{', '.join(names[:1])}{'...' if len(names) > 1 else ''}: got {x.shape} "
                               f"(after layout change), expected {tuple(spec.shape)} for {path}")
@@ -111,7 +129,7 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     if missing or unknown or mis_shaped:
         lines = [f"cannot convert {wd.dir}:"]
         for title, items in (("missing tensors", missing), ("unknown tensors", unknown),
-                             ("mis-shaped tensors", mis_shaped)):
+                             ("mis-shaped or invalid tensors", mis_shaped)):
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines += [f"    {item}" for item in items]
@@ -146,11 +164,16 @@ def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 
     checkpoint, `Emu3ForConditionalGeneration.from_pretrained`) loads, with the checkpoint's own
     tokenizer files (`<ckpt>/tokenizer`) beside the weights when it carries them."""
     ckpt = pathlib.Path(ckpt)
+    refuse_existing(out, overwrite)  # before reading any weight
     model = checkpoints.load_model(ckpt)
     cfg = model.cfg
     if getattr(cfg.vq, "local_encoder", False):
         raise ConversionError(f"{ckpt}: model.vq.local_encoder=True has no transformers equivalent (JanusVQVAE's "
                               f"encoder uses whole-image GroupNorm and attention); its images would encode differently")
+    ta_moe = cfg.ffn == "ta_moe"
+    if ta_moe and family.family_of(cfg) != "janus":
+        raise ConversionError(f"{ckpt}: a {family.family_of(cfg)} TA-MoE model does not export; TA-MoE exports "
+                              f"for the janus family (dense models of every family export)")
     renames = _renames(cfg)
     tensors = {}
     for path, x in checkpoints.flat_params(model).items():
@@ -159,6 +182,8 @@ def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 
         tensors[name[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
     src = ckpt / "hf"
     hf = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else cfg.to_hf()
+    if ta_moe:  # trust_remote_code: the modeling code travels with the weights
+        hf = {**hf, **cfg.ta_moe_hf(), "auto_map": TA_MOE_AUTO_MAP}
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
     hf["dtype"] = dtype
     hf.pop("torch_dtype", None)
@@ -172,4 +197,6 @@ def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 
             if f.is_file():
                 (tmp / f.name).write_bytes(f.read_bytes())
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if ta_moe:
+            (tmp / TA_MOE_CODE.name).write_text(TA_MOE_CODE.read_text())
     return cfg

@@ -26,7 +26,9 @@ RENAMES = [
 
 # our leaf -> HF leaf
 LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "weight": "weight", "bias": "bias",
-              "running_mean": "running_mean", "running_var": "running_var"}
+              "running_mean": "running_mean", "running_var": "running_var",
+              # TA-MoE (unijax/hf/modeling_ta_moe.py keeps unijax's names and stacked expert layout)
+              "alpha": "alpha", "gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 
 # Emu3ForConditionalGeneration (unijax.models.emu3): module names follow transformers' below the prefixes,
 # which are those of the saved (hub) format: transformers renames them on load and back on save
@@ -101,5 +103,5 @@ def export_tensors(path: str, x: np.ndarray, num_layers: int, scanned: bool, ren
     leaf = path.rsplit(".", 1)[1]
     if not is_stacked(path, scanned):
         return {hf_name(path, renames): to_hf_layout(leaf, x)}
-    return {hf_name(p, renames): to_hf_layout(leaf, x[i])
+    return {hf_name(p, renames): to_hf_layout(leaf, np.asarray(x[i]))  # a stacked scalar (TA-MoE alpha) stays an array
             for i, p in enumerate(expand_scanned(path, num_layers, scanned))}

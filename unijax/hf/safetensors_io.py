@@ -13,6 +13,25 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON object file; a truncated or malformed one is a ValueError naming it."""
+    try:
+        out = json.loads(pathlib.Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: a JSON {type(out).__name__}, expected an object")
+    return out
+
+
+def _open(path: pathlib.Path):
+    """`safe_open` with a bad header (junk bytes, a declared size past the file) as a ValueError naming the file."""
+    try:
+        return safe_open(path, framework="np")
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 class WeightDir:
     """Lazy view of a transformers directory's safetensors (single file or sharded index)."""
 
@@ -21,13 +40,15 @@ class WeightDir:
         if not (self.dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.dir}/config.json not found: --hf_dir must be a transformers model directory")
         if (self.dir / INDEX).is_file():
-            weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            weight_map = read_json(self.dir / INDEX).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{self.dir / INDEX}: no 'weight_map' object")
             self.files = {name: self.dir / f for name, f in weight_map.items()}
             missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
             if missing:
                 raise FileNotFoundError(f"{self.dir}/{INDEX} names shard files that do not exist: {missing}")
         elif (self.dir / SINGLE).is_file():
-            with safe_open(self.dir / SINGLE, framework="np") as f:
+            with _open(self.dir / SINGLE) as f:
                 self.files = dict.fromkeys(f.keys(), self.dir / SINGLE)
         else:
             pickled = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt*"))
@@ -38,7 +59,7 @@ class WeightDir:
         self._handles: dict[pathlib.Path, object] = {}
 
     def config(self) -> dict:
-        return json.loads((self.dir / "config.json").read_text())
+        return read_json(self.dir / "config.json")
 
     def names(self) -> list[str]:
         return sorted(self.files)
@@ -46,8 +67,12 @@ class WeightDir:
     def get(self, name: str) -> np.ndarray:
         path = self.files[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="np").__enter__()
-        return self._handles[path].get_tensor(name)
+            self._handles[path] = _open(path).__enter__()
+        try:
+            return self._handles[path].get_tensor(name)
+        except Exception as e:  # safetensors' error for data past the end of a truncated file
+            raise ValueError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {e}); the file is "
+                             f"truncated or corrupt") from None
 
     def close(self):
         for h in self._handles.values():

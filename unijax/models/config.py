@@ -119,6 +119,7 @@ MOE_RUNTIME_KEYS = ("group_assignment", "impl", "capacity_factor", "alpha_init")
 
 GROUP_ASSIGNMENTS = ("label", "router", "soft")
 MOE_IMPLS = ("auto", "dropless", "capacity")
+TA_MOE_MODEL_TYPE = "janus_ta_moe"  # config.json of an exported TA-MoE model (unijax/hf/modeling_ta_moe.py)
 FFNS = ("dense", "ta_moe")
 
 
@@ -204,8 +205,9 @@ class JanusConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **runtime) -> JanusConfig:
         """Reads a transformers `JanusConfig` dict (the content of `config.json`)."""
-        if hf.get("model_type") != "janus":
-            raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, expected 'janus'")
+        if hf.get("model_type") not in ("janus", TA_MOE_MODEL_TYPE):
+            raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, expected 'janus' "
+                             f"(or {TA_MOE_MODEL_TYPE!r}, unijax's TA-MoE export)")
         t, v, q = hf.get("text_config", {}), hf.get("vision_config", {}), hf.get("vq_config", {})
         rope = t.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", (t.get("rope_scaling") or {}).get("rope_type", "default"))
@@ -268,14 +270,24 @@ class JanusConfig:
             image_token_embed_dim=q.get("image_token_embed_dim", 2048),
             image_size=num_patches * 2 ** (len(channel_multiplier) - 1),
         )
+        moe = {}
+        if hf.get("model_type") == TA_MOE_MODEL_TYPE:
+            m = dict(hf.get("ta_moe") or {})
+            known = {f.name for f in dataclasses.fields(MoEConfig)}
+            if not m or set(m) - known:
+                raise ValueError(f"config.json: model_type={TA_MOE_MODEL_TYPE!r} needs a 'ta_moe' entry with keys "
+                                 f"among {sorted(known)}, got {sorted(m)}")
+            moe = {"ffn": "ta_moe", "moe": MoEConfig(**{**m, "layers": tuple(m.get("layers", ()))})}
         return cls(text=text, vision=vision, vq=vq, image_token_id=hf.get("image_token_id", 100581),
                    boi_token_id=gen.get("boi_token_id", 100016), eoi_token_id=gen.get("eoi_token_id", 100593),
-                   **runtime)
+                   **moe, **runtime)
 
     def to_hf(self) -> dict[str, Any]:
-        """The transformers `config.json` content for this architecture (float32 weights)."""
-        if self.ffn != "dense":
-            raise ValueError(f"model.ffn={self.ffn!r} has no transformers equivalent (only dense Janus models convert)")
+        """The transformers `config.json` content for this architecture (float32 weights). A TA-MoE
+        model's has `model_type` `janus_ta_moe` and its `ta_moe` settings (`ta_moe_hf`); the modeling
+        code that reads them is written beside the weights (`unijax.hf.convert.checkpoint_to_hf`)."""
+        if self.ffn == "ta_moe":
+            return {**dataclasses.replace(self, ffn="dense").to_hf(), **self.ta_moe_hf()}
         t, v, q = self.text, self.vision, self.vq
         return {
             "architectures": ["JanusForConditionalGeneration"],
@@ -311,6 +323,17 @@ class JanusConfig:
                 "num_patches": q.grid,
             },
         }
+
+    def ta_moe_hf(self) -> dict[str, Any]:
+        """The `config.json` entries of a TA-MoE model beyond transformers' Janus ones. The export
+        routes by the task router: `group_assignment` `label` (the task given with the batch, for
+        training) becomes `router`, as `unijax.generate` decodes by default."""
+        m = self.moe
+        return {"architectures": ["JanusTAMoEForConditionalGeneration"], "model_type": TA_MOE_MODEL_TYPE,
+                "ta_moe": {"num_experts_per_group": m.num_experts_per_group, "num_shared_experts": m.num_shared_experts,
+                           "top_k": m.top_k, "expert_intermediate_size": m.expert_intermediate_size,
+                           "group_assignment": "soft" if m.group_assignment == "soft" else "router",
+                           "layers": list(m.layers)}}
 
     def validate(self) -> JanusConfig:
         t, v, q = self.text, self.vision, self.vq
