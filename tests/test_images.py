@@ -6,6 +6,8 @@ against the processors' `(x / 255 - 0.5) / 0.5`); both resample with PIL's bicub
 pixels are identical and the padding geometry is identical.
 """
 
+import pathlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -31,9 +33,10 @@ def normalised(x):
 def janus_processor():
     from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-    # Janus-Pro's preprocessor_config.json: 384, mean = std = 0.5, min_size 14, bicubic
+    # Janus-Pro's preprocessor_config.json: 384, mean = std = 0.5, min_size 14, bicubic; RGB conversion
+    # on (off, the processor refuses a 4-channel image)
     return JanusImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                  min_size=14, resample=3)
+                                  min_size=14, resample=3, do_convert_rgb=True)
 
 
 @pytest.mark.parametrize("hw", SHAPES)
@@ -124,3 +127,93 @@ def test_training_and_inference_use_the_family_rule(tmp_path):
     y = pipeline.encode_sample({"task": "t2i", "image": image, "caption": "a red circle"}, tok, layout)
     got = pipeline.image_patches(images.centre_crop(image, 32), layout.gen_patch, layout.patch_dim)
     np.testing.assert_array_equal(y["patches"][y["modality"] == 2], got)
+
+
+def _file(tmp_path, mode: str, h: int, w: int) -> str:
+    """An image file of PIL `mode`: random content with partly transparent regions where the mode
+    has transparency, saved as PNG (TIFF for 32-bit modes, JPEG for CMYK)."""
+    rng = np.random.default_rng(h * w)
+    rgb = photo(h, w, seed=h)
+    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    alpha[: h // 3] = 0
+    grey = rgb[..., 0]
+    if mode == "RGBA":
+        im = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    elif mode == "LA":
+        im = Image.fromarray(np.dstack([grey, alpha]), "LA")
+    elif mode in ("P", "P+tRNS"):
+        im = Image.fromarray(rgb).quantize(64)
+        if mode == "P+tRNS":
+            im.info["transparency"] = 3
+    elif mode == "L+tRNS":
+        im = Image.fromarray(grey, "L")
+        im.info["transparency"] = int(grey[0, 0])
+    elif mode == "I;16":
+        im = Image.fromarray((grey.astype(np.uint16) * 257 // rng.integers(1, 300, (h, w))).astype(np.uint16))
+    elif mode in ("I", "F"):
+        im = Image.fromarray((grey.astype(np.int32) * 3 - 100).astype(np.int32 if mode == "I" else np.float32))
+    elif mode == "1":
+        im = Image.fromarray(grey > 128)
+    else:  # RGB, L, CMYK
+        im = Image.fromarray(rgb).convert(mode)
+    ext = {"I": "tiff", "F": "tiff", "CMYK": "jpg"}.get(mode, "png")
+    path = tmp_path / f"{mode.replace(';', '').replace('+', '_')}_{h}x{w}.{ext}"
+    kw = {"transparency": im.info["transparency"]} if "transparency" in im.info else {}
+    im.save(path, **kw)
+    with Image.open(path) as back:  # the file holds the mode asked for
+        assert back.mode == mode.split("+")[0] and (("transparency" in back.info) == mode.endswith("tRNS"))
+    return str(path)
+
+
+MODES = ["RGB", "RGBA", "LA", "L", "L+tRNS", "P", "P+tRNS", "1", "I;16", "I", "F", "CMYK"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_path_reads_every_mode_as_the_janus_processor_does(tmp_path, janus_processor, mode):
+    """Training (`records.load_image_file`), evaluation (`benchmarks.load_item_image`) and generation
+    (`generate.load_image`) give the same pixels, and after the `janus` rule they equal
+    `JanusImageProcessorPil` on the opened file within 1e-6 after normalisation: transparency over
+    white, 16 / 32-bit greyscale clipped (transformers' `convert_to_rgb`), odd sizes."""
+    from unijax import generate
+    from unijax.data import benchmarks, records
+
+    for h, w in [(37, 53), (61, 20)]:
+        path = _file(tmp_path, mode, h, w)
+        train = records.load_image_file(str(tmp_path), pathlib.Path(path).name, "f.jsonl", 0, "mmu")
+        evaluation = benchmarks.load_item_image({"image": path, "id": 0})
+        gen = generate.load_image(path)
+        np.testing.assert_array_equal(train, evaluation)
+        np.testing.assert_array_equal(train, gen)
+        with Image.open(path) as im:
+            ref = np.asarray(janus_processor(images=[im], return_tensors="np")["pixel_values"][0]).transpose(1, 2, 0)
+        ours = images.preprocess(train, images.ImageRule("janus", 384))
+        np.testing.assert_allclose(normalised(ours), ref, atol=1e-6, err_msg=f"{mode} {h}x{w}")
+
+
+def test_transparent_pixels_are_white_and_16_bit_is_clipped():
+    from unijax.data import records
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)  # opaque: kept; the rest fully transparent black: white
+    np.testing.assert_array_equal(records.to_rgb(Image.fromarray(rgba, "RGBA"))[..., 0], [[10, 255], [255, 255]])
+    deep = Image.fromarray(np.array([[0, 200, 300, 65535]], np.uint16))
+    np.testing.assert_array_equal(records.to_rgb(deep)[0, :, 1], [0, 200, 255, 255])
+
+
+def test_emu3_rule_equals_emu3_image_processor_sizes_on_every_square_it_can_hold():
+    """Every square side 8..2048 on a 512 grid (factor 8): the rule's size is `smart_resize`'s with
+    min_pixels = max_pixels = 512^2, except where `smart_resize` returns more than max_pixels. That
+    happens at sides 239 and 478 only, where float rounding of `ceil(side * sqrt(512^2 / side^2) / 8)`
+    gives 65; a fixed 64 x 64 code grid cannot hold that, and the rule keeps 512."""
+    from transformers.models.emu3.image_processing_emu3 import smart_resize
+
+    over = []
+    for side in range(8, 2049):
+        ref = smart_resize(side, side, factor=8, min_pixels=512 * 512, max_pixels=512 * 512)
+        ours = images.emu3_size(side, side, 512, 8)
+        if ref[0] * ref[1] > 512 * 512:
+            over.append(side)
+            assert ours == (512, 512)
+        else:
+            assert ours == ref, side
+    assert over == [239, 478]

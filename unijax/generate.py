@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from unijax import cli
+from unijax.data import records
 from unijax.inference.engine import Engine, default_out
 from unijax.inference.images import save_grid
 from unijax.inference.sampling import Sampling
 from unijax.io import write_outputs
+
+MAX_IMAGES = 1024  # images of one `generate` call (one PNG grid)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,12 +57,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_image(path) -> np.ndarray:
+def load_image(path, limits: records.ImageLimits = records.DEFAULT_LIMITS) -> np.ndarray:
+    """`--image`: a regular file within `limits` (pixels checked from the header before decoding)."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({e})") from e
+        return records.decode_image(records.read_image_bytes(str(path), limits), limits.max_pixels)
+    except FileNotFoundError:
+        raise ValueError(f"--image {path}: no such file") from None
+    except Exception as e:  # PIL raises many types for bad data (a decompression bomb included)
+        raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def upscale(images: np.ndarray, min_px: int) -> np.ndarray:
@@ -109,6 +114,13 @@ def main(argv=None):
         parser().error("--question needs --image")
     if args.num_images < 1 or args.batch_size < 1:
         parser().error("--num_images and --batch_size must be >= 1")
+    if args.num_images * max(len(args.prompt or ()), 1) > MAX_IMAGES:
+        parser().error(f"--num_images={args.num_images} x {len(args.prompt)} prompts is more than {MAX_IMAGES} images "
+                       f"in one grid; run several times with --seed")
+    for name in ("cfg", "temperature", "top_p"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser().error(f"--{name}={value} must be a finite number >= 0")
 
     try:
         engine = Engine.load(args.ckpt, tokenizer=args.tokenizer, data_dir=args.data_dir, group=args.group,

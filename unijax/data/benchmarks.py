@@ -26,17 +26,15 @@ Real-file formats:
 from __future__ import annotations
 
 import ast
-import io
 import json
 import pathlib
 import re
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from unijax.contract import IMAGE_MARKER
-from unijax.data import shapes
+from unijax.data import records, shapes
 
 LETTERS_UPPER = "ABCDEFGHIJ"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # MMMU's prompts
@@ -162,17 +160,29 @@ def pope_items(files: list[str], image_root: str, instruction: str = OPEN_INSTRU
     for f in files:
         path = pathlib.Path(f)
         split = path.stem.split("_")[-1]
-        for n, r in enumerate(_read_records(path)):
+        records = _read_records(path)
+        if not records:
+            raise BenchmarkFileError(f"{path}: no POPE records")
+        for n, r in enumerate(records):
             try:
-                label = str(r["label"]).strip().lower()
-                question = str(r["text"]) + (f"\n{instruction}" if instruction else "")
-                item = {"id": f"{split}/{r['question_id']}", "image": str(pathlib.Path(image_root) / r["image"]),
-                        "question": question, "answer": label, "splits": [split]}
-            except KeyError as e:
-                raise BenchmarkFileError(f"{path}: record {n} has no {e} (POPE records need question_id, "
-                                         f"image, text, label)") from None
+                if "category" in r and "answer" in r:  # lmms-lab/POPE's parquet: the image inside, the split a column
+                    label, text, where = str(r["answer"]), str(r["question"]), str(r["category"])
+                    image = r["image"]["bytes"] if isinstance(r["image"], dict) else r["image"]
+                    origin = {"source": f"{path}: record {n}"}
+                else:  # the POPE repository's files: one split per file, images under image_root
+                    label, text, where = str(r["label"]), str(r["text"]), split
+                    image = str(pathlib.Path(image_root) / r["image"])
+                    origin = {}
+                label = label.strip().lower()
+                item = {"id": f"{where}/{r['question_id']}", "image": image,
+                        "question": text + (f"\n{instruction}" if instruction else ""), "answer": label,
+                        "splits": [where], **origin}
+            except (KeyError, TypeError) as e:
+                raise BenchmarkFileError(f"{path}: record {n} has no {e} (POPE records need question_id, image, "
+                                         f"text, label; or lmms-lab's question_id, image, question, answer, "
+                                         f"category)") from None
             if label not in ("yes", "no"):
-                raise BenchmarkFileError(f"{path}: record {n}: label {r['label']!r} is not yes / no")
+                raise BenchmarkFileError(f"{path}: record {n}: label {label!r} is not yes / no")
             items.append(item)
     return items
 
@@ -305,8 +315,8 @@ def load_item_image(item: dict):
     if isinstance(image, np.ndarray):
         return image
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
+        data = image if isinstance(image, bytes) else records.read_image_bytes(str(image))
+        return records.decode_image(data)  # pixels checked from the header before decoding
+    except Exception as e:  # PIL raises many types for bad data (a decompression bomb included)
         where = item.get("source", image if isinstance(image, str) else f"item {item['id']}")
-        raise BenchmarkFileError(f"{where}: image not readable ({e})") from e
+        raise BenchmarkFileError(f"{where}: image not readable ({type(e).__name__}: {e})") from None

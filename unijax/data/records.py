@@ -4,12 +4,20 @@ bad-record errors and markers, skipping bad records, index checks, and image dec
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
+import pathlib
+import re
+import stat
+import warnings
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from unijax.io import atomic_file
 
 # ----------------------------------------------------------------------------
 # errors and bad-record markers
@@ -56,30 +64,58 @@ def normalise_index(index: Any, length: int, name: str) -> int:
 # ----------------------------------------------------------------------------
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decodes encoded image bytes (PNG, JPEG, ...) to an RGB uint8 [H, W, 3] array.
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on one image of a record (`data.max_image_pixels`, `data.max_image_bytes`,
+    `data.allow_outside_image_root`): the pixels are checked from the file's header before anything
+    is decoded, the bytes while reading; only regular files are read (not a FIFO or a device)."""
 
-    Raises whatever PIL raises for undecodable or truncated data; callers wrap
-    that into a :class:`BadRecordError`.
+    max_pixels: int = 40_000_000
+    max_bytes: int = 64 << 20
+    allow_outside_root: bool = False
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_LIMITS.max_pixels) -> np.ndarray:
+    """Decodes encoded image bytes (PNG, JPEG, ...) to an RGB uint8 [H, W, 3] array (`to_rgb`).
+
+    Raises whatever PIL raises for undecodable or truncated data, and ValueError for an image of
+    more than `max_pixels` (read from the header, before decoding); callers wrap that into a
+    :class:`BadRecordError`.
     """
-    with Image.open(io.BytesIO(data)) as img:
+    with warnings.catch_warnings():  # PIL's own bomb warning: the pixel limit here is the check
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    with img:
+        check_pixels(img, max_pixels)
         img.load()  # decode fully here so truncated files fail now
-        return _to_rgb_array(img)
+        return to_rgb(img)
 
 
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit / 32-bit grayscale: PIL's convert("RGB") clips instead of
-        # scaling, so scale to 8 bits by hand.
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        a = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids PIL's palette-transparency warning
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """Refuses an opened (not yet decoded) image of more than `max_pixels`."""
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(f"{w}x{h} = {w * h / 1e6:.1f} Mpx is more than the limit of {max_pixels / 1e6:.1f} Mpx "
+                         f"(data.max_image_pixels)")
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """A PIL image as RGB uint8 `[H, W, 3]`, the way transformers' image processors convert it
+    (`transformers.image_transforms.convert_to_rgb`), on every path that reads an image file:
+
+    - transparency (RGBA, LA, PA, P or L with a `transparency` entry) is composited onto white;
+    - every other mode goes through PIL's `convert("RGB")`: 16-bit and 32-bit greyscale (I;16, I,
+      F) are clipped to 0..255, not rescaled;
+    - EXIF orientation is not applied (the processors do not apply it to an opened image).
+    """
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"decoded image has shape {arr.shape}, expected [H, W, 3]")
     return np.ascontiguousarray(arr)
@@ -95,36 +131,99 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_image_file(image_root: str, rel: Any, name: str, index: int, task: str, keep_bytes: bool = False):
+def read_image_bytes(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """The bytes of the regular file `path`, at most `limits.max_bytes` (OSError / ValueError otherwise)."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:  # a FIFO must not block
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("not a regular file (a FIFO, a device or a socket)")
+        data = f.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise ValueError(f"larger than {limits.max_bytes:,} bytes (data.max_image_bytes)")
+    return data
+
+
+def load_image_file(image_root: str, rel: Any, name: str, index: int, task: str, keep_bytes: bool = False,
+                    limits: ImageLimits = DEFAULT_LIMITS):
     if not isinstance(rel, str) or not rel:
         raise BadRecordError(name, index, f"'image' must be a non-empty relative path string, got {rel!r}", task)
     path = os.path.join(image_root, rel)
+    if not limits.allow_outside_root:
+        root = os.path.realpath(image_root or ".")
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise BadRecordError(name, index, f"image {rel!r} is outside the image root {image_root or '.'} (set "
+                                 f"data.allow_outside_image_root=True to read it)", task)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_image_bytes(path, limits)
     except FileNotFoundError:
         raise BadRecordError(
             name, index, f"image {rel!r} not found under {image_root} (check image_root or the record's path)", task
         ) from None
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise BadRecordError(name, index, f"cannot read image {path!r}: {e}", task) from None
     try:
-        image = decode_image(data)  # decoded even when the bytes are kept: a corrupt file is a bad record now
+        image = decode_image(data, limits.max_pixels)  # decoded even when the bytes are kept: a bad file is a bad record now
     except Exception as e:  # PIL raises many types for bad data
-        reason = f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt or not an image"
+        reason = f"image {path!r} cannot be decoded ({type(e).__name__}: {e})"
+        if "data.max_image_pixels" not in str(e) and not isinstance(e, Image.DecompressionBombError):
+            reason += "; the file is corrupt or not an image"
         raise BadRecordError(name, index, reason, task) from None
     return data if keep_bytes else image
 
 
-def decode_image_bytes(data: Any, name: str, index: int, task: str, keep_bytes: bool = False):
+def decode_image_bytes(data: Any, name: str, index: int, task: str, keep_bytes: bool = False,
+                       limits: ImageLimits = DEFAULT_LIMITS):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadRecordError(name, index, f"'image' must be encoded image bytes, got {type(data).__name__}", task)
+    if len(data) > limits.max_bytes:
+        raise BadRecordError(name, index, f"image bytes larger than {limits.max_bytes:,} (data.max_image_bytes)", task)
     try:
-        image = decode_image(bytes(data))
+        image = decode_image(bytes(data), limits.max_pixels)
         return bytes(data) if keep_bytes else image
     except Exception as e:
-        reason = f"image bytes cannot be decoded ({type(e).__name__}: {e}); rewrite the file with write_arrayrecord"
+        reason = f"image bytes cannot be decoded ({type(e).__name__}: {e})"
+        if "data.max_image_pixels" not in str(e):
+            reason += "; rewrite the file with write_arrayrecord"
         raise BadRecordError(name, index, reason, task) from None
+
+
+class SkippedRecords:
+    """Skipped records, each once (by file and index), with how often it came up: `add` the
+    `pipeline.skipped_in` entries of a batch; `summary()` counts them by reason; `write` lists them."""
+
+    def __init__(self):
+        self.records: dict[tuple[str, int, str], dict] = {}
+
+    def add(self, entries, split: str = "train") -> None:
+        for e in entries:
+            key = (e["source"], int(e["index"]), split)
+            if key in self.records:
+                self.records[key]["visits"] += 1
+            else:
+                self.records[key] = {**e, "split": split, "visits": 1}
+
+    def count(self, why: str | None = None, split: str = "train") -> int:
+        return sum(1 for r in self.records.values() if r["split"] == split and (why is None or r["why"] == why))
+
+    def summary(self) -> list[str]:
+        """One line per split: the records skipped, then the count of each reason kind (numbers,
+        quoted names and paths in a reason left out, so that one kind of problem is one entry)."""
+        lines = []
+        for split in sorted({r["split"] for r in self.records.values()}):
+            kinds: dict[str, int] = {}
+            for r in self.records.values():
+                if r["split"] == split:
+                    kind = re.sub(r"'[^']*'|\"[^\"]*\"|/\S+|\d[\d,.]*", "_", r["reason"])[:120]
+                    kinds[kind] = kinds.get(kind, 0) + 1
+            top = "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+            lines.append(f"skipped {self.count(split=split)} {split} records: {top}")
+        return lines
+
+    def write(self, path: pathlib.Path) -> None:
+        """`path` (JSON lines, atomically): file, index, split, why (bad_record | overflow), reason, visits."""
+        rows = sorted(self.records.values(), key=lambda r: (r["split"], r["source"], r["index"]))
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
 
 
 # ----------------------------------------------------------------------------
