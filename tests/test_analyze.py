@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from unijax import analyze, checkpoints
+from unijax import analyze, checkpoints, contract
 from unijax.analysis import heldout
 from unijax.analysis.experts import expert_stats
 from unijax.models import forward
@@ -110,7 +110,7 @@ def test_router_stats_match_numpy_from_aux(run):
     stats = expert_stats(model, [batch], ipr)
 
     graphdef, state = nnx.split(model)
-    keys = [k for k in batch if k != "kind"]
+    keys = list(contract.BATCH_KEYS)  # the device batch ("kind" and the skipped-record names stay on the host)
     aux = jax.jit(lambda s, b: forward.lm_forward(nnx.merge(graphdef, s), b, ipr)[3])(state, {k: batch[k] for k in keys})
     logits = np.asarray(aux["task_logits"], np.float64)                          # [L, B, T, 2]
     task, valid = np.asarray(batch["task"]), np.asarray(batch["segment_ids"]) > 0

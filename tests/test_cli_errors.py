@@ -46,6 +46,14 @@ CASES = {
     "pack_missing_file": (["unijax.pack", "--mmu", "{tmp}/no.json", "--out", "{tmp}/packed2"], ["{tmp}/no.json"]),
     "train_bad_overflow": (["unijax.train", "--config", "configs/stage2.py", "--config.data.overflow=cut"],
                            ["data.overflow='cut'"]),
+    "train_config_syntax_error": (["unijax.train", "--config", "{tmp}/bad_cfg.py"],
+                                  ["{tmp}/bad_cfg.py:1:", "syntax"]),
+    "train_negative_learning_rate": (["unijax.train", "--config", "configs/stage2.py", "--config.train.learning_rate=-1"],
+                                     ["train.learning_rate=-1", "positive"]),
+    "generate_nan_cfg": (["unijax.generate", "--ckpt", "{tmp}/no_ckpt", "--prompt", "a", "--cfg", "nan"],
+                         ["--cfg=nan"]),
+    "generate_too_many_images": (["unijax.generate", "--ckpt", "{tmp}/no_ckpt", "--prompt", "a", "--num_images",
+                                  "1000000000"], ["--num_images=1000000000", "more than 1024"]),
     "verbose_train_misspelt_key": (["unijax.train", "--config", "configs/stage2.py", "--config.train.stpes=3",
                                     "--verbosity=1"], ["--config.train.stpes"]),
     "verbose_convert_missing_dir": (["unijax.convert", "--hf_dir", "{tmp}/missing", "--out", "{tmp}/out3",
@@ -58,6 +66,7 @@ def results(tmp_path_factory):
     """name -> (exit status, stderr, tmp) of every case, the subprocesses run concurrently."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "empty").mkdir()
+    (tmp / "bad_cfg.py").write_text("def get_config(:\n")
     procs = {name: subprocess.Popen([sys.executable, "-m", *(a.format(tmp=tmp) for a in args)], cwd=REPO,
                                     env=envs.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (args, _) in CASES.items()}

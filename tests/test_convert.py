@@ -111,7 +111,7 @@ def test_bad_tensors_are_listed_and_nothing_is_written(hf_dir, tmp_path):
     msg = str(e.value)
     assert "missing tensors (1)" in msg and "model.language_model.norm.weight" in msg
     assert "unknown tensors (1)" in msg and "model.extra.weight (3,)" in msg
-    assert "mis-shaped tensors (1)" in msg and "lm_head.weight" in msg
+    assert "mis-shaped or invalid tensors (1)" in msg and "lm_head.weight" in msg
     assert sorted(os.listdir(tmp_path)) == ["bad"]  # no output, no partial directory
 
 
@@ -132,6 +132,7 @@ def test_cli_both_directions(hf_dir, tmp_path):
                                     capture_output=True, text=True)
     r = run("--hf_dir", str(hf_dir), "--out", str(tmp_path / "ckpt"), "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
+    assert "orbax" not in r.stderr.lower(), r.stderr[:500]  # absl logging at WARNING unless --verbosity
     assert json.loads((tmp_path / "ckpt" / "model.json").read_text())["param_dtype"] == "bfloat16"
     r = run("--to_hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"))
     assert r.returncode == 0, r.stderr
@@ -139,3 +140,42 @@ def test_cli_both_directions(hf_dir, tmp_path):
         assert f.get_tensor("lm_head.weight").dtype.name == "bfloat16"
     r = run("--hf_dir", str(hf_dir), "--out", str(tmp_path / "ckpt"))
     assert r.returncode != 0 and "already exists" in r.stderr
+
+
+def test_hostile_weight_files_give_one_line_naming_the_file(hf_dir, tmp_path):
+    """Junk or an absurd declared header, truncated data, a truncated config.json, integer and NaN
+    tensors: each a ValueError naming the file (or tensor), nothing written. An existing --out is
+    refused before any weight is read."""
+    import shutil
+    import struct
+
+    good = (hf_dir / "model.safetensors").read_bytes()
+
+    def variant(name, weights=None, config=None):
+        d = tmp_path / name
+        shutil.copytree(hf_dir, d)
+        if weights is not None:
+            (d / "model.safetensors").write_bytes(weights)
+        if config is not None:
+            (d / "config.json").write_text(config)
+        return d
+
+    cases = [
+        (variant("junk", b"\x00" * 64), "model.safetensors: not a readable safetensors file"),
+        (variant("huge_header", struct.pack("<Q", 1 << 60) + b"{}"), "model.safetensors: not a readable safetensors"),
+        (variant("truncated", good[: len(good) // 2]), "model.safetensors"),
+        (variant("config", config=(hf_dir / "config.json").read_text()[:100]), "config.json: not valid JSON"),
+    ]
+    t = load_file(str(hf_dir / "model.safetensors"))
+    t["lm_head.weight"] = t["lm_head.weight"].astype(np.int32)
+    t["model.language_model.norm.weight"] = np.full_like(t["model.language_model.norm.weight"], np.nan)
+    d = variant("dtypes")
+    save_file(t, str(d / "model.safetensors"))
+    cases.append((d, r"(?s)(?=.*lm_head.weight: dtype int32)(?=.*model.language_model.norm.weight: holds NaN)"))
+    for d, message in cases:
+        with pytest.raises(ValueError, match=message):
+            hf_to_checkpoint(d, tmp_path / "out")
+        assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists(), d.name
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        hf_to_checkpoint(tmp_path / "junk", tmp_path / "exists")  # refused before the junk is read

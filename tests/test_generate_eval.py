@@ -170,6 +170,15 @@ def test_evaluate_suites_and_resume(run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # other settings into the same --out
         evaluate.main(args + ["--suite", "shapes_mc", "--num_questions", "30", "--out", str(tmp_path / "mc")])
 
+    # failing before its first prediction (an image that is not there) leaves no --out behind
+    monkeypatch.setattr(suites, "predict", real)
+    (tmp_path / "coco_pope_random.json").write_text(json.dumps(
+        {"question_id": 1, "image": "gone.jpg", "text": "Is there a dog?", "label": "no"}) + "\n")
+    with pytest.raises(SystemExit):
+        evaluate.main(args + ["--suite", "pope", "--files", str(tmp_path / "coco_pope_random.json"),
+                              "--image_root", str(tmp_path), "--out", str(tmp_path / "failed")])
+    assert not (tmp_path / "failed").exists()
+
 
 def test_geneval_folder_layout_and_scores(run, tmp_path):
     out = tmp_path / "gen"
@@ -223,6 +232,18 @@ def test_real_file_loaders(tmp_path):
     assert mc["question"].startswith("What colour is the square?\nA. red\nB. blue\nC. green\n")
     assert mc["answer"] == "B" and mc["category"] == "Art"
     assert benchmarks.load_item_image(mc).shape == (32, 32, 3)
+
+    # POPE as lmms-lab/POPE's parquet: the images inside, the split in `category`
+    lmms = pa.table({"id": ["0", "1"], "question_id": ["1", "2"], "question": ["Is there a circle?", "Is there a dog?"],
+                     "answer": ["yes", "no"], "image_source": ["COCO_val2014_000000000001"] * 2,
+                     "image": [{"bytes": buf.getvalue(), "path": None}] * 2, "category": ["adversarial", "random"]})
+    pq.write_table(lmms, tmp_path / "test-00000-of-00003.parquet")
+    items = benchmarks.pope_items([str(tmp_path / "test-00000-of-00003.parquet")], "")
+    assert [it["splits"] for it in items] == [["adversarial"], ["random"]] and [it["answer"] for it in items] == ["yes", "no"]
+    assert items[0]["id"] == "adversarial/1" and benchmarks.load_item_image(items[1]).shape == (32, 32, 3)
+    (tmp_path / "empty_pope_random.json").write_text("")
+    with pytest.raises(benchmarks.BenchmarkFileError, match="empty_pope_random.json: no POPE records"):
+        benchmarks.pope_items([str(tmp_path / "empty_pope_random.json")], str(imgs))
 
     bad = tmp_path / "bad_pope_random.json"
     bad.write_text(json.dumps({"question_id": 1, "image": "x.jpg", "label": "maybe", "text": "?"}) + "\n")

@@ -81,7 +81,7 @@ def test_packed_rows_give_the_same_loss(tok, cfg):
           [datasets.ShapesSource("t2i", 3, 32)[i] for i in range(3)]
     samples = [pipeline.encode_sample(s, tok, layout) for s in src]
     padded = [pipeline.pad_sample(s, 128) for s in samples]
-    unpacked = {k: np.stack([p[k] for p in padded]) for k in padded[0] if k != "kind"}
+    unpacked = {k: np.stack([p[k] for p in padded]) for k in contract.BATCH_KEYS}
     # pack pairs by hand into rows of 256
     rows = []
     for a, b in ((0, 3), (1, 4), (2, 5)):

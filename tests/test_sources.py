@@ -31,7 +31,8 @@ def data(tmp_path):
     imgs["gray.png"] = np.repeat(gray[:, :, None], 3, axis=2)
     rgba = np.concatenate([_img(9, 4, 4), np.full((4, 4, 1), 128, np.uint8)], axis=2)
     Image.fromarray(rgba, mode="RGBA").save(root / "rgba.png")
-    imgs["rgba.png"] = rgba[:, :, :3]
+    white = Image.new("RGBA", (4, 4), (255, 255, 255, 255))  # half-transparent over white, as the processors read it
+    imgs["rgba.png"] = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba, mode="RGBA")).convert("RGB"))
     pal = Image.fromarray(_img(10, 6, 3)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
     pal.save(root / "pal.png")
     imgs["pal.png"] = np.asarray(pal.convert("RGB"))
@@ -324,9 +325,84 @@ def test_pack_keeps_original_bytes_counts_and_resumes(data, tmp_path):
     assert (out / "t2i-00000-of-00003.arrayrecord").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="other inputs or another shard size"):
         pack_cli.main(argv[:-1] + ["4"])
+    # resume is by content: a touched file resumes, the same size with other bytes does not
+    os.utime(caps, (1, 1))
+    assert pack_cli.main(argv)["shards"] == shards
+    caps.write_text(caps.read_text().replace("a jpeg", "b jpeg"))
+    with pytest.raises(ValueError, match="other inputs or another shard size"):
+        pack_cli.main(argv)
+    caps.write_text(caps.read_text().replace("b jpeg", "a jpeg"))
+    # every skipped record once, with its reason, in skipped.jsonl; a summary by reason
+    rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows if r["split"] == "mmu") == sorted(LLAVA_BAD)
+    assert all(r["reason"] for r in rows) and len(rows) == len(LLAVA_BAD) + len(CAPS_BAD)
+    assert index["skipped_summary"][0].startswith(f"skipped {len(LLAVA_BAD)} mmu records: ")
 
     cfg = __import__("configs.base", fromlist=["x"]).get_config()
     cfg.data.update(source="files", mmu_arrayrecord=str(out / "mmu-*.arrayrecord"),
                     t2i_arrayrecord=str(out / "t2i-*.arrayrecord"))
     dsets, _ = datasets.task_datasets(cfg.data, 32, 0)
     assert dsets[1][0]["task"] == "t2i" and dsets[0][0]["task"] == "mmu"
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG of `width x height` (8-bit RGB) as far as its header goes: 37 bytes, no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_hostile_image_files_are_bad_records_without_reading_or_decoding(tmp_path):
+    """A FIFO (would block forever), a symlink to /dev/zero (endless), a path leaving the image root,
+    a 144 Mpx PNG of 37 bytes (refused from its header) and a file over the byte limit: each a bad
+    record naming its reason and the key that changes it, in well under a second each."""
+    import time
+
+    from unijax import generate
+    from unijax.data.records import ImageLimits, load_image_file
+
+    root = tmp_path / "images"
+    root.mkdir()
+    os.mkfifo(root / "fifo.png")
+    os.symlink("/dev/zero", root / "zero.png")
+    (root / "huge.png").write_bytes(_png_header(12000, 12000))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "ok.png")
+    (tmp_path / "secret.png").write_bytes((root / "ok.png").read_bytes())
+    allow = ImageLimits(allow_outside_root=True)
+    cases = [("fifo.png", ImageLimits(), "not a regular file"),
+             ("zero.png", ImageLimits(), "outside the image root"),
+             ("zero.png", allow, "not a regular file"),
+             ("../secret.png", ImageLimits(), "data.allow_outside_image_root=True"),
+             ("huge.png", ImageLimits(), "144.0 Mpx is more than the limit of 40.0 Mpx (data.max_image_pixels)"),
+             ("ok.png", ImageLimits(max_bytes=50), "larger than 50 bytes (data.max_image_bytes)")]
+    for rel, limits, message in cases:
+        t = time.perf_counter()
+        with pytest.raises(BadRecordError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_image_file(str(root), rel, "f.jsonl", 3, "t2i", limits=limits)
+        assert time.perf_counter() - t < 1.0, rel
+    assert load_image_file(str(root), "../secret.png", "f.jsonl", 3, "t2i", limits=allow).shape == (8, 8, 3)
+    # generate --image: one line, no traceback, for a bomb or a FIFO
+    for name in ("huge.png", "fifo.png"):
+        with pytest.raises(ValueError, match=f"--image {root / name}: not a readable image"):
+            generate.load_image(root / name)
+
+
+def test_deeply_nested_and_oversized_json_records_are_bad_records(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "ok.png")
+    ok = json.dumps({"image": "ok.png", "caption": "fine"})
+    lines = [ok, "[" * 100_000 + "]" * 100_000, json.dumps({"image": "ok.png", "caption": "x" * (2 << 20)}), ok]
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    src = CaptionSource(tmp_path / "caps.jsonl", root)
+    assert src[0]["caption"] == src[3]["caption"] == "fine"
+    with pytest.raises(BadRecordError, match="record 1: JSON nested too deeply to parse"):
+        src[1]
+    with pytest.raises(BadRecordError, match="record 2: record is 2,097,1.. bytes, more than 1,048,576"):
+        src[2]
+    (tmp_path / "deep.json").write_text("[" + lines[1] + "]")
+    with pytest.raises(ValueError, match="deep.json: JSON nested too deeply"):
+        LlavaSource(tmp_path / "deep.json", root)

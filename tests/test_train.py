@@ -1,5 +1,6 @@
 """The training loop: resume exactness, SIGKILL recovery, sharded == unsharded, config errors."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -181,11 +182,35 @@ def test_bad_record_stops_the_run_naming_file_and_index(tmp_path, data_dir):
     assert not (tmp_path / "run" / "checkpoints" / "3").exists()
 
 
-def test_bad_records_are_skipped_and_counted(tmp_path, data_dir):
+def test_bad_records_are_skipped_and_counted(tmp_path, data_dir, capsys):
     _files_world(tmp_path, bad_index=2)
     m = loop.train(_files_config(tmp_path, data_dir, skip_bad_records=True), devices=jax.devices()[:1])
     # 3 steps x 4 rows of a 1:1 mix = 6 MMU samples: one full epoch of the 6 records, one of them bad
     assert m["skipped_records"] == 1 and np.isfinite(m["loss"])
+    # twice the epochs: the bad record comes back, and is still one record (its visits counted apart)
+    c = _files_config(tmp_path, data_dir, skip_bad_records=True)
+    c.workdir, c.train.steps, c.train.checkpoint_every = str(tmp_path / "run2"), 6, 6
+    m = loop.train(c, devices=jax.devices()[:1])
+    assert m["skipped_records"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run2" / "skipped.jsonl").read_text().splitlines()]
+    assert [(pathlib.Path(r["source"]).name, r["index"], r["split"], r["why"]) for r in rows] == [
+        ("mmu.json", 2, "train", "bad_record")] and "img/missing.png" in rows[0]["reason"] and rows[0]["visits"] == 2
+    out = capsys.readouterr().out
+    assert "skipped 1 train records: 1 x image _ not found under" in out and "skipped.jsonl" in out
+
+
+def test_a_bad_held_out_record_is_counted_apart_once(tmp_path, data_dir, capsys):
+    """The held-out end of the conversations (data.eval_split) holds the bad record: the evaluator's
+    batches repeat it, yet it is one held-out skip, not a training one."""
+    _files_world(tmp_path, bad_index=5)
+    c = _files_config(tmp_path, data_dir, skip_bad_records=True, eval_split=0.2)
+    c.train.update(eval_every=3, eval_batches=2)
+    c.eval.evaluators = ("files_heldout",)
+    m = loop.train(c, devices=jax.devices()[:1])
+    assert m["heldout/skipped_records"] == 1 and m["skipped_records"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["split"]) for r in rows] == [(5, "heldout")] and rows[0]["visits"] >= 1
+    assert "skipped 1 heldout records" in capsys.readouterr().out
 
 
 def test_user_data_formats_train_with_overflow_and_text_only_counted(tmp_path, data_dir):
@@ -284,3 +309,69 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, data_dir):
     out, _ = _cli([f"--config.train.steps={step + 1}", "--config.train.checkpoint_every=100"], tmp_path,
                   data_dir).communicate(timeout=600)
     assert f"at step {step}" in out and (tmp_path / "model").is_dir(), out
+
+
+def test_mesh_fit_shrinks_fixed_sizes_to_the_devices_present_and_errors_name_the_key():
+    from unijax.sharding import mesh_shape
+
+    recipe = {"data": -1, "fsdp": 8, "fit": True}  # configs/janus_pro: a node of 8, data across nodes
+    assert mesh_shape(recipe, 64) == {"data": 8, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert mesh_shape(recipe, 8) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert mesh_shape(recipe, 2) == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert mesh_shape(recipe, 12) == {"data": 3, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert mesh_shape({"data": -1, "expert": 8, "fit": True}, 1) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert mesh_shape({"data": 2, "fsdp": 4, "fit": True}, 16) == {"data": 4, "fsdp": 4, "expert": 1, "tensor": 1}
+    with pytest.raises(ValueError, match=r"mesh.data=-1: the other mesh axes \(mesh.fsdp=8: 8 devices\) do not divide "
+                                         r"the 2 devices present.*--config.mesh.fsdp=1\) or --config.mesh.fit=True"):
+        mesh_shape({"data": -1, "fsdp": 8}, 2)
+
+
+def test_init_from_of_another_architecture_names_each_differing_key(tmp_path, data_dir):
+    from flax import nnx
+
+    from unijax import checkpoints
+    from unijax.models import family
+    from unijax.training.config import model_config
+
+    c = tiny_config(tmp_path / "run", data_dir)
+    cfg = model_config(c)
+    other = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=cfg.text.num_layers + 1))
+    checkpoints.save_model(tmp_path / "other", family.build(other, nnx.Rngs(0)))
+    c.init_from = str(tmp_path / "other")
+    with pytest.raises(ValueError) as e:
+        loop.initial_model(cfg, c, loop.MetricLogger(tmp_path / "run", 1))
+    n = cfg.text.num_layers
+    assert f"model.text.num_layers: {n + 1} (checkpoint) != {n} (this run)" in str(e.value)
+    assert "JanusConfig(" not in str(e.value) and "model.preset=checkpoint" in str(e.value)
+
+
+def test_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path, data_dir):
+    """A workdir held by one run (here: this process) refuses a second `train` at once: one line, exit
+    2, the holder's process id named, nothing written. The lock goes with its holder."""
+    import os
+
+    from unijax.io import WorkdirBusyError, directory_lock
+
+    with directory_lock(tmp_path):
+        out, _ = _cli(["--config.train.steps=2"], tmp_path, data_dir).communicate(timeout=300)
+        assert f"is in use by process {os.getpid()}" in out and "Traceback" not in out, out
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+        with pytest.raises(WorkdirBusyError, match="choose another train.workdir"):
+            with directory_lock(tmp_path):
+                pass
+    with directory_lock(tmp_path):  # released
+        pass
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, reference):
+    """Step 4's state files truncated: the rerun says so, moves it to checkpoints.damaged/4, resumes
+    from step 2 and ends with the uninterrupted run's losses (exactly)."""
+    loop.train(tiny_config(tmp_path, data_dir, steps=4, checkpoint_every=2), devices=jax.devices()[:1])
+    state = tmp_path / "checkpoints" / "4" / "state"
+    for f in [p for p in state.rglob("*") if p.is_file() and p.stat().st_size > 16]:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    loop.train(tiny_config(tmp_path, data_dir), devices=jax.devices()[:1])
+    got = losses_of(tmp_path)
+    for step in range(1, 7):
+        assert got[step] == reference[step], step
+    assert (tmp_path / "checkpoints.damaged" / "4").is_dir() and not (tmp_path / "checkpoints" / "4").exists()

@@ -16,6 +16,8 @@ Any other exception is taken for a bug and keeps Python's traceback. With `--ver
 on the command line (`-v 1`, `--verbosity 2`, ...) a user error prints its traceback before the line
 (a ValueError can also be a bug deep in a library: rerun so to see where). The verbosity is read from
 argv because a flag parsing error happens before absl knows it (and some CLIs reset it in main).
+Without `--verbosity`, absl logging is at WARNING (Orbax logs each checkpoint read and write at INFO;
+`--verbosity=0` shows them).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 __all__ = ["UserError", "run", "run_argparse", "fail", "message", "verbosity"]
@@ -137,6 +139,8 @@ def run(main: Callable, *, argv: Sequence[str] | None = None, flags_parser: Call
             parsed = parse(args)
             _config_file_errors()
             return parsed
+        except SyntaxError as e:  # a config file that does not compile
+            fail(e, text=f"{e.filename}:{e.lineno}: {e.msg} (a config file with a syntax error)")
         except (flags.Error, KeyError, AttributeError, IndexError, ValueError, OSError) as e:
             if isinstance(e, AttributeError) and not (e.args and isinstance(e.args[0], KeyError)):
                 raise  # not ConfigDict's wrapped KeyError: a bug
@@ -145,6 +149,8 @@ def run(main: Callable, *, argv: Sequence[str] | None = None, flags_parser: Call
             fail(e, text=f"{override + ': ' if override else ''}{message(e)}{hint}")
 
     def checked_main(args):
+        if not flags.FLAGS["verbosity"].present:  # Orbax logs every read and write at INFO; --verbosity=0 shows them
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(args)
         except _main_errors() as e:
@@ -168,6 +174,7 @@ def run_argparse(main: Callable, argv: Sequence[str] | None = None) -> NoReturn:
     _verbose = verbosity(argv, short=False) >= 1
     rest = [a for i, a in enumerate(argv)  # the CLIs' parsers do not know --verbosity
             if not (a == "--verbosity" or a.startswith("--verbosity=") or (i and argv[i - 1] == "--verbosity"))]
+    logging.set_verbosity(logging.WARNING if verbosity(argv, short=False) < 0 else verbosity(argv, short=False))
     error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _raise_parse_error
     try:
         main(rest)

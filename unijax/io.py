@@ -8,10 +8,14 @@ temporary beside its target and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 
 
@@ -61,3 +65,39 @@ def write_outputs(out: pathlib.Path, files: dict[str, Callable[[pathlib.Path], o
             write(tmps[name])
     # the renames ran as the stack unwound, after every writer succeeded; a failing writer's exception
     # unwinds it too, and then each temporary is removed with its target untouched
+
+
+class WorkdirBusyError(ValueError):
+    """Another process holds the directory's lock (`directory_lock`)."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str = "train.workdir") -> Iterator[None]:
+    """Holds an exclusive lock on `<directory>/.lock` (`fcntl.flock`, released by the kernel when the
+    process dies) for the block. A second holder is refused at once with `WorkdirBusyError` naming the
+    holder (process id, host, start time, written into the lock file)."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".lock"
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read() or "{}")
+            except json.JSONDecodeError:
+                holder = {}
+            who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+                   if holder else "another process")
+            raise WorkdirBusyError(f"{what}={directory} is in use by {who}; wait for that run to end or choose "
+                                   f"another {what}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the file releases the lock

@@ -13,6 +13,7 @@ rerunning the same command resumes at the first unfinished shard
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -59,6 +60,10 @@ def main(argv=None) -> dict:
         if mine:
             print(f"{task}: {len(mine)} shards, {sum(v['records'] for v in mine):,} records, "
                   f"{sum(v['skipped'] for v in mine):,} bad records skipped")
+    for line in index["skipped_summary"]:
+        print(line)
+    if index["skipped_summary"]:
+        print(f"every skipped record (file, index, reason): {pathlib.Path(args.out) / 'skipped.jsonl'}")
     print(f"wrote {args.out}")
     return index
 

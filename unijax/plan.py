@@ -43,7 +43,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from jax._src import xla_bridge
 from jax.experimental import topologies
 from ml_collections import config_flags
@@ -332,8 +332,6 @@ def main(argv=None) -> int:
     def run(args):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments {args[1:]}")
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)
         F = flags.FLAGS
         result = plan(config_flag.value, parse_mesh(F.mesh) if F.mesh else None, F.chip, F.step_time, F.memory_gb,
                       F.topology, F.hlo)

@@ -60,7 +60,10 @@ RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # `[ba
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Resolves `mesh.{data,fsdp,expert,tensor}` (one of them may be -1: all remaining devices)."""
+    """Resolves `mesh.{data,fsdp,expert,tensor}` (one of them may be -1: all remaining devices). With
+    `mesh.fit`, each fixed size becomes its gcd with the devices left (data, fsdp, expert, tensor in
+    turn) and the -1 axis (else `data`) takes the rest: a recipe's `fsdp=8` is 8 on a node of 8 and 2
+    on 2 devices."""
     sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
     auto = [a for a, s in sizes.items() if s == -1]
     bad = [a for a, s in sizes.items() if s == 0 or s < -1]
@@ -68,16 +71,27 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
         raise ValueError(f"mesh.{bad[0]}={sizes[bad[0]]}: mesh sizes are positive (or -1 for 'the rest')")
     if len(auto) > 1:
         raise ValueError(f"mesh.{auto[0]} and mesh.{auto[1]} are both -1; at most one mesh axis can be -1")
+    if mesh_cfg.get("fit", False):
+        left = num_devices
+        for a in MESH_AXES:
+            if sizes[a] != -1:
+                sizes[a] = math.gcd(sizes[a], left)
+                left //= sizes[a]
+        sizes[auto[0] if auto else "data"] = left * (1 if auto else sizes["data"])
+        return sizes
     fixed = math.prod(s for s in sizes.values() if s != -1)
+    given = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s > 1)
+    big = max((a for a in MESH_AXES if sizes[a] > 1), key=lambda a: sizes[a], default="fsdp")
+    hint = f"; set sizes whose product divides them (e.g. --config.mesh.{big}=1) or --config.mesh.fit=True"
     if auto:
         if num_devices % fixed:
-            raise ValueError(f"mesh.{auto[0]}=-1: the other mesh axes ({fixed} devices) do not divide the "
-                             f"{num_devices} devices")
+            raise ValueError(f"mesh.{auto[0]}=-1: the other mesh axes ({given}: {fixed} devices) do not divide the "
+                             f"{num_devices} devices present{hint}")
         sizes[auto[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         desc = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items())
-        raise ValueError(f"{desc} needs {math.prod(sizes.values())} devices but {num_devices} are available; "
-                         f"set one mesh axis to -1 or change the sizes")
+        raise ValueError(f"{desc} needs {math.prod(sizes.values())} devices but {num_devices} are present; "
+                         f"set one mesh axis to -1 or change the sizes (or --config.mesh.fit=True)")
     return sizes
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from unijax import cli, distributed
@@ -23,8 +23,6 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides look like --config.train.steps=10")
-    if not flags.FLAGS["verbosity"].present:  # keep the console to progress lines; --verbosity=0 shows Orbax's INFO logs
-        logging.set_verbosity(logging.WARNING)
 
     distributed.maybe_initialize()  # multi-host / multi-process launches (unijax/distributed.py)
 

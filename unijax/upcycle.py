@@ -8,7 +8,7 @@ See `unijax.training.upcycle.upcycle_checkpoint`.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from unijax import cli
 from unijax.models.config import MoEConfig
@@ -40,7 +40,6 @@ def _define_flags():
 
 
 def main(argv):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS

@@ -46,9 +46,11 @@ def recipe(size: str, stage: str):
     # same memory: docs/multihost.md, activation sharding).
     c.mesh.data = -1
     c.mesh.fsdp = 8
+    c.mesh.fit = True                 # fewer devices (one GPU, a CPU): fsdp shrinks to divide them
     c.data.source = "files"
     c.data.tokenizer = "checkpoint"
     c.data.max_len = 1024             # 576 understanding / generation image tokens + the text
+    c.data.max_images = 4             # images per conversation; more than one needs a longer data.max_len
     c.data.turns_per_image = 1
     c.data.num_workers = 4
     c.data.overflow = "skip"

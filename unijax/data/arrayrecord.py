@@ -7,9 +7,11 @@ described in `unijax.data.sources`): `{"task": "mmu", "image": <bytes>, "turns":
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,7 +21,17 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from unijax.contract import TASKS
-from unijax.data.records import BadRecordError, decode_image_bytes, encode_png, is_bad, normalise_index, skip_bad
+from unijax.data.records import (
+    DEFAULT_LIMITS,
+    BadRecordError,
+    ImageLimits,
+    SkippedRecords,
+    decode_image_bytes,
+    encode_png,
+    is_bad,
+    normalise_index,
+    skip_bad,
+)
 from unijax.data.sources import open_source
 from unijax.io import atomic_file
 
@@ -53,7 +65,8 @@ class ArrayRecordSource:
 
     task = None
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], limits: ImageLimits = DEFAULT_LIMITS):
+        self.limits = limits
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [os.fspath(p) for p in paths]
@@ -101,14 +114,15 @@ class ArrayRecordSource:
             except ValueError as e:
                 raise BadRecordError(name, i, str(e), task) from None
             if isinstance(rec.get("images"), list) and len(rec["images"]) > 1:
-                images = [decode_image_bytes(b, name, i, task) for b in rec["images"]]
+                images = [decode_image_bytes(b, name, i, task, limits=self.limits) for b in rec["images"]]
                 return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
-            image = None if rec.get("image") is None else decode_image_bytes(rec["image"], name, i, task)
+            image = None if rec.get("image") is None else decode_image_bytes(rec["image"], name, i, task,
+                                                                             limits=self.limits)
             return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
         caption = rec.get("caption")
         if not isinstance(caption, str):
             raise BadRecordError(name, i, f"'caption' must be a string, got {caption!r:.80}", task)
-        image = decode_image_bytes(rec["image"], name, i, task)
+        image = decode_image_bytes(rec["image"], name, i, task, limits=self.limits)
         return {"task": "t2i", "image": image, "caption": caption, "source": name, "index": i}
 
 
@@ -203,11 +217,20 @@ PACK_INDEX = "index.json"
 
 
 def _fingerprint(files: dict[str, list[str]], records_per_shard: int) -> dict:
-    """What a pack depends on: every input file's path, size and mtime, and the shard size."""
+    """What a pack depends on: every input file's path, size and content hash (SHA-256), and the shard
+    size (a touched but unchanged file still resumes; a changed one of the same size does not)."""
     out = {"records_per_shard": int(records_per_shard), "files": {}}
     for task, paths in files.items():
-        out["files"][task] = [[os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))] for p in paths]
+        out["files"][task] = [[os.path.abspath(p), os.path.getsize(p), _sha256(p)] for p in paths]
     return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def pack(files: dict[str, list[str]], image_roots: dict[str, str], out: str | os.PathLike, *,
@@ -245,7 +268,6 @@ def pack(files: dict[str, list[str]], image_roots: dict[str, str], out: str | os
         for p in paths]) for t, paths in files.items()}
     total = sum(len(r) for r in records.values())
     done = sum(v["inputs"] for v in index["shards"].values())
-    skipped_reasons = []
     for task, task_records in records.items():
         n_shards = max(1, -(-len(task_records) // records_per_shard))
         for k in range(n_shards):
@@ -254,14 +276,19 @@ def pack(files: dict[str, list[str]], image_roots: dict[str, str], out: str | os
                 continue
             chunk = range(k * records_per_shard, min((k + 1) * records_per_shard, len(task_records)))
             n, skipped = _write_good(os.path.join(out, name), (task_records[i] for i in chunk))
-            for b in skipped[:max(0, 5 - len(skipped_reasons))]:
-                skipped_reasons.append(f"{b['source']}: record {b['index']}: {b['reason']}")
-                log.warning("pack: skipped %s", skipped_reasons[-1])
-            index["shards"][name] = {"task": task, "records": n, "skipped": len(skipped), "inputs": len(chunk)}
+            index["shards"][name] = {"task": task, "records": n, "skipped": len(skipped), "inputs": len(chunk),
+                                     "skipped_records": [{"source": b["source"], "index": b["index"], "why": "bad_record",
+                                                          "reason": b["reason"]} for b in skipped]}
             with atomic_file(index_path) as tmp:
                 with open(tmp, "w") as f:
                     json.dump(index, f, indent=2)
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
+    skips = SkippedRecords()
+    for shard in index["shards"].values():
+        skips.add(shard.get("skipped_records", ()), split=shard["task"])
+    if skips.records:
+        skips.write(pathlib.Path(out) / "skipped.jsonl")
+    index["skipped_summary"] = skips.summary()
     return index

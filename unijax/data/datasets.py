@@ -159,6 +159,12 @@ def _weights(data_cfg, key: str, n: int) -> list[float] | None:
     return ws
 
 
+def image_limits(data_cfg) -> records.ImageLimits:
+    """`data.max_image_pixels`, `data.max_image_bytes` and `data.allow_outside_image_root`."""
+    return records.ImageLimits(int(data_cfg.max_image_pixels), int(data_cfg.max_image_bytes),
+                               bool(data_cfg.allow_outside_image_root))
+
+
 def _file_dataset(data_cfg, task: str, seed: int, part: str = "train") -> grain.MapDataset | None:
     """A task's files on disk as one endless shuffled dataset: each file a source (bad records
     skipped and counted when `data.skip_bad_records`), the files concatenated (sampled by size) or,
@@ -173,10 +179,10 @@ def _file_dataset(data_cfg, task: str, seed: int, part: str = "train") -> grain.
         return None
     if data_cfg[key]:
         names = _files(data_cfg[key])
-        srcs = [sources.open_source(f, data_cfg[root_key], task) for f in names]
+        srcs = [sources.open_source(f, data_cfg[root_key], task, limits=image_limits(data_cfg)) for f in names]
     elif data_cfg[arrayrecord_key]:
         key, names = arrayrecord_key, _files(data_cfg[arrayrecord_key])
-        srcs = [arrayrecord.ArrayRecordSource(names)]
+        srcs = [arrayrecord.ArrayRecordSource(names, image_limits(data_cfg))]
     else:
         return None
     for src, name in zip(srcs, names):

@@ -30,6 +30,7 @@ question kind index, -1 when unknown) when rows are not packed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 OVERFLOW_POLICIES = ("skip", "truncate", "error")
 BAD_RECORD, OVERFLOW = 1, 2  # values of a skipped sample's `bad` flag: a bad record, a sample too long
+SKIP_KINDS = {BAD_RECORD: "bad_record", OVERFLOW: "overflow"}
 _REASONS_LOGGED = 5  # the first reasons for skipped samples go to the log (per process)
 _logged = {"n": 0}
 
@@ -193,13 +195,23 @@ def _insert_row_ends(layout: Layout, is_image: np.ndarray, *arrays: np.ndarray) 
             *(np.insert(a, after, 0).astype(a.dtype) for a in rest))
 
 
-def bad_sample(layout: Layout, task: int = MMU, why: int = BAD_RECORD) -> dict[str, np.ndarray]:
+def bad_sample(layout: Layout, task: int = MMU, why: int = BAD_RECORD, sample: dict | None = None,
+               reason: str = "") -> dict[str, np.ndarray]:
     """The stand-in for a skipped sample: one padding token flagged `bad` (= `why`: BAD_RECORD or
-    OVERFLOW, counted apart in the metrics), no loss."""
+    OVERFLOW, counted apart in the metrics), no loss; `skip` names the record (`skipped_in`)."""
+    sample = sample or {}
+    skip = json.dumps({"source": str(sample.get("source", "")), "index": int(sample.get("index", -1)),
+                       "why": SKIP_KINDS[why], "reason": reason})
     return {"tokens": np.array([layout.pad_id], np.int32), "modality": np.zeros(1, np.int32),
             "task": np.full(1, task, np.int32), "text_weights": np.zeros(1, np.float32),
             "image_weights": np.zeros(1, np.float32), "patches": np.zeros((1, layout.patch_dim), np.uint8),
-            "bad": np.full(1, why, np.int32), "kind": np.int32(-1)}
+            "bad": np.full(1, why, np.int32), "kind": np.int32(-1), "skip": skip}
+
+
+def skipped_in(batch: dict) -> list[dict]:
+    """The skipped records of a host batch (unpacked): `{"source", "index", "why", "reason"}` each,
+    one per skipped row (a record skipped in two batches appears in both)."""
+    return [json.loads(s) for s in np.asarray(batch.get("skip", ())).reshape(-1) if s]
 
 
 def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.random.Generator | None = None,
@@ -211,14 +223,15 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
     where = f"{sample.get('source', 'sample')}: record {sample.get('index', '?')}"
     if sample.get("bad"):
         _log_skip(where, sample.get("reason", "bad record"))
-        return bad_sample(layout, TASK_IDS.get(sample.get("task"), MMU))
+        return bad_sample(layout, TASK_IDS.get(sample.get("task"), MMU), BAD_RECORD, sample,
+                          sample.get("reason", "bad record"))
     n_images = len(sample.get("images") or ())
     if n_images > layout.max_images:
-        return _overflowed(layout, where, "mmu", f"{n_images} images, more than data.max_images={layout.max_images}",
+        return _overflowed(layout, sample, "mmu", f"{n_images} images, more than data.max_images={layout.max_images}",
                            "raise data.max_images or set data.overflow=skip")
     x = _encode(sample, tokenizer, layout, rng, kinds, where)
     if len(x["tokens"]) <= layout.max_len:
-        return x
+        return {**x, "skip": ""}
     n, task = len(x["tokens"]), sample["task"]
     if layout.overflow == "truncate" and task == "mmu":
         turns = list(sample["turns"])
@@ -226,17 +239,18 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
             turns.pop()
             x = _encode({**sample, "turns": turns}, tokenizer, layout, rng, kinds, where)
             if len(x["tokens"]) <= layout.max_len:
-                return x
-    return _overflowed(layout, where, task, f"{n} tokens do not fit data.max_len={layout.max_len}",
+                return {**x, "skip": ""}
+    return _overflowed(layout, sample, task, f"{n} tokens do not fit data.max_len={layout.max_len}",
                        "raise data.max_len, shorten the text, or set data.overflow=skip / truncate")
 
 
-def _overflowed(layout: Layout, where: str, task: str, reason: str, fix: str) -> dict[str, np.ndarray]:
+def _overflowed(layout: Layout, sample: dict, task: str, reason: str, fix: str) -> dict[str, np.ndarray]:
     """A sample that does not fit: an error naming it (`data.overflow=error`), else skipped and counted."""
+    where = f"{sample.get('source', 'sample')}: record {sample.get('index', '?')}"
     if layout.overflow == "error":
         raise ValueError(f"{where}: {reason}; {fix}")
     _log_skip(where, f"{reason} (data.overflow={layout.overflow})")
-    return bad_sample(layout, TASK_IDS[task], OVERFLOW)
+    return bad_sample(layout, TASK_IDS[task], OVERFLOW, sample, reason)
 
 
 def _encode(sample, tokenizer, layout: Layout, rng, kinds, where: str) -> dict[str, np.ndarray]:
@@ -293,6 +307,7 @@ def pad_sample(x: dict[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
     out["segment_ids"] = (np.arange(max_len) < n).astype(np.int32)
     out["positions"] = np.where(np.arange(max_len) < n, np.arange(max_len), 0).astype(np.int32)
     out["kind"] = x["kind"]
+    out["skip"] = x.get("skip", "")
     return out
 
 

@@ -95,9 +95,11 @@ from typing import Any
 import numpy as np
 
 from unijax.contract import IMAGE_MARKER
-from unijax.data.records import BadRecordError, decode_image_bytes, load_image_file, normalise_index
+from unijax.data.records import DEFAULT_LIMITS, BadRecordError, ImageLimits, decode_image_bytes, load_image_file, normalise_index
 
 log = logging.getLogger(__name__)
+
+MAX_RECORD_BYTES = 1 << 20  # one JSON record (a conversation, a caption line): longer ones are bad records
 
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
@@ -178,9 +180,11 @@ class LlavaSource:
 
     task = "mmu"
 
-    def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike, keep_bytes: bool = False):
+    def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike, keep_bytes: bool = False,
+                 limits: ImageLimits = DEFAULT_LIMITS):
         self.json_path, self.image_root = _check_files(json_path, image_root, "LLaVA JSON file")
         self.keep_bytes = keep_bytes  # samples hold the images' original encoded bytes (`unijax.pack`)
+        self.limits = limits
         self._lines = JsonLines(self.json_path, "mmu") if self.json_path.endswith(".jsonl") else None
         if self._lines is not None:
             return
@@ -190,6 +194,9 @@ class LlavaSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.json_path}: not valid JSON ({e}); expected a list of LLaVA records "
                              f"(name the file .jsonl for one record per line)") from None
+        except RecursionError:
+            raise ValueError(f"{self.json_path}: JSON nested too deeply to parse; as .jsonl (one record per line) "
+                             f"such a record would be skipped and counted") from None
         if not isinstance(records, list):
             raise ValueError(
                 f"{self.json_path}: top level is a JSON {type(records).__name__}, expected a list of LLaVA records"
@@ -211,7 +218,10 @@ class LlavaSource:
         if self._lines is not None:
             return self._lines.record(index)
         i = normalise_index(index, len(self), self.json_path)
-        return json.loads(self._buf[self._offsets[i] : self._offsets[i + 1]])
+        if self._offsets[i + 1] - self._offsets[i] > MAX_RECORD_BYTES:
+            raise BadRecordError(self.json_path, i, f"record is {int(self._offsets[i + 1] - self._offsets[i]):,} "
+                                 f"bytes, more than {MAX_RECORD_BYTES:,}; split it or shorten it", "mmu")
+        return parse_record(self._buf[self._offsets[i] : self._offsets[i + 1]], self.json_path, i, "mmu")
 
     def __getitem__(self, index: int) -> dict:
         i = normalise_index(index, len(self), self.json_path)
@@ -226,7 +236,7 @@ class LlavaSource:
         except ValueError as e:
             raise BadRecordError(name, i, f"malformed conversation: {e}", "mmu") from None
         if many and len(paths) > 1:  # a multi-image conversation: the images in the order of their marks
-            images = [load_image_file(self.image_root, p, name, i, "mmu", self.keep_bytes) for p in paths]
+            images = [load_image_file(self.image_root, p, name, i, "mmu", self.keep_bytes, self.limits) for p in paths]
             return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
         if many:
             rec["image"] = paths[0] if paths else None
@@ -234,7 +244,7 @@ class LlavaSource:
             if any(IMAGE_MARKER in str(m.get("value", "")) for m in rec["conversations"] if isinstance(m, dict)):
                 raise BadRecordError(name, i, f"a '{IMAGE_MARKER}' mark but no 'image' path", "mmu")
             return {"task": "mmu", "image": None, "turns": turns, "source": name, "index": i}
-        image = load_image_file(self.image_root, rec["image"], name, i, "mmu", self.keep_bytes)
+        image = load_image_file(self.image_root, rec["image"], name, i, "mmu", self.keep_bytes, self.limits)
         return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
 
 
@@ -308,6 +318,9 @@ class JsonLines:
         """The raw bytes of record ``index``'s line."""
         i = normalise_index(index, len(self), self.path)
         start, end = (int(x) for x in self._offsets[i])
+        if end - start > MAX_RECORD_BYTES:
+            raise BadRecordError(self.path, i, f"record is {end - start:,} bytes, more than {MAX_RECORD_BYTES:,}; "
+                                 f"split it or shorten it", self.task)
         data = os.pread(self._file(), end - start, start)
         if len(data) != end - start:
             raise BadRecordError(
@@ -319,11 +332,17 @@ class JsonLines:
     def record(self, index: int) -> Any:
         """Line ``index`` parsed as JSON (a :class:`BadRecordError` when it is not JSON)."""
         i = normalise_index(index, len(self), self.path)
-        try:
-            return json.loads(self.line(i))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRecordError(self.path, i, f"line is not valid JSON ({e}); fix or delete that line",
-                                 self.task) from None
+        return parse_record(self.line(i), self.path, i, self.task)
+
+
+def parse_record(data: bytes, path: str, i: int, task: str | None) -> Any:
+    """One record's JSON (a :class:`BadRecordError` when it is not JSON or nests too deeply to parse)."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRecordError(path, i, f"line is not valid JSON ({e}); fix or delete that line", task) from None
+    except RecursionError:
+        raise BadRecordError(path, i, "JSON nested too deeply to parse; fix or delete that line", task) from None
 
 
 def _caption_sample(rec: Any, name: str, i: int, image_of) -> dict:
@@ -348,9 +367,11 @@ class CaptionSource:
 
     task = "t2i"
 
-    def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike, keep_bytes: bool = False):
+    def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike, keep_bytes: bool = False,
+                 limits: ImageLimits = DEFAULT_LIMITS):
         self.jsonl_path, self.image_root = _check_files(jsonl_path, image_root, "caption JSONL file")
         self.keep_bytes = keep_bytes
+        self.limits = limits
         self._lines = JsonLines(self.jsonl_path, "t2i")
 
     def __len__(self) -> int:
@@ -368,7 +389,7 @@ class CaptionSource:
         rec = self._lines.record(i)
         return _caption_sample(rec, self.jsonl_path, i,
                                lambda image: load_image_file(self.image_root, image, self.jsonl_path, i, "t2i",
-                                                              self.keep_bytes))
+                                                              self.keep_bytes, self.limits))
 
 
 class ParquetCaptionSource:
@@ -381,10 +402,12 @@ class ParquetCaptionSource:
 
     task = "t2i"
 
-    def __init__(self, parquet_path: str | os.PathLike, image_root: str | os.PathLike = "", keep_bytes: bool = False):
+    def __init__(self, parquet_path: str | os.PathLike, image_root: str | os.PathLike = "", keep_bytes: bool = False,
+                 limits: ImageLimits = DEFAULT_LIMITS):
         import pyarrow.parquet as pq  # deferred: only parquet users need it
 
         self.keep_bytes = keep_bytes
+        self.limits = limits
         self.parquet_path = os.fspath(parquet_path)
         self.image_root = os.fspath(image_root) if image_root else os.path.dirname(self.parquet_path)
         if not os.path.isfile(self.parquet_path):
@@ -426,8 +449,8 @@ class ParquetCaptionSource:
         if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
             value = value.get("bytes") or value.get("path")
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return decode_image_bytes(value, name, i, "t2i", self.keep_bytes)
-        return load_image_file(self.image_root, value, name, i, "t2i", self.keep_bytes)
+            return decode_image_bytes(value, name, i, "t2i", self.keep_bytes, self.limits)
+        return load_image_file(self.image_root, value, name, i, "t2i", self.keep_bytes, self.limits)
 
     def __getitem__(self, index: int) -> dict:
         i = normalise_index(index, len(self), self.parquet_path)
@@ -438,17 +461,17 @@ class ParquetCaptionSource:
         return _caption_sample(rec, self.parquet_path, i, lambda image: self._image(image, i))
 
 
-def open_source(path: str, image_root: str, task: str, keep_bytes: bool = False):
+def open_source(path: str, image_root: str, task: str, keep_bytes: bool = False, limits: ImageLimits = DEFAULT_LIMITS):
     """The source reading `path` for `task` ("mmu": `.json` / `.jsonl` conversations; "t2i": `.jsonl`
     or `.parquet` captions), chosen by the file's suffix; `keep_bytes`: samples hold the images'
-    original encoded bytes instead of pixels."""
+    original encoded bytes instead of pixels; `limits`: what one image may be (`records.ImageLimits`)."""
     path = os.fspath(path)
     if task == "mmu":
         if not path.endswith((".json", ".jsonl")):
             raise ValueError(f"{path}: conversation files are .json (a list) or .jsonl (one record per line)")
-        return LlavaSource(path, image_root, keep_bytes)
+        return LlavaSource(path, image_root, keep_bytes, limits)
     if path.endswith(".parquet"):
-        return ParquetCaptionSource(path, image_root, keep_bytes)
+        return ParquetCaptionSource(path, image_root, keep_bytes, limits)
     if path.endswith(".jsonl"):
-        return CaptionSource(path, image_root, keep_bytes)
+        return CaptionSource(path, image_root, keep_bytes, limits)
     raise ValueError(f"{path}: caption files are .jsonl or .parquet")

@@ -19,6 +19,7 @@ training stream never uses) and `pope`, `mmmu`, `geneval` (files; see `unijax.da
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -310,6 +311,7 @@ def run(suite: str, engine, o: Options, out_dir: pathlib.Path | None = None, *, 
     if len(set(ids)) != len(ids):
         raise ValueError(f"suite {suite}: item ids are not unique")
     log = None
+    fresh = out_dir is not None and not (out_dir / "suite.json").is_file()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         check_fingerprint(out_dir / "suite.json", {"suite": suite, "options": dataclasses.asdict(o),
@@ -319,14 +321,22 @@ def run(suite: str, engine, o: Options, out_dir: pathlib.Path | None = None, *, 
     todo = [it for it in items if it["id"] not in preds]
     if KIND[suite] == "geneval":
         chunk = max(1, chunk // o.samples)
-    for start in range(0, len(todo), chunk):
-        batch = todo[start:start + chunk]
-        recs = predict(suite, engine, batch, o, out_dir)
-        if log:
-            log.append(recs)
-        preds.update({r["id"]: r for r in recs})
-        if progress:
-            progress(len(items) - len(todo) + start + len(batch), len(items))
+    try:
+        for start in range(0, len(todo), chunk):
+            batch = todo[start:start + chunk]
+            recs = predict(suite, engine, batch, o, out_dir)
+            if log:
+                log.append(recs)
+            preds.update({r["id"]: r for r in recs})
+            if progress:
+                progress(len(items) - len(todo) + start + len(batch), len(items))
+    except BaseException:
+        if fresh and not preds:  # failed before its first prediction: nothing to resume, nothing left behind
+            for name in ("suite.json", "predictions.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty
+        raise
     m = metrics(suite, items, preds)
     if out_dir is not None:
         result = {"suite": suite, "options": dataclasses.asdict(o), **(fingerprint or {}), "metrics": m}

@@ -9,11 +9,20 @@ complete, so a run killed mid-save resumes from the previous committed step.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
+import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CannotResume(ValueError):
+    """A checkpoint that is intact but cannot resume this run (not a damaged one)."""
 
 
 class TrainCheckpoints:
@@ -38,8 +47,48 @@ class TrainCheckpoints:
             config=ocp.args.JsonSave(json.loads(self.config.to_json_best_effort()))))
 
     def restore(self, state, data_iter, step: int | None = None):
-        """Restores onto `state`'s shapes and shardings (any mesh) and rewinds `data_iter`."""
-        step = self.latest_step() if step is None else step
+        """Restores onto `state`'s shapes and shardings (any mesh) and rewinds `data_iter`. Without
+        `step`: the newest checkpoint that restores. A damaged one (a truncated or corrupt file) is
+        moved to `<directory>.damaged/<step>`, saying so, and the one before it is tried."""
+        if step is not None:
+            return self._restore(state, data_iter, step)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged = []
+        for s in steps:
+            try:
+                restored = self._restore(state, data_iter, s)
+            except CannotResume:
+                raise
+            except Exception as e:  # Orbax / tensorstore / grain errors of a damaged step
+                damaged.append(s)
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                log.warning("checkpoint %s cannot be restored (%s: %s)%s", self.path_of(s), type(e).__name__, first,
+                            f"; trying step {steps[len(damaged)]}" if len(damaged) < len(steps) else "")
+                continue
+            if damaged:
+                self._set_aside(damaged)
+                log.warning("resumed from step %d: the newer checkpoint(s) %s were damaged and are moved to %s",
+                            s, damaged, self.damaged_dir)
+            return restored
+        raise ValueError(f"{self.directory}: no checkpoint can be restored (all of {steps} are damaged; the "
+                         f"newest's error is above); remove the directory to start over")
+
+    @property
+    def damaged_dir(self) -> pathlib.Path:
+        return self.directory.with_name(self.directory.name + ".damaged")
+
+    def _set_aside(self, steps) -> None:
+        """Moves damaged step directories out of the manager's view (kept for inspection)."""
+        if jax.process_index() == 0:
+            self.damaged_dir.mkdir(exist_ok=True)
+            for s in steps:
+                dest = self.damaged_dir / str(s)
+                if dest.exists():
+                    shutil.rmtree(dest)
+                os.replace(self.path_of(s), dest)
+        self.manager.reload()
+
+    def _restore(self, state, data_iter, step: int):
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         data_dir = self.path_of(step) / "data"
         own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -53,11 +102,11 @@ class TrainCheckpoints:
         if not others:
             raise FileNotFoundError(f"{data_dir}: no data-iterator state to resume from")
         if self.config.data.packing:
-            raise ValueError(f"{self.path_of(step)} was written by {others[0].stem.split('-of-')[1]} processes and "
+            raise CannotResume(f"{self.path_of(step)} was written by {others[0].stem.split('-of-')[1]} processes and "
                              f"data.packing=True forms rows per process: resume packed runs with the same process count")
         states = {f.name: json.loads(f.read_text()) for f in others}
         if len({json.dumps(v, sort_keys=True) for v in states.values()}) != 1:
-            raise ValueError(f"{data_dir}: the processes' iterator states differ ({states}); cannot resume on "
+            raise CannotResume(f"{data_dir}: the processes' iterator states differ ({states}); cannot resume on "
                              f"{jax.process_count()} processes")
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         data_iter.set_state(next(iter(states.values())))

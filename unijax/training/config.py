@@ -14,6 +14,7 @@ module's `defaults` as a config file; the stage configs in `configs/` build on i
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -81,7 +82,9 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.objective = "lm"           # lm (next-token, both tasks) | vq (stage 0: the VQ tokenizer): OBJECTIVES
     c.model = model(preset)
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    # device mesh: one axis may be -1 (the rest); fit=True shrinks each fixed size to divide the devices
+    # present (gcd, in data, fsdp, expert, tensor order) and gives the rest to the -1 axis (or data)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, fit=False))
 
     # TA-MoE FFN (read when model.ffn = "ta_moe"; unijax/models/moe.py)
     moe = c.moe = ml_collections.ConfigDict()
@@ -131,6 +134,9 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.num_workers = 0            # grain worker processes (0 = in the training process)
     d.prefetch = 2               # batches a background thread prepares ahead (when num_workers = 0)
     d.skip_bad_records = True    # a bad record (missing image, bad JSON, ...) is skipped and counted; False: stop
+    d.max_image_pixels = 40_000_000  # an image file above this (read from its header, before decoding) is a bad record
+    d.max_image_bytes = 64 << 20     # so is an image file larger than this, or one that is not a regular file
+    d.allow_outside_image_root = False  # an image path leaving the image root (`../`, absolute) is a bad record
     d.max_images = 1             # understanding images per conversation (multi-image records; more: overflow)
     d.overflow = "skip"          # a sample longer than max_len: skip (counted) | truncate (last turns) | error
     d.mmu_json = ""              # comma-separated LLaVA-style conversation files, .json or .jsonl (source=files)
@@ -299,6 +305,12 @@ def validate(config) -> None:
                          f"{t.grad_accum_steps} (each update runs batch_size / grad_accum_steps rows at a time)")
     if t.get("frozen_dtype", "") not in FROZEN_DTYPES:
         raise ValueError(f"train.frozen_dtype={t.frozen_dtype!r}: expected one of {FROZEN_DTYPES} ('' = model.param_dtype)")
+    lr = float(t.learning_rate)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train.learning_rate={t.learning_rate} must be a positive number")
+    for key in ("max_image_pixels", "max_image_bytes"):
+        if int(config.data[key]) <= 0:
+            raise ValueError(f"data.{key}={config.data[key]} must be positive")
     if float(t.peak_tflops) < 0:
         raise ValueError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: the device kind's known peak)")
     if not 0 <= config.data.cfg_drop_prob < 1:

@@ -152,9 +152,12 @@ def lm_scores(r: dict[str, np.ndarray], kinds=()) -> dict[str, float]:
     per question kind, with the answer-mode share), text and image-code losses, and for TA-MoE the
     task-router accuracy per layer and expert load shares per group."""
     answered = r["answered"].astype(bool)
-    scores = {"accuracy": float(r["correct"][answered].mean()) if answered.any() else float("nan"),
-              "loss_text": float(r["text_ce_sum"].sum() / max(r["text_tokens"].sum(), 1)),
-              "loss_image": float(r["image_ce_sum"].sum() / max(r["image_tokens"].sum(), 1))}
+    scores = {}  # a score of a task the held-out rows do not hold is left out, not 0 or nan
+    if answered.any():
+        scores["accuracy"] = float(r["correct"][answered].mean())
+    for key, ce, n in (("loss_text", "text_ce_sum", "text_tokens"), ("loss_image", "image_ce_sum", "image_tokens")):
+        if r[n].sum() > 0:
+            scores[key] = float(r[ce].sum() / r[n].sum())
     for i, kind in enumerate(kinds):
         sel = answered & (r["kind"] == i)
         if sel.any():
@@ -307,9 +310,11 @@ class FilesHeldout(Evaluator):
         self.batches, self.device_batches = batches, device_rows(ctx.config, batches)
         graphdef, eval_fn, scale = ctx.graphdef, ctx.eval_fn, ctx.lora_scale
         self._fn = jax.jit(lambda p, f, b: eval_fn(merged_model(graphdef, p, f, scale), b))
+        # held-out records skipped (bad or too long), each once: reported apart from training's
+        self.skipped = list({(e["source"], e["index"]): e for b in batches for e in pipeline.skipped_in(b)}.values())
 
     def __call__(self, params, frozen) -> dict[str, float]:
-        return lm_scores(run_lm_eval(self, params, frozen))
+        return {**lm_scores(run_lm_eval(self, params, frozen)), "skipped_records": float(len(self.skipped))}
 
 
 # -- benchmark suites -----------------------------------------------------------------------------

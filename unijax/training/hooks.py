@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from unijax import checkpoints as model_ckpt
-from unijax.data import pipeline
+from unijax.data import pipeline, records
 from unijax.distributed import any_process, to_host
 from unijax.models import lora
 from unijax.training import throughput
@@ -41,6 +41,7 @@ class MetricsWindow:
         self.flops_per_device, self.peak_tflops = float(flops_per_device), peak_tflops
         self.local_devices = int(local_devices)  # the devices this process's batch rows go to
         self.skipped = self.overflow = 0
+        self.skips = records.SkippedRecords()
         self.latest: dict[str, float] = {}
         self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
         self._reset()
@@ -50,9 +51,15 @@ class MetricsWindow:
         self.t0, self.tokens, self.paused_s = time.perf_counter(), 0, 0.0
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> None:
-        """A host batch about to be trained on: its tokens and skipped bad records."""
-        self.skipped += int(np.sum(batch["bad"] == pipeline.BAD_RECORD))
-        self.overflow += int(np.sum(batch["bad"] == pipeline.OVERFLOW))
+        """A host batch about to be trained on: its tokens and skipped records, each record counted
+        once however often the epochs bring it back (packed batches, which do not name their records:
+        each skip counted)."""
+        if "skip" in batch:
+            self.skips.add(pipeline.skipped_in(batch))
+            self.skipped, self.overflow = self.skips.count("bad_record"), self.skips.count("overflow")
+        else:
+            self.skipped += int(np.sum(batch["bad"] == pipeline.BAD_RECORD))
+            self.overflow += int(np.sum(batch["bad"] == pipeline.OVERFLOW))
         self.tokens += pipeline.tokens_in(batch)
 
     def add(self, step: int, metrics: dict) -> bool:

@@ -31,7 +31,7 @@ from unijax import contract, sharding
 from unijax.data import datasets, pipeline
 from unijax.data.tokenizer import HFTokenizer, carried_tokenizer, check_compatible, load_tokenizer, resolve_spec
 from unijax.distributed import to_host
-from unijax.io import write_outputs
+from unijax.io import directory_lock, write_outputs
 from unijax.models import family, lora
 from unijax.models.config import runtime_overrides
 from unijax.training import evaluators, steps, throughput, vision_pretrain
@@ -41,6 +41,7 @@ from unijax.training.config import model_config, validate, with_checkpoint_ids
 from unijax.training.hooks import MetricsWindow, NonFiniteLossError, PreemptionFlag, export_adapters, export_model
 from unijax.training.logger import MetricLogger
 from unijax.training.params import count
+from unijax.training.upcycle import architecture_differences
 
 __all__ = ["NonFiniteLossError", "train"]
 
@@ -68,6 +69,11 @@ class Run:
 def train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """Runs (or resumes) the configured training, after its adaptor warm-up when it has one
     (`warm_up_adaptors`). Returns the final metrics."""
+    with directory_lock(config.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(config, devices)
+
+
+def _train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> dict[str, Any]:
     warm_up_adaptors(config, devices)
     run = setup(config, devices)
     stop = PreemptionFlag()
@@ -127,8 +133,14 @@ def initial_model(cfg, config, log: MetricLogger, warmed: pathlib.Path | None = 
         saved = model_ckpt.read_config(source)
         runtime = runtime_overrides(saved, cfg)
         if saved.replace(**runtime) != cfg:
-            raise ValueError(f"init_from={source} holds a different architecture than model.* / moe.* "
-                             f"(saved: {saved}); set model.preset / model.* / moe.* to match it")
+            if type(saved) is not type(cfg):
+                diff = [f"family: {family.family_of(saved)!r} (checkpoint) != {family.family_of(cfg)!r} (model.family)"]
+            else:
+                diff = [f"{'' if d.startswith('moe.') else 'model.'}{d.replace(' != ', ' (checkpoint) != ', 1)} (this run)"
+                        for d in architecture_differences(saved.replace(**runtime), cfg)]
+            raise ValueError(f"init_from={source} holds a different architecture than this run's config: "
+                             f"{'; '.join(diff)}; set those keys, or model.preset=checkpoint to take the "
+                             f"checkpoint's own")
         return model_ckpt.load_model(source, **runtime)
     return family.build(cfg, nnx.Rngs(config.seed))
 
@@ -239,11 +251,29 @@ def loop(run: Run, stop: PreemptionFlag) -> tuple[dict[str, float], int | None]:
             run.ckpts.wait()
             run.log.info(f"SIGTERM: stopped after step {step}; checkpoint {run.ckpts.path_of(step)} written. "
                          f"Rerun the same command to resume")
+            report_skipped(run, window)
             return dict(window.latest, **scores), step
     run.ckpts.wait()
+    report_skipped(run, window)
     if start_scores:
         run.log.info(start_to_end(start_scores, scores))
     return dict(window.latest, **scores), None
+
+
+def report_skipped(run: Run, window: MetricsWindow) -> None:
+    """The records this run skipped (training, and held-out ones of its evaluators), each once: a
+    summary by reason on the console and every record in `<workdir>/skipped.jsonl` (one file per
+    process in a multi-process run: `skipped.process<p>.jsonl`)."""
+    skips = window.skips
+    for ev in run.evaluators:
+        skips.add(getattr(ev, "skipped", ()), split="heldout")
+    if not skips.records:
+        return
+    name = "skipped.jsonl" if jax.process_count() == 1 else f"skipped.process{jax.process_index()}.jsonl"
+    skips.write(run.workdir / name)
+    for line in skips.summary():
+        run.log.info(line)
+    run.log.info(f"every skipped record (file, index, reason): {run.workdir / name}")
 
 
 def evaluate(run: Run, ev, step: int, params, frozen, when: str = "") -> dict[str, float]:
