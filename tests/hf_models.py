@@ -142,3 +142,52 @@ def hf_guided_logits(hf, ids, codes, guidance):
         h = hf.model.language_model(inputs_embeds=torch.cat([emb, gen], 1)).last_hidden_state
         logits = hf.model.generation_head(h[:, ids.shape[1] - 1:]).numpy()
     return logits[b:] + guidance * (logits[:b] - logits[b:])
+
+
+def close(ours, ref, rtol=1e-4):
+    """max |ours - ref| <= rtol x max |ref| (the parity tests' rule)."""
+    import numpy as np
+
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    assert ours.shape == ref.shape
+    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
+    assert err <= rtol * scale, f"max abs diff {err:.3g} > {rtol} x {scale:.3g}"
+
+
+def check_cfg_image_generation(hf, model, ids, guidance: float = 3.0):
+    """transformers' greedy `generate(generation_mode="image")` with CFG `guidance` and unijax's decoder
+    give the same codes, and the guided image-head logits along them match (`close`)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from unijax.inference import decode
+    from unijax.inference.sampling import Sampling
+
+    with torch.no_grad():
+        ref_codes = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                do_sample=False, guidance_scale=guidance).numpy()
+    codes, logits = decode.generate_image_codes(model, jnp.asarray(ids.numpy()), jnp.ones(ids.shape, jnp.int32),
+                                                guidance=guidance, sampling=Sampling(), return_logits=True)
+    np.testing.assert_array_equal(np.asarray(codes), ref_codes)
+    close(logits, hf_guided_logits(hf, ids, ref_codes, guidance))
+    return codes
+
+
+def check_greedy_text(hf, model, ids, pixels, max_new_tokens: int):
+    """transformers' greedy `generate()` on a prompt with an image and unijax's decoder give the same
+    tokens (transformers stops at EOS; unijax pads after it)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from unijax.contract import TEXT, UND_IMAGE
+    from unijax.inference import decode
+
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, pixel_values=torch.tensor(pixels), attention_mask=torch.ones_like(ids),
+                          max_new_tokens=max_new_tokens, do_sample=False).numpy()[:, ids.shape[1]:]
+    tok = jnp.asarray(ids.numpy())
+    mod = jnp.where(tok == IMAGE_TOKEN, UND_IMAGE, TEXT)
+    out = np.asarray(decode.generate_text(model, tok, mod, jnp.ones_like(tok),
+                                          jnp.asarray(pixels.transpose(0, 2, 3, 1))[:, None],
+                                          max_new_tokens=max_new_tokens))
+    np.testing.assert_array_equal(out[:, :ref.shape[1]], ref)

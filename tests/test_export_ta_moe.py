@@ -12,26 +12,15 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_models import BOI, BOS, IMAGE_TOKEN, hf_guided_logits, make_tiny_janus
+from hf_models import BOI, BOS, IMAGE_TOKEN, check_cfg_image_generation, check_greedy_text, close, make_tiny_janus
 
 from unijax import checkpoints
 from unijax.contract import TEXT, UND_IMAGE
 from unijax.hf.convert import ConversionError, checkpoint_to_hf, hf_to_checkpoint
-from unijax.inference import decode
-from unijax.inference.sampling import Sampling
 from unijax.models import family
 from unijax.models.config import MoEConfig
 from unijax.models.presets import preset
 from unijax.training.upcycle import upcycle
-
-RTOL = 1e-4
-
-
-def close(ours, ref, rtol=RTOL):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    assert ours.shape == ref.shape
-    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-    assert err <= rtol * scale, f"max abs diff {err:.3g} > {rtol} x {scale:.3g}"
 
 
 def load_exported(path):
@@ -99,27 +88,13 @@ def test_generate_decodes_images_as_unijax(exported):
     """`generate(generation_mode="image")`, greedy with CFG 3: the codes equal unijax's decoder's, and
     the teacher-forced guided image-head logits match along them."""
     model, hf, _ = exported
-    ids = torch.tensor([[BOS, 10, 11, 12, 13, BOI], [BOS, 20, 21, 22, 23, BOI]])
-    with torch.no_grad():
-        ref_codes = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                do_sample=False, guidance_scale=3.0).numpy()
-    codes, logits = decode.generate_image_codes(model, jnp.asarray(ids.numpy()), jnp.ones(ids.shape, jnp.int32),
-                                                guidance=3.0, sampling=Sampling(), return_logits=True)
-    np.testing.assert_array_equal(np.asarray(codes), ref_codes)
-    close(logits, hf_guided_logits(hf, ids, ref_codes, 3.0))
+    check_cfg_image_generation(hf, model, torch.tensor([[BOS, 10, 11, 12, 13, BOI], [BOS, 20, 21, 22, 23, BOI]]))
 
 
 def test_generate_decodes_text_as_unijax(exported):
     model, hf, _ = exported
     ids, pixels = prompt()
-    with torch.no_grad():
-        ref = hf.generate(input_ids=ids, pixel_values=torch.tensor(pixels), attention_mask=torch.ones_like(ids),
-                          max_new_tokens=8, do_sample=False).numpy()[:, ids.shape[1]:]
-    tok = jnp.asarray(ids.numpy())
-    mod = jnp.where(tok == IMAGE_TOKEN, UND_IMAGE, TEXT)
-    out = np.asarray(decode.generate_text(model, tok, mod, jnp.ones_like(tok),
-                                          jnp.asarray(pixels.transpose(0, 2, 3, 1))[:, None], max_new_tokens=8))
-    np.testing.assert_array_equal(out[:, :ref.shape[1]], ref)  # transformers stops at EOS; ours pads after it
+    check_greedy_text(hf, model, ids, pixels, max_new_tokens=8)
 
 
 def test_export_converts_back(exported, tmp_path):

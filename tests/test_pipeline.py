@@ -285,3 +285,27 @@ def test_scene_text_samples_are_text_only_and_skip_the_image_encoders(tok, cfg):
     c.data.source = "files"
     with pytest.raises(ValueError, match="data.scene_text"):
         validate(c)
+
+
+def test_repeats_of_a_small_held_out_file_count_once(tok, cfg, tmp_path):
+    """Two caption records drawn into batches of 4 rows come round twice: `distinct_rows` keeps the
+    first row of each record and blanks the repeats (no token, no weight), so statistics see 2."""
+    import grain
+    from PIL import Image
+
+    from unijax.data import shapes
+    from unijax.data.sources import CaptionSource
+
+    for i in range(2):
+        Image.fromarray(shapes.render(shapes.scene_at(0, i))).save(tmp_path / f"{i}.png")
+    (tmp_path / "caps.jsonl").write_text("".join(f'{{"image": "{i}.png", "caption": "a red circle"}}\n'
+                                                 for i in range(2)))
+    layout = pipeline.Layout.from_model(cfg, 160)
+    ds = pipeline.repeat_epochs(grain.MapDataset.source(CaptionSource(tmp_path / "caps.jsonl", tmp_path)), seed=0)
+    batch = next(iter(pipeline.batches([ds], [1.0], tokenizer=tok, layout=layout, batch_size=4, seed=0)))
+    origins = list(batch["origin"])
+    assert len(set(origins)) == 2 and all(o.endswith((":0", ":1")) for o in origins)
+    (out,) = pipeline.distinct_rows([batch])
+    kept = (out["segment_ids"] > 0).any(axis=1)
+    assert kept.sum() == 2 and sorted(np.asarray(origins)[kept]) == sorted(set(origins))
+    assert not out["image_weights"][~kept].any() and (batch["segment_ids"] > 0).any(axis=1).all()

@@ -1,8 +1,8 @@
 """Fine-tuning Janus-Pro on your own data, end to end on a full-format replica (`tests/replica.py`).
 
 Every step is the CLI a user runs (docs/finetune_janus_pro.md) with the recipe configs of
-`configs/janus_pro/`, changing only paths, `model.preset=checkpoint` (the tiny converted model's
-own architecture instead of the 1B's) and sizes (steps, batch): convert -> pack -> stage 1 x 2 ->
+`configs/janus_pro/`, changing only paths and sizes (steps, batch; the recipes take the tiny converted
+model's architecture from it, and fit their mesh to the 2 devices): convert -> pack -> stage 1 x 2 ->
 upcycle -> stage 2 + AIA -> expert loads and attention intensity on the same data -> evaluate POPE
 and MMMU in their official layouts -> generate -> export to transformers.
 """
@@ -17,7 +17,7 @@ import pytest
 import replica
 
 CONFIGS = replica.pathlib.Path(__file__).resolve().parents[1] / "configs" / "janus_pro"
-SMALL = ["--config.model.preset=checkpoint", "--config.train.steps=4", "--config.train.batch_size=4",
+SMALL = ["--config.train.steps=4", "--config.train.batch_size=4",
          "--config.train.eval_every=2", "--config.train.eval_batches=1", "--config.train.log_every=2",
          "--config.data.num_workers=0", "--config.data.eval_split=0.1"]  # the recipes' mesh fits the 2 devices
 
@@ -78,7 +78,7 @@ def test_finetune_janus_pro_on_your_data_replica(tmp_path):
     cli(tmp_path, "unijax.analyze", "intensity", "--ckpt", str(model), "--task", "und", "--samples", "4",
         "--out", "und_curve.json")
     curve = json.loads((tmp_path / "und_curve.json").read_text())
-    assert curve["task"] == "und" and len(curve["mean"]) == 2 and curve["samples"] == 4
+    assert curve["task"] == "und" and len(curve["mean"]) == 2 and 1 <= curve["samples"] <= 4  # each held-out record once
 
     cli(tmp_path, "unijax.evaluate", "--ckpt", str(model), "--suite", "pope", "--files",
         "pope/coco_pope_random.json,pope/coco_pope_popular.json,pope/coco_pope_adversarial.json",

@@ -343,6 +343,11 @@ def test_init_from_of_another_architecture_names_each_differing_key(tmp_path, da
     n = cfg.text.num_layers
     assert f"model.text.num_layers: {n + 1} (checkpoint) != {n} (this run)" in str(e.value)
     assert "JanusConfig(" not in str(e.value) and "model.preset=checkpoint" in str(e.value)
+    # the recipes' default: the checkpoint's architecture once it exists, the preset before
+    c.model.preset_from_checkpoint = True
+    assert model_config(c).text.num_layers == n + 1
+    c.init_from = str(tmp_path / "not_converted_yet")
+    assert model_config(c).text.num_layers == n
 
 
 def test_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path, data_dir):
@@ -375,3 +380,17 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     for step in range(1, 7):
         assert got[step] == reference[step], step
     assert (tmp_path / "checkpoints.damaged" / "4").is_dir() and not (tmp_path / "checkpoints" / "4").exists()
+
+
+def test_a_full_disk_stops_the_run_in_one_line_before_writing(tmp_path, data_dir, monkeypatch):
+    """Less free space than the state's bytes: the save is refused before Orbax writes anything (no
+    partial step directory), naming the directory, the space free and the space needed."""
+    import collections
+
+    from unijax.training import checkpointing
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))
+    with pytest.raises(ValueError, match=r"checkpoints: 1.0 MiB free, a checkpoint of this run needs about \d"):
+        loop.train(tiny_config(tmp_path, data_dir, steps=1, checkpoint_every=1), devices=jax.devices()[:1])
+    assert not any((tmp_path / "checkpoints").iterdir())

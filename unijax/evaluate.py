@@ -7,6 +7,7 @@
         --image_root val2014/
     python -m unijax.evaluate --ckpt CKPT --suite mmmu --files validation.parquet [--image_root DIR]
     python -m unijax.evaluate --ckpt CKPT --suite geneval --files evaluation_metadata.jsonl
+    python -m unijax.evaluate --ckpt CKPT --suite files --data heldout.jsonl,heldout_captions.parquet [--image_root DIR]
 
 Suites and metrics: `unijax.inference.suites`; file formats: `unijax.data.benchmarks`. Writes
 `--out` (default `<CKPT>/../eval/<suite>`): `results.json`, `results.md` (the metrics table, also
@@ -48,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=d.temperature, help="generation temperature")
     p.add_argument("--top_k", type=int, default=d.top_k)
     p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="understanding answers")
-    p.add_argument("--files", default="", help="pope / mmmu / geneval: comma-separated benchmark files")
+    p.add_argument("--files", "--data", dest="files", default="",
+                   help="pope / mmmu / geneval: comma-separated benchmark files; files: your held-out data files")
     p.add_argument("--image_root", default="", help="pope / mmmu: the image folder")
     p.add_argument("--split", default=d.split, help="mmmu: the split read from folders of subjects")
     p.add_argument("--pope_instruction", default=d.pope_instruction,

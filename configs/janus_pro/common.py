@@ -35,6 +35,7 @@ def recipe(size: str, stage: str):
     c = common.get_config(preset=SIZES[size])
     c.workdir = f"workdir/janus_pro_{size}/{stage}"
     c.init_from = f"ckpt/janus_pro_{size}"
+    c.model.preset_from_checkpoint = True  # the converted checkpoint's architecture (the size's preset until it exists)
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.scan_layers = True

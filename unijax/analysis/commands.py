@@ -111,7 +111,10 @@ def intensity(ckpt, task, *, samples=100, out=None, targets="janus_pro", curve_d
     model = checkpoints.load_model(ckpt)
     curves = intensity_curves(model, batches, images_per_row, samples=samples, **span_kw)
     for t, c in curves.items():
-        if c["samples"] < samples:
+        if c["samples"] < samples and config.data.source == "files" and c["samples"] > 0:
+            print(f"{t}: the held-out data holds {c['samples']} samples, fewer than --samples={samples}: "
+                  f"using those (each once)")
+        elif c["samples"] < samples:
             raise ValueError(f"only {c['samples']} valid {t} samples in {num_batches} held-out batches of "
                              f"{batch_size}; the run's data mix lacks that task")
     main_curve = curves[task]

@@ -67,4 +67,5 @@ def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, d
     else:
         # its held-out part, else (a run that held nothing out) its own training files
         batches = files_heldout_batches(config, tokenizer, layout) or first_batches(config, tokenizer, layout)
-    return batches, layout.images_per_row(False), seed + HELD_OUT_SEED_OFFSET
+    return pipeline.distinct_rows(batches), layout.images_per_row(False), seed + HELD_OUT_SEED_OFFSET
+

@@ -35,6 +35,7 @@ import numpy as np
 
 from unijax.contract import IMAGE_MARKER
 from unijax.data import records, shapes
+from unijax.data.sources import open_source
 
 LETTERS_UPPER = "ABCDEFGHIJ"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # MMMU's prompts
@@ -185,6 +186,75 @@ def pope_items(files: list[str], image_root: str, instruction: str = OPEN_INSTRU
                 raise BenchmarkFileError(f"{path}: record {n}: label {label!r} is not yes / no")
             items.append(item)
     return items
+
+
+def files_task(path: pathlib.Path) -> str:
+    """"mmu" for conversations (`.json`, or `.jsonl` whose first record has `conversations`), "t2i"
+    for captions (`.parquet`, or `.jsonl` whose first record has `caption`)."""
+    if path.suffix == ".json":
+        return "mmu"
+    if path.suffix == ".parquet":
+        return "t2i"
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            first = next((line for line in f if line.strip()), b"")
+        try:
+            rec = json.loads(first) if first else {}
+        except (json.JSONDecodeError, RecursionError):
+            rec = {}
+        if isinstance(rec, dict) and "conversations" in rec:
+            return "mmu"
+        if isinstance(rec, dict) and "caption" in rec:
+            return "t2i"
+        raise BenchmarkFileError(f"{path}: its first record has neither 'conversations' (understanding) nor "
+                                 f"'caption' (generation)")
+    raise BenchmarkFileError(f"{path}: held-out files are .json / .jsonl conversations or .jsonl / .parquet captions")
+
+
+_FILE_SOURCES: dict[tuple[str, str, str], Any] = {}
+
+
+def _file_source(path: str, task: str, image_root: str):
+    key = (path, task, image_root)
+    if key not in _FILE_SOURCES:
+        _FILE_SOURCES[key] = open_source(path, image_root or str(pathlib.Path(path).parent), task)
+    return _FILE_SOURCES[key]
+
+
+def files_items(files: list[str], image_root: str = "") -> tuple[list[dict], list[dict]]:
+    """Your held-out data as evaluation items: (items, skipped). An understanding record is one item
+    (its first turn: the question and the reference answer, with its image or images); a caption
+    record is one item (the caption and its image). Bad records and text-only conversations are
+    skipped, each with its reason. Images are read when predicted (`file_record`)."""
+    items, skipped = [], []
+    for f in files:
+        path = pathlib.Path(f)
+        if not path.is_file():
+            raise BenchmarkFileError(f"{path}: no such file")
+        task = files_task(path)
+        src = _file_source(str(path), task, image_root)
+        if len(src) == 0:
+            raise BenchmarkFileError(f"{path}: no records")
+        for i in range(len(src)):
+            try:
+                rec = src[i]
+            except records.BadRecordError as e:
+                skipped.append({"source": str(path), "index": i, "reason": e.reason})
+                continue
+            base = {"id": f"{path.name}/{i}", "task": task, "file": str(path), "index": i, "image_root": image_root}
+            if task == "t2i":
+                items.append({**base, "caption": rec["caption"]})
+            elif rec.get("image") is None and not rec.get("images"):
+                skipped.append({"source": str(path), "index": i, "reason": "a text-only conversation (no image)"})
+            else:
+                question, answer = rec["turns"][0]
+                items.append({**base, "question": question, "answer": answer})
+    return items, skipped
+
+
+def file_record(item: dict) -> dict:
+    """The raw sample (`unijax.data.sources`) behind a `files_items` item, its image(s) decoded."""
+    return _file_source(item["file"], item["task"], item["image_root"])[item["index"]]
 
 
 def _options(value, where: str) -> list[str]:

@@ -205,7 +205,28 @@ def bad_sample(layout: Layout, task: int = MMU, why: int = BAD_RECORD, sample: d
     return {"tokens": np.array([layout.pad_id], np.int32), "modality": np.zeros(1, np.int32),
             "task": np.full(1, task, np.int32), "text_weights": np.zeros(1, np.float32),
             "image_weights": np.zeros(1, np.float32), "patches": np.zeros((1, layout.patch_dim), np.uint8),
-            "bad": np.full(1, why, np.int32), "kind": np.int32(-1), "skip": skip}
+            "bad": np.full(1, why, np.int32), "kind": np.int32(-1), "skip": skip, "origin": origin_of(sample)}
+
+
+def origin_of(sample: dict) -> str:
+    """`file:index` of a sample read from a file ("" for a generated one, such as a shapes scene)."""
+    return f"{sample['source']}:{sample['index']}" if "source" in sample and "index" in sample else ""
+
+
+def distinct_rows(batches: list[dict]) -> list[dict]:
+    """The batches with every repeat of a record (a held-out file smaller than the batches asked for
+    comes round again) blanked to an empty row, which no statistic counts: each record is one sample."""
+    seen: set[str] = set()
+    out = []
+    for b in batches:
+        b = {k: np.array(v) for k, v in b.items()}
+        for r, origin in enumerate(np.asarray(b.get("origin", ())).reshape(-1)):
+            if origin and origin in seen:
+                for key in ("segment_ids", "text_weights", "image_weights", "modality", "tokens", "bad"):
+                    b[key][r] = 0
+            seen.add(str(origin))
+        out.append(b)
+    return out
 
 
 def skipped_in(batch: dict) -> list[dict]:
@@ -231,7 +252,7 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
                            "raise data.max_images or set data.overflow=skip")
     x = _encode(sample, tokenizer, layout, rng, kinds, where)
     if len(x["tokens"]) <= layout.max_len:
-        return {**x, "skip": ""}
+        return {**x, "skip": "", "origin": origin_of(sample)}
     n, task = len(x["tokens"]), sample["task"]
     if layout.overflow == "truncate" and task == "mmu":
         turns = list(sample["turns"])
@@ -239,7 +260,7 @@ def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.ran
             turns.pop()
             x = _encode({**sample, "turns": turns}, tokenizer, layout, rng, kinds, where)
             if len(x["tokens"]) <= layout.max_len:
-                return {**x, "skip": ""}
+                return {**x, "skip": "", "origin": origin_of(sample)}
     return _overflowed(layout, sample, task, f"{n} tokens do not fit data.max_len={layout.max_len}",
                        "raise data.max_len, shorten the text, or set data.overflow=skip / truncate")
 
@@ -308,6 +329,7 @@ def pad_sample(x: dict[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
     out["positions"] = np.where(np.arange(max_len) < n, np.arange(max_len), 0).astype(np.int32)
     out["kind"] = x["kind"]
     out["skip"] = x.get("skip", "")
+    out["origin"] = x.get("origin", "")
     return out
 
 
@@ -321,9 +343,13 @@ class EncodeSample(grain.transforms.RandomMap):
         return encode_sample(sample, self.tokenizer, self.layout, rng, self.kinds)
 
 
+READ_THREADS, READ_AHEAD = 4, 4  # `data.read_threads`, `data.read_ahead` (grain's own defaults: 16 and 500)
+
+
 def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, tokenizer, layout: Layout,
             batch_size: int, seed: int, packing: bool = False, num_workers: int = 0, prefetch: int = 0,
-            kinds: Sequence[str] = (), process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+            kinds: Sequence[str] = (), process_index: int = 0, process_count: int = 1,
+            read_threads: int = READ_THREADS, read_ahead: int = READ_AHEAD) -> grain.IterDataset:
     """Mixes per-task datasets of raw samples into batches of `batch_size` rows for this process.
 
     `datasets` are random-access datasets of raw samples, already shuffled and repeated where they
@@ -333,19 +359,23 @@ def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, t
     rows are its block `[b G + p L, b G + (p + 1) L)` (L = `batch_size`): the processes' batches,
     stacked in process order, are exactly the one-process global batch (without packing, which
     forms rows per process).
+
+    Memory is bounded: `read_threads` threads decode ahead at most `read_ahead` elements (batches;
+    samples when packing) per process, and each worker process keeps one batch ready.
     """
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead)
     mixed = grain.MapDataset.mix(list(datasets), list(weights)) if len(datasets) > 1 else datasets[0]
     ds = mixed.random_map(EncodeSample(tokenizer, layout, kinds), seed=seed)
     if process_count > 1:
         ds = grain.MapDataset.source(ProcessRows(ds, batch_size, process_index, process_count))
     if packing:
-        it = ds.map(lambda x: {k: x[k] for k in SEQ_FEATURES}).to_iter_dataset()
+        it = ds.map(lambda x: {k: x[k] for k in SEQ_FEATURES}).to_iter_dataset(read)
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct=dict.fromkeys(SEQ_FEATURES, layout.max_len), num_packing_bins=batch_size,
             shuffle_bins=False)
         it = it.map(_rename_packed).batch(batch_size, drop_remainder=True)
     else:
-        it = ds.map(lambda x: pad_sample(x, layout.max_len)).batch(batch_size, drop_remainder=True).to_iter_dataset()
+        it = ds.map(lambda x: pad_sample(x, layout.max_len)).batch(batch_size, drop_remainder=True).to_iter_dataset(read)
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     elif prefetch > 0:  # a background thread prepares the next batches while the step runs

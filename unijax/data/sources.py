@@ -351,6 +351,8 @@ def _caption_sample(rec: Any, name: str, i: int, image_of) -> dict:
     caption = rec.get("caption")
     if not isinstance(caption, str):
         raise BadRecordError(name, i, f"'caption' must be a string, got {caption!r:.80}", "t2i")
+    if len(caption) > MAX_RECORD_BYTES:
+        raise BadRecordError(name, i, f"caption of {len(caption):,} characters, more than {MAX_RECORD_BYTES:,}", "t2i")
     if rec.get("image") is None:
         raise BadRecordError(name, i, "record has no 'image'", "t2i")
     return {"task": "t2i", "image": image_of(rec["image"]), "caption": caption, "source": name, "index": i}

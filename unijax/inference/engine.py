@@ -23,9 +23,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from unijax import checkpoints
-from unijax.contract import TEXT, UND_IMAGE
+from unijax.contract import BATCH_KEYS, TEXT, UND_IMAGE
 from unijax.data import pipeline
 from unijax.data.tokenizer import (
     DEFAULT_DATA_DIR,
@@ -39,6 +40,7 @@ from unijax.data.tokenizer import (
 from unijax.inference import decode
 from unijax.inference.images import to_uint8
 from unijax.inference.sampling import Sampling
+from unijax.models import forward
 from unijax.models.config import family_of
 
 PAD_TO = 16
@@ -88,6 +90,7 @@ class Engine:
 
     def __post_init__(self):
         self.cfg = self.model.cfg
+        self._image_ce = None  # the jitted teacher-forced scorer, built on first use
         check_compatible(self.tokenizer, self.cfg)
         self.generator = decode.Generator(self.model)
         layout = pipeline.Layout.from_model(self.cfg, max_len=0)
@@ -148,6 +151,40 @@ class Engine:
             for row in ids:
                 end = np.flatnonzero(row == self.cfg.text.eos_token_id)
                 out.append(self.tokenizer.decode(row[:end[0]] if len(end) else row).strip())
+        return out
+
+    # -- scoring -------------------------------------------------------------------------------
+    def image_code_loss(self, images: Sequence, captions: Sequence[str]) -> list[float]:
+        """Teacher-forced image-code cross-entropy (nats per code) of each (image, caption): the image
+        becomes codes by the model's own VQ encoder, as in training (`pipeline.encode_sample`), and
+        the codes are scored after the caption's prompt. NaN for a pair that does not fit the model."""
+        if len(images) != len(captions):
+            raise ValueError(f"image_code_loss: {len(images)} images but {len(captions)} captions")
+        longest = max((len(self.tokenizer.t2i_ids(c)) for c in captions), default=0)
+        probe = pipeline.Layout.from_model(self.cfg, max_len=1)
+        layout = pipeline.Layout.from_model(self.cfg, max_len=_round_up(longest + probe.gen_tokens + 8, PAD_TO))
+        if self._image_ce is None:
+            graphdef, state = nnx.split(self.model)
+
+            def ce(state, batch):
+                _, logits, targets, _ = forward.lm_forward(nnx.merge(graphdef, state), batch, (0, 1))
+                k = logits.shape[-1]
+                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                nll = -jnp.take_along_axis(logp, jnp.clip(targets, 0, k - 1)[..., None], axis=-1)[..., 0]
+                w = batch["image_weights"]
+                return jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
+
+            self._image_ce = (jax.jit(ce), state)
+        fn, state = self._image_ce
+        out: list[float] = []
+        for lo, hi in self._chunks(len(captions)):
+            rows = [pipeline.pad_sample(pipeline.encode_sample({"task": "t2i", "image": np.asarray(img, np.uint8),
+                                                                "caption": cap}, self.tokenizer, layout), layout.max_len)
+                    for img, cap in zip(images[lo:hi], captions[lo:hi])]
+            rows += [rows[0]] * (self.batch_size - len(rows))
+            batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in BATCH_KEYS}
+            losses = np.asarray(jax.device_get(fn(state, batch)))[: hi - lo]
+            out += [float("nan") if r["bad"].any() else float(v) for r, v in zip(rows, losses)]
         return out
 
     # -- generation ----------------------------------------------------------------------------

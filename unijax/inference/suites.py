@@ -35,9 +35,9 @@ from unijax.inference.images import save_grid
 from unijax.inference.sampling import Sampling
 from unijax.io import write_outputs
 
-SUITES = ("shapes_pope", "shapes_mc", "shapes_geneval", "pope", "mmmu", "geneval")
+SUITES = ("shapes_pope", "shapes_mc", "shapes_geneval", "pope", "mmmu", "geneval", "files")
 KIND = {"shapes_pope": "pope", "pope": "pope", "shapes_mc": "mc", "mmmu": "mc", "shapes_geneval": "geneval",
-        "geneval": "geneval"}
+        "geneval": "geneval", "files": "files"}
 
 
 @dataclasses.dataclass
@@ -60,6 +60,14 @@ class Options:
     pope_instruction: str = benchmarks.OPEN_INSTRUCTION  # pope: appended to each question ("" for none)
 
 
+class Items(list):
+    """A suite's items, with the records its files held that could not become items (`skipped`)."""
+
+    def __init__(self, items=(), skipped=()):
+        super().__init__(items)
+        self.skipped = list(skipped)
+
+
 def build_items(suite: str, o: Options) -> list[dict]:
     if suite not in SUITES:
         raise ValueError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
@@ -76,6 +84,12 @@ def build_items(suite: str, o: Options) -> list[dict]:
         return benchmarks.pope_items(list(o.files), o.image_root, o.pope_instruction)
     if suite == "mmmu":
         return benchmarks.mc_items(list(o.files), o.image_root, o.split)
+    if suite == "files":
+        items, skipped = benchmarks.files_items(list(o.files), o.image_root)
+        if not items:
+            raise ValueError(f"suite files: no record of {', '.join(o.files)} can be evaluated "
+                             f"({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else 'none'})")
+        return Items(items, skipped=skipped)
     if len(o.files) != 1:
         raise ValueError(f"suite {suite!r} reads one file, got {len(o.files)}")
     return benchmarks.geneval_items(o.files[0])
@@ -200,6 +214,8 @@ def metrics(suite: str, items: list[dict], preds: dict[str, dict]) -> dict:
             out["per_category"] = {c: float(np.mean([hits[it["id"]] for it in items if it.get("category") == c]))
                                    for c in cats}
         return out
+    if kind == "files":
+        return files_metrics(items, preds)
     scored = [it for it in items if preds[it["id"]]["correct"] is not None]
     out = {"prompts": len(items), "scored_prompts": len(scored),
            "samples": int(sum(len(preds[it["id"]]["correct"] or []) for it in items))}
@@ -224,6 +240,18 @@ def markdown(suite: str, m: dict) -> str:
                 f"| all ({m['n']} questions, {m.get('open', 0)} open) | {m['accuracy']:.3f} |"]
         rows += [f"| {c} | {a:.3f} |" for c, a in m.get("per_category", {}).items()]
         return "\n".join(rows) + f"\n\nunparsed responses: {m['unparsed']:.3f}\n"
+    if kind == "files":
+        rows = ["| task | records | metric | value |", "|---|---|---|---|"]
+        if "understanding" in m:
+            u = m["understanding"]
+            rows += [f"| understanding | {u['n']} | exact match | {u['exact_match']:.3f} |",
+                     f"| understanding | {u['n']} | token F1 | {u['token_f1']:.3f} |"]
+        if "generation" in m:
+            g = m["generation"]
+            rows.append(f"| generation | {g['n']} | image-code loss (nats / code) | {g['image_code_loss']:.4f} |")
+        note = "".join(f"\n- {r['source']}: record {r['index']}: {r['reason']}" for r in m["skipped"][:20])
+        more = f"\n- ... and {len(m['skipped']) - 20} more" if len(m["skipped"]) > 20 else ""
+        return "\n".join(rows) + f"\n\nskipped records: {len(m['skipped'])}{note}{more}\n"
     if "overall" not in m:
         return (f"{m['prompts']} prompts x {m['samples'] // max(m['prompts'], 1)} samples written in GenEval's "
                 f"layout; none is scorable by the shapes detector: run GenEval's scorer on them.\n")
@@ -237,6 +265,8 @@ def predict(suite: str, engine, items: list[dict], o: Options, out_dir: pathlib.
     """Predictions for `items` (one dict per item, with its `id`); geneval also writes the samples
     under `out_dir/images` when `out_dir` is given."""
     kind = KIND[suite]
+    if kind == "files":
+        return predict_files(engine, items, o, out_dir)
     if kind in ("pope", "mc"):
         images = [benchmarks.load_item_image(it) for it in items]
         responses = engine.answer(images, [it["question"] for it in items], max_new_tokens=o.max_new_tokens)
@@ -261,6 +291,70 @@ def predict(suite: str, engine, items: list[dict], o: Options, out_dir: pathlib.
         spec = benchmarks.metadata_to_spec(it["metadata"], it["id"])
         correct = None if spec is None else [bool(shapes.score(spec, shapes.detect(img))) for img in imgs]
         out.append({"id": it["id"], "correct": correct})
+    return out
+
+
+def _answer_tokens(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, punctuation and articles (a, an, the) removed."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return [w for w in text.split() if w not in ("a", "an", "the")]
+
+
+def token_f1(response: str, reference: str) -> float:
+    """SQuAD's token F1 between a response and the reference answer (normalised tokens, multiset overlap)."""
+    r, g = _answer_tokens(response), _answer_tokens(reference)
+    if not r or not g:
+        return float(r == g)
+    common = sum(min(r.count(w), g.count(w)) for w in set(r))
+    if not common:
+        return 0.0
+    p, q = common / len(r), common / len(g)
+    return 2 * p * q / (p + q)
+
+
+def predict_files(engine, items: list[dict], o: Options, out_dir: pathlib.Path | None) -> list[dict]:
+    """`files`: understanding records answered greedily (exact match and token F1 against the reference,
+    every answer kept); caption records scored by their teacher-forced image-code loss, and `o.samples`
+    CFG samples per caption written to `out_dir/images/<file>/<index>.png` (a row of samples)."""
+    out = []
+    und = [it for it in items if it["task"] == "mmu"]
+    if und:
+        recs = [benchmarks.file_record(it) for it in und]
+        images = [r["images"] if r.get("images") else r["image"] for r in recs]
+        responses = engine.answer(images, [it["question"] for it in und], max_new_tokens=o.max_new_tokens)
+        for it, r in zip(und, responses):
+            out.append({"id": it["id"], "task": "mmu", "question": it["question"], "reference": it["answer"],
+                        "response": r, "exact": _answer_tokens(r) == _answer_tokens(it["answer"]),
+                        "f1": token_f1(r, it["answer"])})
+    gen = [it for it in items if it["task"] == "t2i"]
+    if gen:
+        targets = [benchmarks.file_record(it)["image"] for it in gen]
+        losses = engine.image_code_loss(targets, [it["caption"] for it in gen])
+        samples = engine.images([it["caption"] for it in gen], num_images=o.samples, guidance=o.cfg,
+                                sampling=Sampling(temperature=o.temperature, top_k=o.top_k), seed=o.seed,
+                                prompt_ids=[int(it["index"]) for it in gen])
+        for it, loss, imgs in zip(gen, losses, samples):
+            rec = {"id": it["id"], "task": "t2i", "caption": it["caption"], "image_code_loss": loss}
+            if out_dir is not None:
+                path = out_dir / "images" / pathlib.Path(it["file"]).name / f"{it['index']:06d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_grid(imgs, path, cols=len(imgs))
+                rec["samples"] = str(path.relative_to(out_dir))
+            out.append(rec)
+    return out
+
+
+def files_metrics(items: list[dict], preds: dict[str, dict]) -> dict:
+    out: dict = {"skipped": getattr(items, "skipped", [])}
+    und = [preds[it["id"]] for it in items if it["task"] == "mmu"]
+    if und:
+        out["understanding"] = {"n": len(und), "exact_match": float(np.mean([p["exact"] for p in und])),
+                                "token_f1": float(np.mean([p["f1"] for p in und]))}
+    gen = [preds[it["id"]]["image_code_loss"] for it in items if it["task"] == "t2i"]
+    fits = [v for v in gen if np.isfinite(v)]
+    if gen:
+        out["generation"] = {"n": len(gen), "image_code_loss": float(np.mean(fits)) if fits else float("nan"),
+                             "too_long": len(gen) - len(fits)}
     return out
 
 

@@ -8,6 +8,7 @@ complete, so a run killed mid-save resumes from the previous committed step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,6 +42,20 @@ class TrainCheckpoints:
         return self.directory / str(step)
 
     def save(self, step: int, state, data_iter) -> None:
+        """Saves `step` (asynchronously with `train.async_checkpointing`). Refused at once, before
+        anything is written, when the directory's filesystem has less free space than the state's
+        bytes; a write that still runs out of space is one error naming the directory."""
+        need = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            last = self.latest_step()
+            kept = f" (the last checkpoint, {last}, is intact)" if last is not None else ""
+            raise ValueError(f"{self.directory}: {_size(free)} free, a checkpoint of this run needs about "
+                             f"{_size(need)}; free some space or move train.workdir{kept}")
+        with _no_space_as_one_line(self.directory, self.latest_step()):
+            self._save(step, state, data_iter)
+
+    def _save(self, step: int, state, data_iter) -> None:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter),
@@ -117,7 +132,24 @@ class TrainCheckpoints:
             path.write_text(self.config.to_json_best_effort(indent=2) + "\n")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _no_space_as_one_line(self.directory, None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _no_space_as_one_line(directory: pathlib.Path, last: int | None):
+    try:
+        yield
+    except Exception as e:
+        if "No space left on device" not in str(e) and "ENOSPC" not in str(e):
+            raise
+        where = f" (the last complete checkpoint, {last}, is intact)" if last is not None else ""
+        raise ValueError(f"{directory}: a checkpoint write ran out of disk space{where}; free some space or move "
+                         f"train.workdir, then rerun to resume") from None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

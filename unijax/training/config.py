@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -50,6 +51,7 @@ def model(preset: str = "tiny") -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.family = "janus"         # janus | emu3 (FAMILIES; model.preset names one of its presets)
     m.preset = preset
+    m.preset_from_checkpoint = False  # True: init_from's own architecture when it exists (model.preset until then)
     m.ffn = "dense"            # dense | ta_moe (the TA-MoE FFN, configured by the top-level moe.* keys)
     m.lora = ml_collections.ConfigDict()   # LoRA on frozen weights (unijax/models/lora.py)
     m.lora.rank = 0                        # 0 = off; the paper's stage 2: 16
@@ -133,6 +135,8 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.scene_text = False         # shapes MMU samples describe the scene in words, no image (configs/stage0_lm.py)
     d.num_workers = 0            # grain worker processes (0 = in the training process)
     d.prefetch = 2               # batches a background thread prepares ahead (when num_workers = 0)
+    d.read_threads = 4           # threads decoding samples per process (grain's ReadOptions.num_threads)
+    d.read_ahead = 4             # elements (batches; samples when packing) decoded ahead per process
     d.skip_bad_records = True    # a bad record (missing image, bad JSON, ...) is skipped and counted; False: stop
     d.max_image_pixels = 40_000_000  # an image file above this (read from its header, before decoding) is a bad record
     d.max_image_bytes = 64 << 20     # so is an image file larger than this, or one that is not a regular file
@@ -228,7 +232,9 @@ def model_config(config) -> JanusConfig:
     """`model.preset` of `model.family` with every set (non-None) `model.*` architecture key and the
     runtime keys on top (an Emu3 model has no `model.vision.*`, and only the `model.vq.*` keys its
     tokenizer shares with Janus's). `model.preset=checkpoint` starts from the `init_from`
-    checkpoint's own config instead (a converted model of any size: nothing to restate)."""
+    checkpoint's own config instead (a converted model of any size: nothing to restate); so does
+    `model.preset_from_checkpoint=True` once that checkpoint exists (`plan` of a recipe before the
+    conversion uses `model.preset`)."""
     m = config.model
     family = m.get("family", "janus")
     overrides: dict[str, Any] = {}
@@ -248,7 +254,10 @@ def model_config(config) -> JanusConfig:
             overrides[key] = value
     overrides.update({k: m[k] for k in RUNTIME_KEYS})
     overrides["ffn"] = m.ffn
-    if m.preset == CHECKPOINT_PRESET:
+    from_checkpoint = m.preset == CHECKPOINT_PRESET or (
+        m.get("preset_from_checkpoint", False) and config.init_from
+        and (pathlib.Path(config.init_from) / "model.json").is_file())
+    if from_checkpoint:
         if not config.init_from:
             raise ValueError("model.preset=checkpoint takes the architecture of init_from, but init_from is empty")
         saved = checkpoints.read_config(config.init_from)
@@ -334,6 +343,9 @@ def validate(config) -> None:
     if lo.rank < 0 or (lo.rank and not (lo.alpha > 0 and 0 <= lo.dropout < 1)):
         raise ValueError(f"model.lora: rank={lo.rank} (>= 0), alpha={lo.alpha} (> 0) and dropout={lo.dropout} "
                          f"(in [0, 1)) are out of range")
+    if config.data.read_threads < 0 or config.data.read_ahead < 1:
+        raise ValueError(f"data.read_threads={config.data.read_threads} (>= 0) and data.read_ahead="
+                         f"{config.data.read_ahead} (>= 1) are out of range")
     if config.data.num_workers < 0:
         raise ValueError(f"data.num_workers={config.data.num_workers} must be >= 0")
     cfg = model_config(config)

@@ -303,7 +303,7 @@ class FilesHeldout(Evaluator):
         if ctx.config.data.source != "files" or ctx.config.objective != "lm":
             return None
         batches = files_heldout_batches(ctx.config, ctx.tokenizer, ctx.layout)
-        return cls(ctx, batches) if batches else None
+        return cls(ctx, pipeline.distinct_rows(batches)) if batches else None
 
     def __init__(self, ctx: Context, batches: list[dict]):
         self.config, self.mesh, self.every = ctx.config, ctx.mesh, int(ctx.config.train.eval_every)

@@ -182,7 +182,8 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     data_iter = iter(pipeline.batches(
         dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size // jax.process_count(),
         seed=config.seed, packing=config.data.packing, num_workers=config.data.num_workers,
-        prefetch=config.data.prefetch, process_index=jax.process_index(), process_count=jax.process_count()))
+        prefetch=config.data.prefetch, process_index=jax.process_index(), process_count=jax.process_count(),
+        read_threads=config.data.read_threads, read_ahead=config.data.read_ahead))
 
     # -- resume ----------------------------------------------------------------------------------
     start = 0
