@@ -382,7 +382,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     assert (tmp_path / "checkpoints.damaged" / "4").is_dir() and not (tmp_path / "checkpoints" / "4").exists()
 
 
-def test_a_full_disk_stops_the_run_in_one_line_before_writing(tmp_path, data_dir, monkeypatch):
+def test_a_full_disk_stops_the_run_in_one_line_before_writing(tmp_path, monkeypatch):
     """Less free space than the state's bytes: the save is refused before Orbax writes anything (no
     partial step directory), naming the directory, the space free and the space needed."""
     import collections
@@ -391,6 +391,9 @@ def test_a_full_disk_stops_the_run_in_one_line_before_writing(tmp_path, data_dir
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))
-    with pytest.raises(ValueError, match=r"checkpoints: 1.0 MiB free, a checkpoint of this run needs about \d"):
-        loop.train(tiny_config(tmp_path, data_dir, steps=1, checkpoint_every=1), devices=jax.devices()[:1])
+    ckpts = checkpointing.TrainCheckpoints(tmp_path / "checkpoints", base.get_config())
+    state = {"params": np.zeros((1 << 19,), np.float32)}  # 2 MiB
+    with pytest.raises(ValueError, match=r"checkpoints: 1.0 MiB free, a checkpoint of this run needs about 2.0 MiB"):
+        ckpts.save(1, state, data_iter=None)
+    ckpts.close()
     assert not any((tmp_path / "checkpoints").iterdir())
