@@ -209,8 +209,10 @@ def bad_sample(layout: Layout, task: int = MMU, why: int = BAD_RECORD, sample: d
 
 
 def origin_of(sample: dict) -> str:
-    """`file:index` of a sample read from a file ("" for a generated one, such as a shapes scene)."""
-    return f"{sample['source']}:{sample['index']}" if "source" in sample and "index" in sample else ""
+    """`task:source:index`, the record a sample came from ("" when it does not say)."""
+    if "source" not in sample or "index" not in sample:
+        return ""
+    return f"{sample.get('task', '')}:{sample['source']}:{sample['index']}"
 
 
 def distinct_rows(batches: list[dict]) -> list[dict]:
