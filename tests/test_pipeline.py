@@ -111,6 +111,20 @@ def test_grain_packing_fills_rows(tok, cfg):
             assert np.array_equal(pos, np.arange(len(pos)))
 
 
+def test_packed_rows_name_their_skipped_samples(tok, cfg):
+    """A packed row holds several samples; each skipped one (one token flagged `bad`) is named by
+    `skipped_in`, so a packed run counts skipped records once each, like an unpacked one."""
+    it, _ = stream(tok, cfg, packing=True, max_len=84, batch_size=4, gen=0.2)
+    named = flagged = 0
+    for _ in range(3):
+        b = next(it)
+        entries = pipeline.skipped_in(b)
+        flagged += int(np.sum(b["bad"] == pipeline.OVERFLOW))
+        named += len(entries)
+        assert all(e["why"] == "overflow" and e["source"] == "shapes" and e["index"] >= 0 for e in entries)
+    assert flagged > 0 and named == flagged
+
+
 def test_mixing_ratio(tok, cfg):
     it, _ = stream(tok, cfg, batch_size=30, und=1.0, gen=2.0)
     tasks = np.concatenate([next(it)["task"][:, 0] for _ in range(4)])

@@ -396,6 +396,43 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpts.close()
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_disk_that_fills_during_a_save_is_one_line(tmp_path, monkeypatch, caplog, async_save):
+    """The pre-check passed but the disk fills while Orbax writes (tensorstore's own ENOSPC error,
+    raised in Orbax's background threads): one error naming the directory and the intact previous
+    step, none of Orbax's thread tracebacks in the log, no partial step left, the previous one
+    restores."""
+    import grain
+    import orbax.checkpoint._src.serialization.type_handlers as th
+
+    from unijax.training import checkpointing
+
+    c = base.get_config()
+    c.train.async_checkpointing = async_save
+    ckpts = checkpointing.TrainCheckpoints(tmp_path / "checkpoints", c)
+    data = iter(grain.MapDataset.range(9).to_iter_dataset())
+    state = {"w": np.arange(64, dtype=np.float32)}
+    ckpts.save(1, state, data)
+    ckpts.wait()
+
+    async def full(self, value, tspec, ts_context):  # the message tensorstore gives on a full tmpfs
+        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "{tmp_path}/": '
+                         "Failed to write 840593 bytes to file 11: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(th.NumpyHandler, "_open_and_write", full)
+    with pytest.raises(ValueError, match=r"^\S+/checkpoints: a checkpoint write ran out of disk space \(the last "
+                                         r"complete checkpoint, 1, is intact\); free some space"):
+        ckpts.save(2, {"w": state["w"] + 1}, data)
+        ckpts.wait()
+    assert not [r for r in caplog.records if r.exc_info or "No space left" in r.getMessage()]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+    monkeypatch.undo()
+    restored = checkpointing.TrainCheckpoints(tmp_path / "checkpoints", c).restore(
+        {"w": np.zeros(64, np.float32)}, iter(grain.MapDataset.range(9).to_iter_dataset()))
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    ckpts.close()
+
+
 def test_a_full_disk_stops_the_run_in_one_line_before_writing(tmp_path, monkeypatch):
     """Less free space than the state's bytes: the save is refused before Orbax writes anything (no
     partial step directory), naming the directory, the space free and the space needed."""

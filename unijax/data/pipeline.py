@@ -232,9 +232,10 @@ def distinct_rows(batches: list[dict]) -> list[dict]:
 
 
 def skipped_in(batch: dict) -> list[dict]:
-    """The skipped records of a host batch (unpacked): `{"source", "index", "why", "reason"}` each,
-    one per skipped row (a record skipped in two batches appears in both)."""
-    return [json.loads(s) for s in np.asarray(batch.get("skip", ())).reshape(-1) if s]
+    """The skipped records of a host batch: `{"source", "index", "why", "reason"}` each, one per
+    skipped sample (a packed row holds several; a record skipped in two batches appears in both)."""
+    return [json.loads(line) for s in np.asarray(batch.get("skip", ())).reshape(-1) for line in str(s).splitlines()
+            if line]
 
 
 def encode_sample(sample: dict[str, Any], tokenizer, layout: Layout, rng: np.random.Generator | None = None,
@@ -371,10 +372,10 @@ def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, t
     if process_count > 1:
         ds = grain.MapDataset.source(ProcessRows(ds, batch_size, process_index, process_count))
     if packing:
-        it = ds.map(lambda x: {k: x[k] for k in SEQ_FEATURES}).to_iter_dataset(read)
+        it = ds.map(lambda x: {**{k: x[k] for k in SEQ_FEATURES}, "skip": x.get("skip", "")}).to_iter_dataset(read)
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct=dict.fromkeys(SEQ_FEATURES, layout.max_len), num_packing_bins=batch_size,
-            shuffle_bins=False)
+            shuffle_bins=False, meta_features=["skip"])
         it = it.map(_rename_packed).batch(batch_size, drop_remainder=True)
     else:
         it = ds.map(lambda x: pad_sample(x, layout.max_len)).batch(batch_size, drop_remainder=True).to_iter_dataset(read)
@@ -403,6 +404,7 @@ def _rename_packed(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {k: x[k] for k in SEQ_FEATURES}
     out["segment_ids"] = x["tokens_segment_ids"].astype(np.int32)
     out["positions"] = x["tokens_positions"].astype(np.int32)
+    out["skip"] = "\n".join(s for s in x["skip"] if s)  # the row's skipped records, one JSON line each
     return out
 
 

@@ -34,6 +34,8 @@ class TrainCheckpoints:
                                                enable_async_checkpointing=bool(config.train.async_checkpointing),
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._quiet = _NoSpaceFilter()  # a full disk is our one-line error, not Orbax's threads' tracebacks
+        logging.getLogger("absl").addFilter(self._quiet)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -52,7 +54,7 @@ class TrainCheckpoints:
             kept = f" (the last checkpoint, {last}, is intact)" if last is not None else ""
             raise ValueError(f"{self.directory}: {_size(free)} free, a checkpoint of this run needs about "
                              f"{_size(need)}; free some space or move train.workdir{kept}")
-        with _no_space_as_one_line(self.directory, self.latest_step()):
+        with _no_space_as_one_line(self.directory, step):
             self._save(step, state, data_iter)
 
     def _save(self, step: int, state, data_iter) -> None:
@@ -136,16 +138,43 @@ class TrainCheckpoints:
             self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        finally:
+            logging.getLogger("absl").removeFilter(self._quiet)
+
+
+def _no_space(text: str) -> bool:
+    return "No space left on device" in text or "ENOSPC" in text
+
+
+class _NoSpaceFilter(logging.Filter):
+    """Drops Orbax's log records of a write that ran out of space (each with a background thread's
+    traceback): `_no_space_as_one_line` reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        e = record.exc_info[1] if record.exc_info else None
+        texts = [record.getMessage()]
+        while e is not None:
+            texts.append(str(e))
+            e = e.__cause__ or e.__context__
+        return not any(_no_space(t) for t in texts)
 
 
 @contextlib.contextmanager
-def _no_space_as_one_line(directory: pathlib.Path, last: int | None):
+def _no_space_as_one_line(directory: pathlib.Path, step: int | None):
+    """A write that runs out of space: its temporary step directories removed (they hold the space
+    the next attempt needs; no committed step is touched) and one error naming the directory."""
     try:
         yield
     except Exception as e:
-        if "No space left on device" not in str(e) and "ENOSPC" not in str(e):
+        if not _no_space(str(e)):
             raise
+        if jax.process_index() == 0:
+            for tmp in directory.glob(f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        committed = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]  # Orbax renames on commit
+        last = max(committed, default=None)
         where = f" (the last complete checkpoint, {last}, is intact)" if last is not None else ""
         raise ValueError(f"{directory}: a checkpoint write ran out of disk space{where}; free some space or move "
                          f"train.workdir, then rerun to resume") from None

@@ -52,8 +52,7 @@ class MetricsWindow:
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> None:
         """A host batch about to be trained on: its tokens and skipped records, each record counted
-        once however often the epochs bring it back (packed batches, which do not name their records:
-        each skip counted)."""
+        once however often the epochs bring it back."""
         if "skip" in batch:
             self.skips.add(pipeline.skipped_in(batch))
             self.skipped, self.overflow = self.skips.count("bad_record"), self.skips.count("overflow")
