@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from unijax.data.arrayrecord import ArrayRecordSource, convert_to_arrayrecord, write_arrayrecord
-from unijax.data.records import BadRecordError, is_bad, skip_bad
+from unijax.data.records import BadRecordError, ImageLimits, is_bad, skip_bad
 from unijax.data.sources import CaptionSource, LlavaSource
 
 
@@ -362,7 +362,7 @@ def test_hostile_image_files_are_bad_records_without_reading_or_decoding(tmp_pat
     import time
 
     from unijax import generate
-    from unijax.data.records import ImageLimits, load_image_file
+    from unijax.data.records import load_image_file
 
     root = tmp_path / "images"
     root.mkdir()
@@ -406,3 +406,31 @@ def test_deeply_nested_and_oversized_json_records_are_bad_records(tmp_path):
     (tmp_path / "deep.json").write_text("[" + lines[1] + "]")
     with pytest.raises(ValueError, match="deep.json: JSON nested too deeply"):
         LlavaSource(tmp_path / "deep.json", root)
+
+
+def test_oversized_arrayrecord_records_are_bad_records(tmp_path):
+    """An ArrayRecord record's text is bounded like a JSON record's (1 MiB besides its images, which
+    data.max_image_bytes bounds), and a record names at most 64 images; the records around it read."""
+    import io
+
+    import msgpack
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    path = str(tmp_path / "hostile.arrayrecord")
+    w = ArrayRecordWriter(path, "group_size:1")
+    w.write(msgpack.packb({"task": "t2i", "image": png, "caption": "fine"}))
+    w.write(msgpack.packb({"task": "mmu", "image": png, "turns": [["what?", "x" * (2 << 20)]]}))
+    w.write(msgpack.packb({"task": "mmu", "images": [png] * 65, "turns": [["<image>" * 65 + "?", "no"]]}))
+    w.write(msgpack.packb({"task": "t2i", "image": b"\x89PNG" + b"\0" * (2 << 20), "caption": "big image, small text"}))
+    w.close()
+    src = ArrayRecordSource(path, limits=ImageLimits(max_bytes=1 << 20))
+    assert src[0]["caption"] == "fine"
+    with pytest.raises(BadRecordError, match=r"record 1: record holds 2,097,1.. bytes besides its images, more than 1,048,576"):
+        src[1]
+    with pytest.raises(BadRecordError, match="record 2: 65 images, more than 64 a record may hold"):
+        src[2]
+    with pytest.raises(BadRecordError, match=r"record 3: image bytes larger than 1,048,576 \(data.max_image_bytes\)"):
+        src[3]

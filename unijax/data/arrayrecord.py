@@ -23,6 +23,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from unijax.contract import TASKS
 from unijax.data.records import (
     DEFAULT_LIMITS,
+    MAX_IMAGES_PER_RECORD,
+    MAX_RECORD_BYTES,
     BadRecordError,
     ImageLimits,
     SkippedRecords,
@@ -97,8 +99,9 @@ class ArrayRecordSource:
     def __getitem__(self, index: int) -> dict:
         f, i = self._locate(index)
         name = self.paths[f]
+        raw = self._sources[f][i]
         try:
-            rec = msgpack.unpackb(self._sources[f][i], raw=False)
+            rec = msgpack.unpackb(raw, raw=False)
         except Exception as e:
             raise BadRecordError(name, i, f"record is not valid msgpack ({type(e).__name__}: {e})") from None
         if not isinstance(rec, dict):
@@ -106,6 +109,13 @@ class ArrayRecordSource:
         task = rec.get("task")
         if task not in TASKS:
             raise BadRecordError(name, i, f"unknown task {task!r}; expected one of {TASKS}")
+        images = rec.get("images") if isinstance(rec.get("images"), list) else [rec.get("image")]
+        if len(images) > MAX_IMAGES_PER_RECORD:
+            raise BadRecordError(name, i, f"{len(images)} images, more than {MAX_IMAGES_PER_RECORD} a record may hold", task)
+        text = len(raw) - sum(len(b) for b in images if isinstance(b, (bytes, bytearray)))
+        if text > MAX_RECORD_BYTES:
+            raise BadRecordError(name, i, f"record holds {text:,} bytes besides its images, more than "
+                                 f"{MAX_RECORD_BYTES:,}; split it or shorten it", task)
         if "image" not in rec and task == "t2i":
             raise BadRecordError(name, i, "record has no 'image' bytes", task)
         if task == "mmu":  # no "image" (or None): a text-only conversation; "images": several

@@ -76,6 +76,8 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+MAX_RECORD_BYTES = 1 << 20    # one record's text (a JSON conversation or caption line; an ArrayRecord record less its images)
+MAX_IMAGES_PER_RECORD = 64    # images one record may name (decoded before data.max_images applies)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_LIMITS.max_pixels) -> np.ndarray:

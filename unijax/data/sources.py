@@ -95,11 +95,18 @@ from typing import Any
 import numpy as np
 
 from unijax.contract import IMAGE_MARKER
-from unijax.data.records import DEFAULT_LIMITS, BadRecordError, ImageLimits, decode_image_bytes, load_image_file, normalise_index
+from unijax.data.records import (
+    DEFAULT_LIMITS,
+    MAX_IMAGES_PER_RECORD,
+    MAX_RECORD_BYTES,
+    BadRecordError,
+    ImageLimits,
+    decode_image_bytes,
+    load_image_file,
+    normalise_index,
+)
 
 log = logging.getLogger(__name__)
-
-MAX_RECORD_BYTES = 1 << 20  # one JSON record (a conversation, a caption line): longer ones are bad records
 
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
@@ -235,6 +242,8 @@ class LlavaSource:
             turns = llava_turns(rec.get("conversations"), len(paths) if many else int(paths is not None))
         except ValueError as e:
             raise BadRecordError(name, i, f"malformed conversation: {e}", "mmu") from None
+        if many and len(paths) > MAX_IMAGES_PER_RECORD:
+            raise BadRecordError(name, i, f"{len(paths)} images, more than {MAX_IMAGES_PER_RECORD} a record may name", "mmu")
         if many and len(paths) > 1:  # a multi-image conversation: the images in the order of their marks
             images = [load_image_file(self.image_root, p, name, i, "mmu", self.keep_bytes, self.limits) for p in paths]
             return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
