@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from unijax.contract import MMU, T2I, TEXT
-from unijax.inference.sampling import Sampling, sample
+from unijax.inference.sampling import Sampling, sample, sample_rows
 from unijax.models.decoder import KVCache
 from unijax.models.family import family_of
 from unijax.models.janus import Janus
@@ -70,6 +70,53 @@ def _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, *, max_
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill_text(graphdef, state, tokens, modality, mask, pixels, *, cache_len: int):
+    """The prompt of a step-wise answer: (last-position text logits `[B, V]`, cache, last positions)."""
+    model: Janus = nnx.merge(graphdef, state)
+    b, _ = tokens.shape
+    positions = prompt_positions(mask.astype(jnp.int32))
+    cache = KVCache.init(model.cfg, b, cache_len)
+    h, cache = model(tokens, modality, positions, mask.astype(jnp.int32), pixels, cache,
+                     task=jnp.full_like(tokens, MMU))
+    return model.text_logits(h[:, -1]), cache, positions[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _step_text(graphdef, state, logits, cache, pos, keys, temperature, top_k, top_p):
+    """Samples each row's next token from `logits` and runs it through the decoder: (token `[B]`,
+    next logits, cache, position)."""
+    model: Janus = nnx.merge(graphdef, state)
+    b = logits.shape[0]
+    token = sample_rows(logits, keys, temperature, top_k, top_p)
+    x = model.language_model.embed_tokens(token[:, None])
+    h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((b, 1), jnp.int32), cache,
+                                   task=jnp.full((b, 1), MMU, jnp.int32))
+    return token, model.text_logits(h[:, -1]), cache, pos + 1
+
+
+class TextStream:
+    """A step-wise answer for a batch of left-padded prompts, one token per `step()`, each row with
+    its own sampling settings and key (`Generator.stream`). Greedy rows give `Generator.text`'s tokens."""
+
+    def __init__(self, gen: Generator, tokens, modality, mask, pixels, *, cache_len: int, keys, temperature,
+                 top_k, top_p):
+        self.gen, self.i = gen, 0
+        self.logits, self.cache, self.pos = _prefill_text(gen.graphdef, gen.state, tokens, modality, mask, pixels,
+                                                          cache_len=cache_len)
+        self.keys = keys
+        self.settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                         jnp.asarray(top_p, jnp.float32))
+
+    def step(self) -> np.ndarray:
+        """The next token of every row (`[B]` numpy; rows past their EOS keep producing, to be ignored)."""
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, self.i))(self.keys)
+        token, self.logits, self.cache, self.pos = _step_text(self.gen.graphdef, self.gen.state, self.logits,
+                                                              self.cache, self.pos, keys, *self.settings)
+        self.i += 1
+        return np.asarray(token)
+
+
 class Generator:
     """Splits a model once (graph + parameter state) and runs the jitted decoding programs.
 
@@ -93,6 +140,13 @@ class Generator:
         return _generate_text(self.graphdef, self.state, tokens, modality, mask, pixels, rng,
                               max_new_tokens=max_new_tokens, sampling=sampling)
 
+    def stream(self, tokens: Array, modality: Array, mask: Array, pixels: Array | None = None, *, cache_len: int,
+               keys, temperature, top_k, top_p) -> TextStream:
+        """A step-wise answer (`TextStream`) for left-padded prompts `[B, T]`, the cache holding
+        `cache_len` positions (prompt + new tokens); per-row `keys [B]`, `temperature`, `top_k`, `top_p`."""
+        return TextStream(self, tokens, modality, mask, pixels, cache_len=cache_len, keys=keys,
+                          temperature=temperature, top_k=top_k, top_p=top_p)
+
     def image_codes(self, tokens: Array, mask: Array, *, guidance: float = 5.0,
                     sampling: Sampling = Sampling(temperature=1.0), rng=None, num_tokens: int | None = None,
                     return_logits: bool = False, uncond: tuple[Array, Array] | None = None):
@@ -101,6 +155,7 @@ class Generator:
         The prompt should end with the begin-of-image token (Emu3: with `<|image start|>h*w<|image
         token|>`). `guidance` is the CFG scale. `rng`: one key, or a key per row (`[B]`, from
         `jax.random.key`) so that each row's samples do not depend on the rest of the batch.
+        `guidance` may be one scale per row (`[B]`).
         `uncond`: the unconditional rows `(tokens, mask)`, left-padded to the same length (default:
         `unconditional_prompt`). `num_tokens`: decode only the first slots (Emu3: slots include the
         end-of-line ones). With `return_logits`, also the guided code logits of every code step.
@@ -109,7 +164,7 @@ class Generator:
         if uncond is None:
             uncond = (unconditional_prompt(tokens, self.cfg), mask)
         return _generate_image_codes(self.graphdef, self.state, tokens, mask, uncond[0], uncond[1],
-                                     jnp.float32(guidance), rng, num_tokens=num_tokens or self.cfg.vq.num_tokens,
+                                     jnp.asarray(guidance, jnp.float32), rng, num_tokens=num_tokens or self.cfg.vq.num_tokens,
                                      sampling=sampling, return_logits=return_logits)
 
     def decode_images(self, codes: Array) -> Array:
@@ -154,7 +209,7 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     def pick(h, key):
         logits = model.image_logits(h[:, -1]).astype(jnp.float32)
         cond, uncond = logits[:b], logits[b:]
-        guided = uncond + guidance * (cond - uncond)
+        guided = uncond + (guidance if guidance.ndim == 0 else guidance[:, None]) * (cond - uncond)
         if per_row:
             nxt = jax.vmap(lambda g, k: sample(g[None], k, sampling)[0])(guided, key)
         else:

@@ -129,29 +129,49 @@ class Engine:
             raise ValueError(f"answer: {len(images)} images but {len(questions)} questions")
         out: list[str] = []
         for lo, hi in self._chunks(len(questions)):
-            rows, pix, flags = [], [], []
-            for img, q in zip(images[lo:hi], questions[lo:hi]):
-                imgs = list(img) if isinstance(img, (list, tuple)) else [img]
-                ids, is_image, _ = self.tokenizer.mmu_ids([(q, None)], self.und_tokens, num_images=len(imgs))
-                rows.append(ids)
-                flags.append(is_image)
-                pix.append([self.und_image(np.asarray(a, np.uint8)) for a in imgs])
-            n, pad = len(rows), self.batch_size - len(rows)  # fixed batch shape: pad with copies of row 0
-            rows, flags, pix = rows + [rows[0]] * pad, flags + [flags[0]] * pad, pix + [pix[0]] * pad
-            length = _round_up(max(map(len, rows)), PAD_TO)
-            tokens, mask = left_pad(rows, length, self.cfg.text.pad_token_id)
-            modality, _ = left_pad([np.where(f, UND_IMAGE, TEXT) for f in flags], length, TEXT)
-            per_row = max(map(len, pix))  # rows with fewer images repeat their last (never read)
-            pixels = np.stack([np.stack(p + [p[-1]] * (per_row - len(p))) for p in pix]).astype(np.float32)
-            pixels = pixels / 127.5 - 1.0
-            ids = self.generator.text(jnp.asarray(tokens), jnp.asarray(modality), jnp.asarray(mask),
-                                      jnp.asarray(pixels), max_new_tokens=max_new_tokens, sampling=sampling,
-                                      rng=jax.random.key(seed + lo))
-            ids = np.asarray(jax.device_get(ids))[:n]
-            for row in ids:
-                end = np.flatnonzero(row == self.cfg.text.eos_token_id)
-                out.append(self.tokenizer.decode(row[:end[0]] if len(end) else row).strip())
+            prompts = [self.mmu_prompt([(q, None)], list(img) if isinstance(img, (list, tuple)) else [img])
+                       for img, q in zip(images[lo:hi], questions[lo:hi])]
+            batch = self.mmu_batch(prompts, self.batch_size)
+            ids = self.generator.text(batch["tokens"], batch["modality"], batch["mask"], batch["pixels"],
+                                      max_new_tokens=max_new_tokens, sampling=sampling, rng=jax.random.key(seed + lo))
+            out += [self.decode_answer(row) for row in np.asarray(jax.device_get(ids))[: hi - lo]]
         return out
+
+    def mmu_prompt(self, turns, images: Sequence, system_prompt: str | None = None) -> dict:
+        """One understanding prompt: `turns` are `(user, assistant)` pairs ending with `(user, None)`;
+        `images` (uint8 `[H, W, 3]`) go at the user texts' `<image>` marks in order (one image with no
+        mark goes first). Returns `{"ids", "is_image", "pixels"}` (pixels preprocessed by the family's
+        processor rule)."""
+        ids, is_image, _ = self.tokenizer.mmu_ids(turns, self.und_tokens if images else 0,
+                                                  system_prompt=system_prompt, num_images=max(len(images), 1))
+        return {"ids": ids, "is_image": is_image, "pixels": [self.und_image(np.asarray(a, np.uint8)) for a in images]}
+
+    def mmu_batch(self, prompts: Sequence[dict], rows: int, length: int | None = None,
+                  images_per_row: int | None = None) -> dict:
+        """`mmu_prompt`s -> a left-padded batch of `rows` rows (padded with copies of the first; at least
+        `length` tokens, a multiple of `PAD_TO`; `images_per_row` image slots, default the most any
+        prompt has, at least 1): `{"tokens", "modality", "mask", "pixels"}` device arrays."""
+        prompts = list(prompts) + [prompts[0]] * (rows - len(prompts))
+        length = _round_up(max([len(p["ids"]) for p in prompts] + [length or 0]), PAD_TO)
+        tokens, mask = left_pad([p["ids"] for p in prompts], length, self.cfg.text.pad_token_id)
+        modality, _ = left_pad([np.where(p["is_image"], UND_IMAGE, TEXT) for p in prompts], length, TEXT)
+        per_row = max([len(p["pixels"]) for p in prompts] + [images_per_row or 1])
+        pix = []
+        for p in prompts:  # rows with fewer images repeat their last, or a blank one (never read)
+            own = p["pixels"] or [self._blank()]
+            pix.append(np.stack(own + [own[-1]] * (per_row - len(own))))
+        pixels = np.stack(pix).astype(np.float32) / 127.5 - 1.0
+        return {"tokens": jnp.asarray(tokens), "modality": jnp.asarray(modality), "mask": jnp.asarray(mask),
+                "pixels": jnp.asarray(pixels)}
+
+    def _blank(self) -> np.ndarray:
+        return self.und_image(np.zeros((self.image_size, self.image_size, 3), np.uint8))
+
+    def decode_answer(self, row) -> str:
+        """Answer token ids -> text, up to the first EOS."""
+        row = np.asarray(row)
+        end = np.flatnonzero(row == self.cfg.text.eos_token_id)
+        return self.tokenizer.decode(row[:end[0]] if len(end) else row).strip()
 
     # -- scoring -------------------------------------------------------------------------------
     def image_code_loss(self, images: Sequence, captions: Sequence[str]) -> list[float]:
@@ -198,19 +218,32 @@ class Engine:
         prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
         rows = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
         ids = [self.tokenizer.t2i_ids(p) for p in prompts]
-        base = jax.random.key(seed)
         out = np.zeros((len(prompts), num_images, self.image_size, self.image_size, 3), np.uint8)
         for lo, hi in self._chunks(len(rows)):
-            chunk = rows[lo:hi] + [rows[lo]] * (self.batch_size - (hi - lo))
-            length = _round_up(max(len(ids[i]) for i, _ in chunk), PAD_TO)
-            tokens, mask = left_pad([ids[i] for i, _ in chunk], length, self.cfg.text.pad_token_id)
-            keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, prompt_ids[i]), j) for i, j in chunk])
-            codes = self.generator.image_codes(jnp.asarray(tokens), jnp.asarray(mask), guidance=guidance,
-                                               sampling=sampling, rng=keys)
-            pixels = to_uint8(jax.device_get(self.generator.decode_images(codes)))
-            for (i, j), img in zip(rows[lo:hi], pixels):
+            chunk = rows[lo:hi]
+            pixels = self.image_rows([ids[i] for i, _ in chunk], [self.image_key(seed, prompt_ids[i], j) for i, j in chunk],
+                                     [guidance] * len(chunk), sampling, self.batch_size)
+            for (i, j), img in zip(chunk, pixels):
                 out[i, j] = img
         return out
+
+    @staticmethod
+    def image_key(seed: int, prompt_id: int, sample: int):
+        """The key of sample `sample` of prompt `prompt_id` (`images`)."""
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), prompt_id), sample)
+
+    def image_rows(self, ids: Sequence, keys: Sequence, guidance: Sequence[float], sampling: Sampling, rows: int,
+                   length: int = 0) -> np.ndarray:
+        """One image per T2I prompt (token ids, `tokenizer.t2i_ids`), each with its own key and CFG
+        scale, decoded as a batch of `rows` rows (padded with copies of the first) and at least `length`
+        prompt tokens: uint8 `[len(ids), H, W, 3]`."""
+        n = len(ids)
+        pad = rows - n
+        ids, keys, guidance = list(ids) + [ids[0]] * pad, list(keys) + [keys[0]] * pad, list(guidance) + [guidance[0]] * pad
+        tokens, mask = left_pad(ids, _round_up(max(max(map(len, ids)), length), PAD_TO), self.cfg.text.pad_token_id)
+        codes = self.generator.image_codes(jnp.asarray(tokens), jnp.asarray(mask), guidance=np.asarray(guidance, np.float32),
+                                           sampling=sampling, rng=jnp.stack(keys))
+        return to_uint8(jax.device_get(self.generator.decode_images(codes)))[:n]
 
 
 def default_out(ckpt, name: str) -> pathlib.Path:

@@ -41,3 +41,23 @@ def sample(logits, rng, s: Sampling):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / s.temperature, s.top_k, s.top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """One token per row of `logits [B, V]` with per-row settings (traced, so one compiled program
+    serves every mix of requests): `keys [B]` (`jax.random.key`), `temperature [B]` (0: greedy),
+    `top_k [B]` int (0: off), `top_p [B]` (1: off). Row i equals `sample(logits[i:i+1], keys[i], s_i)`
+    in distribution, and exactly for greedy rows."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    v = logits.shape[-1]
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(jnp.where(ordered < kth, NEG_INF, ordered), axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    threshold = jnp.maximum(jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True), kth)
+    filtered = jnp.where(scaled < threshold, NEG_INF, scaled)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
