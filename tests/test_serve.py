@@ -253,3 +253,25 @@ def test_load_of_32_concurrent_clients(served):
     assert all(ok), ok.count(False)
     rows = [n for k, v in server.batcher.batches.items() for n in v[len(before[k]):]]
     assert np.mean(rows) > 1, rows
+
+
+def test_serving_emu3(tmp_path):
+    """The decode thread on the other family: a tiny Emu3 (one decoder and one VQ both ways) gives
+    `Engine.answer`'s greedy answer step by step and `Engine.images`' images (the server loads every
+    checkpoint kind through `Engine.load`, as `generate` does)."""
+    from unijax.serving.batcher import Batcher, ChatJob, ImageJob
+
+    ckpt = save_run(tmp_path / "emu3", preset("tiny", family="emu3", text={"num_layers": 2}))
+    engine = Engine.load(ckpt, batch_size=2)
+    batcher = Batcher(engine, batch_sizes=(2,), lengths=(128,), context=144)
+    got = []
+    job = ChatJob(prompt=engine.mmu_prompt([(QUESTIONS[0], None)], [scene(0)]), max_tokens=6,
+                  emit=lambda kind, value: got.append((kind, value)))
+    batcher._chat([job])
+    assert engine.decode_answer([v for k, v in got if k == "token"]) == engine.answer([scene(0)], [QUESTIONS[0]],
+                                                                                     max_new_tokens=6)[0]
+    s, out = Sampling(temperature=1.0), []
+    batcher._images([ImageJob(ids=engine.tokenizer.t2i_ids("a red circle"), n=2, guidance=3.0, sampling=s, seed=5,
+                              emit=lambda kind, value: out.append(value))])
+    np.testing.assert_array_equal(out[0], engine.images(["a red circle"], num_images=2, guidance=3.0, sampling=s, seed=5)[0])
+    assert got[-1] in (("done", "length"), ("done", "stop"))
