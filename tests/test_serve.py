@@ -221,6 +221,19 @@ def test_bad_input_is_one_line_4xx_and_the_server_keeps_serving(served, tmp_path
         assert message in error["message"] and "\n" not in error["message"], (message, error)
         assert time.perf_counter() - t < 5, message
         assert ask(base, scene(0), QUESTIONS[0], max_tokens=2).status_code == 200
+    # local files only under --image_dir (off by default), never outside it
+    Image.fromarray(scene(3)).save(tmp_path / "scene.png")
+    (tmp_path / "inner").mkdir()
+    server.options.image_dir = str(tmp_path / "inner")
+    try:
+        r = requests.post(chat, json=msg("../scene.png"), timeout=60)
+        assert r.status_code == 400 and "'../scene.png' is outside --image_dir" in r.json()["error"]["message"]
+        server.options.image_dir = str(tmp_path)
+        by_path = requests.post(chat, json={**msg("scene.png"), "max_tokens": 5}, timeout=60).json()
+        by_data = requests.post(chat, json={**msg(data_url(scene(3))), "max_tokens": 5}, timeout=60).json()
+        assert by_path["choices"] == by_data["choices"]
+    finally:
+        server.options.image_dir = None
     # a client that leaves mid-stream frees its row; the next requests are served
     msgs = msg(data_url(scene(1)))
     r = requests.post(chat, json={**msgs, "stream": True, "max_tokens": 24}, stream=True, timeout=60)
