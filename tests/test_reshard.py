@@ -56,7 +56,8 @@ def data4_run(tmp_path_factory, data_dir):
     return wd, losses_of(wd)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, expert=2), dict(fsdp=4)], ids=["data2_expert2", "fsdp4"])
+@pytest.mark.parametrize("mesh", [pytest.param(dict(data=2, expert=2), marks=pytest.mark.slow), dict(fsdp=4)],
+                         ids=["data2_expert2", "fsdp4"])
 def test_data4_checkpoint_resumes_on_another_mesh_with_the_same_losses(tmp_path, data_dir, data4_run, mesh):
     """Orbax restores the step-3 state onto the new mesh's shardings (experts split over `expert`,
     or every matrix over `fsdp`); steps 4-6 match the uninterrupted run (rtol 1e-4: float32

@@ -48,6 +48,7 @@ def test_start_to_end_line_lists_headline_scores():
     assert not any(k in line for k in ("answer_mode", "random/f1", "mc/n", "per_tag"))
 
 
+@pytest.mark.slow
 def test_eval_at_start_logs_step_0_and_survives_a_resume(tmp_path, data_dir):
     c = tiny_config(tmp_path, data_dir, steps=3, eval_every=3, checkpoint_every=2)
     c.train.eval_at_start = True

@@ -288,6 +288,7 @@ def test_ta_moe_run_learns_the_task_router(tmp_path, data_dir):
     assert 0 <= last["dropped_frac"] < 0.1
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, data_dir):
     """A real SIGTERM (preemption): the CLI finishes its step, writes a checkpoint at that step, exits 0;
     rerunning the same command resumes there."""

@@ -158,6 +158,7 @@ def test_resume_with_a_frozen_pretrained_tower(tmp_path, data_dir):
         np.testing.assert_array_equal(final[k], v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_adaptor_warmup_trains_only_the_adaptors_then_the_run_starts_from_it(tmp_path, data_dir):
     """`adaptor_warmup.steps`: after the vision pre-training, the warm-up trains with the decoder frozen (its
     model's decoder is exactly the fresh initialisation of the same seed, its aligner is not); the run then
