@@ -116,6 +116,7 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--max_tokens", type=int, default=16)
     p.add_argument("--batch_sizes", default="1,4,8,16")
+    p.add_argument("--no_routing", action="store_true", help="serve without TA-MoE routing statistics")
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
@@ -127,7 +128,8 @@ def main(argv=None):
     ckpt = pathlib.Path(args.ckpt) if args.ckpt else tiny_checkpoint(pathlib.Path(tmp.name))
     t0 = time.perf_counter()
     app, server = serve.build(serve.parser().parse_args(["--ckpt", str(ckpt), "--batch_sizes", args.batch_sizes,
-                                                         "--max_tokens", str(max(args.max_tokens, 16))]))
+                                                         "--max_tokens", str(max(args.max_tokens, 16)),
+                                                         *(["--no_routing"] if args.no_routing else [])]))
     startup = time.perf_counter() - t0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,7 +157,7 @@ def main(argv=None):
     server.batcher.stop()
     seq = sequential(ckpt, reqs, args.max_tokens)
 
-    result = {"checkpoint": str(ckpt), "clients": args.clients, "requests": len(reqs),
+    result = {"checkpoint": str(ckpt), "clients": args.clients, "requests": len(reqs), "routing": not args.no_routing,
               "mix": {"chat": sum(r["kind"] == "chat" and not r["stream"] for r in reqs),
                       "chat_stream": sum(r["kind"] == "chat" and r["stream"] for r in reqs),
                       "images": sum(r["kind"] == "image" for r in reqs)},

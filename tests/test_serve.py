@@ -164,8 +164,11 @@ def test_routing_of_a_ta_moe_answer(served):
     """The task router's group shares over an answer's tokens sum to 1 per layer; each group's
     expert loads are the analyze-experts fractions (sum to 1 over the group, or all 0)."""
     base, server, _ = served
-    routing = ask(base, scene(2), QUESTIONS[2], max_tokens=6).json()["unijax"]["routing"]
+    answer = ask(base, scene(2), QUESTIONS[2], max_tokens=6).json()
+    routing = answer["unijax"]["routing"]
     assert routing["task"] == "mmu" and len(routing["per_layer"]) == 2
+    # counted while decoding: every prompt token and every answer token (EOS aside), once
+    assert routing["tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
     for layer in routing["per_layer"]:
         assert abs(layer["mmu_group"] + layer["t2i_group"] - 1) < 1e-5
     for load in routing["expert_load"].values():
@@ -286,5 +289,6 @@ def test_serving_emu3(tmp_path):
     s, out = Sampling(temperature=1.0), []
     batcher._images([ImageJob(ids=engine.tokenizer.t2i_ids("a red circle"), n=2, guidance=3.0, sampling=s, seed=5,
                               emit=lambda kind, value: out.append(value))])
-    np.testing.assert_array_equal(out[0], engine.images(["a red circle"], num_images=2, guidance=3.0, sampling=s, seed=5)[0])
+    np.testing.assert_array_equal(out[0]["images"], engine.images(["a red circle"], num_images=2, guidance=3.0, sampling=s,
+                                                                   seed=5)[0])
     assert got[-1] in (("done", "length"), ("done", "stop"))

@@ -151,3 +151,29 @@ def expert_stats(model, batches: Iterable[dict], images_per_row: tuple[int, int]
     return {"moe_layers": layers, "tokens": {t: int(tokens[k]) for k, t in enumerate(TASK_NAMES)},
             "num_experts_per_group": n, "top_k": m.top_k, "group_assignment": m.group_assignment,
             "impl": resolved_impl(m), "layers": rows}
+
+
+def request_routing(counts: np.ndarray, cfg, task: str) -> dict:
+    """The routing of one request from its tokens' expert assignments per TA-MoE layer (`counts
+    [L, 2N]`, as decoding counts them: `decode.TextStream.load`): per layer and averaged over layers,
+    the share of assignments that went to each group (the task router's decision: `group_share` of
+    `expert_stats`), and each group's expert loads (its `expert_load`, averaged over layers).
+
+        {"task": "mmu" | "t2i", "tokens": tokens counted, "group_share": {"mmu_group", "t2i_group"},
+         "per_layer": [{"layer", "mmu_group", "t2i_group"}, ...], "expert_load": {"mmu_group": [N], "t2i_group": [N]}}
+    """
+    counts = np.asarray(counts, np.float64)
+    n = cfg.moe.num_experts_per_group
+    groups = [f"{g}_group" for g in TASK_NAMES]
+    per_layer, loads = [], {g: [] for g in groups}
+    for layer, c in zip(moe_layer_indices(cfg), counts):
+        total = c.sum()
+        per_layer.append({"layer": layer, **{g: _ratio(c[k * n:(k + 1) * n].sum(), total) or 0.0
+                                            for k, g in enumerate(groups)}})
+        for k, g in enumerate(groups):
+            loads[g].append(_normalised(c[k * n:(k + 1) * n]))
+    top_k = cfg.moe.top_k * (2 if cfg.moe.group_assignment == "soft" else 1)  # assignments per token
+    return {"task": task, "tokens": int(round(counts[0].sum() / top_k)) if len(counts) else 0,
+            "group_share": {g: float(np.mean([row[g] for row in per_layer])) if per_layer else 0.0 for g in groups},
+            "per_layer": per_layer,
+            "expert_load": {g: np.mean(v, axis=0).round(4).tolist() if v else [] for g, v in loads.items()}}

@@ -70,51 +70,61 @@ def _generate_text(graphdef, state, tokens, modality, mask, pixels, rng, *, max_
     return out
 
 
+def _row_load(aux, b: int):
+    """Each row's expert assignments per TA-MoE layer `[L, b, X]` (zeros `[0, b, 0]` for a dense model)."""
+    return aux["row_load"][:, :b] if "row_load" in aux else jnp.zeros((0, b, 0), jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill_text(graphdef, state, tokens, modality, mask, pixels, *, cache_len: int):
-    """The prompt of a step-wise answer: (last-position text logits `[B, V]`, cache, last positions)."""
+    """The prompt of a step-wise answer: (last-position text logits `[B, V]`, cache, last positions,
+    the prompt's expert assignments per row)."""
     model: Janus = nnx.merge(graphdef, state)
     b, _ = tokens.shape
     positions = prompt_positions(mask.astype(jnp.int32))
     cache = KVCache.init(model.cfg, b, cache_len)
-    h, cache = model(tokens, modality, positions, mask.astype(jnp.int32), pixels, cache,
-                     task=jnp.full_like(tokens, MMU))
-    return model.text_logits(h[:, -1]), cache, positions[:, -1]
+    h, cache, aux = model(tokens, modality, positions, mask.astype(jnp.int32), pixels, cache,
+                          task=jnp.full_like(tokens, MMU), return_aux=True)
+    return model.text_logits(h[:, -1]), cache, positions[:, -1], _row_load(aux, b)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _step_text(graphdef, state, logits, cache, pos, keys, temperature, top_k, top_p):
-    """Samples each row's next token from `logits` and runs it through the decoder: (token `[B]`,
-    next logits, cache, position)."""
+def _step_text(graphdef, state, logits, cache, pos, step, keys, temperature, top_k, top_p):
+    """Samples each row's next token from `logits` (row key: `fold_in(keys[i], step)`) and runs it
+    through the decoder: (token `[B]`, next logits, cache, position, its expert assignments per row)."""
     model: Janus = nnx.merge(graphdef, state)
     b = logits.shape[0]
-    token = sample_rows(logits, keys, temperature, top_k, top_p)
+    token = sample_rows(logits, jax.vmap(lambda k: jax.random.fold_in(k, step))(keys), temperature, top_k, top_p)
     x = model.language_model.embed_tokens(token[:, None])
-    h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((b, 1), jnp.int32), cache,
-                                   task=jnp.full((b, 1), MMU, jnp.int32))
-    return token, model.text_logits(h[:, -1]), cache, pos + 1
+    h, cache, aux = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((b, 1), jnp.int32), cache,
+                                        task=jnp.full((b, 1), MMU, jnp.int32), return_aux=True)
+    return token, model.text_logits(h[:, -1]), cache, pos + 1, _row_load(aux, b)
 
 
 class TextStream:
     """A step-wise answer for a batch of left-padded prompts, one token per `step()`, each row with
-    its own sampling settings and key (`Generator.stream`). Greedy rows give `Generator.text`'s tokens."""
+    its own sampling settings and key (`Generator.stream`). Greedy rows give `Generator.text`'s tokens.
+    `load` is the prompt's expert assignments per TA-MoE layer and row (`[L, B, X]` numpy; `[0, B, 0]`
+    for a dense model), and `step` returns those of the token it sampled and fed back."""
 
     def __init__(self, gen: Generator, tokens, modality, mask, pixels, *, cache_len: int, keys, temperature,
                  top_k, top_p):
         self.gen, self.i = gen, 0
-        self.logits, self.cache, self.pos = _prefill_text(gen.graphdef, gen.state, tokens, modality, mask, pixels,
-                                                          cache_len=cache_len)
+        self.logits, self.cache, self.pos, load = _prefill_text(gen.graphdef, gen.state, tokens, modality, mask,
+                                                                pixels, cache_len=cache_len)
+        self.load = np.asarray(load)
         self.keys = keys
         self.settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                          jnp.asarray(top_p, jnp.float32))
 
-    def step(self) -> np.ndarray:
-        """The next token of every row (`[B]` numpy; rows past their EOS keep producing, to be ignored)."""
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, self.i))(self.keys)
-        token, self.logits, self.cache, self.pos = _step_text(self.gen.graphdef, self.gen.state, self.logits,
-                                                              self.cache, self.pos, keys, *self.settings)
+    def step(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the next token of every row `[B]`, its expert assignments `[L, B, X]`, as it is fed back
+        to give the following logits); rows past their EOS keep producing, to be ignored."""
+        token, self.logits, self.cache, self.pos, load = _step_text(
+            self.gen.graphdef, self.gen.state, self.logits, self.cache, self.pos, jnp.int32(self.i), self.keys,
+            *self.settings)
         self.i += 1
-        return np.asarray(token)
+        return np.asarray(token), np.asarray(load)
 
 
 class Generator:
@@ -149,7 +159,8 @@ class Generator:
 
     def image_codes(self, tokens: Array, mask: Array, *, guidance: float = 5.0,
                     sampling: Sampling = Sampling(temperature=1.0), rng=None, num_tokens: int | None = None,
-                    return_logits: bool = False, uncond: tuple[Array, Array] | None = None):
+                    return_logits: bool = False, uncond: tuple[Array, Array] | None = None,
+                    return_load: bool = False):
         """VQ codes `[B, grid * grid]` for left-padded T2I prompts `tokens/mask [B, T]`.
 
         The prompt should end with the begin-of-image token (Emu3: with `<|image start|>h*w<|image
@@ -159,13 +170,15 @@ class Generator:
         `uncond`: the unconditional rows `(tokens, mask)`, left-padded to the same length (default:
         `unconditional_prompt`). `num_tokens`: decode only the first slots (Emu3: slots include the
         end-of-line ones). With `return_logits`, also the guided code logits of every code step.
+        With `return_load` (last), each conditional row's expert assignments per TA-MoE layer over its
+        prompt and the codes it fed back, `[L, B, X]` (a served image's routing).
         """
         rng = jax.random.key(0) if rng is None else rng
         if uncond is None:
             uncond = (unconditional_prompt(tokens, self.cfg), mask)
         return _generate_image_codes(self.graphdef, self.state, tokens, mask, uncond[0], uncond[1],
                                      jnp.asarray(guidance, jnp.float32), rng, num_tokens=num_tokens or self.cfg.vq.num_tokens,
-                                     sampling=sampling, return_logits=return_logits)
+                                     sampling=sampling, return_logits=return_logits, return_load=return_load)
 
     def decode_images(self, codes: Array) -> Array:
         """VQ codes `[B, N]` -> pixels `[B, H, W, C]` in [-1, 1]."""
@@ -190,9 +203,9 @@ def unconditional_prompt(tokens: Array, cfg) -> Array:
     return jnp.where(keep, tokens, cfg.text.pad_token_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling", "return_logits"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling", "return_logits", "return_load"))
 def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_mask, guidance, rng, *,
-                          num_tokens: int, sampling: Sampling, return_logits: bool):
+                          num_tokens: int, sampling: Sampling, return_logits: bool, return_load: bool = False):
     model: Janus = nnx.merge(graphdef, state)
     cfg = model.cfg
     emu3 = family_of(cfg) == "emu3"
@@ -201,7 +214,9 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     mask2 = jnp.concatenate([mask, uncond_mask], axis=0).astype(jnp.int32)
     positions = prompt_positions(mask2)
     cache = KVCache.init(cfg, 2 * b, t + num_tokens)
-    h, cache = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache, task=jnp.full_like(rows, T2I))
+    h, cache, aux = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache, task=jnp.full_like(rows, T2I),
+                          return_aux=True)
+    load = _row_load(aux, b)
 
     per_row = rng.shape == (b,)  # one key per row: each row's samples are independent of the batch
     row_len = cfg.vq.grid + 1  # Emu3: codes of one image row, then end-of-line
@@ -231,16 +246,18 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     first, first_logits = pick(h, key)
 
     def step(carry, xs):
-        code, cache, pos = carry
+        code, cache, pos, load = carry
         key, slot = xs  # slot of `code`; this step predicts slot + 1
         x = embed(jnp.concatenate([code, code])[:, None], slot)
-        h, cache = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((2 * b, 1), jnp.int32), cache,
-                                       task=jnp.full((2 * b, 1), T2I, jnp.int32))
+        h, cache, aux = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((2 * b, 1), jnp.int32), cache,
+                                            task=jnp.full((2 * b, 1), T2I, jnp.int32), return_aux=True)
         nxt, logits = pick(h, key)
-        return (nxt, cache, pos + 1), (nxt, logits)
+        if return_load:
+            load = load + _row_load(aux, b)
+        return (nxt, cache, pos + 1, load), (nxt, logits)
 
     slots = jnp.arange(num_tokens - 1, dtype=jnp.int32)
-    _, (rest, rest_logits) = jax.lax.scan(step, (first, cache, positions[:, -1]), (keys, slots))
+    (_, _, _, load), (rest, rest_logits) = jax.lax.scan(step, (first, cache, positions[:, -1], load), (keys, slots))
     codes = jnp.concatenate([first[:, None], rest.T], axis=1)
     logits = (jnp.concatenate([first_logits[:, None], rest_logits.transpose(1, 0, 2)], axis=1)
               if return_logits else None)
@@ -248,7 +265,8 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
         idx = np.asarray([i for i in range(num_tokens) if (i + 1) % row_len != 0])
         codes = codes[:, idx]
         logits = logits[:, idx] if return_logits else None
-    return (codes, logits) if return_logits else codes
+    out = (codes, logits) if return_logits else (codes,)
+    return (*out, load) if return_load else (out if return_logits else codes)
 
 
 def generate_image_codes(model: Janus, *args, **kwargs):

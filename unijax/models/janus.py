@@ -56,9 +56,9 @@ class DecoderModel(nnx.Module):
         return (h, cache, aux) if return_aux else (h, cache)
 
     def decode_embeds(self, x: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None,
-                      task: Array | None = None):
-        h, cache, _ = self.language_model(x, positions, segment_ids, cache, task)
-        return h, cache
+                      task: Array | None = None, return_aux: bool = False):
+        h, cache, aux = self.language_model(x, positions, segment_ids, cache, task)
+        return (h, cache, aux) if return_aux else (h, cache)
 
     def text_logits(self, h: Array) -> Array:
         return self.lm_head(h)

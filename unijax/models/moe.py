@@ -386,6 +386,8 @@ class TAMoE(nnx.Module):
         z = jnp.sum(jnp.sum(in_group * lse**2, axis=-1)) / jnp.maximum(jnp.sum(w), 1)
         aux = {"task_logits": task_logits.reshape(b, t, 2), "balance": balance, "z": z, "load": load,
                "dropped": dropped, "alpha": self.alpha[...].astype(jnp.float32)}
+        if exact:  # decoding: each row's assignments per expert (a served answer's routing, `unijax.serving`)
+            aux["row_load"] = jnp.sum(chosen.reshape(b, t, nx) * w.reshape(b, t, 1), axis=1)
         if task is not None:  # assignments per expert from the tokens of each task (expert-load plots)
             by_task = jax.nn.one_hot(task.reshape(-1), 2, dtype=jnp.float32) * w[:, None]  # [S, 2]
             aux["load_by_task"] = jnp.einsum("st,sx->tx", by_task, chosen)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from unijax.analysis.experts import request_routing
 from unijax.inference.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class ChatJob:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    emit: Callable[[str, object], None] = lambda kind, value: None  # ("token", id) ... ("done", finish_reason)
+    emit: Callable[[str, object], None] = lambda kind, value: None  # ("token", id) ... ("done", finish_reason), ("routing", dict)
     cancelled: bool = False
     kind = "chat"
 
@@ -52,20 +53,21 @@ class ImageJob:
     guidance: float
     sampling: Sampling
     seed: int = 0
-    emit: Callable[[str, object], None] = lambda kind, value: None  # ("images", uint8 [n, H, W, 3]) or ("error", str)
+    emit: Callable[[str, object], None] = lambda kind, value: None  # ("images", {"images": uint8 [n, H, W, 3], "routing"}), ("error", str)
     cancelled: bool = False
     kind = "image"
 
 
 class Batcher:
     def __init__(self, engine, *, batch_sizes: Sequence[int], lengths: Sequence[int], context: int,
-                 wait_s: float = 0.005, after_chat: Callable[[ChatJob, list[int]], None] | None = None):
+                 wait_s: float = 0.005, routing: bool = True):
         self.engine = engine
         self.batch_sizes = sorted(int(b) for b in batch_sizes)
         self.lengths = sorted(int(n) for n in lengths)
         self.context = int(context)
         self.wait_s = float(wait_s)
-        self.after_chat = after_chat  # called in this thread with each finished answer (routing statistics)
+        # TA-MoE: each request's routing, counted while it decodes (`analysis.experts.request_routing`)
+        self.routing = bool(routing) and engine.cfg.ffn == "ta_moe"
         self.jobs: queue.Queue = queue.Queue()
         self.pending: list = []  # taken from the queue, not yet batched (another kind went first)
         self.batches = {"chat": [], "image": []}  # real rows of each decode batch run
@@ -133,7 +135,8 @@ class Batcher:
                                             top_k=np.zeros(b, np.int32), top_p=np.ones(b))
                 stream.step()
             else:
-                e.image_rows([text_ids], [e.image_key(0, 0, 0)], [1.0], image_sampling, b, length=n)
+                e.image_rows([text_ids], [e.image_key(0, 0, 0)], [1.0], image_sampling, b, length=n,
+                             return_load=self.routing)
         progress(len(work), len(work), "done")
 
     @staticmethod
@@ -209,41 +212,57 @@ class Batcher:
             top_k=np.asarray([j.top_k for j in rows], np.int32), top_p=np.asarray([j.top_p for j in rows], np.float32))
         self.batches["chat"].append(len(jobs))
         answers: list[list[int]] = [[] for _ in jobs]
+        load = stream.load.copy()  # [L, B, X]: the prompts', then each answer token's (EOS aside)
         live = set(range(len(jobs)))
         eos = e.cfg.text.eos_token_id
         for _ in itertools.count():
             live = {i for i in live if not jobs[i].cancelled}
             if not live:
                 break
-            tokens = stream.step()
+            tokens, fed = stream.step()
             for i in sorted(live):
                 token = int(tokens[i])
                 if token == eos:
-                    jobs[i].emit("done", "stop")
                     live.discard(i)
+                    self._finish(jobs[i], "stop", load[:, i])
                     continue
                 answers[i].append(token)
+                load[:, i] += fed[:, i]
                 jobs[i].emit("token", token)
                 if len(answers[i]) >= jobs[i].max_tokens:
-                    jobs[i].emit("done", "length")
                     live.discard(i)
-        if self.after_chat is not None:
-            for job, answer in zip(jobs, answers):
-                if not job.cancelled:
-                    self.after_chat(job, answer)
+                    self._finish(jobs[i], "length", load[:, i])
+
+    def _finish(self, job: ChatJob, reason: str, load: np.ndarray) -> None:
+        job.emit("done", reason)
+        if self.routing:
+            job.emit("routing", self._routing(load, "mmu"))
+
+    def _routing(self, load: np.ndarray, task: str) -> dict:
+        try:
+            return request_routing(load, self.engine.cfg, task)
+        except Exception as e:  # statistics never fail a request
+            log.exception("routing statistics failed")
+            return {"error": f"{type(e).__name__}: {e}"}
 
     def _images(self, jobs: list[ImageJob]) -> None:
         e = self.engine
         rows = [(job, j) for job in jobs for j in range(job.n)]
         out = {id(job): [] for job in jobs}
+        counts = {id(job): 0.0 for job in jobs}
         for lo in range(0, len(rows), self.max_batch):
             chunk = rows[lo:lo + self.max_batch]
             length = self.length_for(max(len(job.ids) for job, _ in chunk))
             pixels = e.image_rows([job.ids for job, _ in chunk], [e.image_key(job.seed, 0, j) for job, j in chunk],
                                   [job.guidance for job, _ in chunk], jobs[0].sampling, self.rows_for(len(chunk)),
-                                  length=length)
+                                  length=length, return_load=self.routing)
+            if self.routing:
+                pixels, load = pixels
+                for r, (job, _) in enumerate(chunk):
+                    counts[id(job)] = counts[id(job)] + load[:, r]
             self.batches["image"].append(len(chunk))
             for (job, _), img in zip(chunk, pixels):
                 out[id(job)].append(img)
         for job in jobs:
-            job.emit("images", np.stack(out[id(job)]))
+            routing = self._routing(counts[id(job)], "t2i") if self.routing else None
+            job.emit("images", {"images": np.stack(out[id(job)]), "routing": routing})

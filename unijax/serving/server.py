@@ -35,8 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from unijax.analysis.experts import expert_stats
-from unijax.data import pipeline, records
+from unijax.data import records
 from unijax.inference.sampling import Sampling
 from unijax.serving.batcher import Batcher, ChatJob, ImageJob
 
@@ -108,45 +107,10 @@ class Server:
 
     def __init__(self, engine, options: ServeOptions, info: dict):
         self.engine, self.options, self.info = engine, options, info
-        self.ta_moe = engine.cfg.ffn == "ta_moe"
         self.batcher = Batcher(engine, batch_sizes=options.batch_sizes, lengths=options.lengths,
-                               context=options.context,
-                               after_chat=self._routing_of_answer if (self.ta_moe and options.routing) else None)
+                               context=options.context, routing=options.routing)
         self.limits = records.ImageLimits(max_pixels=options.max_image_pixels, max_bytes=options.max_request_bytes)
         self.started = time.time()
-
-    # -- routing (TA-MoE) ------------------------------------------------------------------------
-    def _routing(self, sample: dict) -> dict | None:
-        """The task router's decision and the expert loads over one sample's tokens."""
-        e = self.engine
-        layout = pipeline.Layout.from_model(e.cfg, self.options.context, overflow="truncate",
-                                            max_images=self.options.max_images)
-        x = pipeline.pad_sample(pipeline.encode_sample(sample, e.tokenizer, layout), layout.max_len)
-        if x["bad"].any():
-            return None
-        batch = {k: np.asarray(v)[None] for k, v in x.items() if k not in ("skip", "origin")}
-        stats = expert_stats(e.model, [batch], (self.options.max_images, 1))
-        task = sample["task"]
-        share = [layer["group_share"][f"{task}_tokens"] for layer in stats["layers"]]
-        groups = ("mmu_group", "t2i_group")
-        return {
-            "task": task,
-            "group_share": {g: float(np.mean([s[g] or 0.0 for s in share])) for g in groups},
-            "per_layer": [{"layer": layer["layer"], **{g: s[g] for g in groups}} for layer, s in zip(stats["layers"], share)],
-            "expert_load": {g: np.mean([layer["expert_load"][g][f"{task}_tokens"] for layer in stats["layers"]],
-                                       axis=0).round(4).tolist() for g in groups},
-        }
-
-    def _routing_of_answer(self, job: ChatJob, answer: list[int]) -> None:
-        turns = [list(t) for t in job.prompt["turns"]]
-        turns[-1][1] = self.engine.tokenizer.decode(answer)
-        sample = {"task": "mmu", "turns": turns, "images": job.prompt["images"], "source": "request", "index": 0}
-        if len(sample["images"]) <= 1:
-            sample["image"] = sample.pop("images")[0] if sample["images"] else None
-        try:
-            job.emit("routing", self._routing(sample))
-        except Exception as e:  # statistics never fail the answer
-            job.emit("routing", {"error": f"{type(e).__name__}: {e}"})
 
     # -- requests -> jobs ------------------------------------------------------------------------
     def decode_image_url(self, url: Any, param: str) -> np.ndarray:
@@ -302,7 +266,7 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        prompt = server.chat_prompt(req)
+        prompt = await asyncio.to_thread(server.chat_prompt, req)  # image decoding off the event loop
         new = req.max_completion_tokens or req.max_tokens or min(64, options.max_tokens)
         if new > options.max_tokens:
             raise ApiError(400, f"max_tokens: {new}, more than --max_tokens={options.max_tokens}", "max_tokens")
@@ -314,7 +278,7 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
         server.batcher.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": options.model_name}
-        routing_due = server.ta_moe and options.routing
+        routing_due = server.batcher.routing
 
         async def tokens():
             """(kind, value) until the answer and its routing statistics are in."""
@@ -397,11 +361,10 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
         kind, value = await done
         if kind == "error":
             raise ApiError(500, f"decoding failed: {value}")
-        body = {"created": int(time.time()), "model": options.model_name,
-                "data": [{"b64_json": base64.b64encode(_png(img)).decode()} for img in value]}
-        if server.ta_moe and options.routing:
-            body["unijax"] = {"routing": await asyncio.to_thread(
-                server._routing, {"task": "t2i", "caption": req.prompt, "image": value[0], "source": "request", "index": 0})}
+        pngs = await asyncio.to_thread(lambda: [base64.b64encode(_png(img)).decode() for img in value["images"]])
+        body = {"created": int(time.time()), "model": options.model_name, "data": [{"b64_json": p} for p in pngs]}
+        if value["routing"] is not None:
+            body["unijax"] = {"routing": value["routing"]}
         return body
 
     return app
