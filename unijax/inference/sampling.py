@@ -43,13 +43,10 @@ def sample(logits, rng, s: Sampling):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def sample_rows(logits, keys, temperature, top_k, top_p):
-    """One token per row of `logits [B, V]` with per-row settings (traced, so one compiled program
-    serves every mix of requests): `keys [B]` (`jax.random.key`), `temperature [B]` (0: greedy),
-    `top_k [B]` int (0: off), `top_p [B]` (1: off). Row i equals `sample(logits[i:i+1], keys[i], s_i)`
-    in distribution, and exactly for greedy rows."""
+def filter_rows(logits, temperature, top_k, top_p):
+    """`filter_logits(logits[i] / temperature[i], top_k[i], top_p[i])` for every row of `[B, V]` at
+    once, the settings traced (`[B]` each; a row of temperature 0 is left unscaled)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     v = logits.shape[-1]
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
@@ -58,6 +55,15 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
     probs = jax.nn.softmax(jnp.where(ordered < kth, NEG_INF, ordered), axis=-1)
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
     threshold = jnp.maximum(jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True), kth)
-    filtered = jnp.where(scaled < threshold, NEG_INF, scaled)
+    return jnp.where(scaled < threshold, NEG_INF, scaled)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """One token per row of `logits [B, V]` with per-row settings (traced, so one compiled program
+    serves every mix of requests): `keys [B]` (`jax.random.key`), `temperature [B]` (0: greedy),
+    `top_k [B]` int (0: off), `top_p [B]` (1: off). Row i draws from `filter_rows`' row i, as
+    `sample(logits[i:i+1], keys[i], s_i)` draws from `filter_logits`; greedy rows take the argmax."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_rows(logits, temperature, top_k, top_p)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
