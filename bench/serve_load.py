@@ -87,8 +87,8 @@ def send(base: str, req: dict, max_tokens: int) -> float:
     return time.perf_counter() - t
 
 
-def sequential(ckpt, reqs, max_tokens: int) -> float:
-    """Seconds for the requests one at a time through `generate`'s engine (compiles excluded)."""
+def sequential(ckpt, reqs, max_tokens: int) -> dict:
+    """Seconds for the requests one at a time through `generate`'s engine (compiles excluded), per kind."""
     from unijax.inference.engine import Engine
     from unijax.inference.sampling import Sampling
 
@@ -103,10 +103,12 @@ def sequential(ckpt, reqs, max_tokens: int) -> float:
 
     for req in (reqs[0], reqs[2]):  # compile each kind once, untimed
         run(req)
-    t = time.perf_counter()
+    spent = {"chat": 0.0, "image": 0.0}
     for req in reqs:
+        t = time.perf_counter()
         run(req)
-    return time.perf_counter() - t
+        spent[req["kind"]] += time.perf_counter() - t
+    return spent
 
 
 def main(argv=None):
@@ -153,9 +155,11 @@ def main(argv=None):
         latencies = list(pool.map(lambda r: send(base, r, args.max_tokens), reqs))
     wall = time.perf_counter() - t
     rows = [n for k, v in server.batcher.batches.items() for n in v[before[k]:]]
+    stats = server.batcher.stats()
     httpd.should_exit = True
     server.batcher.stop()
-    seq = sequential(ckpt, reqs, args.max_tokens)
+    seq_kinds = sequential(ckpt, reqs, args.max_tokens)
+    seq = sum(seq_kinds.values())
 
     result = {"checkpoint": str(ckpt), "clients": args.clients, "requests": len(reqs), "routing": not args.no_routing,
               "mix": {"chat": sum(r["kind"] == "chat" and not r["stream"] for r in reqs),
@@ -165,14 +169,18 @@ def main(argv=None):
               "p50_s": round(float(np.percentile(latencies, 50)), 3), "p95_s": round(float(np.percentile(latencies, 95)), 3),
               "wall_s": round(wall, 2), "throughput_rps": round(len(reqs) / wall, 2),
               "mean_batch": round(float(np.mean(rows)), 2), "decode_batches": len(rows),
-              "sequential_s": round(seq, 2), "sequential_rps": round(len(reqs) / seq, 2),
+              "decode_s": {k: stats[f"{k}_decode_s"] for k in ("chat", "image")},
+              "sequential_s": round(seq, 2), "sequential_by_kind_s": {k: round(v, 2) for k, v in seq_kinds.items()},
+              "sequential_rps": round(len(reqs) / seq, 2),
               "speedup": round(seq / wall, 2)}
     print("| setting | requests | wall (s) | requests/s | p50 (s) | p95 (s) | mean batch |")
     print("|---|---|---|---|---|---|---|")
     print(f"| serve, {args.clients} clients | {len(reqs)} | {wall:.1f} | {result['throughput_rps']} | {result['p50_s']} | "
           f"{result['p95_s']} | {result['mean_batch']} |")
     print(f"| sequential generate | {len(reqs)} | {seq:.1f} | {result['sequential_rps']} | | | 1 |")
-    print(f"speedup {result['speedup']}x; start-up compile {startup:.0f} s")
+    print(f"speedup {result['speedup']}x; start-up compile {startup:.0f} s; decoding (incl. warm-up requests) "
+          f"{result['decode_s']['chat']:.1f} s answers, {result['decode_s']['image']:.1f} s images; sequential "
+          f"{seq_kinds['chat']:.1f} s answers, {seq_kinds['image']:.1f} s images")
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     tmp.cleanup()

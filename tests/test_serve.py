@@ -204,7 +204,7 @@ def test_bad_input_is_one_line_4xx_and_the_server_keeps_serving(served, tmp_path
         (chat, {"messages": []}, 400, "messages: empty"),
         (chat, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "expected system, user or assistant"),
         (chat, {**msg(), "max_tokens": 10_000}, 400, "more than --max_tokens=24"),
-        (chat, {**msg(text="word " * 200)}, 400, "more than the longest compiled prompt (128)"),
+        (chat, {**msg(text="word " * 200)}, 400, "more than the longest compiled prompt (128) (--lengths)"),
         (chat, {**msg(), "temperature": -1}, 400, "temperature: Input should be greater than or equal to 0"),
         (gen, {"prompt": ""}, 400, "prompt: empty"),
         (gen, {"prompt": "a circle", "n": 0}, 400, "n: 0; expected 1 to --max_n=8"),
@@ -279,7 +279,7 @@ def test_serving_emu3(tmp_path):
 
     ckpt = save_run(tmp_path / "emu3", preset("tiny", family="emu3", text={"num_layers": 2}))
     engine = Engine.load(ckpt, batch_size=2)
-    batcher = Batcher(engine, batch_sizes=(2,), lengths=(128,), context=144)
+    batcher = Batcher(engine, batch_sizes=(2,), lengths=(128,), max_tokens=16)
     got = []
     job = ChatJob(prompt=engine.mmu_prompt([(QUESTIONS[0], None)], [scene(0)]), max_tokens=6,
                   emit=lambda kind, value: got.append((kind, value)))

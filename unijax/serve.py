@@ -44,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_sizes", type=_ints, default=(1, 4, 8), help="compiled decode batch sizes")
     p.add_argument("--lengths", type=_ints, default=None,
                    help="compiled prompt lengths (default: one image + 96 tokens, and --max_images images + 256)")
-    p.add_argument("--context", type=int, default=0, help="KV cache positions (default: the longest length + --max_tokens)")
-    p.add_argument("--max_tokens", type=int, default=256, help="answer tokens a request may ask for")
+    p.add_argument("--max_tokens", type=int, default=256,
+                   help="answer tokens a request may ask for (an answer's KV cache: its prompt length + this)")
     p.add_argument("--max_n", type=int, default=16, help="images a generation request may ask for")
     p.add_argument("--max_images", type=int, default=4, help="images in one conversation")
     p.add_argument("--max_request_bytes", type=int, default=16 << 20, help="largest request body")
@@ -77,12 +77,9 @@ def build(args):
     engine = Engine.load(args.ckpt, tokenizer=args.tokenizer, data_dir=args.data_dir, group=args.group,
                          batch_size=max(args.batch_sizes))
     lengths = args.lengths or (_round(engine.und_tokens + 96), _round(args.max_images * engine.und_tokens + 256))
-    context = args.context or max(lengths) + args.max_tokens
-    if context < max(lengths) + 1:
-        raise ValueError(f"--context={context} leaves no room after the longest prompt length {max(lengths)}")
     options = ServeOptions(
         model_name=args.name or _name(args.ckpt), batch_sizes=tuple(args.batch_sizes), lengths=tuple(lengths),
-        context=context, max_tokens=min(args.max_tokens, context - min(lengths)), max_n=args.max_n,
+        max_tokens=args.max_tokens, max_n=args.max_n,
         max_images=args.max_images, max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
         image_dir=args.image_dir, routing=not args.no_routing)
     app = create_app(engine, options, model_info(engine, args.ckpt))

@@ -4,8 +4,9 @@ Chat jobs decode step-wise (`decode.TextStream`), one token per step for every r
 own sampling settings and key, so a streamed answer sees its tokens as they come. Image jobs (n
 images each) decode as rows of one CFG batch, each row with its own key and guidance, grouped by their
 (static) sampling settings. Batches are padded to the smallest compiled batch size (`batch_sizes`)
-and prompts to the smallest compiled length (`lengths`), so a server compiles its programs once, at
-start-up (`warm_up`). The thread takes the oldest waiting job, then every waiting job of the same
+and prompts to the smallest compiled length (`lengths` for answers, `image_lengths` for image
+prompts), so a server compiles its programs once, at start-up (`warm_up`). An answer's KV cache holds
+its prompt length plus `max_tokens`. The thread takes the oldest waiting job, then every waiting job of the same
 kind that fits beside it; jobs that arrive while a batch decodes wait for the next one.
 """
 
@@ -59,18 +60,22 @@ class ImageJob:
 
 
 class Batcher:
-    def __init__(self, engine, *, batch_sizes: Sequence[int], lengths: Sequence[int], context: int,
-                 wait_s: float = 0.005, routing: bool = True):
+    def __init__(self, engine, *, batch_sizes: Sequence[int], lengths: Sequence[int], max_tokens: int,
+                 image_lengths: Sequence[int] | None = None, wait_s: float = 0.005, routing: bool = True):
         self.engine = engine
         self.batch_sizes = sorted(int(b) for b in batch_sizes)
         self.lengths = sorted(int(n) for n in lengths)
-        self.context = int(context)
+        # image prompts are short (a caption): short lengths first, so a caption is not padded to a conversation's
+        short = [n for n in (32, 64) if n < self.lengths[0]]
+        self.image_lengths = sorted(int(n) for n in (image_lengths or short + self.lengths))
+        self.max_tokens = int(max_tokens)
         self.wait_s = float(wait_s)
         # TA-MoE: each request's routing, counted while it decodes (`analysis.experts.request_routing`)
         self.routing = bool(routing) and engine.cfg.ffn == "ta_moe"
         self.jobs: queue.Queue = queue.Queue()
         self.pending: list = []  # taken from the queue, not yet batched (another kind went first)
         self.batches = {"chat": [], "image": []}  # real rows of each decode batch run
+        self.decode_s = {"chat": 0.0, "image": 0.0}  # seconds spent decoding each kind
         self.busy = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="unijax-batcher", daemon=True)
@@ -83,12 +88,13 @@ class Batcher:
     def rows_for(self, n: int) -> int:
         return next(b for b in self.batch_sizes if b >= n)
 
-    def length_for(self, n: int) -> int:
+    def length_for(self, n: int, kind: str = "chat") -> int:
         """The compiled prompt length for a prompt of `n` tokens (ValueError above the longest)."""
-        for length in self.lengths:
+        lengths = self.lengths if kind == "chat" else self.image_lengths
+        for length in lengths:
             if length >= n:
                 return length
-        raise ValueError(f"the prompt has {n} tokens, more than the longest compiled prompt ({self.lengths[-1]})")
+        raise ValueError(f"the prompt has {n} tokens, more than the longest compiled prompt ({lengths[-1]})")
 
     # -- life ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,6 +118,7 @@ class Batcher:
         for kind, rows in self.batches.items():
             out[f"{kind}_batches"] = len(rows)
             out[f"{kind}_mean_batch"] = float(np.mean(rows)) if rows else 0.0
+            out[f"{kind}_decode_s"] = round(self.decode_s[kind], 3)
         both = self.batches["chat"] + self.batches["image"]
         out["mean_batch"] = float(np.mean(both)) if both else 0.0
         return out
@@ -125,13 +132,14 @@ class Batcher:
         blank = np.zeros((e.image_size, e.image_size, 3), np.uint8)
         prompt = e.mmu_prompt([("?", None)], [blank])
         text_ids = e.tokenizer.t2i_ids("a")
-        work = [(b, n, k) for b in self.batch_sizes for n in self.lengths for k in ("chat", "image")]
+        work = [(b, n, "chat") for b in self.batch_sizes for n in self.lengths]
+        work += [(b, n, "image") for b in self.batch_sizes for n in self.image_lengths]
         for i, (b, n, kind) in enumerate(work):
             progress(i, len(work), f"{kind} batch {b} x {n} tokens")
             if kind == "chat":
                 batch = e.mmu_batch([prompt], b, length=n)
                 stream = e.generator.stream(batch["tokens"], batch["modality"], batch["mask"], batch["pixels"],
-                                            cache_len=self.context, keys=self._keys([0] * b), temperature=np.zeros(b),
+                                            cache_len=n + self.max_tokens, keys=self._keys([0] * b), temperature=np.zeros(b),
                                             top_k=np.zeros(b, np.int32), top_p=np.ones(b))
                 stream.step()
             else:
@@ -188,10 +196,12 @@ class Batcher:
                 if not jobs:
                     continue
                 self.busy = True
+                t = time.perf_counter()
                 if jobs[0].kind == "chat":
                     self._chat(jobs)
                 else:
                     self._images(jobs)
+                self.decode_s[jobs[0].kind] += time.perf_counter() - t
             except Exception as e:  # a failed batch fails its requests, not the server
                 log.exception("decode batch failed")
                 for job in jobs:
@@ -207,7 +217,7 @@ class Batcher:
         pad = [jobs[0]] * (b - len(jobs))
         rows = jobs + pad
         stream = e.generator.stream(
-            batch["tokens"], batch["modality"], batch["mask"], batch["pixels"], cache_len=self.context,
+            batch["tokens"], batch["modality"], batch["mask"], batch["pixels"], cache_len=length + self.max_tokens,
             keys=self._keys([j.seed for j in rows]), temperature=np.asarray([j.temperature for j in rows], np.float32),
             top_k=np.asarray([j.top_k for j in rows], np.int32), top_p=np.asarray([j.top_p for j in rows], np.float32))
         self.batches["chat"].append(len(jobs))
@@ -252,7 +262,7 @@ class Batcher:
         counts = {id(job): 0.0 for job in jobs}
         for lo in range(0, len(rows), self.max_batch):
             chunk = rows[lo:lo + self.max_batch]
-            length = self.length_for(max(len(job.ids) for job, _ in chunk))
+            length = self.length_for(max(len(job.ids) for job, _ in chunk), "image")
             pixels = e.image_rows([job.ids for job, _ in chunk], [e.image_key(job.seed, 0, j) for job, j in chunk],
                                   [job.guidance for job, _ in chunk], jobs[0].sampling, self.rows_for(len(chunk)),
                                   length=length, return_load=self.routing)

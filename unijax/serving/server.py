@@ -49,8 +49,7 @@ class ServeOptions:
     model_name: str = "unijax"
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     lengths: tuple[int, ...] = (128, 512)
-    context: int = 1024
-    max_tokens: int = 256             # answer tokens a request may ask for
+    max_tokens: int = 256             # answer tokens a request may ask for (an answer's KV cache: its prompt length + this)
     max_n: int = 16                   # images a generation request may ask for
     max_images: int = 4               # images in one conversation
     max_request_bytes: int = 16 << 20
@@ -108,7 +107,7 @@ class Server:
     def __init__(self, engine, options: ServeOptions, info: dict):
         self.engine, self.options, self.info = engine, options, info
         self.batcher = Batcher(engine, batch_sizes=options.batch_sizes, lengths=options.lengths,
-                               context=options.context, routing=options.routing)
+                               max_tokens=options.max_tokens, routing=options.routing)
         self.limits = records.ImageLimits(max_pixels=options.max_image_pixels, max_bytes=options.max_request_bytes)
         self.started = time.time()
 
@@ -205,14 +204,11 @@ class Server:
                 raise ApiError(400, f"{param}[{j}]: unsupported part {kind!r}", param)
         return "".join(text)
 
-    def check_fits(self, prompt_tokens: int, new_tokens: int, param: str) -> None:
+    def check_fits(self, prompt_tokens: int, param: str, kind: str = "chat") -> None:
         try:
-            length = self.batcher.length_for(prompt_tokens)
+            self.batcher.length_for(prompt_tokens, kind)
         except ValueError as e:
-            raise ApiError(400, f"{param}: {e}", param) from None
-        if length + new_tokens > self.options.context:
-            raise ApiError(400, f"{param}: a {prompt_tokens}-token prompt (compiled as {length}) and {new_tokens} new "
-                                f"tokens exceed the context of {self.options.context} tokens", param)
+            raise ApiError(400, f"{param}: {e} (--lengths)", param) from None
 
 
 def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastAPI:
@@ -255,7 +251,7 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
     @app.get("/v1/models")
     async def models():
         limits = {"max_tokens": options.max_tokens, "max_n": options.max_n, "max_images": options.max_images,
-                  "context": options.context, "max_request_bytes": options.max_request_bytes,
+                  "lengths": list(options.lengths), "max_request_bytes": options.max_request_bytes,
                   "max_image_pixels": options.max_image_pixels}
         return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": int(server.started),
                                             "owned_by": "unijax", **server.info, "limits": limits}]}
@@ -270,7 +266,7 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
         new = req.max_completion_tokens or req.max_tokens or min(64, options.max_tokens)
         if new > options.max_tokens:
             raise ApiError(400, f"max_tokens: {new}, more than --max_tokens={options.max_tokens}", "max_tokens")
-        server.check_fits(len(prompt["ids"]), new, "messages")
+        server.check_fits(len(prompt["ids"]), "messages")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = ChatJob(prompt=prompt, max_tokens=new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
@@ -348,7 +344,7 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
         if not (math.isfinite(req.cfg_weight) and req.cfg_weight >= 0):
             raise ApiError(400, f"cfg_weight: {req.cfg_weight} must be a finite number >= 0", "cfg_weight")
         ids = engine.tokenizer.t2i_ids(req.prompt)
-        server.check_fits(len(ids), 0, "prompt")
+        server.check_fits(len(ids), "prompt", "image")
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
