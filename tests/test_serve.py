@@ -44,7 +44,7 @@ def save_run(workdir: pathlib.Path, cfg, seed=3) -> pathlib.Path:
     return workdir / "model"
 
 
-SERVE_ARGS = ["--batch_sizes", "1,4", "--lengths", "128", "--max_tokens", "24", "--max_n", "8",
+SERVE_ARGS = ["--batch_sizes", "1,4", "--lengths", "160", "--max_tokens", "24", "--max_n", "8",
               "--max_image_pixels", "4000000", "--max_request_bytes", str(4 << 20)]
 
 
@@ -131,6 +131,34 @@ def test_answers_and_images_equal_generate(served):
     np.testing.assert_array_equal(got, want)
 
 
+def test_no_request_waits_for_a_compile(served):
+    """Every program a request reaches was compiled at start-up: one- and two-image questions,
+    text-only ones, several batch sizes, images of several prompt lengths and n; the jit caches
+    of the decoding programs do not grow."""
+    from unijax.inference import decode
+
+    base, _, _ = served
+    programs = (decode._prefill_text, decode._step_text, decode._generate_image_codes, decode._decode)
+    before = [f._cache_size() for f in programs]
+    two = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(scene(0))}}, {"type": "image_url", "image_url": {"url": data_url(scene(1))}},
+        {"type": "text", "text": "are they the same?"}]}], "max_tokens": 5}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(requests.post, base + "/v1/chat/completions", json=two, timeout=120),
+                   pool.submit(requests.post, base + "/v1/chat/completions", timeout=120,
+                               json={"messages": [{"role": "user", "content": "what is a circle?"}], "max_tokens": 3}),
+                   pool.submit(ask, base, scene(2), QUESTIONS[1], max_tokens=4),
+                   pool.submit(requests.post, base + "/v1/images/generations", timeout=120,
+                               json={"prompt": "a red circle " * 12, "n": 3}),
+                   pool.submit(requests.post, base + "/v1/images/generations", timeout=120, json={"prompt": "a square"})]
+        assert [f.result().status_code for f in futures] == [200] * 5, [f.result().text[:200] for f in futures]
+    assert [f._cache_size() for f in programs] == before
+    # the two-image answer is the engine's for the same question with two marks
+    engine = Engine.load(served[2], batch_size=1)
+    got = futures[0].result().json()["choices"][0]["message"]["content"]
+    assert got == engine.answer([[scene(0), scene(1)]], ["<image>\n<image>\nare they the same?"], max_new_tokens=5)[0]
+
+
 def test_streaming_gives_the_non_streamed_tokens(served):
     base, _, _ = served
     for i, temperature in ((0, 0.0), (1, 0.8)):
@@ -204,7 +232,7 @@ def test_bad_input_is_one_line_4xx_and_the_server_keeps_serving(served, tmp_path
         (chat, {"messages": []}, 400, "messages: empty"),
         (chat, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "expected system, user or assistant"),
         (chat, {**msg(), "max_tokens": 10_000}, 400, "more than --max_tokens=24"),
-        (chat, {**msg(text="word " * 200)}, 400, "more than the longest compiled prompt (128) (--lengths)"),
+        (chat, {**msg(text="word " * 200)}, 400, "more than the longest compiled prompt (160) (--lengths)"),
         (chat, {**msg(), "temperature": -1}, 400, "temperature: Input should be greater than or equal to 0"),
         (gen, {"prompt": ""}, 400, "prompt: empty"),
         (gen, {"prompt": "a circle", "n": 0}, 400, "n: 0; expected 1 to --max_n=8"),

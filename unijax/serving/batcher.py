@@ -61,7 +61,8 @@ class ImageJob:
 
 class Batcher:
     def __init__(self, engine, *, batch_sizes: Sequence[int], lengths: Sequence[int], max_tokens: int,
-                 image_lengths: Sequence[int] | None = None, wait_s: float = 0.005, routing: bool = True):
+                 max_images: int = 1, image_lengths: Sequence[int] | None = None, wait_s: float = 0.005,
+                 routing: bool = True):
         self.engine = engine
         self.batch_sizes = sorted(int(b) for b in batch_sizes)
         self.lengths = sorted(int(n) for n in lengths)
@@ -69,6 +70,7 @@ class Batcher:
         short = [n for n in (32, 64) if n < self.lengths[0]]
         self.image_lengths = sorted(int(n) for n in (image_lengths or short + self.lengths))
         self.max_tokens = int(max_tokens)
+        self.image_slots = sorted({1, int(max_images)})  # understanding images per row: one, or up to max_images
         self.wait_s = float(wait_s)
         # TA-MoE: each request's routing, counted while it decodes (`analysis.experts.request_routing`)
         self.routing = bool(routing) and engine.cfg.ffn == "ta_moe"
@@ -132,12 +134,13 @@ class Batcher:
         blank = np.zeros((e.image_size, e.image_size, 3), np.uint8)
         prompt = e.mmu_prompt([("?", None)], [blank])
         text_ids = e.tokenizer.t2i_ids("a")
-        work = [(b, n, "chat") for b in self.batch_sizes for n in self.lengths]
+        work = [(b, n, f"chat, {k} image slot{'s' * (k > 1)},") for b in self.batch_sizes for n in self.lengths
+                for k in self.image_slots]
         work += [(b, n, "image") for b in self.batch_sizes for n in self.image_lengths]
         for i, (b, n, kind) in enumerate(work):
             progress(i, len(work), f"{kind} batch {b} x {n} tokens")
-            if kind == "chat":
-                batch = e.mmu_batch([prompt], b, length=n)
+            if kind.startswith("chat"):
+                batch = e.mmu_batch([prompt], b, length=n, images_per_row=int(kind.split()[1]))
                 stream = e.generator.stream(batch["tokens"], batch["modality"], batch["mask"], batch["pixels"],
                                             cache_len=n + self.max_tokens, keys=self._keys([0] * b), temperature=np.zeros(b),
                                             top_k=np.zeros(b, np.int32), top_p=np.ones(b))
@@ -213,7 +216,9 @@ class Batcher:
         e = self.engine
         b = self.rows_for(len(jobs))
         length = self.length_for(max(len(j.prompt["ids"]) for j in jobs))
-        batch = e.mmu_batch([j.prompt for j in jobs], b, length=length)
+        most = max(len(j.prompt["pixels"]) for j in jobs)
+        batch = e.mmu_batch([j.prompt for j in jobs], b, length=length,
+                            images_per_row=next(k for k in self.image_slots if k >= most))
         pad = [jobs[0]] * (b - len(jobs))
         rows = jobs + pad
         stream = e.generator.stream(

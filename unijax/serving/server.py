@@ -107,7 +107,7 @@ class Server:
     def __init__(self, engine, options: ServeOptions, info: dict):
         self.engine, self.options, self.info = engine, options, info
         self.batcher = Batcher(engine, batch_sizes=options.batch_sizes, lengths=options.lengths,
-                               max_tokens=options.max_tokens, routing=options.routing)
+                               max_tokens=options.max_tokens, max_images=options.max_images, routing=options.routing)
         self.limits = records.ImageLimits(max_pixels=options.max_image_pixels, max_bytes=options.max_request_bytes)
         self.started = time.time()
 
