@@ -1,5 +1,5 @@
 """Imports point one way (DESIGN.md): contract <- io / distributed / sharding <- models <- checkpoints
-<- data / hf <- inference <- training <- analysis <- cli <- the CLI modules.
+<- data / hf <- inference <- training <- analysis <- serving <- cli <- the CLI modules.
 
 The import-linter contracts in pyproject.toml state the layers (CI also runs `lint-imports`); these
 tests run them, show that they catch an arrow pointing back up, and check from the source itself
