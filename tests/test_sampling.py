@@ -65,3 +65,10 @@ def test_per_row_filters_and_draws_match_numpy():
         assert np.isin(draws[:, i], np.flatnonzero(ours[i] > -1e29)).all(), i
     one = np.asarray(sample_rows(jnp.asarray(logits[:2]), keys[:2], temperature[:2], top_k[:2], top_p[:2]))
     assert one[1] == np.asarray(sample_rows(jnp.asarray(logits), keys, temperature, top_k, top_p))[1]
+
+
+def test_per_row_top_p_one_keeps_every_token_of_a_large_vocabulary():
+    """top_p = 1 is off exactly (float32 cumulative sums reach 1 before the end of 100k tokens)."""
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(2, 100_000)).astype(np.float32))
+    kept = np.asarray(filter_rows(logits, jnp.asarray([1.0, 0.5]), jnp.asarray([0, 0]), jnp.asarray([1.0, 1.0])))
+    assert (kept > -1e29).all()

@@ -150,8 +150,10 @@ def test_no_request_waits_for_a_compile(served):
                    pool.submit(ask, base, scene(2), QUESTIONS[1], max_tokens=4),
                    pool.submit(requests.post, base + "/v1/images/generations", timeout=120,
                                json={"prompt": "a red circle " * 12, "n": 3}),
-                   pool.submit(requests.post, base + "/v1/images/generations", timeout=120, json={"prompt": "a square"})]
-        assert [f.result().status_code for f in futures] == [200] * 5, [f.result().text[:200] for f in futures]
+                   pool.submit(requests.post, base + "/v1/images/generations", timeout=120, json={"prompt": "a square"}),
+                   pool.submit(requests.post, base + "/v1/images/generations", timeout=120,
+                               json={"prompt": "a blue square", "temperature": 0.7, "top_k": 5, "top_p": 0.9})]
+        assert [f.result().status_code for f in futures] == [200] * 6, [f.result().text[:200] for f in futures]
     assert [f._cache_size() for f in programs] == before
     # the two-image answer is the engine's for the same question with two marks
     engine = Engine.load(served[2], batch_size=1)
@@ -167,6 +169,7 @@ def test_streaming_gives_the_non_streamed_tokens(served):
         assert len(tokens) == whole["usage"]["completion_tokens"]
         assert text.strip() == whole["choices"][0]["message"]["content"]
         assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+        assert events[-2]["usage"] == whole["usage"]
         assert events[-1]["object"] == "unijax.routing"  # the TA-MoE routing of the answer, after it
 
 
@@ -234,6 +237,7 @@ def test_bad_input_is_one_line_4xx_and_the_server_keeps_serving(served, tmp_path
         (chat, {**msg(), "max_tokens": 10_000}, 400, "more than --max_tokens=24"),
         (chat, {**msg(text="word " * 200)}, 400, "more than the longest compiled prompt (160) (--lengths)"),
         (chat, {**msg(), "temperature": -1}, 400, "temperature: Input should be greater than or equal to 0"),
+        (chat, {**msg(), "top_k": 2**31}, 400, "top_k: Input should be less than 2147483648"),
         (gen, {"prompt": ""}, 400, "prompt: empty"),
         (gen, {"prompt": "a circle", "n": 0}, 400, "n: 0; expected 1 to --max_n=8"),
         (gen, {"prompt": "a circle", "n": 9}, 400, "n: 9; expected 1 to --max_n=8"),

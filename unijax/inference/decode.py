@@ -160,7 +160,7 @@ class Generator:
     def image_codes(self, tokens: Array, mask: Array, *, guidance: float = 5.0,
                     sampling: Sampling = Sampling(temperature=1.0), rng=None, num_tokens: int | None = None,
                     return_logits: bool = False, uncond: tuple[Array, Array] | None = None,
-                    return_load: bool = False):
+                    return_load: bool = False, row_sampling: tuple | None = None):
         """VQ codes `[B, grid * grid]` for left-padded T2I prompts `tokens/mask [B, T]`.
 
         The prompt should end with the begin-of-image token (Emu3: with `<|image start|>h*w<|image
@@ -171,14 +171,17 @@ class Generator:
         `unconditional_prompt`). `num_tokens`: decode only the first slots (Emu3: slots include the
         end-of-line ones). With `return_logits`, also the guided code logits of every code step.
         With `return_load` (last), each conditional row's expert assignments per TA-MoE layer over its
-        prompt and the codes it fed back, `[L, B, X]` (a served image's routing).
+        prompt and the codes it fed back, `[L, B, X]` (a served image's routing). `row_sampling`:
+        per-row `(temperature, top_k, top_p)` arrays `[B]` instead of `sampling` (traced: one compiled
+        program for every setting; needs a key per row; the same draws as `sampling` would give).
         """
         rng = jax.random.key(0) if rng is None else rng
         if uncond is None:
             uncond = (unconditional_prompt(tokens, self.cfg), mask)
         return _generate_image_codes(self.graphdef, self.state, tokens, mask, uncond[0], uncond[1],
                                      jnp.asarray(guidance, jnp.float32), rng, num_tokens=num_tokens or self.cfg.vq.num_tokens,
-                                     sampling=sampling, return_logits=return_logits, return_load=return_load)
+                                     sampling=sampling, return_logits=return_logits, return_load=return_load,
+                                     row_sampling=row_sampling)
 
     def decode_images(self, codes: Array) -> Array:
         """VQ codes `[B, N]` -> pixels `[B, H, W, C]` in [-1, 1]."""
@@ -205,7 +208,8 @@ def unconditional_prompt(tokens: Array, cfg) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling", "return_logits", "return_load"))
 def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_mask, guidance, rng, *,
-                          num_tokens: int, sampling: Sampling, return_logits: bool, return_load: bool = False):
+                          num_tokens: int, sampling: Sampling, return_logits: bool, return_load: bool = False,
+                          row_sampling=None):
     model: Janus = nnx.merge(graphdef, state)
     cfg = model.cfg
     emu3 = family_of(cfg) == "emu3"
@@ -225,7 +229,9 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
         logits = model.image_logits(h[:, -1]).astype(jnp.float32)
         cond, uncond = logits[:b], logits[b:]
         guided = uncond + (guidance if guidance.ndim == 0 else guidance[:, None]) * (cond - uncond)
-        if per_row:
+        if row_sampling is not None:
+            nxt = sample_rows(guided, key, *row_sampling)
+        elif per_row:
             nxt = jax.vmap(lambda g, k: sample(g[None], k, sampling)[0])(guided, key)
         else:
             nxt = sample(guided, key, sampling)

@@ -232,18 +232,26 @@ class Engine:
         """The key of sample `sample` of prompt `prompt_id` (`images`)."""
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), prompt_id), sample)
 
-    def image_rows(self, ids: Sequence, keys: Sequence, guidance: Sequence[float], sampling: Sampling, rows: int,
-                   length: int = 0, return_load: bool = False):
+    def image_rows(self, ids: Sequence, keys: Sequence, guidance: Sequence[float], sampling: Sampling | Sequence[Sampling],
+                   rows: int, length: int = 0, return_load: bool = False):
         """One image per T2I prompt (token ids, `tokenizer.t2i_ids`), each with its own key and CFG
         scale, decoded as a batch of `rows` rows (padded with copies of the first) and at least `length`
         prompt tokens: uint8 `[len(ids), H, W, 3]`; with `return_load` also each row's expert
-        assignments per TA-MoE layer `[L, len(ids), X]` (`decode.Generator.image_codes`)."""
+        assignments per TA-MoE layer `[L, len(ids), X]` (`decode.Generator.image_codes`). `sampling`: one
+        setting (compiled in), or one per row (traced: one program serves every mix)."""
         n = len(ids)
         pad = rows - n
         ids, keys, guidance = list(ids) + [ids[0]] * pad, list(keys) + [keys[0]] * pad, list(guidance) + [guidance[0]] * pad
+        row_sampling = None
+        if not isinstance(sampling, Sampling):
+            per = list(sampling) + [sampling[0]] * pad
+            row_sampling = (jnp.asarray([s.temperature for s in per], jnp.float32), jnp.asarray([s.top_k for s in per], jnp.int32),
+                            jnp.asarray([s.top_p for s in per], jnp.float32))
+            sampling = Sampling()
         tokens, mask = left_pad(ids, _round_up(max(max(map(len, ids)), length), PAD_TO), self.cfg.text.pad_token_id)
         out = self.generator.image_codes(jnp.asarray(tokens), jnp.asarray(mask), guidance=np.asarray(guidance, np.float32),
-                                         sampling=sampling, rng=jnp.stack(keys), return_load=return_load)
+                                         sampling=sampling, rng=jnp.stack(keys), return_load=return_load,
+                                         row_sampling=row_sampling)
         codes = out[0] if return_load else out
         pixels = to_uint8(jax.device_get(self.generator.decode_images(codes)))[:n]
         return (pixels, np.asarray(out[1])[:, :n]) if return_load else pixels

@@ -53,7 +53,7 @@ def filter_rows(logits, temperature, top_k, top_p):
     k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
     probs = jax.nn.softmax(jnp.where(ordered < kth, NEG_INF, ordered), axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p >= 1.0)[:, None]  # 1: off, exactly
     threshold = jnp.maximum(jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True), kth)
     return jnp.where(scaled < threshold, NEG_INF, scaled)
 

@@ -2,8 +2,8 @@
 
 Chat jobs decode step-wise (`decode.TextStream`), one token per step for every row, each row with its
 own sampling settings and key, so a streamed answer sees its tokens as they come. Image jobs (n
-images each) decode as rows of one CFG batch, each row with its own key and guidance, grouped by their
-(static) sampling settings. Batches are padded to the smallest compiled batch size (`batch_sizes`)
+images each) decode as rows of one CFG batch, each row with its own key, guidance and sampling
+settings. Batches are padded to the smallest compiled batch size (`batch_sizes`)
 and prompts to the smallest compiled length (`lengths` for answers, `image_lengths` for image
 prompts), so a server compiles its programs once, at start-up (`warm_up`). An answer's KV cache holds
 its prompt length plus `max_tokens`. The thread takes the oldest waiting job, then every waiting job of the same
@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from unijax.analysis.experts import request_routing
+from unijax.inference.engine import PAD_TO
 from unijax.inference.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,10 @@ class Batcher:
                  routing: bool = True):
         self.engine = engine
         self.batch_sizes = sorted(int(b) for b in batch_sizes)
-        self.lengths = sorted(int(n) for n in lengths)
+        self.lengths = sorted({-(-int(n) // PAD_TO) * PAD_TO for n in lengths})  # prompts pad to multiples of PAD_TO
         # image prompts are short (a caption): short lengths first, so a caption is not padded to a conversation's
         short = [n for n in (32, 64) if n < self.lengths[0]]
-        self.image_lengths = sorted(int(n) for n in (image_lengths or short + self.lengths))
+        self.image_lengths = sorted({-(-int(n) // PAD_TO) * PAD_TO for n in (image_lengths or short + self.lengths)})
         self.max_tokens = int(max_tokens)
         self.image_slots = sorted({1, int(max_images)})  # understanding images per row: one, or up to max_images
         self.wait_s = float(wait_s)
@@ -126,13 +127,11 @@ class Batcher:
         return out
 
     # -- compile -------------------------------------------------------------------------------
-    def warm_up(self, progress: Callable[[int, int, str], None] = lambda i, n, what: None,
-                image_sampling: Sampling = Sampling(temperature=1.0)) -> None:
+    def warm_up(self, progress: Callable[[int, int, str], None] = lambda i, n, what: None) -> None:
         """Compiles every program a request can reach: per batch size, the prompt of each compiled
-        length, the decoding step and the image decoder (for `image_sampling`, the default)."""
+        length (with each image-slot count), the decoding step and the image decoder."""
         e = self.engine
-        blank = np.zeros((e.image_size, e.image_size, 3), np.uint8)
-        prompt = e.mmu_prompt([("?", None)], [blank])
+        prompt = e.mmu_prompt([("?", None)], [])  # short: fits the shortest length; the slots are given below
         text_ids = e.tokenizer.t2i_ids("a")
         work = [(b, n, f"chat, {k} image slot{'s' * (k > 1)},") for b in self.batch_sizes for n in self.lengths
                 for k in self.image_slots]
@@ -146,7 +145,7 @@ class Batcher:
                                             top_k=np.zeros(b, np.int32), top_p=np.ones(b))
                 stream.step()
             else:
-                e.image_rows([text_ids], [e.image_key(0, 0, 0)], [1.0], image_sampling, b, length=n,
+                e.image_rows([text_ids], [e.image_key(0, 0, 0)], [1.0], [Sampling(temperature=1.0)], b, length=n,
                              return_load=self.routing)
         progress(len(work), len(work), "done")
 
@@ -179,8 +178,6 @@ class Batcher:
         take, rows = [], 0
         for job in self.pending:
             if job.kind != first.kind:
-                continue
-            if job.kind == "image" and job.sampling != first.sampling:
                 continue
             need = 1 if job.kind == "chat" else job.n
             if take and rows + need > self.max_batch:
@@ -222,7 +219,8 @@ class Batcher:
         pad = [jobs[0]] * (b - len(jobs))
         rows = jobs + pad
         stream = e.generator.stream(
-            batch["tokens"], batch["modality"], batch["mask"], batch["pixels"], cache_len=length + self.max_tokens,
+            batch["tokens"], batch["modality"], batch["mask"], batch["pixels"],
+            cache_len=batch["tokens"].shape[1] + self.max_tokens,
             keys=self._keys([j.seed for j in rows]), temperature=np.asarray([j.temperature for j in rows], np.float32),
             top_k=np.asarray([j.top_k for j in rows], np.int32), top_p=np.asarray([j.top_p for j in rows], np.float32))
         self.batches["chat"].append(len(jobs))
@@ -269,7 +267,7 @@ class Batcher:
             chunk = rows[lo:lo + self.max_batch]
             length = self.length_for(max(len(job.ids) for job, _ in chunk), "image")
             pixels = e.image_rows([job.ids for job, _ in chunk], [e.image_key(job.seed, 0, j) for job, j in chunk],
-                                  [job.guidance for job, _ in chunk], jobs[0].sampling, self.rows_for(len(chunk)),
+                                  [job.guidance for job, _ in chunk], [job.sampling for job, _ in chunk], self.rows_for(len(chunk)),
                                   length=length, return_load=self.routing)
             if self.routing:
                 pixels, load = pixels

@@ -82,7 +82,7 @@ class ChatRequest(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, lt=2**31)
     seed: int = Field(default=0, ge=0, lt=2**31)
     stream: bool = False
 
@@ -93,7 +93,7 @@ class ImageRequest(_Body):
     n: int = 1
     cfg_weight: float = Field(default=5.0, allow_inf_nan=False)
     temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, lt=2**31)
     top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int = Field(default=0, ge=0, lt=2**31)
     response_format: Literal["b64_json"] = "b64_json"
@@ -289,13 +289,16 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
 
         if not req.stream:
             ids, finish, routing = [], "stop", None
-            async for kind, value in tokens():
-                if kind == "token":
-                    ids.append(value)
-                elif kind == "done":
-                    finish = value
-                elif kind == "routing":
-                    routing = value
+            try:
+                async for kind, value in tokens():
+                    if kind == "token":
+                        ids.append(value)
+                    elif kind == "done":
+                        finish = value
+                    elif kind == "routing":
+                        routing = value
+            finally:
+                job.cancelled = True  # a client that left frees its row; a finished row is done anyway
             body = {**base, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": engine.decode_answer(ids)},
                                  "finish_reason": finish}],
@@ -323,8 +326,12 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
                             sent = text
                         else:
                             yield chunk({"content": ""}, token=value)
-                    elif kind == "done":
-                        yield chunk({}, finish=value)
+                    elif kind == "done":  # what is left of the text (a held-back partial character), usage
+                        text = engine.tokenizer.decode(ids)
+                        tail = text[len(sent):] if text.startswith(sent) else ""
+                        yield chunk({"content": tail} if tail else {}, finish=value, usage={
+                            "prompt_tokens": len(prompt["ids"]), "completion_tokens": len(ids),
+                            "total_tokens": len(prompt["ids"]) + len(ids)})
                     elif kind == "routing":
                         yield "data: " + json.dumps({**base, "object": "unijax.routing", "routing": value}) + "\n\n"
                 yield "data: [DONE]\n\n"
