@@ -117,14 +117,15 @@ class TextStream:
         self.settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                          jnp.asarray(top_p, jnp.float32))
 
-    def step(self) -> tuple[np.ndarray, np.ndarray]:
-        """(the next token of every row `[B]`, its expert assignments `[L, B, X]`, as it is fed back
-        to give the following logits); rows past their EOS keep producing, to be ignored."""
+    def step(self) -> tuple[np.ndarray, Array]:
+        """(the next token of every row `[B]` (numpy), its expert assignments `[L, B, X]` (left on the
+        device), as it is fed back to give the following logits); rows past their EOS keep producing,
+        to be ignored."""
         token, self.logits, self.cache, self.pos, load = _step_text(
             self.gen.graphdef, self.gen.state, self.logits, self.cache, self.pos, jnp.int32(self.i), self.keys,
             *self.settings)
         self.i += 1
-        return np.asarray(token), np.asarray(load)
+        return np.asarray(token), load
 
 
 class Generator:
@@ -220,7 +221,7 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     cache = KVCache.init(cfg, 2 * b, t + num_tokens)
     h, cache, aux = model(rows, jnp.full_like(rows, TEXT), positions, mask2, None, cache, task=jnp.full_like(rows, T2I),
                           return_aux=True)
-    load = _row_load(aux, b)
+    load = _row_load(aux, b) if return_load else jnp.zeros((0, b, 0), jnp.float32)  # nothing carried unless asked
 
     per_row = rng.shape == (b,)  # one key per row: each row's samples are independent of the batch
     row_len = cfg.vq.grid + 1  # Emu3: codes of one image row, then end-of-line
@@ -271,8 +272,8 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
         idx = np.asarray([i for i in range(num_tokens) if (i + 1) % row_len != 0])
         codes = codes[:, idx]
         logits = logits[:, idx] if return_logits else None
-    out = (codes, logits) if return_logits else (codes,)
-    return (*out, load) if return_load else (out if return_logits else codes)
+    out = (codes,) + ((logits,) if return_logits else ()) + ((load,) if return_load else ())
+    return out if len(out) > 1 else codes
 
 
 def generate_image_codes(model: Janus, *args, **kwargs):

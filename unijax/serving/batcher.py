@@ -13,7 +13,6 @@ kind that fits beside it; jobs that arrive while a batch decodes wait for the ne
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import queue
 import threading
@@ -224,25 +223,24 @@ class Batcher:
             keys=self._keys([j.seed for j in rows]), temperature=np.asarray([j.temperature for j in rows], np.float32),
             top_k=np.asarray([j.top_k for j in rows], np.int32), top_p=np.asarray([j.top_p for j in rows], np.float32))
         self.batches["chat"].append(len(jobs))
-        answers: list[list[int]] = [[] for _ in jobs]
+        produced = [0] * len(jobs)
         load = stream.load.copy()  # [L, B, X]: the prompts', then each answer token's (EOS aside)
         live = set(range(len(jobs)))
         eos = e.cfg.text.eos_token_id
-        for _ in itertools.count():
-            live = {i for i in live if not jobs[i].cancelled}
-            if not live:
-                break
+        while live := {i for i in live if not jobs[i].cancelled}:
             tokens, fed = stream.step()
+            fed = np.asarray(fed) if self.routing else None  # to the host only when routing is reported
             for i in sorted(live):
                 token = int(tokens[i])
                 if token == eos:
                     live.discard(i)
                     self._finish(jobs[i], "stop", load[:, i])
                     continue
-                answers[i].append(token)
-                load[:, i] += fed[:, i]
+                produced[i] += 1
+                if fed is not None:
+                    load[:, i] += fed[:, i]
                 jobs[i].emit("token", token)
-                if len(answers[i]) >= jobs[i].max_tokens:
+                if produced[i] >= jobs[i].max_tokens:
                     live.discard(i)
                     self._finish(jobs[i], "length", load[:, i])
 

@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from unijax.contract import IMAGE_MARKER
 from unijax.data import records
 from unijax.inference.sampling import Sampling
 from unijax.serving.batcher import Batcher, ChatJob, ImageJob
@@ -152,7 +153,7 @@ class Server:
             raise ApiError(400, f"{param}: {e}", param) from None
 
     def chat_prompt(self, req: ChatRequest) -> dict:
-        """OpenAI messages -> `Engine.mmu_prompt`'s dict, plus the turns and images it came from."""
+        """OpenAI messages -> `Engine.mmu_prompt`'s dict."""
         if not req.messages:
             raise ApiError(400, "messages: empty; give at least one user message", "messages")
         system, turns, images, user = None, [], [], None
@@ -180,10 +181,9 @@ class Server:
             raise ApiError(400, f"messages: {len(images)} images, more than --max_images={self.options.max_images}",
                            "messages")
         try:
-            prompt = self.engine.mmu_prompt([tuple(t) for t in turns], images, system_prompt=system)
+            return self.engine.mmu_prompt([tuple(t) for t in turns], images, system_prompt=system)
         except ValueError as e:
             raise ApiError(400, f"messages: {e}", "messages") from None
-        return {**prompt, "turns": turns, "images": images}
 
     def _text_of(self, content: Any, param: str, images: list, allow_images: bool = True) -> str:
         if isinstance(content, str):
@@ -199,7 +199,7 @@ class Server:
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 images.append(self.decode_image_url(url, f"{param}[{j}].image_url"))
-                text.append("<image>\n")
+                text.append(IMAGE_MARKER + "\n")
             else:
                 raise ApiError(400, f"{param}[{j}]: unsupported part {kind!r}", param)
         return "".join(text)
@@ -276,6 +276,10 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
         base = {"id": rid, "created": created, "model": options.model_name}
         routing_due = server.batcher.routing
 
+        def usage(completion: int) -> dict:
+            return {"prompt_tokens": len(prompt["ids"]), "completion_tokens": completion,
+                    "total_tokens": len(prompt["ids"]) + completion}
+
         async def tokens():
             """(kind, value) until the answer and its routing statistics are in."""
             done = routing = False
@@ -302,8 +306,7 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
             body = {**base, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": engine.decode_answer(ids)},
                                  "finish_reason": finish}],
-                    "usage": {"prompt_tokens": len(prompt["ids"]), "completion_tokens": len(ids),
-                              "total_tokens": len(prompt["ids"]) + len(ids)}}
+                    "usage": usage(len(ids))}
             if routing is not None:
                 body["unijax"] = {"routing": routing}
             return body
@@ -329,9 +332,7 @@ def create_app(engine, options: ServeOptions, info: dict | None = None) -> FastA
                     elif kind == "done":  # what is left of the text (a held-back partial character), usage
                         text = engine.tokenizer.decode(ids)
                         tail = text[len(sent):] if text.startswith(sent) else ""
-                        yield chunk({"content": tail} if tail else {}, finish=value, usage={
-                            "prompt_tokens": len(prompt["ids"]), "completion_tokens": len(ids),
-                            "total_tokens": len(prompt["ids"]) + len(ids)})
+                        yield chunk({"content": tail} if tail else {}, finish=value, usage=usage(len(ids)))
                     elif kind == "routing":
                         yield "data: " + json.dumps({**base, "object": "unijax.routing", "routing": value}) + "\n\n"
                 yield "data: [DONE]\n\n"

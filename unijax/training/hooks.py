@@ -53,12 +53,8 @@ class MetricsWindow:
     def add_batch(self, batch: dict[str, np.ndarray]) -> None:
         """A host batch about to be trained on: its tokens and skipped records, each record counted
         once however often the epochs bring it back."""
-        if "skip" in batch:
-            self.skips.add(pipeline.skipped_in(batch))
-            self.skipped, self.overflow = self.skips.count("bad_record"), self.skips.count("overflow")
-        else:
-            self.skipped += int(np.sum(batch["bad"] == pipeline.BAD_RECORD))
-            self.overflow += int(np.sum(batch["bad"] == pipeline.OVERFLOW))
+        self.skips.add(pipeline.skipped_in(batch))  # every pipeline batch names its skipped samples, packed or not
+        self.skipped, self.overflow = self.skips.count("bad_record"), self.skips.count("overflow")
         self.tokens += pipeline.tokens_in(batch)
 
     def add(self, step: int, metrics: dict) -> bool:
