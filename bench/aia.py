@@ -51,7 +51,7 @@ from unijax import contract
 from unijax.data import datasets, pipeline, shapes  # noqa: E402
 from unijax.data.tokenizer import load_tokenizer  # noqa: E402
 from unijax.models.janus import Janus  # noqa: E402
-from unijax.training import steps  # noqa: E402
+from unijax.training import objectives, steps  # noqa: E402
 from unijax.training.config import model_config  # noqa: E402
 from unijax.training.optimizer import learning_rate, make_optimizer  # noqa: E402
 from unijax.training.params import split_trainable  # noqa: E402
@@ -93,7 +93,7 @@ def time_variant(name: str, size: dict, repeats: int, data_dir: str) -> dict:
                                                          config.train.frozen)
     params, frozen = nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen_state)
     tx = make_optimizer(config.train)
-    loss_fn, _ = steps.objective(config, layout.images_per_row(config.data.packing), cfg.text.num_layers)
+    loss_fn, _ = objectives.functions(config, layout.images_per_row(config.data.packing), cfg.text.num_layers)
     step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(config.train)), donate_argnums=(0,))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
              "rng": jax.random.PRNGKey(0)}

@@ -61,8 +61,8 @@ from unijax.hf import janus as hf_mapping  # noqa: E402
 from unijax.inference.decode import Generator  # noqa: E402
 from unijax.inference.sampling import Sampling  # noqa: E402
 from unijax.models.config import JanusConfig, TextConfig, VisionConfig, VQConfig  # noqa: E402
+from unijax.models.family import preset
 from unijax.models.janus import Janus  # noqa: E402  (type hints)
-from unijax.models.presets import preset
 
 BATCH = 4
 PROMPT_LEN = 16

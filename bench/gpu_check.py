@@ -96,7 +96,7 @@ def timed(fn, args, warmup: int, steps: int) -> list[float]:
 
 # -- (a) cuDNN attention -----------------------------------------------------------------------------
 def tiny_config(dtype: str, attention_impl: str):
-    from unijax.models.presets import preset
+    from unijax.models.family import preset
 
     return preset("tiny", dtype=dtype, param_dtype="float32", attention_impl=attention_impl)
 

@@ -54,9 +54,9 @@ from flax import nnx  # noqa: E402
 
 from bench.common import machine_meta, write_json  # noqa: E402
 from unijax.models.config import MoEConfig  # noqa: E402
+from unijax.models.family import preset
 from unijax.models.layers import SwiGLU  # noqa: E402
 from unijax.models.moe import TAMoE  # noqa: E402
-from unijax.models.presets import preset
 
 SIZES = {"tiny": dict(embed=128, mlp=344, tokens=3584, seq=112),
          "1b": dict(embed=2048, mlp=5632, tokens=4096, seq=1024)}

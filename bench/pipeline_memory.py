@@ -63,7 +63,7 @@ def child(root: str, setting: str, batches: int, batch_size: int, pause: float) 
 
     from unijax.data import datasets, pipeline
     from unijax.data.tokenizer import load_tokenizer
-    from unijax.models.presets import preset
+    from unijax.models.family import preset
     from unijax.training.config import defaults
 
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags

@@ -92,8 +92,8 @@ def build_unijax(c: dict, step: str, batch: int, seq: int, dtype: str = "float32
     from flax import nnx
 
     from unijax.models import lora
+    from unijax.models.family import preset
     from unijax.models.janus import Janus
-    from unijax.models.presets import preset
     from unijax.training.params import split_trainable
     from unijax.training.steps import merged_model
 

@@ -14,7 +14,7 @@ from configs import common
 def get_config(arg=None):
     c = common.get_config(preset=arg or "tiny")
     c.workdir = "workdir/stage0_vq"
-    c.objective = "vq"
+    c.train.objective = "vq"
     c.data.und_ratio = 0.0           # images only: the generation-task samples carry them
     c.data.cfg_drop_prob = 0.0
     c.train.trainable = ("vqmodel/.*",)

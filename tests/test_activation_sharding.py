@@ -19,8 +19,8 @@ from unijax import sharding
 from unijax.contract import GEN_IMAGE, MMU, T2I, TEXT, UND_IMAGE
 from unijax.data import pipeline
 from unijax.models import family
+from unijax.training import objectives
 from unijax.training import setup as train_setup
-from unijax.training import steps
 from unijax.training.loop import model_config
 
 B = 8  # rows: 2 per fsdp shard
@@ -68,7 +68,7 @@ def one_step(c, devices) -> dict:
     layout = pipeline.Layout.for_data(cfg, c.data)
     mesh = sharding.make_mesh(c.mesh, devices)
     setup = train_setup.build(family.build(cfg, nnx.Rngs(0)), c, mesh)
-    loss_fn, _ = steps.objective(c, layout.images_per_row(c.data.packing), cfg.text.num_layers)
+    loss_fn, _ = objectives.functions(c, layout.images_per_row(c.data.packing), cfg.text.num_layers)
     step = train_setup.jit_train_step(setup, c, mesh, loss_fn)
     batch = jax.device_put(synthetic_batch(layout, cfg.text.vocab_size), sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh):

@@ -16,9 +16,9 @@ from unijax.contract import GEN_IMAGE, UND_IMAGE
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import shapes_tokenizer
 from unijax.models import forward
+from unijax.models.family import preset
 from unijax.models.layers import attention
-from unijax.models.presets import preset
-from unijax.training import aia, losses
+from unijax.training import aia, losses, objectives
 
 
 def _qkv(b=2, t=160, h=4, kh=2, d=32, seed=0):
@@ -231,7 +231,7 @@ def test_train_steps_pull_the_curves_to_the_targets(batch):
     graphdef, params = nnx.split(quick_model(cfg), nnx.Param)
     params = nnx.to_pure_dict(params)
     tx = make_optimizer(c.train)
-    loss_fn, _ = steps.objective(c, (1, 1), cfg.text.num_layers)
+    loss_fn, _ = objectives.functions(c, (1, 1), cfg.text.num_layers)
     step = jax.jit(steps.make_train_step(graphdef, tx, loss_fn, learning_rate(c.train)))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
              "rng": jax.random.PRNGKey(0)}

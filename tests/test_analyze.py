@@ -19,8 +19,8 @@ from unijax import analyze, checkpoints, contract
 from unijax.analysis import heldout
 from unijax.analysis.experts import expert_stats
 from unijax.models import forward
+from unijax.models.family import preset
 from unijax.models.janus import Janus
-from unijax.models.presets import preset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N, LAYERS, SEED = 3, (0, 2), 7

@@ -15,8 +15,8 @@ from flax import nnx
 
 from unijax.models import layers
 from unijax.models.decoder import KVCache
+from unijax.models.family import preset
 from unijax.models.janus import Janus
-from unijax.models.presets import preset
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 B, T, H, K, D = 2, 200, 4, 2, 32   # T=200: the kernel pads the sequence to 256 (segment 0) and head dims to 128

@@ -22,7 +22,7 @@ from configs import base
 from unijax import checkpoints, contract, sharding
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import shapes_tokenizer
-from unijax.models.presets import preset
+from unijax.models.family import preset
 from unijax.training import losses
 
 T = envs.SHORT_ROWS["max_len"]  # 112 positions per row

@@ -17,8 +17,8 @@ from safetensors.numpy import load_file, save_file
 from unijax import checkpoints
 from unijax.hf.convert import ConversionError, checkpoint_to_hf, hf_to_checkpoint
 from unijax.hf.safetensors_io import WeightDir
+from unijax.models.family import preset
 from unijax.models.janus import Janus
-from unijax.models.presets import preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -202,7 +202,7 @@ def test_greedy_cfg_generation_matches_transformers(pair):
 # -- training on the shapes world ----------------------------------------------------------------
 def emu3_layout():
     from unijax.data import pipeline
-    from unijax.models.presets import preset
+    from unijax.models.family import preset
 
     cfg = preset("tiny", "emu3")
     return cfg, pipeline.Layout.from_model(cfg, envs.SHORT_ROWS["max_len"])
@@ -226,7 +226,7 @@ def test_emu3_layout_rows_end_with_eol_and_images_reassemble(tmp_path):
     positions that predict a code; AIA's keys and queries leave the end-of-line tokens out."""
     from unijax.contract import GEN_IMAGE
     from unijax.data import pipeline
-    from unijax.models.forward import gather_images
+    from unijax.models.image_inputs import gather_images
 
     cfg, layout = emu3_layout()
     samples, tok = shapes_samples(tmp_path)

@@ -19,7 +19,7 @@ from unijax.contract import TEXT, UND_IMAGE
 from unijax.hf.convert import ConversionError, checkpoint_to_hf, hf_to_checkpoint
 from unijax.models import family
 from unijax.models.config import MoEConfig
-from unijax.models.presets import preset
+from unijax.models.family import preset
 from unijax.training.upcycle import upcycle
 
 

@@ -24,7 +24,7 @@ from unijax.inference import suites
 from unijax.inference.engine import Engine
 from unijax.inference.sampling import Sampling
 from unijax.models import lora
-from unijax.models.presets import preset
+from unijax.models.family import preset
 from unijax.training.config import validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

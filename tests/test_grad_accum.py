@@ -8,7 +8,7 @@ from test_train import losses_of, tiny_config
 
 from configs import stage2
 from unijax import contract, sharding
-from unijax.training import loop, steps
+from unijax.training import loop, objectives, steps
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _stage2_aia(workdir, data_dir, **moe):
 
 def _grads(run, batch, k):
     s = run.setup
-    loss_fn, _ = steps.objective(run.config, run.setup_images_per_row, run.cfg.text.num_layers)
+    loss_fn, _ = objectives.functions(run.config, run.setup_images_per_row, run.cfg.text.num_layers)
 
     def f(params, micro, whole, i):
         return loss_fn(steps.merged_model(s.graphdef, params, s.frozen, s.lora_scale), micro, whole=whole)

@@ -111,7 +111,7 @@ def test_training_and_inference_use_the_family_rule(tmp_path):
     pixels agree); its generation target is the centre crop."""
     from unijax.data import pipeline
     from unijax.data.tokenizer import load_tokenizer
-    from unijax.models.presets import preset
+    from unijax.models.family import preset
 
     cfg = preset("tiny")
     layout = pipeline.Layout.from_model(cfg, 160)

@@ -12,7 +12,7 @@ from test_train import losses_of, tiny_config
 from configs import stage2
 from unijax import checkpoints
 from unijax.models import lora
-from unijax.models.presets import preset
+from unijax.models.family import preset
 from unijax.training import loop
 from unijax.training import setup as train_setup
 from unijax.training.params import count, split_trainable

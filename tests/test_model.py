@@ -11,8 +11,8 @@ from flax import nnx
 
 from unijax.contract import GEN_IMAGE, UND_IMAGE
 from unijax.models.decoder import KVCache
+from unijax.models.family import preset
 from unijax.models.janus import Janus
-from unijax.models.presets import preset
 from unijax.models.vq import VQModel
 
 ATOL = 1e-5

@@ -11,9 +11,9 @@ from unijax import contract
 from unijax.contract import GEN_IMAGE, TEXT, UND_IMAGE
 from unijax.data import datasets, pipeline, shapes
 from unijax.data.tokenizer import shapes_tokenizer
-from unijax.models import forward
+from unijax.models import forward, image_inputs
+from unijax.models.family import preset
 from unijax.models.janus import Janus
-from unijax.models.presets import preset
 from unijax.training import losses
 from unijax.training.config import validate
 
@@ -67,7 +67,7 @@ def test_patches_reassemble_the_image(tok, cfg):
     layout = pipeline.Layout.from_model(cfg, 128)
     for s, kind, patch, grid in ((src[5], UND_IMAGE, cfg.vision.patch_size, 8), (gsrc[5], GEN_IMAGE, 4, 8)):
         x = pipeline.pad_sample(pipeline.encode_sample(s, tok, layout), 128)
-        img = forward.gather_images(jnp.asarray(x["patches"][None]), jnp.asarray(x["modality"][None] == kind), 1,
+        img = image_inputs.gather_images(jnp.asarray(x["patches"][None]), jnp.asarray(x["modality"][None] == kind), 1,
                                    patch, grid)
         want = s["image"].astype(np.float32) / 127.5 - 1
         np.testing.assert_allclose(np.asarray(img[0, 0]), want, atol=1e-6)

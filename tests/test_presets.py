@@ -6,8 +6,9 @@ from transformers import JanusConfig as HFJanusConfig
 from transformers import JanusForConditionalGeneration
 
 from unijax import checkpoints
+from unijax.models import family as families
 from unijax.models.config import JanusConfig
-from unijax.models.presets import FAMILY_PRESETS, preset
+from unijax.models.family import preset
 
 
 @pytest.mark.parametrize("name,approx", [("janus_pro_1b", 2.09e9), ("janus_pro_7b", 7.42e9)])
@@ -21,7 +22,7 @@ def test_parameter_count_matches_transformers(name, approx):
     assert abs(ours - approx) / approx < 0.02
 
 
-@pytest.mark.parametrize("family,name", [(f, n) for f, names in FAMILY_PRESETS.items() for n in names])
+@pytest.mark.parametrize("family,name", [(f, n) for f in families.names() for n in families.get(f).presets])
 def test_every_preset_builds_and_validates(family, name):
     """Real presets included: their ids lie in the vocabulary, specials outside Emu3's visual range."""
     cfg = preset(name, family)

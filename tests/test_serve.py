@@ -21,7 +21,7 @@ from unijax import checkpoints, serve
 from unijax.data import shapes
 from unijax.inference.engine import Engine
 from unijax.inference.sampling import Sampling
-from unijax.models.presets import preset
+from unijax.models.family import preset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUESTIONS = ["what colour is the circle?", "how many squares are there?", "describe the image.",

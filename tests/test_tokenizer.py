@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unijax.data import tokenizer as T
-from unijax.models.presets import preset
+from unijax.models.family import preset
 
 try:
     from unijax.data import shapes

@@ -21,8 +21,8 @@ from flax import nnx
 from unijax import checkpoints
 from unijax.contract import GEN_IMAGE, MMU, T2I, TEXT
 from unijax.models.config import MoEConfig
+from unijax.models.family import preset
 from unijax.models.janus import Janus
-from unijax.models.presets import preset
 from unijax.training.upcycle import upcycle, upcycle_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

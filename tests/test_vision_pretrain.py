@@ -16,8 +16,8 @@ from unijax.analysis import recipe
 from unijax.checkpoints import flat_params
 from unijax.data import shapes
 from unijax.models import family
+from unijax.models.family import preset
 from unijax.models.janus import Janus
-from unijax.models.presets import preset
 from unijax.training import loop, vision_pretrain
 from unijax.training.config import model_config, validate
 from unijax.training.logger import MetricLogger

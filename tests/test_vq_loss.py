@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from unijax.models.presets import preset
+from unijax.models.family import preset
 from unijax.models.vq import VQModel
 from unijax.training import vq_loss as V
 

@@ -32,7 +32,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from unijax.io import atomic_directory
-from unijax.models import family, lora, presets
+from unijax.models import family, lora
 from unijax.models.config import JanusConfig
 from unijax.models.janus import Janus
 from unijax.models.lora import path_str
@@ -163,7 +163,7 @@ def read_config(ckpt) -> JanusConfig:
     path = pathlib.Path(ckpt) / "model.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {ckpt} is not a unijax model checkpoint")
-    return presets.config_from_dict(json.loads(path.read_text()), where=str(path))
+    return family.config_from_dict(json.loads(path.read_text()), where=str(path))
 
 
 def load_model(ckpt, sharding: Callable[[tuple[int, ...]], jax.sharding.Sharding] | None = None,

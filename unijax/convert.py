@@ -14,6 +14,7 @@ from absl import app, flags
 from unijax import cli
 from unijax.data.tokenizer import carried_tokenizer, check_compatible, hf_tokenizer
 from unijax.hf.convert import checkpoint_to_hf, hf_to_checkpoint
+from unijax.models import family
 from unijax.models.config import family_of
 
 flags.DEFINE_string("hf_dir", None, "transformers model directory (config.json + safetensors)")
@@ -29,9 +30,10 @@ FLAGS = flags.FLAGS
 
 def checked_tokenizer(hf_dir, cfg) -> dict[str, bytes]:
     """`hf_dir`'s tokenizer files as `tokenizer/<name>`, after checking its special ids against `cfg`
-    (Janus: pad / bos / eos / image / boi / eoi); none when the directory has no tokenizer."""
+    (Janus: pad / bos / eos / image / boi / eoi); none when the directory has no tokenizer, or when
+    the family names its special tokens otherwise (`Family.checks_tokenizer`)."""
     files = carried_tokenizer(hf_dir)
-    if not files or family_of(cfg) != "janus":
+    if not files or not family.of(cfg).checks_tokenizer:
         return {}
     try:
         check_compatible(hf_tokenizer(hf_dir), cfg)

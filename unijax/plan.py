@@ -52,7 +52,7 @@ from unijax import cli, sharding
 from unijax.data import pipeline
 from unijax.io import write_outputs
 from unijax.sharding import MESH_AXES
-from unijax.training import gpu_targets, roofline, throughput
+from unijax.training import gpu_targets, objectives, roofline, steps, throughput
 from unijax.training.config import model_config, validate
 from unijax.training.params import count
 from unijax.training.throughput import PEAK_TFLOPS
@@ -156,7 +156,7 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
         raise ValueError(f"data.max_len={config.data.max_len} cannot hold one image ({layout.und_tokens} "
                          f"understanding / {layout.gen_tokens} generation tokens at {layout.image_size}px); raise it")
 
-    batch = throughput.abstract_batch(layout, config.train.batch_size, mesh)
+    batch = throughput.abstract_batch(layout, config.train.batch_size, mesh, objectives.get(config))
     t0 = time.perf_counter()
     setup, lowered = throughput.lower_step(config, cfg, mesh, batch)
     t1 = time.perf_counter()
@@ -176,7 +176,8 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
         model_flops = throughput.model_flops(config, cfg, mesh, batch, lambda: lowered)
     else:  # XLA counts a lowered program on the host: the same global step on one CPU device
         host = sharding.make_mesh({}, jax.devices("cpu")[:1])
-        model_flops = throughput.model_flops(config, cfg, host, throughput.abstract_batch(layout, config.train.batch_size, host))
+        model_flops = throughput.model_flops(config, cfg, host, throughput.abstract_batch(layout, config.train.batch_size, host,
+                                                                                       objectives.get(config)))
     useful = throughput.useful_flops(config, cfg, layout, setup.state["params"])
     hlo = compiled.as_text()
     if hlo_path:
@@ -192,7 +193,8 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
     per_dev = {
         "trainable_params": per_device_bytes({k: v for k, v in params.items() if k != "lora"}),
         "lora_adapters": per_device_bytes(adapters),
-        "frozen_params": per_device_bytes(setup.frozen),
+        "frozen_params": per_device_bytes(steps.without_reference(setup.frozen)),
+        "reference_params": per_device_bytes(setup.frozen.get(steps.REFERENCE, {})),
         "optimizer_state": per_device_bytes(setup.state["opt_state"]),
         "batch": per_device_bytes(batch),
     }
@@ -220,7 +222,7 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, chip: str = "h100", s
                    + (f" ({topology}, {devices[0].platform.upper()} compiler)" if topology else "" if on_target
                       else " (fake, standing in for the target: memory, FLOPs and time are estimates)"),
         "topology": topology or None,
-        "parameters": {"total": count(params) + count(setup.frozen), "trainable": count(params),
+        "parameters": {"total": count(params) + count(steps.without_reference(setup.frozen)), "trainable": count(params),
                        "lora": count(adapters)},
         "per_device_bytes": per_dev,
         "memory_gb": memory_gb,

@@ -46,7 +46,7 @@ def heldout_batches(cfg, config, num_batches: int, batch_size: int, seed: int, d
     num_batches`. The run's task mix is kept, except that a task it left out (ratio 0) gets ratio 1:
     routing statistics need tokens of both tasks. `only="und"` / `"gen"`: batches of that task alone."""
     config = ml_collections.ConfigDict(config.to_dict())
-    config.objective = "lm"
+    config.train.objective = "lm"
     config.seed = seed
     files = config.data.source == "files"
     if not files:

@@ -18,7 +18,7 @@ One place for the rule each model family's processor applies, used by training
   draw them.
 
 Normalisation (`x / 127.5 - 1`, mean = std = 0.5 as both processors are configured in the
-released checkpoints) happens on device (`unijax.models.forward.gather_images`).
+released checkpoints) happens on device (`unijax.models.image_inputs.gather_images`).
 """
 
 from __future__ import annotations

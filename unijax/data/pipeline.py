@@ -21,7 +21,7 @@ Raw samples (from the shapes world or `unijax.data.sources`) are dicts:
 `positions`; packing (`data.packing`) puts several samples in a row with grain's first-fit packer,
 which numbers the segments and restarts positions per sample. Carrying pixels per token is what
 lets images pack like any other feature; the train step reassembles whole images from them
-(`unijax.models.forward.gather_images`).
+(`unijax.models.image_inputs.gather_images`).
 
 A batch is the dict of these arrays stacked to `[batch, max_len(, P)]`, plus `kind [batch]` (the
 question kind index, -1 when unknown) when rows are not packed.
@@ -40,7 +40,7 @@ import numpy as np
 
 from unijax.contract import BATCH_KEYS, GEN_IMAGE, MMU, SEQ_FEATURES, TASK_IDS, TEXT, UND_IMAGE
 from unijax.data.images import ImageRule
-from unijax.models.config import family_of
+from unijax.models import family
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,9 @@ class Layout:
 
     @classmethod
     def _from_model(cls, cfg, max_len: int, cfg_drop_prob: float) -> Layout:
-        if family_of(cfg) == "emu3":  # both directions: VQ codes, rows ended by end-of-line
-            size = cfg.vq.image_size
-            patch = size // cfg.vq.grid
-            return cls(max_len=max_len, image_size=size, und_patch=patch, gen_patch=patch,
-                       cfg_drop_prob=cfg_drop_prob, pad_id=cfg.text.pad_token_id, bos_id=cfg.text.bos_token_id,
-                       boi_id=cfg.boi_token_id, eol_id=cfg.eol_token_id, und_rule="emu3")
-        size = cfg.vision.image_size
-        if cfg.vq.image_size != size:
-            raise ValueError(f"model.vision.image_size={size} differs from model.vq.image_size={cfg.vq.image_size}")
-        return cls(max_len=max_len, image_size=size, und_patch=cfg.vision.patch_size,
-                   gen_patch=size // cfg.vq.grid, cfg_drop_prob=cfg_drop_prob, pad_id=cfg.text.pad_token_id,
-                   bos_id=cfg.text.bos_token_id, boi_id=cfg.boi_token_id)
+        images = family.of(cfg).image_layout(cfg)
+        return cls(max_len=max_len, cfg_drop_prob=cfg_drop_prob, pad_id=cfg.text.pad_token_id,
+                   bos_id=cfg.text.bos_token_id, **dataclasses.asdict(images))
 
     @property
     def und_image(self) -> ImageRule:
@@ -352,7 +343,8 @@ READ_THREADS, READ_AHEAD = 4, 4  # `data.read_threads`, `data.read_ahead` (grain
 def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, tokenizer, layout: Layout,
             batch_size: int, seed: int, packing: bool = False, num_workers: int = 0, prefetch: int = 0,
             kinds: Sequence[str] = (), process_index: int = 0, process_count: int = 1,
-            read_threads: int = READ_THREADS, read_ahead: int = READ_AHEAD) -> grain.IterDataset:
+            read_threads: int = READ_THREADS, read_ahead: int = READ_AHEAD,
+            encoder: grain.transforms.RandomMap | None = None) -> grain.IterDataset:
     """Mixes per-task datasets of raw samples into batches of `batch_size` rows for this process.
 
     `datasets` are random-access datasets of raw samples, already shuffled and repeated where they
@@ -365,13 +357,20 @@ def batches(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, t
 
     Memory is bounded: `read_threads` threads decode ahead at most `read_ahead` elements (batches;
     samples when packing) per process, and each worker process keeps one batch ready.
+
+    `encoder`: a training objective's own sample -> padded row transform (its batch fields,
+    `Objective.encoder`), instead of the batch contract's `EncodeSample` + padding; not packed.
     """
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead)
     mixed = grain.MapDataset.mix(list(datasets), list(weights)) if len(datasets) > 1 else datasets[0]
-    ds = mixed.random_map(EncodeSample(tokenizer, layout, kinds), seed=seed)
+    ds = mixed.random_map(encoder or EncodeSample(tokenizer, layout, kinds), seed=seed)
     if process_count > 1:
         ds = grain.MapDataset.source(ProcessRows(ds, batch_size, process_index, process_count))
-    if packing:
+    if encoder is not None:
+        if packing:
+            raise ValueError(f"data.packing=True: {type(encoder).__name__} makes its own rows, which do not pack")
+        it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(read)
+    elif packing:
         it = ds.map(lambda x: {**{k: x[k] for k in SEQ_FEATURES}, "skip": x.get("skip", "")}).to_iter_dataset(read)
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct=dict.fromkeys(SEQ_FEATURES, layout.max_len), num_packing_bins=batch_size,

@@ -1,8 +1,9 @@
 """transformers Janus / Emu3 directories <-> unijax model checkpoints (see `python -m unijax.convert`).
 
-The family comes from `config.json`'s `model_type` (`janus`: `JanusForConditionalGeneration`,
-`emu3`: `Emu3ForConditionalGeneration`); both go through the same rules: every HF tensor consumed,
-every parameter found with its shape, or nothing is written.
+The family comes from `config.json`'s `model_type` (`Family.hf_model_types`: `janus` for
+`JanusForConditionalGeneration`, `emu3` for `Emu3ForConditionalGeneration`); every family goes
+through the same rules: every HF tensor consumed, every parameter found with its shape, or nothing
+is written.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from unijax.hf import janus as mapping
 from unijax.hf.safetensors_io import WeightDir, read_json, write_weights
 from unijax.io import atomic_directory
 from unijax.models import family
-from unijax.models.config import TA_MOE_MODEL_TYPE, JanusConfig
-from unijax.models.emu3_config import Emu3Config
 
 # HF tensors with no parameter behind them: BatchNorm's step counter (inference never reads it)
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -63,10 +62,6 @@ def _rename(name: str, table) -> str:
     return name
 
 
-def _renames(cfg):
-    return mapping.EMU3_RENAMES if family.family_of(cfg) == "emu3" else mapping.RENAMES
-
-
 def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = False, overwrite: bool = False,
                      image_size: int = 0, extra_files=None):
     """Converts a transformers `JanusForConditionalGeneration` or `Emu3ForConditionalGeneration`
@@ -81,24 +76,19 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     refuse_existing(out, overwrite)  # before reading any weight
     wd = WeightDir(hf_dir)
     hf, gen = _hf_configs(wd)
-    merged = dict(hf)
-    if gen and gen.get("generation_kwargs"):
-        merged["generation_kwargs"] = gen["generation_kwargs"]
-    runtime = dict(param_dtype=dtype, dtype=dtype, scan_layers=scan_layers)
-    if hf.get("model_type") == "emu3":
-        cfg = Emu3Config.from_hf(hf, image_size=image_size, **runtime).validate()
-    elif hf.get("model_type") in ("janus", TA_MOE_MODEL_TYPE):
-        cfg = JanusConfig.from_hf(merged, **runtime).validate()
-    else:
+    try:
+        fam = family.for_hf_model_type(hf.get("model_type"))
+    except ValueError as e:
         wd.close()
-        raise ConversionError(f"{wd.dir}/config.json: model_type={hf.get('model_type')!r}; expected 'janus' "
-                              f"(JanusForConditionalGeneration) or 'emu3' (Emu3ForConditionalGeneration)")
-    renames = _renames(cfg)
+        raise ConversionError(f"{wd.dir}/config.json: {e}") from None
+    cfg = fam.config_from_hf(hf, gen, image_size=image_size, param_dtype=dtype, dtype=dtype,
+                             scan_layers=scan_layers).validate()
+    renames = fam.hf_renames
     abstract_state = nnx.state(checkpoints.abstract_model(cfg), nnx.Param)
     abstract = checkpoints.flat_params(abstract_state)
     aliases = {n: n for n in wd.names() if not n.endswith(IGNORED_SUFFIXES)}
-    if family.family_of(cfg) == "emu3":  # accept in-memory names too
-        aliases = {_rename(n, mapping.EMU3_IN_MEMORY): n for n in aliases}
+    if fam.hf_file_renames:  # names as files may also hold them
+        aliases = {_rename(n, fam.hf_file_renames): n for n in aliases}
     available = set(aliases)
 
     def get(name):
@@ -150,15 +140,6 @@ def hf_to_checkpoint(hf_dir, out, dtype: str = "float32", scan_layers: bool = Fa
     return cfg
 
 
-def generation_config(cfg) -> dict:
-    t = cfg.text
-    if family.family_of(cfg) == "emu3":
-        return {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
-    return {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
-            "generation_kwargs": {"boi_token_id": cfg.boi_token_id, "eoi_token_id": cfg.eoi_token_id,
-                                  "num_image_tokens": cfg.vq.num_tokens}}
-
-
 def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 4 << 30):
     """Writes a directory that `JanusForConditionalGeneration.from_pretrained` (or, for an Emu3
     checkpoint, `Emu3ForConditionalGeneration.from_pretrained`) loads, with the checkpoint's own
@@ -171,24 +152,26 @@ def checkpoint_to_hf(ckpt, out, overwrite: bool = False, max_shard_bytes: int = 
         raise ConversionError(f"{ckpt}: model.vq.local_encoder=True has no transformers equivalent (JanusVQVAE's "
                               f"encoder uses whole-image GroupNorm and attention); its images would encode differently")
     ta_moe = cfg.ffn == "ta_moe"
-    if ta_moe and family.family_of(cfg) != "janus":
-        raise ConversionError(f"{ckpt}: a {family.family_of(cfg)} TA-MoE model does not export; TA-MoE exports "
-                              f"for the janus family (dense models of every family export)")
-    renames = _renames(cfg)
+    fam = family.of(cfg)
+    if ta_moe and not fam.exports_ta_moe:
+        exporting = [n for n in family.names() if family.get(n).exports_ta_moe]
+        raise ConversionError(f"{ckpt}: a {fam.name} TA-MoE model does not export; TA-MoE exports for the "
+                              f"{'/'.join(exporting)} family (dense models of every family export)")
+    renames = fam.hf_renames
     tensors = {}
     for path, x in checkpoints.flat_params(model).items():
         tensors.update(mapping.export_tensors(path, np.asarray(x), cfg.text.num_layers, cfg.scan_layers, renames))
     for name in [k for k in tensors if k.endswith(".running_var")]:  # BatchNorm's counter, which HF also stores
         tensors[name[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
     src = ckpt / "hf"
-    hf = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else cfg.to_hf()
+    hf = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else fam.config_to_hf(cfg)
     if ta_moe:  # trust_remote_code: the modeling code travels with the weights
         hf = {**hf, **cfg.ta_moe_hf(), "auto_map": TA_MOE_AUTO_MAP}
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
     hf["dtype"] = dtype
     hf.pop("torch_dtype", None)
     gen = (json.loads((src / "generation_config.json").read_text())
-           if (src / "generation_config.json").is_file() else generation_config(cfg))
+           if (src / "generation_config.json").is_file() else fam.hf_generation_config(cfg))
     with atomic_directory(out, overwrite) as tmp:
         write_weights(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))

@@ -1,9 +1,9 @@
-"""Name and layout mapping between unijax's parameters and transformers' state dicts:
-`Janus` <-> `JanusForConditionalGeneration` (`RENAMES`), `Emu3` <-> `Emu3ForConditionalGeneration`
-(`EMU3_RENAMES`).
+"""Name and layout mapping between unijax's parameters and transformers' state dicts, for every
+model family (`Family.hf_renames`: `Janus` <-> `JanusForConditionalGeneration` as `RENAMES`,
+`Emu3` <-> `Emu3ForConditionalGeneration` as `EMU3_RENAMES`).
 
-One table of path renames plus per-leaf hooks:
-- `RENAMES`: ordered regex substitutions from our dotted parameter path to the HF name;
+One table of path renames per family plus per-leaf hooks:
+- renames: ordered regex substitutions from our dotted parameter path to the HF name;
 - `LEAF_HOOKS`: our leaf name -> (HF leaf name, hook) where the hook turns our array into the HF
   tensor layout by rank (linear kernels are transposed, conv kernels go HWIO <-> OIHW);
 - scanned decoder layers (`model.scan_layers`) are stacked / unstacked along axis 0.
@@ -15,14 +15,9 @@ import re
 
 import numpy as np
 
-RENAMES = [
-    (r"^lm_head\.", "lm_head."),
-    (r"^vision_model\.layers\.", "model.vision_model.encoder.layers."),
-    (r"^(vqmodel\.encoder\.down\.\d+)\.resample\.", r"\1.downsample."),
-    (r"^(vqmodel\.decoder\.up\.\d+)\.resample\.", r"\1.upsample."),
-    (r"^vqmodel\.quantize\.$", "vqmodel.quantize.embedding."),
-    (r"^(?!lm_head\.|model\.)", "model."),
-]
+from unijax.models import emu3_family, janus_family
+
+RENAMES = janus_family.HF_RENAMES
 
 # our leaf -> HF leaf
 LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "weight": "weight", "bias": "bias",
@@ -30,21 +25,7 @@ LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "wei
               # TA-MoE (unijax/hf/modeling_ta_moe.py keeps unijax's names and stacked expert layout)
               "alpha": "alpha", "gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 
-# Emu3ForConditionalGeneration (unijax.models.emu3): module names follow transformers' below the prefixes,
-# which are those of the saved (hub) format: transformers renames them on load and back on save
-EMU3_RENAMES = [
-    (r"^lm_head\.", "text_model.lm_head."),
-    (r"^language_model\.", "text_model.model."),
-    (r"^vqmodel\.encoder\.down\.(\d+)\.resample\.", r"vqmodel.encoder.down.\1.downsample."),
-    (r"^vqmodel\.decoder\.up\.(\d+)\.resample\.", r"vqmodel.decoder.up.\1.upsample."),
-    (r"^vqmodel\.encoder\.down\.", "vqmodel.encoder.down_block.down."),
-    (r"^vqmodel\.decoder\.up\.", "vqmodel.decoder.up_block.up."),
-    (r"^vqmodel\.quantize\.$", "vqmodel.quantize.embedding."),
-]
-# the in-memory names (`Emu3ForConditionalGeneration.state_dict()`) -> the saved ones, for files
-# written without transformers' renaming
-EMU3_IN_MEMORY = [(r"^lm_head\.", "text_model.lm_head."), (r"^model\.text_model\.", "text_model.model."),
-                  (r"^model\.vqmodel\.", "vqmodel.")]
+EMU3_RENAMES = emu3_family.HF_RENAMES
 
 
 # kernel rank -> the axis permutation from our layout to transformers' (linear [in, out] -> [out, in],

@@ -22,8 +22,8 @@ from flax import nnx
 
 from unijax.contract import MMU, T2I, TEXT
 from unijax.inference.sampling import Sampling, sample, sample_rows
+from unijax.models import family
 from unijax.models.decoder import KVCache
-from unijax.models.family import family_of
 from unijax.models.janus import Janus
 
 Array = jax.Array
@@ -195,16 +195,9 @@ def generate_text(model: Janus, *args, **kwargs) -> Array:
 
 
 def unconditional_prompt(tokens: Array, cfg) -> Array:
-    """The CFG null prompt. Janus-Pro: every token except BOS and begin-of-image becomes padding.
-    Emu3: BOS and the image header (`<|image start|>h*w<|image token|>`, from the last begin-of-image
-    on) are kept, the caption becomes padding."""
-    if family_of(cfg) == "emu3":
-        t = tokens.shape[1]
-        last_boi = jnp.max(jnp.where(tokens == cfg.boi_token_id, jnp.arange(t), -1), axis=1, keepdims=True)
-        keep = (tokens == cfg.text.bos_token_id) | ((jnp.arange(t) >= last_boi) & (last_boi >= 0))
-    else:
-        keep = (tokens == cfg.text.bos_token_id) | (tokens == cfg.boi_token_id)
-    return jnp.where(keep, tokens, cfg.text.pad_token_id)
+    """The CFG null prompt: the tokens the family keeps (`Family.unconditional_keep`; Janus-Pro: BOS and
+    begin-of-image; Emu3: BOS and the image header), the caption as padding."""
+    return family.null_prompt(tokens, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling", "return_logits", "return_load"))
@@ -213,7 +206,7 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
                           row_sampling=None):
     model: Janus = nnx.merge(graphdef, state)
     cfg = model.cfg
-    emu3 = family_of(cfg) == "emu3"
+    fam = family.of(cfg)
     b, t = tokens.shape
     rows = jnp.concatenate([tokens, uncond_tokens], axis=0)
     mask2 = jnp.concatenate([mask, uncond_mask], axis=0).astype(jnp.int32)
@@ -224,7 +217,6 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     load = _row_load(aux, b) if return_load else jnp.zeros((0, b, 0), jnp.float32)  # nothing carried unless asked
 
     per_row = rng.shape == (b,)  # one key per row: each row's samples are independent of the batch
-    row_len = cfg.vq.grid + 1  # Emu3: codes of one image row, then end-of-line
 
     def pick(h, key):
         logits = model.image_logits(h[:, -1]).astype(jnp.float32)
@@ -238,12 +230,6 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
             nxt = sample(guided, key, sampling)
         return nxt, (guided if return_logits else None)
 
-    def embed(code, slot):
-        if not emu3:
-            return model.embed_image_codes(code)
-        ids = jnp.where((slot + 1) % row_len == 0, cfg.eol_token_id, code + cfg.visual_token_offset)
-        return model.language_model.embed_tokens(ids)
-
     if per_row:
         row_keys = jax.vmap(lambda k: jax.random.split(k, num_tokens))(rng)  # [B, num_tokens]
         key, keys = row_keys[:, 0], row_keys[:, 1:].swapaxes(0, 1)
@@ -255,7 +241,7 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     def step(carry, xs):
         code, cache, pos, load = carry
         key, slot = xs  # slot of `code`; this step predicts slot + 1
-        x = embed(jnp.concatenate([code, code])[:, None], slot)
+        x = fam.embed_image_slot(model, jnp.concatenate([code, code])[:, None], slot)
         h, cache, aux = model.decode_embeds(x, (pos + 1)[:, None], jnp.ones((2 * b, 1), jnp.int32), cache,
                                             task=jnp.full((2 * b, 1), T2I, jnp.int32), return_aux=True)
         nxt, logits = pick(h, key)
@@ -268,8 +254,8 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     codes = jnp.concatenate([first[:, None], rest.T], axis=1)
     logits = (jnp.concatenate([first_logits[:, None], rest_logits.transpose(1, 0, 2)], axis=1)
               if return_logits else None)
-    if emu3:  # drop the end-of-line slots (their sampled code was replaced by end-of-line)
-        idx = np.asarray([i for i in range(num_tokens) if (i + 1) % row_len != 0])
+    idx = fam.code_slots(cfg, num_tokens)  # slots that hold codes (Emu3: not the end-of-line ones)
+    if idx is not None:
         codes = codes[:, idx]
         logits = logits[:, idx] if return_logits else None
     out = (codes,) + ((logits,) if return_logits else ()) + ((load,) if return_load else ())

@@ -40,8 +40,7 @@ from unijax.data.tokenizer import (
 from unijax.inference import decode
 from unijax.inference.images import to_uint8
 from unijax.inference.sampling import Sampling
-from unijax.models import forward
-from unijax.models.config import family_of
+from unijax.models import family, forward
 
 PAD_TO = 16
 
@@ -95,9 +94,7 @@ class Engine:
         self.generator = decode.Generator(self.model)
         layout = pipeline.Layout.from_model(self.cfg, max_len=0)
         self.image_size, self.und_image = layout.image_size, layout.und_image  # the family's processor rule
-        # Emu3: transformers' placeholder layout, rows of codes and end-of-line, filled from the pixels
-        # (the same ids the training layout embeds)
-        self.und_tokens = self.cfg.vq.num_tokens if family_of(self.cfg) == "emu3" else layout.und_tokens
+        self.und_tokens = family.of(self.cfg).und_prompt_tokens(self.cfg, layout.und_tokens)
 
     @classmethod
     def load(cls, ckpt, *, tokenizer: str | None = None, data_dir: str | None = None, group: str = "router",

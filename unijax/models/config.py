@@ -14,14 +14,14 @@ from collections.abc import Mapping
 from typing import Any
 
 # The model-side enums, each defined here once.
-FAMILIES = ("janus", "emu3")  # model.family
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")  # model.attention_impl
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # model.remat_policy
 AIA_IMPLS = ("lean", "explicit")  # how attention layers measure AIA intensities (aia.impl)
 
 
 def family_of(cfg) -> str:
-    """`janus` or `emu3`: the family a model config belongs to."""
+    """The name of the family a model config belongs to (its class attribute `family`;
+    `unijax.models.family`)."""
     return getattr(cfg, "family", "janus")
 
 
@@ -179,12 +179,14 @@ class JanusConfig:
     # blocks, O(T) memory) | cudnn (cuDNN flash attention) | splash (Pallas TPU kernel); unijax.models.layers.attention
     attention_impl: str = "auto"
 
+    family = "janus"  # model.family (`unijax.models.family`); a class attribute, not a field
+
     def replace(self, **kw) -> JanusConfig:
         return dataclasses.replace(self, **kw)
 
     # -- dict round trip ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dict(dataclasses.asdict(self), family=self.family)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> JanusConfig:
@@ -193,6 +195,8 @@ class JanusConfig:
         kw: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         for key, value in d.items():
+            if key == "family":
+                continue
             if key not in known:
                 raise KeyError(f"unknown model config key '{where}.{key}'; known keys: {sorted(known)}")
             if key in subs:

@@ -85,7 +85,7 @@ class Emu3Config:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(dataclasses.asdict(self), family="emu3")
+        return dict(dataclasses.asdict(self), family=self.family)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "model") -> Emu3Config:

@@ -8,7 +8,7 @@ the first decoded frame. Frames are identical, so the 2-D encoder runs once and 
 broadcast over time (the same numbers as running it per frame). The decoder's norms are
 "spatial norms": a GroupNorm whose scale and shift are 1x1 convolutions of the quantised latents.
 Temporal residual blocks use BatchNorm with running statistics (inference mode: the statistics
-are parameters here, read through `stop_gradient`; stage 0 (`objective="vq"`) trains everything
+are parameters here, read through `stop_gradient`; stage 0 (`train.objective=vq`) trains everything
 else with them fixed, so there each BatchNorm is a per-channel affine map). Module names follow
 transformers' so the checkpoint mapping (`unijax.hf.janus.EMU3_RENAMES`) is a prefix change.
 """

@@ -1,8 +1,8 @@
 """From a batch (the contract of `unijax.contract`) to the model's call, for every model family.
 
 The train step, held-out evaluation and the analysis tools all run the model through
-`lm_forward`: it reassembles images from their per-token pixels, encodes generated images (and,
-for Emu3, understanding images) with the frozen VQ tokenizer into the code slots, marks the AIA
+`lm_forward`: the model family turns the batch into inputs (`Family.prepare_inputs`: images
+reassembled from their per-token pixels, the frozen VQ's codes in the image slots), then it marks the AIA
 key and query spans, and returns both heads' logits with the next-token targets and the aux tree.
 `lm_hidden` stops before the heads: the training loss applies them a sequence chunk at a time
 (`unijax.training.losses.chunked_cross_entropy`), never holding the whole `[B, T, V]` logits.
@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from unijax.contract import GEN_IMAGE, MMU, T2I, TEXT, UND_IMAGE
-from unijax.models.config import family_of
-from unijax.models.layers import fill_in_order
+from unijax.models import family
 from unijax.sharding import constrain
 
 Array = jax.Array
@@ -34,59 +33,11 @@ AIA_TASKS = ("gen", "und")  # the two AIA directions: generation (T2I) and under
 UND_QUERIES = ("answer", "after_image")  # aia.und_queries
 
 
-def gather_images(patches: Array, mask: Array, num_images: int, patch: int, grid: int) -> Array:
-    """Reassembles whole images from per-token pixel patches.
-
-    patches `[B, T, P]` uint8, mask `[B, T]` (the image tokens of one kind, `grid^2` per image, in
-    order) -> float images `[B, num_images, grid*patch, grid*patch, 3]` in [-1, 1]. Slots beyond a
-    row's images hold garbage that nothing reads.
-    """
-    b, t, _ = patches.shape
-    n = num_images * grid * grid
-    order = jnp.argsort(~mask, axis=1, stable=True)                     # image tokens first, in order
-    if n > t:
-        order = jnp.pad(order, ((0, 0), (0, n - t)))
-    idx = order[:, :n]
-    p = jnp.take_along_axis(patches, idx[..., None], axis=1)[..., : patch * patch * 3]
-    p = p.reshape(b, num_images, grid, grid, patch, patch, 3).transpose(0, 1, 2, 4, 3, 5, 6)
-    img = p.reshape(b, num_images, grid * patch, grid * patch, 3)
-    return img.astype(jnp.float32) / 127.5 - 1.0
-
-
-def understanding_images(cfg, batch: dict[str, Array], num_images: int) -> Array:
-    """The images under `UND_IMAGE` tokens: `[B, num_images, H, W, 3]` in [-1, 1]."""
-    return gather_images(batch["patches"], batch["modality"] == UND_IMAGE, num_images, cfg.vision.patch_size,
-                         cfg.vision.image_size // cfg.vision.patch_size)
-
-
-def generated_images(cfg, batch: dict[str, Array], num_images: int, kind: int = GEN_IMAGE) -> Array:
-    """The images under `kind` tokens laid out in VQ blocks (`GEN_IMAGE`; for Emu3 also `UND_IMAGE`),
-    flattened: `[B * num_images, H, W, 3]` in [-1, 1]."""
-    imgs = gather_images(batch["patches"], batch["modality"] == kind, num_images,
-                         cfg.vq.image_size // cfg.vq.grid, cfg.vq.grid)
-    return imgs.reshape(-1, *imgs.shape[2:])
-
-
-def _fill_codes(model, batch: dict[str, Array], tokens: Array, kind: int, num_images: int) -> Array:
-    """`tokens` with the frozen VQ's codes of the images under `kind` slots filled in, in order (no
-    images per row: `tokens` as they are, the VQ not run)."""
-    if not num_images:
-        return tokens
-    codes = model.vqmodel.encode(generated_images(model.cfg, batch, num_images, kind)).reshape(tokens.shape[0], -1)
-    return fill_in_order(batch["modality"] == kind, jax.lax.stop_gradient(codes), tokens)
-
-
 def prepare_inputs(model, batch: dict[str, Array], images_per_row: tuple[int, int]):
-    """-> (tokens with VQ codes at generated-image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]`).
-
-    Emu3 (one tokenizer both ways): understanding slots get VQ codes too, and there are no pixels.
-    A kind with 0 images per row (data without such images) runs no encoder: no codes, no pixels."""
-    cfg = model.cfg
-    n_und, n_gen = images_per_row
-    tokens = _fill_codes(model, batch, batch["tokens"], GEN_IMAGE, n_gen)
-    if family_of(cfg) == "emu3":
-        return _fill_codes(model, batch, tokens, UND_IMAGE, n_und), None
-    return tokens, (understanding_images(cfg, batch, n_und).astype(cfg.dtype) if n_und else None)
+    """-> (tokens with VQ codes at image slots `[B, T]`, understanding pixels `[B, n, H, W, 3]` or None):
+    the model family's rule (`Family.prepare_inputs`). A kind with 0 images per row (data without
+    such images) runs no encoder: no codes, no pixels."""
+    return family.of(model.cfg).prepare_inputs(model, batch, images_per_row)
 
 
 def spans(batch: dict[str, Array], cfg, *, include_bos: bool = True, und_queries: str = "answer",

@@ -1,18 +1,12 @@
-"""Model presets by family and name, and configs from mappings.
+"""Model presets: config mappings by name, one table per family (`Family.presets`).
 
-    python -c "from unijax.models.presets import preset; print(preset('janus_pro_7b'))"
+    python -c "from unijax.models.family import preset; print(preset('janus_pro_7b'))"
 
-`model.preset` in an experiment config picks one of `FAMILY_PRESETS[model.family]`; any other key
-set under `model` overrides the preset's value (`preset("tiny", text={"num_layers": 2})`).
+`model.preset` in an experiment config picks one of `family.get(model.family).presets`; any other
+key set under `model` overrides the preset's value (`preset("tiny", text={"num_layers": 2})`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
-
-from unijax.models.config import FAMILIES, JanusConfig
-from unijax.models.emu3_config import Emu3Config
 
 
 def tiny():
@@ -74,35 +68,5 @@ def emu3_chat():
     return {}
 
 
-# model.family -> its presets (model.preset names one of them)
-FAMILY_PRESETS = {"janus": PRESETS, "emu3": {"tiny": emu3_tiny, "emu3_chat": emu3_chat}}
+EMU3_PRESETS = {"tiny": emu3_tiny, "emu3_chat": emu3_chat}
 
-
-def config_from_dict(d: Mapping[str, Any], *, where: str = "model"):
-    """A `model.json` / preset mapping -> its family's config (`family` key; absent = janus)."""
-    family = d.get("family", "janus")
-    if family == "emu3":
-        return Emu3Config.from_dict(d, where=where)
-    if family != "janus":
-        raise ValueError(f"{where}.family={family!r} is not one of {FAMILIES}")
-    return JanusConfig.from_dict({k: v for k, v in d.items() if k != "family"}, where=where)
-
-
-def preset(name: str, family: str = "janus", **overrides):
-    """The named model preset of `family` (janus: `tiny`, `janus_pro_1b`, `janus_pro_7b`; emu3:
-    `tiny`, `emu3_chat`) with `overrides` on top: a `JanusConfig` or an `Emu3Config`."""
-    if family not in FAMILY_PRESETS:
-        raise KeyError(f"model.family={family!r} is not one of {sorted(FAMILY_PRESETS)}")
-    presets = FAMILY_PRESETS[family]
-    if name not in presets:
-        raise KeyError(f"model.preset={name!r} is not a {family} preset; choose one of {sorted(presets)}")
-    return with_overrides(presets[name](), family, **overrides)
-
-
-def with_overrides(d: Mapping[str, Any], family: str = "janus", **overrides):
-    """A config mapping (a preset's, or a checkpoint's `model.json`) with `overrides` on top,
-    sub-configs merged key by key, as a validated config."""
-    d = dict(d)
-    for key, value in overrides.items():
-        d[key] = {**d.get(key, {}), **value} if isinstance(value, Mapping) else value
-    return config_from_dict(dict(d, family=family)).validate()

@@ -25,12 +25,10 @@ from unijax import checkpoints
 from unijax.data.pipeline import OVERFLOW_POLICIES
 from unijax.data.tokenizer import DEFAULT_DATA_DIR, DEFAULT_TOKENIZER
 from unijax.models import config as model_cfg
+from unijax.models import family as families
 from unijax.models import lora
-from unijax.models.config import FAMILIES, MOE_RUNTIME_KEYS, RUNTIME_KEYS, JanusConfig, family_of
-from unijax.models.emu3_config import Emu3VQConfig
-from unijax.models.presets import preset, with_overrides
-from unijax.training import aia, evaluators, vision_pretrain
-from unijax.training.steps import OBJECTIVES
+from unijax.models.config import MOE_RUNTIME_KEYS, RUNTIME_KEYS, JanusConfig, family_of
+from unijax.training import aia, evaluators, objectives, vision_pretrain
 
 DATA_SOURCES = ("shapes", "files")  # data.source
 FROZEN_DTYPES = ("", "float32", "bfloat16", "float16")  # train.frozen_dtype
@@ -49,7 +47,7 @@ def _placeholders(cls) -> ml_collections.ConfigDict:
 
 def model(preset: str = "tiny") -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.family = "janus"         # janus | emu3 (FAMILIES; model.preset names one of its presets)
+    m.family = "janus"         # janus | emu3 | a registered family (unijax.models.family); model.preset names one of its presets
     m.preset = preset
     m.preset_from_checkpoint = False  # True: init_from's own architecture when it exists (model.preset until then)
     m.ffn = "dense"            # dense | ta_moe (the TA-MoE FFN, configured by the top-level moe.* keys)
@@ -81,7 +79,6 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     # (unijax.analysis.recipe.RECIPE); "" = none (a fresh model)
     c.init_recipe = ""
     c.seed = 0
-    c.objective = "lm"           # lm (next-token, both tasks) | vq (stage 0: the VQ tokenizer): OBJECTIVES
     c.model = model(preset)
 
     # device mesh: one axis may be -1 (the rest); fit=True shrinks each fixed size to divide the devices
@@ -154,9 +151,13 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.eval_t2i_jsonl = ""
     d.mmu_arrayrecord = ""       # comma-separated ArrayRecord files (unijax.data.sources)
     d.t2i_arrayrecord = ""
+    d.pref_jsonl = ""            # train.objective=dpo: comma-separated preference-pair files (unijax.data.preference)
+    d.pref_image_root = ""       # their images' folder
+    d.eval_pref_jsonl = ""       # held-out pairs (else the data.eval_split end of each file)
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = 1000
+    t.objective = "lm"     # lm (next-token, both tasks) | vq (stage 0: the VQ tokenizer) | dpo (preference pairs)
     t.batch_size = 32            # global batch per update (every process's rows together)
     t.grad_accum_steps = 1       # the update's batch runs as this many micro-batches (activations of one)
     t.learning_rate = 1e-3
@@ -213,6 +214,13 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     loss.vq_beta = 0.25          # stage 0: commitment weight
     loss.vq_entropy_weight = 0.0
 
+    # train.objective=dpo (unijax/training/objectives/dpo.py)
+    p = c.dpo = ml_collections.ConfigDict()
+    p.beta = 0.1                 # strength of the pull towards the reference model
+    p.loss_type = "sigmoid"      # sigmoid (DPO) | ipo
+    p.label_smoothing = 0.0      # sigmoid only: the assumed share of flipped preferences (cDPO)
+    p.sft_weight = 0.0           # + this x the chosen responses' cross-entropy (TRL's rpo_alpha)
+
     # AIA (unijax/training/aia.py): cross-modal attention intensity targets and spans
     a = c.aia = ml_collections.ConfigDict()
     a.gen_targets = "janus_pro"  # janus_pro | emu3 | official (layer-range tables) | a curve file
@@ -230,8 +238,8 @@ CHECKPOINT_PRESET = "checkpoint"  # model.preset: the architecture of the init_f
 
 def model_config(config) -> JanusConfig:
     """`model.preset` of `model.family` with every set (non-None) `model.*` architecture key and the
-    runtime keys on top (an Emu3 model has no `model.vision.*`, and only the `model.vq.*` keys its
-    tokenizer shares with Janus's). `model.preset=checkpoint` starts from the `init_from`
+    runtime keys on top (the family refuses keys it has not: an Emu3 model has no `model.vision.*`,
+    `Family.check_model_keys`). `model.preset=checkpoint` starts from the `init_from`
     checkpoint's own config instead (a converted model of any size: nothing to restate); so does
     `model.preset_from_checkpoint=True` once that checkpoint exists (`plan` of a recipe before the
     conversion uses `model.preset`)."""
@@ -242,13 +250,8 @@ def model_config(config) -> JanusConfig:
         value = m[key]
         if isinstance(value, ml_collections.ConfigDict):
             value = {k: v for k, v in value.to_dict().items() if v is not None}
-            if value and family == "emu3" and key != "text":
-                known = {f.name for f in dataclasses.fields(Emu3VQConfig)} if key == "vq" else set()
-                bad = sorted(set(value) - known)
-                if bad:
-                    raise ValueError(f"model.{key}.{bad[0]}: model.family=emu3 has no such key (Emu3 models have "
-                                     f"no model.vision.*; their model.vq keys are {sorted(known) or 'fixed'})")
             if value:
+                families.get(family).check_model_keys(key, value)
                 overrides[key] = value
         elif value is not None:
             overrides[key] = value
@@ -271,12 +274,12 @@ def model_config(config) -> JanusConfig:
             raise ValueError(f"model.ffn=ta_moe but init_from={config.init_from} is dense: upcycle it first "
                              f"(python -m unijax.upcycle)")
         saved_dict = {k: v for k, v in saved.to_dict().items() if k != "family"}
-        return with_overrides(saved_dict, family, **overrides)
+        return families.with_overrides(saved_dict, family, **overrides)
     if m.ffn == "ta_moe":
         moe = config.moe.to_dict()
         moe["layers"] = tuple(moe["layers"] or ())
         overrides["moe"] = moe
-    return preset(m.preset, family, **overrides)
+    return families.preset(m.preset, family, **overrides)
 
 
 # the special token ids a model config holds: (sub-config or None, attribute)
@@ -335,10 +338,8 @@ def validate(config) -> None:
     if config.data.get("scene_text", False) and config.data.source != "shapes":
         raise ValueError(f"data.scene_text=True describes shapes scenes in words; data.source="
                          f"{config.data.source!r} has no scenes to describe (set data.scene_text=False)")
-    if config.objective not in OBJECTIVES:
-        raise ValueError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
-    if config.model.family not in FAMILIES:
-        raise ValueError(f"model.family={config.model.family!r}: expected one of {FAMILIES}")
+    objectives.get(config).check(config)
+    families.get(config.model.family)
     lo = config.model.lora
     if lo.rank < 0 or (lo.rank and not (lo.alpha > 0 and 0 <= lo.dropout < 1)):
         raise ValueError(f"model.lora: rank={lo.rank} (>= 0), alpha={lo.alpha} (> 0) and dropout={lo.dropout} "

@@ -59,9 +59,10 @@ class Context:
     tokenizer: Any
     layout: pipeline.Layout
     mesh: Any
-    eval_fn: Callable | None  # the objective's per-row eval function (`steps.objective`)
+    eval_fn: Callable | None  # the objective's per-row eval function (`Objective.functions`)
     lora_scale: float = 1.0
     model_cfg: Any = None     # the model's config (JanusConfig / Emu3Config)
+    heldout: str = "lm"       # the objective's built-in held-out evaluation: lm | vq | "" (`Objective.heldout`)
 
 
 class Evaluator:
@@ -211,8 +212,8 @@ class ShapesHeldout(Evaluator):
 
     @classmethod
     def create(cls, ctx: Context):
-        if ctx.config.data.source != "shapes":  # the user's data: its own held-out evaluators
-            return None
+        if ctx.config.data.source != "shapes" or not ctx.heldout:
+            return None  # the user's data has its own held-out evaluators, and so may an objective
         return cls(ctx)
 
     def __init__(self, ctx: Context):
@@ -221,7 +222,7 @@ class ShapesHeldout(Evaluator):
         self.every = int(config.train.eval_every)
         self.seed = config.seed + HELD_OUT_SEED_OFFSET
         n = config.train.eval_batches * config.train.batch_size
-        self.objective = config.objective
+        self.objective = ctx.heldout  # lm | vq
         if self.objective == "lm":
             self.batches = heldout_batches(config, ctx.tokenizer, layout, self.kinds)
             self.device_batches = device_rows(config, self.batches)
@@ -300,7 +301,7 @@ class FilesHeldout(Evaluator):
 
     @classmethod
     def create(cls, ctx: Context):
-        if ctx.config.data.source != "files" or ctx.config.objective != "lm":
+        if ctx.config.data.source != "files" or ctx.heldout != "lm":
             return None
         batches = files_heldout_batches(ctx.config, ctx.tokenizer, ctx.layout)
         return cls(ctx, pipeline.distinct_rows(batches)) if batches else None

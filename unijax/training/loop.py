@@ -28,13 +28,13 @@ from flax import nnx
 
 from unijax import checkpoints as model_ckpt
 from unijax import contract, sharding
-from unijax.data import datasets, pipeline
+from unijax.data import pipeline
 from unijax.data.tokenizer import HFTokenizer, carried_tokenizer, check_compatible, load_tokenizer, resolve_spec
 from unijax.distributed import to_host
 from unijax.io import directory_lock, write_outputs
 from unijax.models import family, lora
 from unijax.models.config import runtime_overrides
-from unijax.training import evaluators, steps, throughput, vision_pretrain
+from unijax.training import evaluators, objectives, steps, throughput, vision_pretrain
 from unijax.training import setup as train_setup
 from unijax.training.checkpointing import TrainCheckpoints
 from unijax.training.config import model_config, validate, with_checkpoint_ids
@@ -167,9 +167,10 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     model = initial_model(cfg, config, log, warmed)
     if warmed is None:  # else the warm-up pre-trained the tower
         vision_pretrain.maybe_pretrain(model, config, mesh, log, cache_dir=workdir / "vision_pretrain")
-    built = train_setup.build(model, config, mesh)
+    objective = objectives.get(config)
+    built = train_setup.build(model, config, mesh, reference=objective.uses_reference)
     del model
-    params, frozen = built.state["params"], built.frozen
+    params, frozen = built.state["params"], steps.without_reference(built.frozen)
     lcfg = config.model.lora
     if lcfg.rank:
         log.info(f"LoRA rank {lcfg.rank} (alpha {lcfg.alpha}) on {len(jax.tree.leaves(params['lora'])) // 2} "
@@ -178,9 +179,10 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
              f"{count(params):,} trainable; mesh {dict(mesh.shape)}")
 
     # -- data ------------------------------------------------------------------------------------
-    dsets, weights = datasets.task_datasets(config.data, layout.image_size, config.seed)
+    dsets, weights = objective.datasets(config, layout.image_size, config.seed)
     data_iter = iter(pipeline.batches(
         dsets, weights, tokenizer=tokenizer, layout=layout, batch_size=config.train.batch_size // jax.process_count(),
+        encoder=objective.encoder(tokenizer, layout),
         seed=config.seed, packing=config.data.packing, num_workers=config.data.num_workers,
         prefetch=config.data.prefetch, process_index=jax.process_index(), process_count=jax.process_count(),
         read_threads=config.data.read_threads, read_ahead=config.data.read_ahead))
@@ -195,9 +197,10 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     log.start_step = start
 
     # -- step and evaluators ---------------------------------------------------------------------
-    loss_fn, eval_fn = steps.objective(config, images_per_row, cfg.text.num_layers)
+    loss_fn, eval_fn = objective.functions(config, images_per_row, cfg.text.num_layers)
     train_step = train_setup.jit_train_step(built, config, mesh, loss_fn)
-    context = evaluators.Context(config, built.graphdef, tokenizer, layout, mesh, eval_fn, built.lora_scale, cfg)
+    context = evaluators.Context(config, built.graphdef, tokenizer, layout, mesh, eval_fn, built.lora_scale, cfg,
+                                 objective.heldout)
     flops, peak = step_flops(config, cfg, mesh, layout, built, train_step, log)
     return Run(config, cfg, mesh, workdir, log, built, ckpts, data_iter, train_step, evaluators.build(context), start,
                tokenizer, flops, peak)
@@ -205,7 +208,7 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
 def step_flops(config, cfg, mesh, layout, built, train_step, log: MetricLogger) -> tuple[float, float | None]:
     """(model FLOPs of one step over all devices, the peak TFLOP/s per device or None), logged once."""
-    batch = throughput.abstract_batch(layout, config.train.batch_size, mesh)
+    batch = throughput.abstract_batch(layout, config.train.batch_size, mesh, objectives.get(config))
     flops = throughput.model_flops(config, cfg, mesh, batch, lambda: train_step.lower(built.state, built.frozen, batch))
     peak = throughput.peak_tflops(config, mesh.devices.flat[0])
     where = (f"peak {peak:g} TFLOP/s per device" if peak else
@@ -323,7 +326,7 @@ def start_to_end(start: dict[str, float], end: dict[str, float]) -> str:
 def export(run: Run) -> None:
     """`<workdir>/model` (LoRA merged) and, with LoRA, `<workdir>/adapters`, from process 0."""
     s = run.setup
-    host_params, host_frozen = to_host(s.state["params"]), to_host(s.frozen)  # every process gathers
+    host_params, host_frozen = to_host(s.state["params"]), to_host(steps.without_reference(s.frozen))  # every process gathers
     if jax.process_index() == 0:
         export_model(run.workdir / "model", s.graphdef, host_params, host_frozen, s.lora_scale,
                      carried_tokenizer(run.tokenizer.source) if isinstance(run.tokenizer, HFTokenizer) else {})

@@ -29,9 +29,10 @@ def trainable_filter(trainable: Sequence[str], frozen: Sequence[str]):
     return is_trainable
 
 
-def split_trainable(model: nnx.Module, trainable: Sequence[str], frozen: Sequence[str]):
-    """-> (graphdef, trainable State, frozen State). Raises if nothing would train, or if a regex of
-    `train.trainable` / `train.frozen` matches no parameter (most likely a typo)."""
+def split_trainable(model: nnx.Module, trainable: Sequence[str], frozen: Sequence[str], adapters: bool = False):
+    """-> (graphdef, trainable State, frozen State). Raises if nothing would train (`adapters`: LoRA
+    adapters will, so no parameter needs to), or if a regex of `train.trainable` / `train.frozen`
+    matches no parameter (most likely a typo)."""
     paths = [path_str(p) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     for key, patterns in (("train.trainable", trainable), ("train.frozen", frozen)):
         for r in compile_patterns(patterns, key):
@@ -39,7 +40,7 @@ def split_trainable(model: nnx.Module, trainable: Sequence[str], frozen: Sequenc
                 raise ValueError(f"{key}: {r.pattern!r} matches no parameter of this model; paths look like "
                                  f"{paths[0]!r}, 'language_model/layers/0/mlp/gate_proj/kernel'")
     graphdef, train_state, frozen_state = nnx.split(model, trainable_filter(trainable, frozen), ...)
-    if not jax.tree.leaves(train_state):
+    if not jax.tree.leaves(train_state) and not adapters:
         raise ValueError(f"train.trainable={list(trainable)} with train.frozen={list(frozen)} selects no parameter; "
                          f"paths look like 'language_model/layers/0/mlp/gate_proj/kernel'")
     return graphdef, train_state, frozen_state

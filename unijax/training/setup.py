@@ -38,6 +38,7 @@ class Setup:
     frozen_sh: dict
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
+    reference: bool = False  # the loss gets the frozen starting model (`steps.reference_model`)
 
 
 def _place(tree, shardings, abstract: bool):
@@ -55,9 +56,14 @@ def _cast(x, dtype):
     return x.astype(dtype)
 
 
-def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False) -> Setup:
-    """Consumes `model` (real, or abstract from `nnx.eval_shape` with `abstract=True`)."""
-    graphdef, train_state, frozen_state = split_trainable(model, config.train.trainable, config.train.frozen)
+def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False, reference: bool = False) -> Setup:
+    """Consumes `model` (real, or abstract from `nnx.eval_shape` with `abstract=True`). `reference`:
+    the objective compares against the starting model. With LoRA adapters and nothing else trainable
+    that is the same network with the adapters off (nothing more in memory); otherwise the trainable
+    parameters' starting values are kept in `frozen[steps.REFERENCE]`, sharded like them (in
+    `train.frozen_dtype`), and `plan` counts them with the frozen parameters."""
+    graphdef, train_state, frozen_state = split_trainable(model, config.train.trainable, config.train.frozen,
+                                                          adapters=bool(config.model.lora.rank))
     params_sh = nnx.to_pure_dict(sharding.state_shardings(train_state, mesh))
     frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen_state, mesh))
     params = _place(nnx.to_pure_dict(train_state), params_sh, abstract)
@@ -72,6 +78,11 @@ def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False) -> S
             adapters, adapter_sh = lora.init(frozen, lcfg.targets, lcfg.rank, key, frozen_sh)
         params, params_sh = dict(params, lora=_place(adapters, adapter_sh, abstract)), dict(params_sh, lora=adapter_sh)
 
+    if reference and any(k != "lora" for k in params):  # a copy of the start of what trains (not the adapters)
+        rest = [k for k in params if k != "lora"]
+        copy = jax.tree.map(lambda x: x if abstract else jnp.array(x, copy=True), {k: params[k] for k in rest})
+        frozen, frozen_sh = dict(frozen, **{steps.REFERENCE: copy}), dict(frozen_sh, **{steps.REFERENCE:
+                                                                                        {k: params_sh[k] for k in rest}})
     frozen_dtype = config.train.get("frozen_dtype", "")
     if frozen_dtype:  # after the adapters are drawn (they take their weight's dtype, and train)
         frozen = jax.tree.map(lambda x: _cast(x, jnp.dtype(frozen_dtype)), frozen)
@@ -91,7 +102,7 @@ def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False) -> S
                  "rng": jax.random.PRNGKey(config.seed)}
         state = jax.device_put(state, state_sh)
     return Setup(graphdef, tx, state, state_sh, frozen, frozen_sh,
-                 lora.scale_of(lcfg) if lcfg.rank else 1.0, float(lcfg.dropout) if lcfg.rank else 0.0)
+                 lora.scale_of(lcfg) if lcfg.rank else 1.0, float(lcfg.dropout) if lcfg.rank else 0.0, reference)
 
 
 def jit_train_step(setup: Setup, config, mesh: Mesh, loss_fn, batch_keys: Sequence[str] = contract.BATCH_KEYS):
@@ -102,6 +113,6 @@ def jit_train_step(setup: Setup, config, mesh: Mesh, loss_fn, batch_keys: Sequen
     if accum > 1:
         sharding.check_batch("train.batch_size / train.grad_accum_steps", config.train.batch_size // accum, mesh)
     step = steps.make_train_step(setup.graphdef, setup.tx, loss_fn, learning_rate(config.train), setup.lora_scale,
-                                 setup.lora_dropout, accum)
+                                 setup.lora_dropout, accum, setup.reference)
     return jax.jit(step, in_shardings=(setup.state_sh, setup.frozen_sh, batch_sh),
                    out_shardings=(setup.state_sh, sharding.replicated(mesh)), donate_argnums=(0,))

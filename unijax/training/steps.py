@@ -1,14 +1,15 @@
-"""The pure train step `(state, frozen, batch) -> (state, metrics)` and the objectives it can
-optimise (held-out evaluation: `unijax.training.evaluators`).
+"""The pure train step `(state, frozen, batch) -> (state, metrics)`, for any objective's loss
+(`unijax.training.objectives`; held-out evaluation: `unijax.training.evaluators`).
 
 `state` is `{"step", "params" (trainable, pure dict), "opt_state", "rng"}`; `frozen` holds the
-other parameters, which get no gradient and no optimizer state. The loop jits the step with
-explicit in/out shardings and donates `state`.
+other parameters, which get no gradient and no optimizer state, and, for an objective that compares
+against its starting model (`Objective.uses_reference`), that model: the same network with the LoRA
+adapters off, or a frozen copy of the trainable parameters' start (`frozen[REFERENCE]`). The loop
+jits the step with explicit in/out shardings and donates `state`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -16,48 +17,35 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from unijax.models import forward, lora
+from unijax.models import lora
 from unijax.sharding import constrain
-from unijax.training import aia, losses, vq_loss
+from unijax.training import losses
 
-OBJECTIVES = ("lm", "vq")  # objective: next-token on both tasks | stage 0 (the VQ tokenizer)
+REFERENCE = "reference"  # `frozen[REFERENCE]`: the objective's frozen copy of the trainable parameters' start
 
 
-def objective(config, images_per_row: tuple[int, int], num_layers: int = 0):
-    """-> (loss_fn(model, batch, whole=None) -> (loss, metrics), eval_fn(model, batch) -> per-row
-    metrics). `whole`: the update's batch when `batch` is one micro-batch of it."""
-    if config.objective == "lm":
-        loss_fn = functools.partial(losses.lm_loss, images_per_row=images_per_row,
-                                    text_weight=config.loss.text_weight, image_weight=config.loss.image_weight,
-                                    group_weight=config.loss.group_weight,
-                                    balance_weight=config.loss.balance_weight, z_weight=config.loss.z_weight,
-                                    aia=aia.settings(config, num_layers), chunk_size=config.loss.chunk_size)
-        return loss_fn, functools.partial(losses.lm_eval, images_per_row=images_per_row, chunk_size=config.loss.chunk_size)
-    if config.objective == "vq":
-        def vq_fn(model, batch, whole=None):
-            images = forward.generated_images(model.cfg, batch, images_per_row[1])
-            loss, metrics = vq_loss.vq_losses(model.vqmodel, images, beta=config.loss.vq_beta,
-                                              entropy_weight=config.loss.vq_entropy_weight)
-            metrics = dict(metrics)
-            if whole is not None:  # a micro-batch: its share of the update's rows (the terms are means over images)
-                share = batch["segment_ids"].shape[0] / whole["segment_ids"].shape[0]
-                loss = loss * share
-                metrics.update({k: v * share for k, v in metrics.items() if k.startswith("loss")})
-            metrics["loss"] = loss
-            metrics["tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
-            return loss, metrics
-        return vq_fn, None
-    raise ValueError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
+def without_reference(frozen: dict) -> dict:
+    """The frozen model parameters, without the objective's reference copy (`REFERENCE`)."""
+    return {k: v for k, v in frozen.items() if k != REFERENCE}
 
 
 def merged_model(graphdef, params, frozen, lora_scale: float = 1.0, lora_dropout: float = 0.0, rng=None):
     """The model a training state stands for: LoRA adapters (a "lora" entry of `params`;
     `unijax.models.lora`) attached in activation form to the frozen weights they adapt."""
     rest = {k: v for k, v in params.items() if k != "lora"}
-    model = nnx.merge(graphdef, rest, frozen)
+    model = nnx.merge(graphdef, rest, without_reference(frozen))
     if "lora" in params:
         lora.attach(model, params["lora"], lora_scale, lora_dropout, rng)
     return model
+
+
+def reference_model(graphdef, params, frozen):
+    """The frozen starting point of a run: the model with the LoRA adapters off, its other trainable
+    parameters from the frozen copy `frozen[REFERENCE]` when there is one. No gradient reaches it."""
+    rest = frozen.get(REFERENCE)
+    if rest is None:
+        rest = {k: v for k, v in params.items() if k != "lora"}
+    return nnx.merge(graphdef, jax.lax.stop_gradient(rest), without_reference(frozen))
 
 
 def micro_batches(batch: dict, k: int) -> dict:
@@ -90,14 +78,19 @@ def accumulated(f: Callable, params, batch: dict, k: int):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, schedule: optax.Schedule,
-                    lora_scale: float = 1.0, lora_dropout: float = 0.0, grad_accum_steps: int = 1):
+                    lora_scale: float = 1.0, lora_dropout: float = 0.0, grad_accum_steps: int = 1,
+                    reference: bool = False):
     """`grad_accum_steps = k`: the batch runs as k micro-batches whose gradients sum to the whole
-    batch's (`accumulated`), one optimizer update; activations are those of one micro-batch."""
+    batch's (`accumulated`), one optimizer update; activations are those of one micro-batch.
+    `reference`: the loss also gets the frozen starting model (`reference_model`)."""
     def train_step(state, frozen, batch):
         def f(params, micro, whole, i):
             rng = jax.random.fold_in(state["rng"], i) if grad_accum_steps > 1 else state["rng"]
             model = merged_model(graphdef, params, frozen, lora_scale, lora_dropout, rng)
-            return loss_fn(model, micro) if whole is None else loss_fn(model, micro, whole=whole)
+            kw = {} if whole is None else {"whole": whole}
+            if reference:
+                kw["reference"] = reference_model(graphdef, state["params"], frozen)
+            return loss_fn(model, micro, **kw)
 
         metrics, grads = accumulated(f, state["params"], batch, grad_accum_steps)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -29,7 +29,7 @@ from flax import nnx
 
 from unijax import checkpoints, sharding
 from unijax.data import pipeline
-from unijax.training import roofline, steps
+from unijax.training import objectives, roofline
 from unijax.training import setup as train_setup
 
 PEAK_TFLOPS = {chip: spec["tflops"] for chip, spec in roofline.CHIPS.items()}  # dense bf16 TFLOP/s per chip
@@ -66,19 +66,23 @@ def flops_of(lowered) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def abstract_batch(layout: pipeline.Layout, batch_size: int, mesh: jax.sharding.Mesh) -> dict:
-    """ShapeDtypeStructs (with the batch sharding) of the global batch the train step takes."""
+def abstract_batch(layout: pipeline.Layout, batch_size: int, mesh: jax.sharding.Mesh,
+                   objective: objectives.Objective | None = None) -> dict:
+    """ShapeDtypeStructs (with the batch sharding) of the global batch the train step takes (the
+    objective's batch fields; default: the batch contract)."""
     batch_sh = sharding.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-            for k, (shape, dtype) in pipeline.batch_spec(layout, batch_size).items()}
+    spec = (objective or objectives.get("lm")).batch_spec(layout, batch_size)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in spec.items()}
 
 
 def lower_step(config, cfg, mesh: jax.sharding.Mesh, batch: dict):
     """The training loop's step for model config `cfg` with abstract parameters, lowered for `batch`
     (nothing is allocated or compiled). -> (the abstract `Setup`, the `jax.stages.Lowered`)."""
-    setup = train_setup.build(checkpoints.abstract_model(cfg), config, mesh, abstract=True)
+    objective = objectives.get(config)
+    setup = train_setup.build(checkpoints.abstract_model(cfg), config, mesh, abstract=True,
+                              reference=objective.uses_reference)
     images_per_row = pipeline.Layout.for_data(cfg, config.data).images_per_row(config.data.packing)
-    loss_fn, _ = steps.objective(config, images_per_row, cfg.text.num_layers)
+    loss_fn, _ = objective.functions(config, images_per_row, cfg.text.num_layers)
     step = train_setup.jit_train_step(setup, config, mesh, loss_fn)
     with jax.set_mesh(mesh):
         return setup, step.lower(setup.state, setup.frozen, batch)

@@ -42,6 +42,7 @@ from unijax.checkpoints import flat_params
 from unijax.data import datasets, shapes
 from unijax.distributed import to_host
 from unijax.io import atomic_directory
+from unijax.models import family as families
 from unijax.models.config import family_of
 from unijax.training import setup as train_setup
 
@@ -164,8 +165,8 @@ def skip_reason(config, family: str) -> str:
     or "" when it does."""
     if not config.vision_pretrain.steps:
         return "off"
-    if family == "emu3":
-        return "model.family=emu3"
+    if not families.get(family).vision_tower:
+        return f"model.family={family} has no vision tower"
     return "init_from is set" if config.init_from and not config.vision_pretrain.with_init_from else ""
 
 
