@@ -212,25 +212,38 @@ def test_gradient_accumulation_sums_to_the_whole_batch(tok):
     assert_grads_close(g2, g1)
 
 
-@pytest.mark.parametrize("trainable", ["adapters", "adapters+routers"])
-def test_ta_moe_lora_reference_is_the_adapters_off_model(tok, trainable):
-    """Adapters only: no copy is kept (the reference is the same network with the adapters off); with
-    the routers training too, only their starting values are copied. The first step compares the
-    model with itself (LoRA's B starts at zero): loss log 2, rewards 0 (to float32 rounding of the two
-    matmul orders); the reference does not move."""
+def test_reference_copy_holds_only_what_trains_besides_the_adapters():
+    """Adapters alone: no copy (the reference is the adapters-off network); routers training beside
+    them: exactly their starting values, sharded like them."""
     from configs import stage2
+    from unijax import checkpoints
+    for trainable, copied in (((), set()), (stage2.TRAINABLE, {"language_model"})):
+        c = dpo_config()
+        c.model.ffn = "ta_moe"
+        c.model.lora.update(rank=4, alpha=8.0)
+        c.train.trainable, c.train.frozen, c.mesh.data = trainable, (), 1
+        mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+        built = train_setup.build(checkpoints.abstract_model(model_config(c)), c, mesh, abstract=True, reference=True)
+        ref = built.frozen.get(steps.REFERENCE, {})
+        assert set(ref) == copied
+        if copied:
+            want = {k: v for k, v in built.state["params"].items() if k != "lora"}
+            assert jax.tree.structure(ref) == jax.tree.structure(want)
+            assert jax.tree.leaves(built.frozen_sh[steps.REFERENCE]) == jax.tree.leaves(built.state_sh["params"]["language_model"])
+
+
+def test_ta_moe_lora_reference_is_the_adapters_off_model(tok):
+    """The first step compares the model with itself (LoRA's B starts at zero): loss log 2, rewards 0
+    (to float32 rounding of the two matmul orders); the second step has moved the adapters; the
+    reference has not moved."""
     c = dpo_config(steps=2, warmup_steps=0, learning_rate=1e-2)
     c.model.ffn = "ta_moe"
     c.model.lora.update(rank=4, alpha=8.0)
-    c.train.trainable = stage2.TRAINABLE if trainable == "adapters+routers" else ()
-    c.train.frozen = ()
-    c.mesh.data = 1
+    c.train.trainable, c.train.frozen, c.mesh.data = (), (), 1
     cfg = model_config(c)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
     built = train_setup.build(family.build(cfg, nnx.Rngs(0)), c, mesh, reference=True)
-    assert (steps.REFERENCE in built.frozen) == (trainable == "adapters+routers")
-    if trainable == "adapters+routers":
-        assert set(built.frozen[steps.REFERENCE]) == {k for k in built.state["params"] if k != "lora"}
+    assert steps.REFERENCE not in built.frozen and set(built.state["params"]) == {"lora"}
     batch, layout = pair_batch(c, tok, cfg)
     loss_fn, _ = objectives.functions(c, layout.images_per_row(False))
     step = train_setup.jit_train_step(built, c, mesh, loss_fn)
@@ -281,3 +294,33 @@ def test_preference_formats_parse_to_pairs_and_bad_records_name_file_and_line(tm
         src[6]
     with pytest.raises(records.BadRecordError, match=rf"{f}: record 7: not a preference record"):
         src[7]
+
+
+def test_pairs_pack_to_arrayrecord_and_read_back_equal(tmp_path):
+    """`python -m unijax.pack --pref` stores both sides with their images' bytes; the packed pairs read
+    back equal to the JSON Lines ones, and a bad record is skipped and named in the index."""
+    from unijax import pack
+    from unijax.data.arrayrecord import ArrayRecordSource
+
+    for name, colour in (("a.png", 10), ("b.png", 200)):
+        _png(tmp_path / name, colour)
+    lines = [{"question": "what is it?", "image": "a.png", "better_response": "a cat", "worse_response": "a dog"},
+             {"prompt": "a red circle", "better_image": "a.png", "worse_image": "b.png"},
+             {"prompt": "a red circle", "better_image": "a.png", "worse_image": "missing.png"}]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    index = pack.main(["--pref", str(f), "--pref_image_root", str(tmp_path), "--out", str(tmp_path / "packed")])
+    (shard,) = index["shards"].values()
+    assert shard["records"] == 2 and shard["skipped_records"][0]["index"] == 2
+    packed = ArrayRecordSource(sorted(str(p) for p in (tmp_path / "packed").glob("pref-*.arrayrecord")))
+    src = preference.PreferenceJsonl(str(f), str(tmp_path))
+    for i in range(2):
+        a, b = src[i], packed[i]
+        assert a["task"] == b["task"]
+        for side in preference.SIDES:
+            for key in ("turns", "caption"):
+                assert a[side].get(key) == b[side].get(key)
+            imgs_a = a[side].get("images") or [a[side].get("image")]
+            imgs_b = b[side].get("images") or [b[side].get("image")]
+            for x, y in zip(imgs_a, imgs_b):
+                np.testing.assert_array_equal(x, y)

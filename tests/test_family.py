@@ -16,8 +16,8 @@ from unijax.inference import decode
 from unijax.inference.engine import Engine
 from unijax.models import family, presets
 from unijax.models.config import JanusConfig
+from unijax.models.family.janus import HF_RENAMES
 from unijax.models.janus import Janus
-from unijax.models.janus_family import HF_RENAMES
 from unijax.training import loop
 
 

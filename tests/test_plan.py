@@ -105,6 +105,28 @@ def test_cli_creates_its_fake_devices_and_writes_json(tmp_path):
     assert "fits in 95 GB per device: yes" in proc.stdout and "model FLOPs per step" in proc.stdout
 
 
+@pytest.mark.parametrize("stage,arg", [("dpo_und", "1b"), ("dpo_gen", "7b+full")])
+def test_janus_pro_dpo_configs_plan_and_count_the_reference(stage, arg):
+    """The DPO configs compile on a fsdp mesh (at the tiny preset's size, two layers): with LoRA the
+    reference is the adapters-off model (no copy), with `+full` a frozen copy of the decoder that
+    plan counts."""
+    import importlib
+
+    c = importlib.import_module(f"configs.janus_pro.{stage}").get_config(arg)
+    assert c.train.objective == "dpo" and c.model.preset == {"1b": "janus_pro_1b", "7b": "janus_pro_7b"}[arg[:2]]
+    c.model.preset = "tiny"
+    c.model.text.num_layers = 2
+    c.train.batch_size = 4
+    c.data.max_len = 128
+    r = planner.plan(c, dict(fsdp=4))
+    ref = r["per_device_bytes"]["reference_params"]
+    if arg.endswith("full"):  # the decoder's starting weights in bf16, sharded 4 ways like the trained ones
+        assert ref > 0 and ref == pytest.approx(r["per_device_bytes"]["trainable_params"] / 2, rel=0.05)
+    else:
+        assert ref == 0 and r["per_device_bytes"]["lora_adapters"] > 0
+    assert r["per_device_bytes"]["peak"] > 0 and r["flops_per_step"] > 0
+
+
 @pytest.mark.parametrize("stage,arg", [("stage1_und", "1b"), ("stage1_gen", "7b"), ("stage2", "7b+aia")])
 def test_janus_pro_recipe_configs_plan(stage, arg):
     """The recipe configs (configs/janus_pro) build for 1B and 7B, validate, and their train step

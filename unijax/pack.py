@@ -4,7 +4,8 @@
     python -m unijax.pack --mmu data/llava.json,data/more.jsonl --mmu_image_root data/images \\
         --t2i data/captions.parquet --out data/packed --records_per_shard 10000
 
-then train with `--config.data.mmu_arrayrecord='data/packed/mmu-*.arrayrecord'` (and t2i). Progress
+then train with `--config.data.mmu_arrayrecord='data/packed/mmu-*.arrayrecord'` (and t2i; preference
+pairs, `--pref pairs.jsonl`: `--config.data.pref_arrayrecord='data/packed/pref-*.arrayrecord'`). Progress
 and ETA go to stderr; `<out>/index.json` counts each shard's records and skipped bad records, and
 rerunning the same command resumes at the first unfinished shard
 (`unijax.data.arrayrecord.pack`).
@@ -27,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mmu_image_root", default="", help="their images' folder (default: each file's folder)")
     p.add_argument("--t2i", default="", help="comma-separated caption files (.jsonl, .parquet)")
     p.add_argument("--t2i_image_root", default="", help="their images' folder (default: each file's folder)")
+    p.add_argument("--pref", default="", help="comma-separated preference-pair files (.jsonl: align-anything / TRL)")
+    p.add_argument("--pref_image_root", default="", help="their images' folder")
     p.add_argument("--out", required=True, help="output folder (shards and index.json)")
     p.add_argument("--records_per_shard", type=int, default=10000)
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -36,9 +39,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    files = {"mmu": [f for f in args.mmu.split(",") if f], "t2i": [f for f in args.t2i.split(",") if f]}
+    files = {t: [f for f in getattr(args, t).split(",") if f] for t in ("mmu", "t2i", "pref")}
     if not any(files.values()):
-        raise UserError("nothing to pack: give --mmu and/or --t2i files")
+        raise UserError("nothing to pack: give --mmu, --t2i and/or --pref files")
     if args.records_per_shard < 1:
         raise UserError(f"--records_per_shard={args.records_per_shard} must be >= 1")
     t0 = time.perf_counter()
@@ -50,12 +53,12 @@ def main(argv=None) -> dict:
         print(f"\rpack [{bar:<30}] {done:,}/{total:,} records, {done / max(elapsed, 1e-9):,.0f}/s, "
               f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", end="", file=sys.stderr, flush=True)
 
-    index = pack(files, {"mmu": args.mmu_image_root, "t2i": args.t2i_image_root}, args.out,
+    index = pack(files, {t: getattr(args, f"{t}_image_root") for t in files}, args.out,
                  records_per_shard=args.records_per_shard, skip_bad_records=not args.strict,
                  overwrite=args.overwrite, progress=progress)
     print(file=sys.stderr)
     shards = index["shards"]
-    for task in ("mmu", "t2i"):
+    for task in ("mmu", "t2i", "pref"):
         mine = [v for v in shards.values() if v["task"] == task]
         if mine:
             print(f"{task}: {len(mine)} shards, {sum(v['records'] for v in mine):,} records, "

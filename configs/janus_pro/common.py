@@ -19,6 +19,9 @@ AIA paper fine-tunes Janus-Pro-7B on 8 nodes x 8 GPUs with FSDP for about a day)
 from configs import common
 
 SIZES = {"1b": "janus_pro_1b", "7b": "janus_pro_7b"}
+# LoRA on a dense decoder: the attention projections and the FFN (`lora.DEFAULT_TARGETS` less the TA-MoE shared expert)
+DENSE_LORA_TARGETS = (r"language_model/layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel",
+                      r"language_model/layers/(\d+/)?mlp/(gate|up|down)_proj/kernel")
 
 
 def parse(arg) -> tuple[str, bool]:
@@ -82,4 +85,33 @@ def stage1(arg, task: str):
     # no remat: 7B plans at 23 GiB per device on 64 chips (v5p: 26 % of HBM, v6e: 77 %) and runs a
     # quarter fewer FLOPs than with full remat (docs/benchmarks.md)
     c.model.remat_policy = "none"
+    return c
+
+
+def dpo(arg, task: str):
+    """DPO on one task's preference pairs ("und" / "gen"; align-anything trains them in separate runs)
+    from the converted checkpoint. `arg`: `1b` / `7b`, `+full` for full fine-tuning of the decoder
+    against a frozen copy (default: LoRA rank 16 on the decoder, the reference = adapters off)."""
+    text = (arg or "1b").lower()
+    full = text.endswith("full")
+    size, _ = parse(text.removesuffix("full").rstrip("+,") or "1b")
+    c = recipe(size, f"dpo_{task}" + ("_full" if full else ""))
+    c.train.objective = "dpo"
+    c.dpo.beta = 0.1
+    c.dpo.loss_type = "sigmoid"
+    c.data["gen_ratio" if task == "und" else "und_ratio"] = 0.0
+    c.data.eval_split = 0.005         # held-out pairs: the end of every file (preference_heldout)
+    c.eval.evaluators = ("preference_heldout", "suites")
+    c.train.batch_size = 64           # pairs: 128 rows a step
+    c.train.steps = 2000
+    c.train.learning_rate = 5e-6 if full else 5e-5
+    if full:
+        c.train.trainable = (r"language_model/.*",)
+        c.train.frozen = ()
+    else:
+        c.model.lora.rank = 16
+        c.model.lora.alpha = 32.0
+        c.model.lora.targets = DENSE_LORA_TARGETS
+        c.train.trainable = ()        # the adapters alone: the reference is the adapters-off model
+        c.train.frozen = ()
     return c

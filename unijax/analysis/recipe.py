@@ -192,6 +192,7 @@ RECIPE = {
     "stage1_und": ("stage1_und", ("base",)),
     "stage1_gen": ("stage1_gen", ("base",)),
     "upcycled": (None, ("base", "stage1_und", "stage1_gen")),
+    "stage2": ("stage2", ("upcycled",)),
 }
 UNTRAINED_TOWER = ("stage0_lm", "stage0_vq")  # recipe models whose vision tower is untrained (decoder / VQ trained)
 # what a prerequisite takes over from the run that needs it (the architecture, where the data lives, the seed)

@@ -1,8 +1,10 @@
 """ArrayRecord files of raw samples: a reader source, a writer and a converter.
 
 Records are msgpack-encoded dicts with the image as encoded PNG/JPEG bytes (the format is
-described in `unijax.data.sources`): `{"task": "mmu", "image": <bytes>, "turns": [[u, a], ...]}` or
-`{"task": "t2i", "image": <bytes>, "caption": str}`.
+described in `unijax.data.sources`): `{"task": "mmu", "image": <bytes>, "turns": [[u, a], ...]}`,
+`{"task": "t2i", "image": <bytes>, "caption": str}`, or a preference pair
+(`unijax.data.preference`) `{"task": "pref", "pair": "mmu" | "t2i", "chosen": <record bytes>,
+"rejected": <record bytes>}` whose sides are records of the first two kinds.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from unijax.contract import TASKS
+from unijax.data import preference
 from unijax.data.records import (
     DEFAULT_LIMITS,
     MAX_IMAGES_PER_RECORD,
@@ -38,6 +41,7 @@ from unijax.data.sources import open_source
 from unijax.io import atomic_file
 
 log = logging.getLogger(__name__)
+PREF = "pref"  # the task key of preference-pair files (`pack --pref`, `data.pref_arrayrecord`)
 
 
 def _check_turns(turns: Any) -> list[list[str]]:
@@ -98,8 +102,9 @@ class ArrayRecordSource:
 
     def __getitem__(self, index: int) -> dict:
         f, i = self._locate(index)
-        name = self.paths[f]
-        raw = self._sources[f][i]
+        return self._decode(self._sources[f][i], self.paths[f], i)
+
+    def _decode(self, raw: bytes, name: str, i: int, pair_side: bool = False) -> dict:
         try:
             rec = msgpack.unpackb(raw, raw=False)
         except Exception as e:
@@ -107,8 +112,16 @@ class ArrayRecordSource:
         if not isinstance(rec, dict):
             raise BadRecordError(name, i, f"record is a msgpack {type(rec).__name__}, expected a map")
         task = rec.get("task")
+        if task == PREF and not pair_side:
+            if rec.get("pair") not in TASKS or not all(isinstance(rec.get(s), bytes) for s in preference.SIDES):
+                raise BadRecordError(name, i, "a preference record needs 'pair' (mmu / t2i) and the bytes of both "
+                                     "'chosen' and 'rejected'", PREF)
+            sides = {s: self._decode(rec[s], name, i, pair_side=True) for s in preference.SIDES}
+            if any(side["task"] != rec["pair"] for side in sides.values()):
+                raise BadRecordError(name, i, f"a {rec['pair']} pair holds a side of another task", PREF)
+            return {"task": rec["pair"], **sides, "source": name, "index": i}
         if task not in TASKS:
-            raise BadRecordError(name, i, f"unknown task {task!r}; expected one of {TASKS}")
+            raise BadRecordError(name, i, f"unknown task {task!r}; expected one of {TASKS + (PREF,)}")
         images = rec.get("images") if isinstance(rec.get("images"), list) else [rec.get("image")]
         if len(images) > MAX_IMAGES_PER_RECORD:
             raise BadRecordError(name, i, f"{len(images)} images, more than {MAX_IMAGES_PER_RECORD} a record may hold", task)
@@ -126,8 +139,8 @@ class ArrayRecordSource:
             if isinstance(rec.get("images"), list) and len(rec["images"]) > 1:
                 images = [decode_image_bytes(b, name, i, task, limits=self.limits) for b in rec["images"]]
                 return {"task": "mmu", "images": images, "turns": turns, "source": name, "index": i}
-            image = None if rec.get("image") is None else decode_image_bytes(rec["image"], name, i, task,
-                                                                             limits=self.limits)
+            one = rec["images"][0] if isinstance(rec.get("images"), list) and rec["images"] else rec.get("image")
+            image = None if one is None else decode_image_bytes(one, name, i, task, limits=self.limits)
             return {"task": "mmu", "image": image, "turns": turns, "source": name, "index": i}
         caption = rec.get("caption")
         if not isinstance(caption, str):
@@ -145,12 +158,16 @@ def encode_record(sample: dict) -> bytes:
     """msgpack-encodes one raw sample for an ArrayRecord file (images as their original bytes, or
     arrays as PNG).
 
-    Only the task, image and text are stored; ``source``/``index`` are not.
+    Only the task, image and text are stored; ``source``/``index`` are not. A preference pair
+    (``chosen`` and ``rejected`` samples) is stored with both sides encoded.
     Raises ``ValueError`` for bad-record markers and malformed samples.
     """
     if is_bad(sample):
         raise ValueError(f"cannot write a bad-record marker ({sample.get('source')}: record {sample.get('index')})")
     task = sample.get("task")
+    if all(s in sample for s in preference.SIDES):
+        return msgpack.packb({"task": PREF, "pair": task, **{s: encode_record(sample[s]) for s in preference.SIDES}},
+                             use_bin_type=True)
     if task == "mmu" and sample.get("images"):
         rec = {"task": "mmu", "images": [_image_bytes(a) for a in sample["images"]],
                "turns": _check_turns(sample.get("turns"))}
@@ -260,8 +277,8 @@ def pack(files: dict[str, list[str]], image_roots: dict[str, str], out: str | os
     os.makedirs(out, exist_ok=True)
     files = {t: list(p) for t, p in files.items() if p}
     for task in files:
-        if task not in TASKS:
-            raise ValueError(f"pack: unknown task {task!r}; expected one of {TASKS}")
+        if task not in TASKS + (PREF,):
+            raise ValueError(f"pack: unknown task {task!r}; expected one of {TASKS + (PREF,)}")
     fingerprint = _fingerprint(files, records_per_shard)
     index_path = os.path.join(out, PACK_INDEX)
     index = {"fingerprint": fingerprint, "shards": {}}
@@ -273,9 +290,13 @@ def pack(files: dict[str, list[str]], image_roots: dict[str, str], out: str | os
                              f"(or another --out) to pack these")
         index = old
     # per task, its files' records in order (one random-access dataset over all of them)
+    def opened(path, task):
+        if task == PREF:
+            return preference.PreferenceJsonl(path, image_roots.get(task, ""), keep_bytes=True)
+        return open_source(path, image_roots.get(task, ""), task, keep_bytes=True)
+
     records = {t: grain.MapDataset.concatenate([
-        grain.MapDataset.source(skip_bad(open_source(p, image_roots.get(t, ""), t, keep_bytes=True), skip_bad_records))
-        for p in paths]) for t, paths in files.items()}
+        grain.MapDataset.source(skip_bad(opened(p, t), skip_bad_records)) for p in paths]) for t, paths in files.items()}
     total = sum(len(r) for r in records.values())
     done = sum(v["inputs"] for v in index["shards"].values())
     for task, task_records in records.items():

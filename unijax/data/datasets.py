@@ -81,7 +81,7 @@ def question_weights(data_cfg) -> dict[str, float]:
     return shapes.parse_weights(data_cfg.get("question_weights", ""))
 
 
-def _files(spec: str) -> list[str]:
+def expand_files(spec: str) -> list[str]:
     """Comma-separated paths; a glob pattern (`packed/mmu-*.arrayrecord`) expands, sorted."""
     out = []
     for p in (p for p in str(spec).split(",") if p):
@@ -178,10 +178,10 @@ def _file_dataset(data_cfg, task: str, seed: int, part: str = "train") -> grain.
     if part == "heldout" and not data_cfg[eval_key] and fraction <= 0:
         return None
     if data_cfg[key]:
-        names = _files(data_cfg[key])
+        names = expand_files(data_cfg[key])
         srcs = [sources.open_source(f, data_cfg[root_key], task, limits=image_limits(data_cfg)) for f in names]
     elif data_cfg[arrayrecord_key]:
-        key, names = arrayrecord_key, _files(data_cfg[arrayrecord_key])
+        key, names = arrayrecord_key, expand_files(data_cfg[arrayrecord_key])
         srcs = [arrayrecord.ArrayRecordSource(names, image_limits(data_cfg))]
     else:
         return None

@@ -147,11 +147,11 @@ def parse_pair(rec: Any, name: str, index: int, image_of) -> dict:
 class PreferenceJsonl:
     """Random access to the preference pairs of one JSON Lines file (`parse_pair`)."""
 
-    def __init__(self, path: str, image_root: str = "", limits: ImageLimits = DEFAULT_LIMITS):
+    def __init__(self, path: str, image_root: str = "", limits: ImageLimits = DEFAULT_LIMITS, keep_bytes: bool = False):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data.pref_jsonl: {path} does not exist")
         self.lines, self.image_root, self.limits = JsonLines(path, "pref"), image_root, limits
-        self.path = path
+        self.path, self.keep_bytes = path, keep_bytes  # keep_bytes: images as their file's bytes (packing)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -160,7 +160,7 @@ class PreferenceJsonl:
         rec = self.lines.record(index)
         i = int(index) % len(self)
         return parse_pair(rec, self.path, i, lambda rel: load_image_file(
-            self.image_root, rel, self.path, i, "pref", limits=self.limits))
+            self.image_root, rel, self.path, i, "pref", keep_bytes=self.keep_bytes, limits=self.limits))
 
     def __repr__(self) -> str:
         return f"PreferenceJsonl({self.path!r})"

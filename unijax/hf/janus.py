@@ -15,7 +15,8 @@ import re
 
 import numpy as np
 
-from unijax.models import emu3_family, janus_family
+from unijax.models.family import emu3 as emu3_family
+from unijax.models.family import janus as janus_family
 
 RENAMES = janus_family.HF_RENAMES
 

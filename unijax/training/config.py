@@ -32,7 +32,8 @@ from unijax.training import aia, evaluators, objectives, vision_pretrain
 
 DATA_SOURCES = ("shapes", "files")  # data.source
 FROZEN_DTYPES = ("", "float32", "bfloat16", "float16")  # train.frozen_dtype
-INIT_RECIPES = ("", "stage0_lm", "stage0_vq", "base", "stage1_und", "stage1_gen", "upcycled")  # init_recipe (unijax.analysis.recipe)
+# init_recipe (unijax.analysis.recipe)
+INIT_RECIPES = ("", "stage0_lm", "stage0_vq", "base", "stage1_und", "stage1_gen", "upcycled", "stage2")
 ARCH_KEYS = ("text", "vision", "vq", "image_token_id", "boi_token_id", "eoi_token_id")
 
 
@@ -154,6 +155,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     d.pref_jsonl = ""            # train.objective=dpo: comma-separated preference-pair files (unijax.data.preference)
     d.pref_image_root = ""       # their images' folder
     d.eval_pref_jsonl = ""       # held-out pairs (else the data.eval_split end of each file)
+    d.pref_arrayrecord = ""      # or pairs packed by `python -m unijax.pack --pref` (comma-separated, globs)
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = 1000

@@ -13,7 +13,8 @@ Modules, each importing only those above it:
 - `qa`: understanding questions (`QA`, KINDS, `make_question`, `questions`, `sample_question`), POPE's
   `answer_is_yes` and the image-blind baseline.
 - `detector`: `detect(image) -> [Detection]`, the objects of a render or a generated image.
-- `scoring`: GenEval's rule (`score`), its per-tag aggregate (`geneval`) and `match_scene`.
+- `scoring`: GenEval's rule (`score`), its graded share (`partial_score`), its per-tag aggregate
+  (`geneval`) and `match_scene`.
 - `corpus_text`: `corpus()`, every string the world produces, for training the tokenizer.
 """
 
@@ -50,7 +51,7 @@ from unijax.data.shapes.qa import (
                                       questions,
                                       sample_question,
 )
-from unijax.data.shapes.scoring import geneval, match_scene, score
+from unijax.data.shapes.scoring import geneval, match_scene, partial_score, score
 from unijax.data.shapes.world import (
                                       BACKGROUND,
                                       COLOURS,
@@ -84,7 +85,7 @@ __all__ = [
     "RELATION_WORD", "admits", "answer_is_yes", "blind_baseline", "make_question", "parse_weights", "questions",
     "sample_question",
     # detector / scoring
-    "Detection", "detect", "geneval", "match_scene", "score",
+    "Detection", "detect", "geneval", "match_scene", "partial_score", "score",
     # corpus_text
     "CORPUS_SCENES", "CORPUS_SEED", "corpus",
 ]

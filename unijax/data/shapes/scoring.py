@@ -1,6 +1,7 @@
 """GenEval-style scoring of detections (`unijax.data.shapes.detector`) for the shapes world. numpy only.
 
-`score(spec, detections)` is GenEval's rule; `geneval(specs, images)` aggregates it per tag;
+`score(spec, detections)` is GenEval's rule, `partial_score` its share of checks that hold;
+`geneval(specs, images)` aggregates `score` per tag;
 `match_scene(scene, detections)` checks a detection list against the ground truth.
 
 Imports `world`, `prompts` and `detector`.
@@ -40,6 +41,20 @@ def score(spec: PromptSpec, detections: Sequence[Detection]) -> bool:
                 if da is not db and relation not in relations(da.box, db.box):
                     return False
     return True
+
+
+def partial_score(spec: PromptSpec, detections: Sequence[Detection]) -> float:
+    """The share of `score`'s checks that hold: each include clause, each exclude clause and (when
+    the prompt has one) the position relation count one each; 1.0 exactly when `score` is True. A
+    graded judge for preference pairs, where GenEval's all-or-nothing rule ties most samples."""
+    checks = [len(_matching(detections, shape, colour)) >= count for shape, colour, count in spec.include]
+    checks += [len(_matching(detections, shape, colour)) < count for shape, colour, count in spec.exclude]
+    if spec.position is not None:
+        relation, a, b = spec.position
+        found_a, found_b = _matching(detections, *spec.include[a][:2]), _matching(detections, *spec.include[b][:2])
+        checks.append(bool(found_a and found_b) and all(
+            da is db or relation in relations(da.box, db.box) for da in found_a for db in found_b))
+    return sum(checks) / len(checks) if checks else 1.0
 
 
 def geneval(specs: Sequence[PromptSpec], images: Iterable[np.ndarray]) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from unijax import sharding
 from unijax.contract import BATCH_KEYS
-from unijax.data import datasets, preference, records
+from unijax.data import arrayrecord, datasets, preference, records
 from unijax.data import pipeline as pipe
 from unijax.distributed import to_host
 from unijax.models.forward import IMAGE_LOGITS, TEXT_LOGITS, lm_forward, lm_hidden
@@ -164,16 +164,24 @@ def pair_datasets(config, image_size: int, seed: int, part: str = "train", mix: 
     if data.source != "files":
         raise ValueError(f"data.source={data.source!r}: expected 'shapes' or 'files'")
     held = part == "heldout" and bool(data.eval_pref_jsonl)
+    if data.pref_jsonl and data.pref_arrayrecord:
+        raise ValueError("set data.pref_jsonl or data.pref_arrayrecord, not both")
+    packed = bool(data.pref_arrayrecord) and not held
     files = [f for f in str(data.eval_pref_jsonl if held else data.pref_jsonl).split(",") if f]
     fraction = 0.0 if data.eval_pref_jsonl else float(data.eval_split)
     if part == "heldout" and not held and fraction <= 0:
         return [], []
-    if not files:
-        raise ValueError("train.objective=dpo with data.source=files needs data.pref_jsonl (preference pairs in "
-                         "JSON Lines: docs/preference.md)")
+    limits = datasets.image_limits(data)
+    if packed:
+        srcs = [arrayrecord.ArrayRecordSource(datasets.expand_files(data.pref_arrayrecord),
+                                              limits)]
+    elif files:
+        srcs = [preference.PreferenceJsonl(f, str(data.pref_image_root), limits) for f in files]
+    else:
+        raise ValueError("train.objective=dpo with data.source=files needs data.pref_jsonl or data.pref_arrayrecord "
+                         "(preference pairs: docs/preference.md)")
     out, sizes = [], []
-    for i, f in enumerate(files):
-        src = preference.PreferenceJsonl(f, str(data.pref_image_root), datasets.image_limits(data))
+    for i, src in enumerate(srcs):
         ds = grain.MapDataset.source(records.skip_bad(src, bool(data.skip_bad_records)))
         if fraction > 0 and not held:
             n = len(ds)

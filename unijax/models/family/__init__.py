@@ -15,9 +15,9 @@ A family states:
   back (`unijax.inference.decode`);
 - which `model.*` keys an experiment config may set, and whether it has a vision tower to pre-train.
 
-`janus` (`unijax.models.janus_family`) and `emu3` (`unijax.models.emu3_family`) are built in; a new
-family is one module with a `Family` subclass passed to `register` (tests/test_family.py registers a
-third). Config classes carry their family's name as the class attribute `family`.
+`janus` (`unijax.models.family.janus`) and `emu3` (`unijax.models.family.emu3`) are built in; a
+new family is one module with a `Family` subclass passed to `register` (tests/test_family.py
+registers a third). Config classes carry their family's name as the class attribute `family`.
 """
 
 from __future__ import annotations
@@ -213,4 +213,4 @@ def null_prompt(tokens: Array, cfg) -> Array:
 
 
 # the built-in families register themselves
-from unijax.models import emu3_family, janus_family  # noqa: E402,F401
+from unijax.models.family import emu3, janus  # noqa: E402,F401
