@@ -20,42 +20,30 @@ from ml_collections import config_flags
 
 from unijax import cli
 from unijax.analysis import online_dpo
-from unijax.training.config import validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dpo.py", "the DPO config of every round",
-                                          lock_config=True)
-flags.DEFINE_string("ckpt", None, "the model checkpoint to start from", required=True)
-flags.DEFINE_string("out", "workdir/online_dpo", "output folder (rounds, report)")
-flags.DEFINE_integer("rounds", 4, "sample-judge-train rounds")
-flags.DEFINE_enum("task", "both", ["gen", "und", "both"], "which task's samples make pairs")
-flags.DEFINE_integer("prompts", 48, "generation prompts per round (balanced over the six GenEval tags)")
-flags.DEFINE_integer("questions", 64, "understanding questions per round")
-flags.DEFINE_integer("samples", 4, "samples per prompt / question")
-flags.DEFINE_integer("steps", 40, "DPO steps per round")
-flags.DEFINE_float("cfg", 5.0, "classifier-free guidance of the sampled and evaluated images")
-flags.DEFINE_integer("eval_per_tag", 8, "held-out shapes_geneval prompts per tag (x --eval_samples images)")
-flags.DEFINE_integer("eval_samples", 4, "held-out shapes_geneval images per prompt")
-flags.DEFINE_integer("pope_images", 100, "held-out shapes_pope images (up to 4 questions each)")
 FLAGS = flags.FLAGS
+_CONFIG = None
 
 
-def round_config(base, init_from: str, pairs: str, image_root: str, workdir: str, steps: int, task: str):
-    """The DPO config of one round: `base` on the round's pairs, from the round's start model."""
-    c = base.copy_and_resolve_references()
-    with c.unlocked():
-        c.init_from, c.init_recipe, c.workdir = init_from, "", workdir
-        c.model.preset = "checkpoint"  # the start model's own architecture
-        c.data.source, c.data.pref_jsonl, c.data.pref_image_root = "files", pairs, image_root
-        c.data.eval_split = 0.0
-        c.train.steps = steps
-        c.train.warmup_steps = min(c.train.warmup_steps, max(steps // 4, 1))
-        c.train.checkpoint_every = steps
-        c.train.eval_at_start = False
-        c.eval.evaluators = ()
-        if task != "both":
-            c.data.und_ratio, c.data.gen_ratio = (1.0, 0.0) if task == "und" else (0.0, 1.0)
-    validate(c)
-    return c
+def _define_flags():
+    """Defined when run as a script only, so that importing this module adds no absl flags."""
+    global _CONFIG
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/dpo.py", "the DPO config of every round",
+                                              lock_config=True)
+    flags.DEFINE_string("ckpt", None, "the model checkpoint to start from", required=True)
+    flags.DEFINE_string("out", "workdir/online_dpo", "output folder (rounds, report)")
+    flags.DEFINE_integer("rounds", 4, "sample-judge-train rounds")
+    flags.DEFINE_enum("task", "both", ["gen", "und", "both"], "which task's samples make pairs")
+    flags.DEFINE_integer("prompts", 48, "generation prompts per round (balanced over the six GenEval tags)")
+    flags.DEFINE_integer("questions", 64, "understanding questions per round")
+    flags.DEFINE_integer("samples", 4, "samples per prompt / question")
+    flags.DEFINE_integer("steps", 40, "DPO steps per round")
+    flags.DEFINE_float("cfg", 5.0, "classifier-free guidance of the sampled and evaluated images")
+    flags.DEFINE_integer("eval_per_tag", 8, "held-out shapes_geneval prompts per tag (x --eval_samples images)")
+    flags.DEFINE_integer("eval_samples", 4, "held-out shapes_geneval images per prompt")
+    flags.DEFINE_integer("pope_images", 100, "held-out shapes_pope images (up to 4 questions each)")
+    flags.DEFINE_bool("truth_chosen", False, "when no sample of a prompt passes, pair the prompt's rendered scene "
+                      "(chosen) with the worst sample (SPIN-style); default: best against worst sample only")
 
 
 def main(argv):
@@ -70,12 +58,13 @@ def main(argv):
         raise app.UsageError(f"--config: train.objective={base.train.objective!r}; the loop trains dpo")
 
     def train_config(init_from, pairs, image_root, workdir, steps):
-        return round_config(base, init_from, pairs, image_root, workdir, steps, f.task)
+        return online_dpo.round_config(base, init_from, pairs, image_root, workdir, steps, f.task)
 
     online_dpo.run(f.ckpt, pathlib.Path(f.out), train_config, rounds=f.rounds, task=f.task, prompts=f.prompts,
                    questions=f.questions, samples=f.samples, steps=f.steps, cfg=f.cfg, eval_per_tag=f.eval_per_tag,
-                   eval_samples=f.eval_samples, pope_images=f.pope_images)
+                   eval_samples=f.eval_samples, pope_images=f.pope_images, truth_chosen=f.truth_chosen)
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)

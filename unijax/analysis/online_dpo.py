@@ -10,6 +10,9 @@ Each round starts from the previous round's model:
 3. the pairs are written as align-anything files (`pairs.jsonl`, PNGs beside it) and trained on
    with `train.objective=dpo` (configs/dpo.py: fresh LoRA adapters whose adapters-off model, the
    round's start, is the reference) for `steps` steps.
+With `truth_chosen`, a prompt none of whose samples passes pairs its rendered scene (chosen) with
+its worst sample, and a question nobody answered right pairs the true answer with a wrong one: the
+data against the model's own samples, as SPIN pairs them.
 Held-out `shapes_geneval` and `shapes_pope` are measured before the first round and after the
 last; `report.json`, `report.md` and `curve.png` go to the output folder.
 """
@@ -29,35 +32,42 @@ from unijax.inference.engine import Engine
 from unijax.inference.sampling import Sampling
 from unijax.io import write_outputs
 from unijax.training import loop
+from unijax.training.config import validate
 
 TRAIN_SEED = 20_000  # prompt / scene seeds of the loop's own samples (the suites use their held-out seed)
 
 
 def generation_pairs(engine: Engine, folder: pathlib.Path, *, seed: int, prompts: int, samples: int,
-                     cfg: float) -> tuple[list[dict], float]:
-    """-> (align-anything t2i records, the share of samples GenEval's rule passes)."""
+                     cfg: float, truth_chosen: bool = False) -> tuple[list[dict], float]:
+    """-> (align-anything t2i records, the share of samples GenEval's rule passes). `truth_chosen`:
+    when no sample of a prompt passes, the rendered scene the prompt was drawn from is the chosen
+    side against the worst sample (self-play against the data, as SPIN pairs them)."""
     per_tag = max(1, prompts // len(shapes.TAGS))
     items = shapes.prompt_set(seed, per_tag, engine.image_size)
     images = engine.images([p for p, _, _ in items], num_images=samples, guidance=cfg,
                            sampling=Sampling(temperature=1.0), seed=seed)
     records, passed = [], 0
-    for i, ((prompt, spec, _), imgs) in enumerate(zip(items, images)):
+    for i, ((prompt, spec, scene), imgs) in enumerate(zip(items, images)):
         dets = [shapes.detect(img) for img in imgs]
         scores = [shapes.partial_score(spec, d) for d in dets]
         passed += sum(shapes.score(spec, d) for d in dets)
         best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        if scores[best] == scores[worst]:
+        chosen = imgs[best]
+        if truth_chosen and scores[best] < 1.0:
+            chosen = shapes.render(scene)
+        elif scores[best] == scores[worst]:
             continue
-        names = [f"gen_{i:04d}_{j}.png" for j in (best, worst)]
-        for name, j in zip(names, (best, worst)):
-            (folder / name).write_bytes(encode_png(imgs[j]))
+        names = [f"gen_{i:04d}_chosen.png", f"gen_{i:04d}_rejected.png"]
+        for name, img in zip(names, (chosen, imgs[worst])):
+            (folder / name).write_bytes(encode_png(img))
         records.append({"prompt": prompt, "better_image": names[0], "worse_image": names[1]})
     return records, passed / max(1, len(items) * samples)
 
 
 def understanding_pairs(engine: Engine, folder: pathlib.Path, *, seed: int, questions: int,
-                        samples: int) -> tuple[list[dict], float]:
-    """-> (align-anything ti2t records, the share of sampled answers that are right)."""
+                        samples: int, truth_chosen: bool = False) -> tuple[list[dict], float]:
+    """-> (align-anything ti2t records, the share of sampled answers that are right). `truth_chosen`:
+    the true answer is the chosen side when no sample gives it."""
     rng = np.random.default_rng([seed, 3])
     scenes = [shapes.sample_scene(rng, engine.image_size) for _ in range(questions)]
     qas = [shapes.sample_question(s, rng) for s in scenes]
@@ -70,6 +80,8 @@ def understanding_pairs(engine: Engine, folder: pathlib.Path, *, seed: int, ques
         good = [a for a in said if a == qa.answer]
         bad = [a for a in said if a and a != qa.answer]
         right += len(good)
+        if truth_chosen and not good:
+            good = [qa.answer]
         if not good or not bad:
             continue
         name = f"und_{i:04d}.png"
@@ -77,6 +89,25 @@ def understanding_pairs(engine: Engine, folder: pathlib.Path, *, seed: int, ques
         records.append({"question": qa.question, "image": name, "better_response": good[0],
                         "worse_response": bad[0]})
     return records, right / max(1, questions * samples)
+
+
+def round_config(base, init_from: str, pairs: str, image_root: str, workdir: str, steps: int, task: str):
+    """The DPO config of one round: `base` on the round's pairs, from the round's start model."""
+    c = base.copy_and_resolve_references()
+    with c.unlocked():
+        c.init_from, c.init_recipe, c.workdir = init_from, "", workdir
+        c.model.preset = "checkpoint"  # the start model's own architecture
+        c.data.source, c.data.pref_jsonl, c.data.pref_image_root = "files", pairs, image_root
+        c.data.eval_split = 0.0
+        c.train.steps = steps
+        c.train.warmup_steps = min(c.train.warmup_steps, max(steps // 4, 1))
+        c.train.checkpoint_every = steps
+        c.train.eval_at_start = False
+        c.eval.evaluators = ()
+        if task != "both":
+            c.data.und_ratio, c.data.gen_ratio = (1.0, 0.0) if task == "und" else (0.0, 1.0)
+    validate(c)
+    return c
 
 
 def held_out(engine: Engine, per_tag: int, samples: int, pope_images: int, cfg: float) -> dict[str, float]:
@@ -88,7 +119,7 @@ def held_out(engine: Engine, per_tag: int, samples: int, pope_images: int, cfg: 
 
 def run(ckpt: str, out: pathlib.Path, train_config, *, rounds: int = 4, task: str = "both", prompts: int = 48,
         questions: int = 64, samples: int = 4, steps: int = 40, cfg: float = 5.0, eval_per_tag: int = 8,
-        eval_samples: int = 4, pope_images: int = 100, log=print) -> dict:
+        eval_samples: int = 4, pope_images: int = 100, truth_chosen: bool = False, log=print) -> dict:
     """The loop (module docstring). `train_config(init_from, pairs_file, image_root, workdir, steps)`
     returns the DPO training config of a round."""
     out.mkdir(parents=True, exist_ok=True)
@@ -107,12 +138,12 @@ def run(ckpt: str, out: pathlib.Path, train_config, *, rounds: int = 4, task: st
         recs, stats = [], {"round": r}
         if task in ("gen", "both"):
             gen, stats["gen_pass"] = generation_pairs(engine, folder, seed=seed, prompts=prompts, samples=samples,
-                                                      cfg=cfg)
+                                                      cfg=cfg, truth_chosen=truth_chosen)
             recs += gen
             stats["gen_pairs"] = len(gen)
         if task in ("und", "both"):
             und, stats["und_right"] = understanding_pairs(engine, folder, seed=seed, questions=questions,
-                                                          samples=samples)
+                                                          samples=samples, truth_chosen=truth_chosen)
             recs += und
             stats["und_pairs"] = len(und)
         if not recs:
@@ -131,7 +162,8 @@ def run(ckpt: str, out: pathlib.Path, train_config, *, rounds: int = 4, task: st
     report = {"start": ckpt, "final": current, "before": before, "after": after, "rounds": history,
               "loop_minutes": loop_seconds / 60, "total_minutes": (time.perf_counter() - t0) / 60,
               "settings": dict(rounds=rounds, task=task, prompts=prompts, questions=questions, samples=samples,
-                               steps=steps, cfg=cfg, eval_per_tag=eval_per_tag, eval_samples=eval_samples)}
+                               steps=steps, cfg=cfg, eval_per_tag=eval_per_tag, eval_samples=eval_samples,
+                               truth_chosen=truth_chosen)}
     write_outputs(out, {"report.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
                         "report.md": lambda p: p.write_text(markdown(report)),
                         "curve.png": lambda p: plot(history, p)})
