@@ -118,14 +118,15 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     return _bicubic(np.ascontiguousarray(image[top:top + s, left:left + s]), size, size)
 
 
+# rule name -> (image, rule) -> image; a model family names its understanding rule (`Family.image_layout`)
+APPLY = {"janus": lambda image, r: resize_pad(image, r.size),
+         "emu3": lambda image, r: resize_emu3(image, r.size, r.factor),
+         "crop": lambda image, r: centre_crop(image, r.size)}
+
+
 def preprocess(image: np.ndarray, rule: ImageRule) -> np.ndarray:
     """uint8 `[H, W, 3]` -> uint8 `[rule.size, rule.size, 3]` by `rule`."""
-    if rule.rule == "janus":
-        out = resize_pad(image, rule.size)
-    elif rule.rule == "emu3":
-        out = resize_emu3(image, rule.size, rule.factor)
-    else:
-        out = centre_crop(image, rule.size)
+    out = APPLY[rule.rule](image, rule)
     if out.shape[:2] != (rule.size, rule.size):  # only when min_size exceeds size
         out = _bicubic(out, rule.size, rule.size)
     return out
