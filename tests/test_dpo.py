@@ -135,6 +135,7 @@ def tok(tmp_path_factory):
 def dpo_config(**train):
     c = base.get_config()
     c.train.objective = "dpo"
+    c.model.text.num_layers = 2  # the tiny model, two layers: compiles faster
     c.data.update(max_len=112, turns_per_image=1)
     c.train.update(batch_size=4, **train)
     return c
@@ -180,7 +181,7 @@ def test_chunked_model_loss_and_gradients_equal_the_whole_logits_path(tok):
 
         def f(p):
             return dpo.dpo_loss(nnx.merge(graphdef, p), batch, settings=s, reference=reference)
-        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
         return loss, metrics, grads
 
     loss0, m0, g0 = run(0)
@@ -206,8 +207,8 @@ def test_gradient_accumulation_sums_to_the_whole_batch(tok):
         kw = {} if whole is None else {"whole": whole}
         return loss_fn(nnx.merge(graphdef, p), micro, reference=reference, **kw)
 
-    m1, g1 = steps.accumulated(f, params, batch, 1)
-    m2, g2 = steps.accumulated(f, params, batch, 2)
+    m1, g1 = jax.jit(lambda p: steps.accumulated(f, p, batch, 1))(params)
+    m2, g2 = jax.jit(lambda p: steps.accumulated(f, p, batch, 2))(params)
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
     assert_grads_close(g2, g1)
 

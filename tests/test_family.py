@@ -73,6 +73,7 @@ def test_registry_answers_by_name_config_and_model_type():
 def test_third_family_trains_generates_and_converts(tmp_path):
     c = base.get_config()
     c.model.family = "toy"
+    c.model.text.num_layers = 2
     c.workdir, c.data.dir = str(tmp_path / "run"), str(tmp_path / "data")
     c.data.update(envs.SHORT_ROWS)
     c.mesh.data = 1

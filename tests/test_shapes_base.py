@@ -70,10 +70,11 @@ def test_recipe_prerequisites_come_in_dependency_order():
     assert recipe._order("upcycled", []) == ["stage0_lm", "stage0_vq", "base", "stage1_und", "stage1_gen",
                                              "upcycled"]
     assert recipe._order("stage1_gen", []) == ["stage0_lm", "stage0_vq", "base", "stage1_gen"]
-    for name, (stage, _) in recipe.RECIPE.items():  # each stage config exists and builds on the chain
+    assert recipe._order("stage2", [])[-2:] == ["upcycled", "stage2"]
+    for name, (stage, deps) in recipe.RECIPE.items():  # each stage config exists and builds on the chain
         if stage:
             c = recipe.load_config(stage)
-            want = "" if name.startswith("stage0") else "stage0_vq" if name == "base" else "base"
+            want = "" if name.startswith("stage0") else deps[0]  # stage 0 is built by base's own chain
             assert c.init_recipe == want, name
     lm = recipe.load_config("stage0_lm")  # the language stage: text only, the decoder alone trains
     assert lm.data.scene_text and lm.data.gen_ratio == 0 and lm.train.trainable == ("language_model/.*", "lm_head/.*")

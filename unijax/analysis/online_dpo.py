@@ -192,12 +192,12 @@ def plot(history: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    x = [h["minutes"] for h in history]
+    x = [0.0] + [h["minutes"] for h in history[:-1]]  # a round's samples come from the model it starts with
     for key, label in (("gen_pass", "GenEval pass, sampled (train prompts)"),
                        ("und_right", "answers right, sampled (train scenes)")):
         if history and key in history[0]:
             ax.plot(x, [h[key] for h in history], marker="o", label=label)
-    ax.set_xlabel("loop minutes (CPU)")
+    ax.set_xlabel("loop minutes (CPU) before the round")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -308,7 +308,7 @@ def evaluate_at_start(run: Run, state, frozen) -> dict[str, float]:
     return out
 
 
-HEADLINE = ("accuracy", "loss_text", "loss_image", "router_acc")  # of each evaluator, when it reports them
+HEADLINE = ("accuracy", "loss_text", "loss_image", "router_acc", "reward_accuracy", "reward_margin")  # of each evaluator
 SUITE_HEADLINE = ("accuracy", "yes_ratio", "overall")  # of the benchmark suites (POPE per split, MC, GenEval)
 
 
