@@ -276,7 +276,8 @@ def table(r: dict) -> str:
         "per device:",
     ]
     for key, label in (("trainable_params", "trainable parameters"), ("lora_adapters", "LoRA adapters"),
-                       ("frozen_params", "frozen parameters"), ("optimizer_state", "optimizer state"),
+                       ("frozen_params", "frozen parameters"), ("reference_params", "reference copy (DPO)"),
+                       ("optimizer_state", "optimizer state"),
                        ("batch", "batch"), ("temporaries", "XLA temporaries"),
                        ("outputs_not_aliased", "outputs not donated"),
                        ("peak", "peak (all of the above)")):
