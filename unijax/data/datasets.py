@@ -138,7 +138,7 @@ _FILE_KEYS = {"mmu": ("mmu_json", "mmu_image_root", "mmu_weights", "mmu_arrayrec
               "t2i": ("t2i_jsonl", "t2i_image_root", "t2i_weights", "t2i_arrayrecord", "eval_t2i_jsonl")}
 
 
-def _split(ds: grain.MapDataset, fraction: float, part: str) -> grain.MapDataset:
+def split_part(ds: grain.MapDataset, fraction: float, part: str) -> grain.MapDataset:
     """The training part of a file's records, or its held-out end (`fraction` of them, at least one)."""
     if fraction <= 0:
         return ds
@@ -188,7 +188,7 @@ def _file_dataset(data_cfg, task: str, seed: int, part: str = "train") -> grain.
     for src, name in zip(srcs, names):
         if len(src) == 0:
             raise ValueError(f"data.{key}: {name} holds no records")
-    dsets = [_split(grain.MapDataset.source(records.skip_bad(src, bool(data_cfg.skip_bad_records))), fraction, part)
+    dsets = [split_part(grain.MapDataset.source(records.skip_bad(src, bool(data_cfg.skip_bad_records))), fraction, part)
              for src in srcs]
     weights = None if key == eval_key else _weights(data_cfg, weights_key, len(dsets))
     if weights is None or len(dsets) == 1:

@@ -1,6 +1,5 @@
 """Name and layout mapping between unijax's parameters and transformers' state dicts, for every
-model family (`Family.hf_renames`: `Janus` <-> `JanusForConditionalGeneration` as `RENAMES`,
-`Emu3` <-> `Emu3ForConditionalGeneration` as `EMU3_RENAMES`).
+model family (`Family.hf_renames`; `RENAMES`: `Janus` <-> `JanusForConditionalGeneration`).
 
 One table of path renames per family plus per-leaf hooks:
 - renames: ordered regex substitutions from our dotted parameter path to the HF name;
@@ -15,7 +14,6 @@ import re
 
 import numpy as np
 
-from unijax.models.family import emu3 as emu3_family
 from unijax.models.family import janus as janus_family
 
 RENAMES = janus_family.HF_RENAMES
@@ -25,9 +23,6 @@ LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "wei
               "running_mean": "running_mean", "running_var": "running_var",
               # TA-MoE (unijax/hf/modeling_ta_moe.py keeps unijax's names and stacked expert layout)
               "alpha": "alpha", "gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
-
-EMU3_RENAMES = emu3_family.HF_RENAMES
-
 
 # kernel rank -> the axis permutation from our layout to transformers' (linear [in, out] -> [out, in],
 # conv HWIO -> OIHW, Conv3d THWIO -> OITHW); the import direction is its inverse

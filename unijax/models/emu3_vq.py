@@ -10,7 +10,7 @@ broadcast over time (the same numbers as running it per frame). The decoder's no
 Temporal residual blocks use BatchNorm with running statistics (inference mode: the statistics
 are parameters here, read through `stop_gradient`; stage 0 (`train.objective=vq`) trains everything
 else with them fixed, so there each BatchNorm is a per-channel affine map). Module names follow
-transformers' so the checkpoint mapping (`unijax.hf.janus.EMU3_RENAMES`) is a prefix change.
+transformers' so the checkpoint mapping (`unijax.models.family.emu3.HF_RENAMES`) is a prefix change.
 """
 
 from __future__ import annotations

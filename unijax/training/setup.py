@@ -78,11 +78,10 @@ def build(model: nnx.Module, config, mesh: Mesh, *, abstract: bool = False, refe
             adapters, adapter_sh = lora.init(frozen, lcfg.targets, lcfg.rank, key, frozen_sh)
         params, params_sh = dict(params, lora=_place(adapters, adapter_sh, abstract)), dict(params_sh, lora=adapter_sh)
 
-    if reference and any(k != "lora" for k in params):  # a copy of the start of what trains (not the adapters)
-        rest = [k for k in params if k != "lora"]
-        copy = jax.tree.map(lambda x: x if abstract else jnp.array(x, copy=True), {k: params[k] for k in rest})
-        frozen, frozen_sh = dict(frozen, **{steps.REFERENCE: copy}), dict(frozen_sh, **{steps.REFERENCE:
-                                                                                        {k: params_sh[k] for k in rest}})
+    rest = {k: v for k, v in params.items() if k != "lora"}
+    if reference and rest:  # a copy of the start of what trains (not the adapters)
+        frozen = dict(frozen, **{steps.REFERENCE: jax.tree.map(lambda x: x if abstract else jnp.array(x, copy=True), rest)})
+        frozen_sh = dict(frozen_sh, **{steps.REFERENCE: {k: params_sh[k] for k in rest}})
     frozen_dtype = config.train.get("frozen_dtype", "")
     if frozen_dtype:  # after the adapters are drawn (they take their weight's dtype, and train)
         frozen = jax.tree.map(lambda x: _cast(x, jnp.dtype(frozen_dtype)), frozen)

@@ -71,7 +71,7 @@ class Family:
 
     # -- configs and models ----------------------------------------------------------------
     def config_from_dict(self, d: Mapping[str, Any], *, where: str = "model"):
-        return self.config_cls.from_dict({k: v for k, v in d.items() if k != "family"}, where=where)
+        return self.config_cls.from_dict(d, where=where)  # config classes skip their `family` key
 
     def build(self, cfg, rngs):
         return self.model_cls(cfg, rngs=rngs)
@@ -128,10 +128,6 @@ class Family:
     def unconditional_keep(self, tokens: Array, cfg) -> Array:
         """The tokens of a generation prompt the CFG null prompt keeps (the rest become padding)."""
         return (tokens == cfg.text.bos_token_id) | (tokens == cfg.boi_token_id)
-
-    def image_slots(self, cfg) -> int:
-        """Decoding steps of one image."""
-        return cfg.vq.num_tokens
 
     def embed_image_slot(self, model, code: Array, slot: Array) -> Array:
         """The input embedding of sampled `code` `[B, 1]` at image slot `slot` (the next step's input)."""

@@ -34,7 +34,7 @@ from unijax.data import pipeline as pipe
 from unijax.distributed import to_host
 from unijax.models.forward import IMAGE_LOGITS, TEXT_LOGITS, lm_forward, lm_hidden
 from unijax.training import evaluators, losses
-from unijax.training.objectives import Objective, register
+from unijax.training.objectives import Objective, get, register
 from unijax.training.steps import merged_model, reference_model
 
 Array = jax.Array
@@ -183,10 +183,8 @@ def pair_datasets(config, image_size: int, seed: int, part: str = "train", mix: 
     out, sizes = [], []
     for i, src in enumerate(srcs):
         ds = grain.MapDataset.source(records.skip_bad(src, bool(data.skip_bad_records)))
-        if fraction > 0 and not held:
-            n = len(ds)
-            k = min(n - 1, max(1, round(n * fraction)))
-            ds = ds.slice(slice(0, n - k)) if part == "train" else ds.slice(slice(n - k, n))
+        if not held:
+            ds = datasets.split_part(ds, fraction, part)
         sizes.append(float(len(ds)))
         out.append(pipe.repeat_epochs(ds, seed=seed + 7919 * i) if part == "train" else ds)
     return out, sizes  # files mix by their sizes
@@ -253,23 +251,25 @@ class PreferenceHeldout(evaluators.Evaluator):
 
     @classmethod
     def create(cls, ctx):
-        if ctx.config.train.objective != "dpo":
+        if ctx.config.train.objective != DPO.name:
             return None
-        self = cls()
-        config, obj = ctx.config, DPO()
+        self = cls(ctx)
+        return self if self.batches else None
+
+    def __init__(self, ctx):
+        config, obj = ctx.config, get(DPO.name)
         seed = config.seed + datasets.HELD_OUT_SEED_OFFSET
         dsets, weights = obj.datasets(config, ctx.layout.image_size, seed, part="heldout", mix=False)
-        if not dsets:
-            return None
-        it = iter(pipe.batches(dsets, weights, tokenizer=ctx.tokenizer, layout=ctx.layout,
-                               batch_size=config.train.batch_size, seed=seed, encoder=obj.encoder(ctx.tokenizer,
-                                                                                                  ctx.layout)))
-        self.batches = evaluators.device_rows(config, [next(it) for _ in range(config.train.eval_batches)])
+        self.batches = []
+        if dsets:
+            it = iter(pipe.batches(dsets, weights, tokenizer=ctx.tokenizer, layout=ctx.layout,
+                                   batch_size=config.train.batch_size, seed=seed,
+                                   encoder=obj.encoder(ctx.tokenizer, ctx.layout)))
+            self.batches = evaluators.device_rows(config, [next(it) for _ in range(config.train.eval_batches)])
         self.mesh, self.every = ctx.mesh, int(config.train.eval_every)
         graphdef, scale, eval_fn = ctx.graphdef, ctx.lora_scale, ctx.eval_fn
         self._fn = jax.jit(lambda p, f, b: eval_fn(merged_model(graphdef, p, f, scale), b,
                                                    reference=reference_model(graphdef, p, f)))
-        return self
 
     def __call__(self, params, frozen) -> dict[str, float]:
         rows = [to_host(self._fn(params, frozen, sharding.put_batch(b, self.mesh))) for b in self.batches]
