@@ -20,7 +20,7 @@ from configs import base
 from unijax import contract, sharding
 from unijax.data import pipeline, preference, records
 from unijax.data.tokenizer import shapes_tokenizer
-from unijax.models import family
+from unijax.models import family, forward
 from unijax.training import objectives, steps
 from unijax.training import setup as train_setup
 from unijax.training.config import model_config
@@ -193,6 +193,58 @@ def test_chunked_model_loss_and_gradients_equal_the_whole_logits_path(tok):
     assert float(loss0) > 0 and abs(float(m0["reward_margin"])) > 0
 
 
+def test_guided_log_probs_match_float64_cfg_of_two_forward_passes(tok):
+    """`dpo.guidance` = 3: image codes scored under `uncond + 3 (cond - uncond)`. The float64 side
+    builds the null prompt itself (generation prompts blanked to padding but BOS and begin-of-image),
+    runs the whole-logits forward on both row sets and guides in numpy; text tokens stay conditional.
+    The chunked path's loss and gradients equal the whole-logits path's."""
+    c = dpo_config()
+    cfg = model_config(c)
+    batch, layout = pair_batch(c, tok, cfg)
+    rows = dpo.pair_rows({k: jnp.asarray(batch[k]) for k in contract.BATCH_KEYS})
+    model = family.build(cfg, nnx.Rngs(0))
+    ipr = layout.images_per_row(False)
+    tokens = np.asarray(rows["tokens"])
+    prompt = (np.asarray(rows["task"]) == contract.T2I) & (np.asarray(rows["modality"]) == contract.TEXT)
+    keep = (tokens == cfg.text.bos_token_id) | (tokens == cfg.boi_token_id)
+    null = {**rows, "tokens": jnp.asarray(np.where(prompt & ~keep, cfg.text.pad_token_id, tokens))}
+    assert (np.asarray(null["tokens"]) != tokens).any() and np.asarray(rows["task"] == contract.MMU).any()
+
+    def whole(r):
+        h, targets, _ = forward.lm_hidden(model, r, ipr)
+        return (np.asarray(model.text_logits(h), np.float64), np.asarray(model.image_logits(h), np.float64),
+                np.asarray(targets))
+
+    text, cond, targets = whole(rows)
+    _, uncond, _ = whole(null)
+    lsm = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)  # noqa: E731
+    pick = lambda lp, t: np.take_along_axis(lp, t[..., None], -1)[..., 0]  # noqa: E731
+    k = cfg.vq.num_embeddings
+    lp_text = pick(lsm(text), targets)
+    lp_image = pick(lsm(uncond + 3.0 * (cond - uncond)), np.clip(targets, 0, k - 1))
+    tw, iw = np.asarray(rows["text_weights"]), np.asarray(rows["image_weights"])
+    want = (lp_text * tw + lp_image * iw).sum(1)
+    for chunk in (0, 16):
+        got, n, _ = jax.jit(lambda r, chunk=chunk: dpo.sequence_logps(model, r, ipr, chunk, guidance=3.0))(rows)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    plain, _, _ = dpo.sequence_logps(model, rows, ipr, 0)
+    assert np.abs(np.asarray(plain) - want).max() > 1e-2  # guidance changes what is scored
+
+    reference = family.build(cfg, nnx.Rngs(1))
+
+    def run(chunk):
+        s = dataclasses.replace(objectives.get(c).settings(c, ipr), chunk_size=chunk, guidance=3.0)
+        graphdef, params = nnx.split(model)
+        f = lambda p: dpo.dpo_loss(nnx.merge(graphdef, p), batch_j, settings=s, reference=reference)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    batch_j = {k: jnp.asarray(batch[k]) for k in contract.BATCH_KEYS}
+    (l0, _), g0 = run(0)
+    (l1, _), g1 = run(16)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    assert_grads_close(g1, g0)
+
+
 def test_gradient_accumulation_sums_to_the_whole_batch(tok):
     c = dpo_config(grad_accum_steps=2)
     c.dpo.sft_weight = 0.5
@@ -325,3 +377,12 @@ def test_pairs_pack_to_arrayrecord_and_read_back_equal(tmp_path):
             imgs_b = b[side].get("images") or [b[side].get("image")]
             for x, y in zip(imgs_a, imgs_b):
                 np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("key,value", [("beta", 0.0), ("loss_type", "hinge"), ("label_smoothing", 0.5),
+                                       ("sft_weight", -1.0), ("guidance", 0.5)])
+def test_bad_dpo_settings_are_refused_naming_the_key(key, value):
+    c = dpo_config()
+    c.dpo[key] = value
+    with pytest.raises(ValueError, match=f"dpo.{key}="):
+        objectives.get(c).check(c)

@@ -7,7 +7,7 @@ import numpy as np
 
 from configs import dpo
 from unijax.analysis import online_dpo
-from unijax.data import preference, shapes
+from unijax.data import preference, records, shapes
 from unijax.training.config import model_config
 
 
@@ -87,7 +87,30 @@ def test_round_config_trains_the_round_pairs_from_the_round_start(tmp_path):
     start.mkdir()
     (start / "model.json").write_text(json.dumps(model_config(dpo.get_config()).to_dict()))  # what validate reads
     c = online_dpo.round_config(dpo.get_config(), str(start), str(tmp_path / "pairs.jsonl"), str(tmp_path), str(tmp_path / "w"),
-                     12, "gen")
+                     12, "gen", guidance=5.0)
     assert c.init_from == str(start) and c.init_recipe == "" and c.model.preset == "checkpoint"
     assert c.data.source == "files" and c.data.pref_jsonl.endswith("pairs.jsonl") and c.train.steps == 12
     assert (c.data.und_ratio, c.data.gen_ratio) == (0.0, 1.0) and c.train.objective == "dpo"
+    assert c.dpo.guidance == 5.0  # the codes are scored under the CFG they were sampled with
+
+
+def test_several_pairs_per_prompt_rank_the_samples(tmp_path):
+    """With 4 samples (2 true renders, 2 other scenes) and `per_prompt=2`, a prompt whose renders pass
+    gives two pairs, each a passing render against a failing scene; never the same image twice."""
+    seed = online_dpo.TRAIN_SEED
+    engine = FakeEngine(seed)
+    gen, _ = online_dpo.generation_pairs(engine, tmp_path, seed=seed, prompts=6, samples=4, cfg=5.0, per_prompt=2)
+    (tmp_path / "one").mkdir()
+    one, _ = online_dpo.generation_pairs(engine, tmp_path / "one", seed=seed, prompts=6, samples=4, cfg=5.0)
+    assert len(one) < len(gen) <= 2 * len(one)
+    by_prompt = {}
+    for r in gen:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    assert any(len(v) == 2 for v in by_prompt.values())
+    for prompt, recs in by_prompt.items():
+        spec = next(s for p, s, _ in engine.items if p == prompt)
+        names = [n for r in recs for n in (r["better_image"], r["worse_image"])]
+        assert len(set(names)) == len(names)
+        scores = {n: shapes.partial_score(spec, shapes.detect(records.decode_image((tmp_path / n).read_bytes())))
+                  for n in names}
+        assert all(scores[r["better_image"]] > scores[r["worse_image"]] for r in recs)

@@ -3,13 +3,14 @@
 Each round starts from the previous round's model:
 1. generation: `samples` images for each of `prompts` training prompts (`shapes.prompt_set` at a
    training seed, never the held-out one) with CFG; each scored by the GenEval rule's share of
-   checks that hold (`shapes.partial_score`); the best and the worst of a prompt make a pair when
-   their scores differ;
+   checks that hold (`shapes.partial_score`); ranked by score, a prompt's i-th best and i-th worst
+   samples make pair i (`pairs_per_prompt` at most) when their scores differ;
 2. understanding: `samples` sampled answers (temperature 1) to each of `questions` questions about
    training scenes, judged against the scene's ground truth; a right and a wrong answer make a pair;
 3. the pairs are written as align-anything files (`pairs.jsonl`, PNGs beside it) and trained on
    with `train.objective=dpo` (configs/dpo.py: fresh LoRA adapters whose adapters-off model, the
-   round's start, is the reference) for `steps` steps.
+   round's start, is the reference) for `steps` steps; the images' codes scored under the CFG they
+   were sampled with (`dpo.guidance`).
 With `truth_chosen`, a prompt none of whose samples passes pairs its rendered scene (chosen) with
 its worst sample, and a question nobody answered right pairs the true answer with a wrong one: the
 data against the model's own samples, as SPIN pairs them.
@@ -23,6 +24,7 @@ import json
 import pathlib
 import time
 
+import jax
 import numpy as np
 
 from unijax.data import shapes
@@ -38,10 +40,12 @@ TRAIN_SEED = 20_000  # prompt / scene seeds of the loop's own samples (the suite
 
 
 def generation_pairs(engine: Engine, folder: pathlib.Path, *, seed: int, prompts: int, samples: int,
-                     cfg: float, truth_chosen: bool = False) -> tuple[list[dict], float]:
-    """-> (align-anything t2i records, the share of samples GenEval's rule passes). `truth_chosen`:
-    when no sample of a prompt passes, the rendered scene the prompt was drawn from is the chosen
-    side against the worst sample (self-play against the data, as SPIN pairs them)."""
+                     cfg: float, truth_chosen: bool = False, per_prompt: int = 1) -> tuple[list[dict], float]:
+    """-> (align-anything t2i records, the share of samples GenEval's rule passes). A prompt's
+    samples ranked by score, its i-th best and i-th worst make pair i (`per_prompt` pairs at most,
+    only where the scores differ). `truth_chosen`: when no sample of a prompt passes, the rendered
+    scene the prompt was drawn from is the chosen side against the worst sample (self-play against
+    the data, as SPIN pairs them)."""
     per_tag = max(1, prompts // len(shapes.TAGS))
     items = shapes.prompt_set(seed, per_tag, engine.image_size)
     images = engine.images([p for p, _, _ in items], num_images=samples, guidance=cfg,
@@ -51,16 +55,20 @@ def generation_pairs(engine: Engine, folder: pathlib.Path, *, seed: int, prompts
         dets = [shapes.detect(img) for img in imgs]
         scores = [shapes.partial_score(spec, d) for d in dets]
         passed += sum(shapes.score(spec, d) for d in dets)
-        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        chosen = imgs[best]
-        if truth_chosen and scores[best] < 1.0:
-            chosen = shapes.render(scene)
-        elif scores[best] == scores[worst]:
-            continue
-        names = [f"gen_{i:04d}_chosen.png", f"gen_{i:04d}_rejected.png"]
-        for name, img in zip(names, (chosen, imgs[worst])):
-            (folder / name).write_bytes(encode_png(img))
-        records.append({"prompt": prompt, "better_image": names[0], "worse_image": names[1]})
+        order = np.argsort(scores, kind="stable")  # worst first
+        for j in range(min(per_prompt, len(order) // 2)):
+            best, worst = int(order[-1 - j]), int(order[j])
+            chosen = imgs[best]
+            if truth_chosen and scores[best] < 1.0:
+                if j:
+                    break
+                chosen = shapes.render(scene)
+            elif scores[best] == scores[worst]:
+                break
+            names = [f"gen_{i:04d}_{j}_chosen.png", f"gen_{i:04d}_{j}_rejected.png"]
+            for name, img in zip(names, (chosen, imgs[worst])):
+                (folder / name).write_bytes(encode_png(img))
+            records.append({"prompt": prompt, "better_image": names[0], "worse_image": names[1]})
     return records, passed / max(1, len(items) * samples)
 
 
@@ -91,10 +99,14 @@ def understanding_pairs(engine: Engine, folder: pathlib.Path, *, seed: int, ques
     return records, right / max(1, questions * samples)
 
 
-def round_config(base, init_from: str, pairs: str, image_root: str, workdir: str, steps: int, task: str):
-    """The DPO config of one round: `base` on the round's pairs, from the round's start model."""
+def round_config(base, init_from: str, pairs: str, image_root: str, workdir: str, steps: int, task: str,
+                 guidance: float | None = None):
+    """The DPO config of one round: `base` on the round's pairs, from the round's start model;
+    `guidance`: image codes scored under the CFG the images were sampled with (`dpo.guidance`)."""
     c = base.copy_and_resolve_references()
     with c.unlocked():
+        if guidance is not None:
+            c.dpo.guidance = float(guidance)
         c.init_from, c.init_recipe, c.workdir = init_from, "", workdir
         c.model.preset = "checkpoint"  # the start model's own architecture
         c.data.source, c.data.pref_jsonl, c.data.pref_image_root = "files", pairs, image_root
@@ -119,10 +131,14 @@ def held_out(engine: Engine, per_tag: int, samples: int, pope_images: int, cfg: 
 
 def run(ckpt: str, out: pathlib.Path, train_config, *, rounds: int = 4, task: str = "both", prompts: int = 48,
         questions: int = 64, samples: int = 4, steps: int = 40, cfg: float = 5.0, eval_per_tag: int = 8,
-        eval_samples: int = 4, pope_images: int = 100, truth_chosen: bool = False, log=print) -> dict:
+        eval_samples: int = 4, pope_images: int = 100, truth_chosen: bool = False, pairs_per_prompt: int = 1,
+        log=print) -> dict:
     """The loop (module docstring). `train_config(init_from, pairs_file, image_root, workdir, steps)`
     returns the DPO training config of a round."""
     out.mkdir(parents=True, exist_ok=True)
+    if not jax.config.jax_compilation_cache_dir:  # every round compiles the same sampler and train step
+        jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     t0 = time.perf_counter()
     loop_seconds = 0.0
     engine = Engine.load(ckpt)
@@ -138,7 +154,8 @@ def run(ckpt: str, out: pathlib.Path, train_config, *, rounds: int = 4, task: st
         recs, stats = [], {"round": r}
         if task in ("gen", "both"):
             gen, stats["gen_pass"] = generation_pairs(engine, folder, seed=seed, prompts=prompts, samples=samples,
-                                                      cfg=cfg, truth_chosen=truth_chosen)
+                                                      cfg=cfg, truth_chosen=truth_chosen,
+                                                      per_prompt=pairs_per_prompt)
             recs += gen
             stats["gen_pairs"] = len(gen)
         if task in ("und", "both"):
@@ -163,7 +180,7 @@ def run(ckpt: str, out: pathlib.Path, train_config, *, rounds: int = 4, task: st
               "loop_minutes": loop_seconds / 60, "total_minutes": (time.perf_counter() - t0) / 60,
               "settings": dict(rounds=rounds, task=task, prompts=prompts, questions=questions, samples=samples,
                                steps=steps, cfg=cfg, eval_per_tag=eval_per_tag, eval_samples=eval_samples,
-                               truth_chosen=truth_chosen)}
+                               truth_chosen=truth_chosen, pairs_per_prompt=pairs_per_prompt)}
     write_outputs(out, {"report.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
                         "report.md": lambda p: p.write_text(markdown(report)),
                         "curve.png": lambda p: plot(history, p)})

@@ -222,6 +222,7 @@ def defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     p.loss_type = "sigmoid"      # sigmoid (DPO) | ipo
     p.label_smoothing = 0.0      # sigmoid only: the assumed share of flipped preferences (cDPO)
     p.sft_weight = 0.0           # + this x the chosen responses' cross-entropy (TRL's rpo_alpha)
+    p.guidance = 1.0             # != 1: image codes scored under the CFG-guided distribution decoding samples
 
     # AIA (unijax/training/aia.py): cross-modal attention intensity targets and spans
     a = c.aia = ml_collections.ConfigDict()

@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from unijax import sharding
-from unijax.contract import BATCH_KEYS
+from unijax.contract import BATCH_KEYS, T2I, TEXT
 from unijax.data import arrayrecord, datasets, preference, records
 from unijax.data import pipeline as pipe
 from unijax.distributed import to_host
-from unijax.models.forward import IMAGE_LOGITS, TEXT_LOGITS, lm_forward, lm_hidden
+from unijax.models import family
+from unijax.models.forward import IMAGE_LOGITS, TEXT_LOGITS, lm_hidden
 from unijax.training import evaluators, losses
 from unijax.training.objectives import Objective, get, register
 from unijax.training.steps import merged_model, reference_model
@@ -48,20 +49,44 @@ def response_logps(text_ce: Array, image_ce: Array, rows: dict[str, Array]) -> t
     return -jnp.sum(text_ce * tw + image_ce * iw, axis=1), jnp.sum(tw + iw, axis=1)
 
 
-def sequence_logps(model, rows: dict[str, Array], images_per_row: tuple[int, int], chunk_size: int = 512):
+def null_rows(rows: dict[str, Array], cfg) -> dict[str, Array]:
+    """`rows` with every generation prompt replaced by the family's CFG null prompt (the prompt
+    tokens `Family.unconditional_keep` does not keep become padding; image slots, understanding rows
+    and the attention layout are unchanged): the unconditional branch of classifier-free guidance."""
+    tokens = rows["tokens"]
+    prompt = (rows["task"] == T2I) & (rows["modality"] == TEXT)
+    blank = prompt & ~family.of(cfg).unconditional_keep(tokens, cfg)
+    return {**rows, "tokens": jnp.where(blank, cfg.text.pad_token_id, tokens)}
+
+
+def guided(cond: Array, uncond: Array, scale: float) -> Array:
+    """Classifier-free guided logits, as `unijax.inference.decode` samples them."""
+    return uncond + scale * (cond - uncond)
+
+
+def sequence_logps(model, rows: dict[str, Array], images_per_row: tuple[int, int], chunk_size: int = 512,
+                   guidance: float = 1.0):
     """-> (summed log-probability of each row's response tokens `[N]`, response tokens `[N]`, aux) for
     rows of the batch contract; `chunk_size` > 0: the heads a chunk of positions at a time
-    (`losses.chunked_logit_stats`), 0: from the whole logits."""
+    (`losses.chunked_logit_stats`), 0: from the whole logits. `guidance` != 1: image codes are scored
+    under the classifier-free guided distribution `guided(cond, null, guidance)` that decoding samples
+    from (a second forward pass on `null_rows`); text tokens under the conditional one."""
     k = model.cfg.vq.num_embeddings
-    if chunk_size:
-        h, targets, aux = lm_hidden(model, rows, images_per_row)
-        text_ce = losses.chunked_logit_stats(h, model.text_logits, targets, chunk_size, TEXT_LOGITS)
-        image_ce = losses.chunked_logit_stats(h, model.image_logits, jnp.clip(targets, 0, k - 1), chunk_size,
-                                              IMAGE_LOGITS)
+    h, targets, aux = lm_hidden(model, rows, images_per_row)
+    codes = jnp.clip(targets, 0, k - 1)
+    if guidance != 1.0:
+        hu, _, _ = lm_hidden(model, null_rows(rows, model.cfg), images_per_row)
+        e = h.shape[-1]
+        head = lambda hh: guided(model.image_logits(hh[..., :e]), model.image_logits(hh[..., e:]), guidance)  # noqa: E731
+        h_image = jnp.concatenate([h, hu.astype(h.dtype)], axis=-1)
     else:
-        text_logits, image_logits, targets, aux = lm_forward(model, rows, images_per_row)
-        text_ce = losses.cross_entropy(text_logits, targets)
-        image_ce = losses.cross_entropy(image_logits, jnp.clip(targets, 0, k - 1))
+        head, h_image = model.image_logits, h
+    if chunk_size:
+        text_ce = losses.chunked_logit_stats(h, model.text_logits, targets, chunk_size, TEXT_LOGITS)
+        image_ce = losses.chunked_logit_stats(h_image, head, codes, chunk_size, IMAGE_LOGITS)
+    else:
+        text_ce = losses.cross_entropy(sharding.constrain(model.text_logits(h), TEXT_LOGITS), targets)
+        image_ce = losses.cross_entropy(sharding.constrain(head(h_image), IMAGE_LOGITS), codes)
     return (*response_logps(text_ce, image_ce, rows), aux)
 
 
@@ -100,6 +125,7 @@ class Settings:
     label_smoothing: float
     sft_weight: float
     chunk_size: int
+    guidance: float
     images_per_row: tuple[int, int]
     group_weight: float = 0.0
     balance_weight: float = 0.0
@@ -110,8 +136,8 @@ def pair_stats(model, reference, batch: dict[str, Array], s: Settings):
     """-> (per-pair loss, chosen reward, rejected reward, chosen log-probs, chosen tokens, aux) of a
     batch of pairs."""
     rows = pair_rows(batch)
-    logp, n, aux = sequence_logps(model, rows, s.images_per_row, s.chunk_size)
-    ref, _, _ = sequence_logps(reference, rows, s.images_per_row, s.chunk_size)
+    logp, n, aux = sequence_logps(model, rows, s.images_per_row, s.chunk_size, s.guidance)
+    ref, _, _ = sequence_logps(reference, rows, s.images_per_row, s.chunk_size, s.guidance)
     ref = jax.lax.stop_gradient(ref)
     pc, pr, rc, rr, nc, nr = logp[0::2], logp[1::2], ref[0::2], ref[1::2], n[0::2], n[1::2]
     loss, cr, rr_ = preference_loss(pc, pr, rc, rr, nc, nr, beta=s.beta, loss_type=s.loss_type,
@@ -197,7 +223,7 @@ class DPO(Objective):
     def settings(self, config, images_per_row) -> Settings:
         d, loss = config.dpo, config.loss
         return Settings(beta=float(d.beta), loss_type=d.loss_type, label_smoothing=float(d.label_smoothing),
-                        sft_weight=float(d.sft_weight), chunk_size=int(loss.chunk_size),
+                        sft_weight=float(d.sft_weight), chunk_size=int(loss.chunk_size), guidance=float(d.guidance),
                         images_per_row=images_per_row, group_weight=float(loss.group_weight),
                         balance_weight=float(loss.balance_weight), z_weight=float(loss.z_weight))
 
@@ -209,6 +235,8 @@ class DPO(Objective):
             raise ValueError(f"dpo.beta={d.beta} must be > 0")
         if not 0 <= d.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+        if not d.guidance >= 1:
+            raise ValueError(f"dpo.guidance={d.guidance} must be >= 1 (1: the conditional model)")
         if d.sft_weight < 0:
             raise ValueError(f"dpo.sft_weight={d.sft_weight} must be >= 0")
         if config.data.packing:
