@@ -24,9 +24,9 @@ import json
 import pathlib
 import time
 
-import jax
 import numpy as np
 
+from unijax.analysis.recipe import compile_once
 from unijax.data import shapes
 from unijax.data.records import encode_png
 from unijax.inference import suites
@@ -136,9 +136,7 @@ def run(ckpt: str, out: pathlib.Path, train_config, *, rounds: int = 4, task: st
     """The loop (module docstring). `train_config(init_from, pairs_file, image_root, workdir, steps)`
     returns the DPO training config of a round."""
     out.mkdir(parents=True, exist_ok=True)
-    if not jax.config.jax_compilation_cache_dir:  # every round compiles the same sampler and train step
-        jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compile_once(out)  # every round compiles the same sampler and train step
     t0 = time.perf_counter()
     loop_seconds = 0.0
     engine = Engine.load(ckpt)

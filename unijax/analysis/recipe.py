@@ -535,6 +535,15 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, commands: list
     return out / "report.md"
 
 
+def compile_once(out: pathlib.Path) -> None:
+    """Runs that compile the same programs again (seeds, rounds) share `<out>/.jax_cache`, unless a
+    persistent compilation cache is already set."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool, argv: list[str],
         base_from: pathlib.Path | None = None) -> pathlib.Path:
     """Runs (or resumes) every stage into `out`, evaluates, and writes the report; returns its path.
@@ -543,10 +552,7 @@ def run(out: pathlib.Path, seeds: list[int], b: Budget, family: str, quick: bool
     if base_from is not None:
         adopt_base(base_from, out, stages)
     out.mkdir(parents=True, exist_ok=True)
-    if not jax.config.jax_compilation_cache_dir:  # the seeds' runs compile the same programs: compile once
-        jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compile_once(out)  # the seeds' runs compile the same programs
     results, timings, commands = {}, {}, []
     t_all = time.perf_counter()
     for stage in stages:

@@ -194,6 +194,11 @@ def generate_text(model: Janus, *args, **kwargs) -> Array:
     return Generator(model).text(*args, **kwargs)
 
 
+def guided_logits(cond: Array, uncond: Array, scale) -> Array:
+    """Classifier-free guidance: `uncond + scale (cond - uncond)` (`scale` broadcast over the vocab)."""
+    return uncond + scale * (cond - uncond)
+
+
 def unconditional_prompt(tokens: Array, cfg) -> Array:
     """The CFG null prompt: the tokens the family keeps (`Family.unconditional_keep`; Janus-Pro: BOS and
     begin-of-image; Emu3: BOS and the image header), the caption as padding."""
@@ -221,7 +226,7 @@ def _generate_image_codes(graphdef, state, tokens, mask, uncond_tokens, uncond_m
     def pick(h, key):
         logits = model.image_logits(h[:, -1]).astype(jnp.float32)
         cond, uncond = logits[:b], logits[b:]
-        guided = uncond + (guidance if guidance.ndim == 0 else guidance[:, None]) * (cond - uncond)
+        guided = guided_logits(cond, uncond, guidance if guidance.ndim == 0 else guidance[:, None])
         if row_sampling is not None:
             nxt = sample_rows(guided, key, *row_sampling)
         elif per_row:

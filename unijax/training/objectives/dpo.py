@@ -32,6 +32,7 @@ from unijax.contract import BATCH_KEYS, T2I, TEXT
 from unijax.data import arrayrecord, datasets, preference, records
 from unijax.data import pipeline as pipe
 from unijax.distributed import to_host
+from unijax.inference.decode import guided_logits
 from unijax.models import family
 from unijax.models.forward import IMAGE_LOGITS, TEXT_LOGITS, lm_hidden
 from unijax.training import evaluators, losses
@@ -50,18 +51,12 @@ def response_logps(text_ce: Array, image_ce: Array, rows: dict[str, Array]) -> t
 
 
 def null_rows(rows: dict[str, Array], cfg) -> dict[str, Array]:
-    """`rows` with every generation prompt replaced by the family's CFG null prompt (the prompt
-    tokens `Family.unconditional_keep` does not keep become padding; image slots, understanding rows
-    and the attention layout are unchanged): the unconditional branch of classifier-free guidance."""
+    """`rows` with every generation prompt replaced by the family's CFG null prompt
+    (`family.null_prompt`; image slots, understanding rows and the attention layout are unchanged):
+    the unconditional branch of classifier-free guidance."""
     tokens = rows["tokens"]
     prompt = (rows["task"] == T2I) & (rows["modality"] == TEXT)
-    blank = prompt & ~family.of(cfg).unconditional_keep(tokens, cfg)
-    return {**rows, "tokens": jnp.where(blank, cfg.text.pad_token_id, tokens)}
-
-
-def guided(cond: Array, uncond: Array, scale: float) -> Array:
-    """Classifier-free guided logits, as `unijax.inference.decode` samples them."""
-    return uncond + scale * (cond - uncond)
+    return {**rows, "tokens": jnp.where(prompt, family.null_prompt(tokens, cfg), tokens)}
 
 
 def sequence_logps(model, rows: dict[str, Array], images_per_row: tuple[int, int], chunk_size: int = 512,
@@ -69,7 +64,7 @@ def sequence_logps(model, rows: dict[str, Array], images_per_row: tuple[int, int
     """-> (summed log-probability of each row's response tokens `[N]`, response tokens `[N]`, aux) for
     rows of the batch contract; `chunk_size` > 0: the heads a chunk of positions at a time
     (`losses.chunked_logit_stats`), 0: from the whole logits. `guidance` != 1: image codes are scored
-    under the classifier-free guided distribution `guided(cond, null, guidance)` that decoding samples
+    under the classifier-free guided distribution `guided_logits(cond, null, guidance)` that decoding samples
     from (a second forward pass on `null_rows`); text tokens under the conditional one."""
     k = model.cfg.vq.num_embeddings
     h, targets, aux = lm_hidden(model, rows, images_per_row)
@@ -77,7 +72,7 @@ def sequence_logps(model, rows: dict[str, Array], images_per_row: tuple[int, int
     if guidance != 1.0:
         hu, _, _ = lm_hidden(model, null_rows(rows, model.cfg), images_per_row)
         e = h.shape[-1]
-        head = lambda hh: guided(model.image_logits(hh[..., :e]), model.image_logits(hh[..., e:]), guidance)  # noqa: E731
+        head = lambda hh: guided_logits(model.image_logits(hh[..., :e]), model.image_logits(hh[..., e:]), guidance)  # noqa: E731
         h_image = jnp.concatenate([h, hu.astype(h.dtype)], axis=-1)
     else:
         head, h_image = model.image_logits, h
