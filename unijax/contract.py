@@ -1,4 +1,4 @@
-"""The batch contract every layer of unijax shares (DESIGN.md, "One batch, both tasks").
+"""The batch contract every layer of unijax shares (docs/data.md).
 
 A batch is a dict of arrays `[batch, seq]` (plus `patches [batch, seq, P]`):
 

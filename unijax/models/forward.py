@@ -7,7 +7,7 @@ key and query spans, and returns both heads' logits with the next-token targets 
 `lm_hidden` stops before the heads: the training loss applies them a sequence chunk at a time
 (`unijax.training.losses.chunked_cross_entropy`), never holding the whole `[B, T, V]` logits.
 
-AIA spans (paper eq. 1; DESIGN.md): for layer `l` and sample `n`, the intensity `I_l` is the
+AIA spans (paper eq. 1; docs/aia.md): for layer `l` and sample `n`, the intensity `I_l` is the
 attention mass the sample's query tokens put on the other modality's keys, averaged over heads and
 queries:
 - T2I (`gen`): queries are the generated-image tokens, keys the prompt's text tokens (BOS
